@@ -1,0 +1,296 @@
+"""A PEFT LoRA adapter on disk: its tensors mapped to base tensor names, and the delta each one adds.
+
+Key mapping follows PEFT (reference §2.3): strip `base_model.model.`, split at `.lora_`, the base parameter is the
+module's `.weight`; other tensors (saved biases, `modules_to_save`, saved embeddings) replace base tensors.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter_config import LoraSettings, parse_config
+from .checkpoint import Checkpoint
+from .errors import LoratvError
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+# transformers' Conv1D layers store W as (in, out); PEFT forces fan_in_fan_out for them
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "decision_transformer", "imagegpt"}
+CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+OUTPUT_EMBEDDING_NAMES = ("lm_head.weight", "embed_out.weight")
+NOT_LORA_MARKERS = {
+    "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
+    "lora_E": "AdaLoRA (lora_E)",
+    "hada_w1": "LoHa (hada_*)",
+    "lokr_w1": "LoKr (lokr_*)",
+    "lora_down": "kohya LoRA (lora_down/lora_up)",
+    "token_adapter": "trainable tokens (token_adapter)",
+}
+
+
+@dataclass
+class LoraModule:
+    """One low-rank update: ΔW = scale · B @ A, in the orientation of the base tensor `target`."""
+
+    module: str
+    target: str
+    kind: str  # "linear", "conv1d" (stored transposed) or "embedding"
+    a_key: str
+    b_key: str
+    r: int
+    alpha: float
+    scale: float
+    bias_key: str | None = None  # lora_B.bias, added (times scale) to the module's bias
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config_path: Path
+    settings: LoraSettings
+    tensors: Checkpoint
+    modules: dict = field(default_factory=dict)  # module name -> LoraModule
+    replacements: dict = field(default_factory=dict)  # base tensor name -> adapter key
+
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
+    def deltas_by_target(self) -> dict:
+        """Base tensor name -> list of LoraModules adding to it (several when embeddings are tied)."""
+        out = {}
+        for m in self.modules.values():
+            out.setdefault(m.target, []).append(m)
+        return out
+
+    def bias_additions(self) -> dict:
+        """Base bias name -> LoraModule whose scaled lora_B.bias is added to it."""
+        return {m.module + ".bias": m for m in self.modules.values() if m.bias_key}
+
+    def stored_parameters(self) -> int:
+        return sum(e.numel for e in self.tensors.entries.values())
+
+    def factor(self, key: str) -> torch.Tensor:
+        tensor = self.tensors.read(key)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LoratvError(f"{self.tensors.entry(key).file}: tensor '{key}' contains NaN or Inf.")
+        return tensor
+
+
+def load_adapter(source) -> Adapter:
+    """Read a PEFT adapter folder (or its adapter_config.json) and map its keys; no tensor data is read."""
+    from .checkpoint import resolve_path
+
+    path = resolve_path(source)
+    folder = path.parent if path.is_file() else path
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        nested = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
+        if nested:
+            raise LoratvError(
+                f"{folder}: holds several named adapters ({', '.join(nested)}); pass one of those folders as --adapter."
+            )
+        raise LoratvError(f"{folder}: not a PEFT adapter (no {CONFIG_NAME}).")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LoratvError(f"{config_path}: not valid JSON.") from None
+    settings = parse_config(config, config_path)
+    weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
+    if weights is None:
+        raise LoratvError(f"{folder}: adapter has no {WEIGHT_NAMES[0]} (or {WEIGHT_NAMES[1]}).")
+    tensors = Checkpoint(weights)
+    adapter = Adapter(path=folder, config_path=config_path, settings=settings, tensors=tensors)
+    _map_keys(adapter)
+    return adapter
+
+
+def _map_keys(adapter: Adapter) -> None:
+    file = adapter.tensors.path
+    factors: dict[str, dict] = {}
+    for key in adapter.tensors.names():
+        for marker, what in NOT_LORA_MARKERS.items():
+            if marker in key:
+                raise LoratvError(f"{file}: tensor '{key}' belongs to {what}, which loratv does not merge yet.")
+        if not key.startswith(PREFIX):
+            raise LoratvError(f"{file}: tensor '{key}' lacks PEFT's '{PREFIX}' prefix; is this a PEFT adapter?")
+        name = key[len(PREFIX):]
+        if ".modules_to_save." in name or ".original_module." in name:
+            continue  # wrapper copies; the canonical `<module>.<param>` key carries the value
+        if ".lora_" in name:
+            module, _, part = name.rpartition(".lora_")
+            role = {
+                "A.weight": "A", "B.weight": "B", "B.bias": "bias",
+                "embedding_A": "embA", "embedding_B": "embB",
+            }.get(part)
+            if role is None:
+                raise LoratvError(f"{file}: tensor '{key}' is not a LoRA tensor loratv knows (lora_{part}).")
+            factors.setdefault(module, {})[role] = key
+        else:
+            adapter.replacements[name] = key
+    for module, parts in factors.items():
+        embedding = "embA" in parts or "embB" in parts
+        a_key, b_key = (parts.get("embA"), parts.get("embB")) if embedding else (parts.get("A"), parts.get("B"))
+        if a_key is None or b_key is None:
+            raise LoratvError(f"{file}: module '{module}' has only one of its two LoRA factors.")
+        a_shape = adapter.tensors.entry(a_key).shape
+        b_shape = adapter.tensors.entry(b_key).shape
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise LoratvError(
+                f"{file}: module '{module}' has {len(a_shape)}-D LoRA factors; only Linear, Conv1D and Embedding LoRA are supported yet."
+            )
+        r = a_shape[0]
+        if b_shape[1] != r:
+            raise LoratvError(f"{file}: module '{module}': lora_A has rank {r} but lora_B has {b_shape[1]} columns.")
+        configured = adapter.settings.rank_for(module)
+        if configured != r:
+            raise LoratvError(
+                f"{adapter.config_path}: module '{module}' has rank {r} in the file but {configured} by the config's r/rank_pattern."
+            )
+        alpha = adapter.settings.alpha_for(module)
+        adapter.modules[module] = LoraModule(
+            module=module,
+            target=module + ".weight",
+            kind="embedding" if embedding else "linear",
+            a_key=a_key,
+            b_key=b_key,
+            r=r,
+            alpha=alpha,
+            scale=adapter.settings.scale(r, alpha),
+            bias_key=parts.get("bias"),
+        )
+    # `<targeted module>.base_layer.<param>` is the module's own parameter (saved bias or saved embedding)
+    for name in list(adapter.replacements):
+        if ".base_layer." in name:
+            module, _, param = name.rpartition(".base_layer.")
+            if module not in adapter.modules:
+                raise LoratvError(f"{file}: tensor '{PREFIX}{name}' has a base_layer infix but its module carries no LoRA.")
+            adapter.replacements[f"{module}.{param}"] = adapter.replacements.pop(name)
+
+
+@dataclass
+class MergePlan:
+    """What the adapter does to each base tensor, checked against the base's names and shapes."""
+
+    deltas: dict  # base tensor name -> list of LoraModule
+    replacements: dict  # base tensor name -> adapter key
+    bias_additions: dict  # base bias name -> LoraModule
+    new_tensors: dict  # output name -> (source: "base"|"adapter", key) for tensors the base does not store
+    untied: bool
+    notes: list
+
+    def touched(self) -> set:
+        return set(self.deltas) | set(self.replacements) | set(self.bias_additions) | set(self.new_tensors)
+
+
+def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
+    """Map every adapter tensor onto the base, resolve orientation and tied embeddings, check every shape."""
+    config = base.config or {}
+    tied = config.get("tie_word_embeddings", True)
+    model_type = config.get("model_type")
+    input_embedding = next((n for n in base.names() if n.endswith(INPUT_EMBEDDING_SUFFIXES)), None)
+    notes: list[str] = []
+    deltas: dict[str, list] = {}
+    replacements: dict[str, str] = {}
+    new_tensors: dict[str, tuple] = {}
+    untied = False
+
+    def tied_partner(name):
+        """The stored input embedding when `name` is an output embedding the base does not store (tied)."""
+        if name not in base and name in OUTPUT_EMBEDDING_NAMES and tied and input_embedding is not None:
+            return input_embedding
+        return None
+
+    for module in adapter.modules.values():
+        target = module.target
+        partner = tied_partner(target)
+        if partner is not None:
+            notes.append(f"{target} is tied to {partner}: its LoRA delta is merged into {partner}, which stays tied.")
+            target = partner
+        if target not in base:
+            raise LoratvError(
+                f"{adapter.tensors.path}: module '{module.module}' targets '{module.target}', which the base {base.label} lacks."
+            )
+        module.kind = _orientation(module, adapter, base.entry(target).shape, model_type)
+        deltas.setdefault(target, []).append(module)
+        if module.bias_key:
+            bias = module.module + ".bias"
+            if bias not in base:
+                raise LoratvError(
+                    f"{adapter.tensors.path}: lora_bias on '{module.module}' but the base has no '{bias}' to add it to."
+                )
+            _check_shape(adapter, module.bias_key, base.entry(bias).shape, bias)
+
+    for name, key in adapter.replacements.items():
+        partner = tied_partner(name)
+        if partner is not None:
+            # a trained copy of a tied head replaces only the head: the pair is untied (as PEFT's unload does)
+            _check_shape(adapter, key, base.entry(partner).shape, name)
+            new_tensors[name] = ("adapter", key)
+            untied = True
+            notes.append(f"{name} is replaced by a trained copy, so it is no longer tied to {partner}.")
+            continue
+        if name not in base:
+            raise LoratvError(f"{adapter.tensors.path}: tensor '{key}' replaces '{name}', which the base {base.label} lacks.")
+        _check_shape(adapter, key, base.entry(name).shape, name)
+        replacements[name] = key
+        if tied and name == input_embedding and not any(n in base for n in OUTPUT_EMBEDDING_NAMES):
+            head = next(iter(OUTPUT_EMBEDDING_NAMES))
+            new_tensors[head] = ("base", name)
+            untied = True
+            notes.append(f"{name} is replaced by a trained copy; the tied head keeps the base values as {head}.")
+    return MergePlan(deltas, replacements, adapter.bias_additions(), new_tensors, untied, notes)
+
+
+def _check_shape(adapter, key, shape, target):
+    got = adapter.tensors.entry(key).shape
+    if tuple(got) != tuple(shape):
+        raise LoratvError(
+            f"{adapter.tensors.path}: tensor '{key}' has shape {list(got)} but base tensor '{target}' has {list(shape)}."
+        )
+
+
+def _orientation(module: LoraModule, adapter: Adapter, shape, model_type) -> str:
+    a = adapter.tensors.entry(module.a_key).shape
+    b = adapter.tensors.entry(module.b_key).shape
+    file = adapter.tensors.path
+    if module.kind == "embedding":
+        expected = (a[1], b[0])  # (num_embeddings, embedding_dim)
+        if tuple(shape) != expected:
+            raise LoratvError(
+                f"{file}: embedding LoRA '{module.module}' gives a {list(expected)} delta but the base tensor has shape {list(shape)}."
+            )
+        return "embedding"
+    out_in = (b[0], a[1])
+    in_out = (a[1], b[0])
+    if len(shape) != 2 or tuple(shape) not in (out_in, in_out):
+        raise LoratvError(
+            f"{file}: LoRA '{module.module}' (A {list(a)}, B {list(b)}) does not fit base tensor '{module.target}' of shape {list(shape)}."
+        )
+    if out_in != in_out:
+        return "linear" if tuple(shape) == out_in else "conv1d"
+    # square: the shapes cannot tell; PEFT decides by layer type (Conv1D forces fan_in_fan_out)
+    if model_type is None:
+        return "conv1d" if adapter.settings.fan_in_fan_out else "linear"
+    leaf = module.module.rsplit(".", 1)[-1]
+    return "conv1d" if model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_MODULES else "linear"
+
+
+def delta_rows(adapter: Adapter, module: LoraModule, start: int, stop: int, dtype, device) -> torch.Tensor:
+    """Rows [start, stop) of ΔW in the stored orientation of the base tensor, computed as PEFT does: (B@A)·s."""
+    a = adapter.factor(module.a_key).to(device=device, dtype=dtype)
+    b = adapter.factor(module.b_key).to(device=device, dtype=dtype)
+    if module.kind == "linear":
+        return (b[start:stop] @ a) * module.scale
+    if module.kind == "conv1d":  # stored (in, out): rows are input features
+        return (a[:, start:stop].T @ b.T) * module.scale
+    # embedding: ΔW = (B_e @ A_e)ᵀ·s, rows are token ids
+    return (a[:, start:stop].T @ b.T) * module.scale
+
+
+def bias_delta(adapter: Adapter, module: LoraModule, dtype, device) -> torch.Tensor:
+    return adapter.factor(module.bias_key).to(device=device, dtype=dtype) * module.scale

@@ -1,0 +1,175 @@
+"""`loratv` command line: parses arguments and calls the library; no logic lives here."""
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import LoratvError
+from .writer import parse_size
+
+
+def _size(text):
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_merge_arguments(p):
+    p.add_argument("--base", help="base model: folder, .safetensors/.bin file, or hub id org/name[@revision] (default: the embedded example)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
+    p.add_argument("-o", "--output", help="output model folder (default: merged_model_<precision>)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="dtype of floating-point output tensors; auto keeps each tensor's base dtype (default: auto)")
+    p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "fp64"],
+                   help="dtype in which base + delta is computed before the single cast to the output dtype (default: fp32)")
+    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--max-shard-size", type=_size, default=None,
+                   help="split output shards at this many bytes, e.g. 5GB (default: keep the base's shard layout)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+
+
+def add_extract_arguments(p):
+    p.add_argument("--base", help="base model (default: the embedded example)")
+    p.add_argument("--finetuned", help="fine-tuned model (default: the embedded example merged in fp32)")
+    p.add_argument("-o", "--output", default="task_vectors", help="output folder (default: task_vectors)")
+    p.add_argument("--dense", action="store_true", help="store every tensor, changed or not (as the seed did)")
+    p.add_argument("--storage-dtype", default="auto", choices=["auto", "fp32", "fp64"],
+                   help="dtype of stored differences: auto = float32 (float64 if an input is float64); fp64 is always exact")
+    p.add_argument("--config", help="YAML file whose keys are this command's flag names (e.g. base, finetuned, output)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loratv",
+        description="Merge LoRA adapters, extract task vectors, and inspect what the weights contain (streaming, offline).",
+    )
+    parser.add_argument("--version", action="version", version=f"loratv {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into a base model, one tensor at a time")
+    add_merge_arguments(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("extract", help="extract the task vector (fine-tuned minus base) in float64")
+    add_extract_arguments(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("inspect", help="describe a model or adapter from its headers alone")
+    p.add_argument("path", nargs="?", help="model folder/file, hub id, or adapter folder (default: the embedded example)")
+    p.add_argument("--base", help="for an adapter: the base model, to count the tensors it touches")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("example", help="write the embedded StarCoder2 miniature and its LoRA adapter")
+    p.add_argument("-o", "--output", required=True, help="folder to create (holds base/ and adapter/)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_example)
+    return parser
+
+
+def load_yaml_defaults(parser: argparse.ArgumentParser, config_path: str, aliases: dict | None = None) -> None:
+    """Make the keys of a YAML file the parser's defaults; explicit flags still win."""
+    from .config_file import read_flag_file
+
+    parser.set_defaults(**read_flag_file(config_path, parser, aliases or {}))
+
+
+def cmd_merge(args) -> int:
+    from .example import example_paths
+    from .merge import merge
+
+    base, adapter = _example_pair(args.base, args.adapter, "adapter", example_paths)
+    out = args.output or f"merged_model_{args.precision}"
+    result = merge(base, adapter, out, precision=args.precision, compute_dtype=args.compute_dtype, device=args.device,
+                   max_shard_size=args.max_shard_size, force=args.force, progress=not args.quiet)
+    if not args.quiet:
+        for note in result.notes:
+            print(f"note: {note}")
+        print(result.summary())
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from .example import example_merged, example_paths
+    from .extract import extract
+
+    if args.base is None and args.finetuned is None:
+        base, finetuned = example_paths()["base"], example_merged("fp32")
+    elif args.base is None or args.finetuned is None:
+        raise LoratvError("extract needs both --base and --finetuned (or neither, for the embedded example).")
+    else:
+        base, finetuned = args.base, args.finetuned
+    result = extract(base, finetuned, args.output, dense=args.dense, storage_dtype=args.storage_dtype,
+                     force=args.force, progress=not args.quiet)
+    if not args.quiet:
+        print(result.summary())
+        print(f"wrote {args.output}/task_vector.safetensors and {args.output}/task_vector.json")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .example import example_paths
+    from .inspect import describe, render_text
+
+    if args.path is None:
+        paths = example_paths()
+        reports = [describe(paths["base"]), describe(paths["adapter"], base=paths["base"])]
+    else:
+        reports = [describe(args.path, base=args.base)]
+    if args.json:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    else:
+        print("\n\n".join(render_text(r) for r in reports))
+    return 0
+
+
+def cmd_example(args) -> int:
+    from .example import write_example
+
+    out = write_example(args.output, force=args.force)
+    print(f"wrote {out}/base (StarCoder2 miniature, 483 tensors) and {out}/adapter (LoRA r=8 on q/k/v/o)")
+    return 0
+
+
+def _example_pair(first, second, second_name, example_paths):
+    if first is None and second is None:
+        paths = example_paths()
+        return paths["base"], paths[second_name]
+    if first is None or second is None:
+        raise LoratvError(f"give both --base and --{second_name} (or neither, for the embedded example).")
+    return first, second
+
+
+def run(argv, parser=None) -> int:
+    """Parse, call, and turn every expected failure into one sentence on stderr and exit code 2."""
+    parser = parser or build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "config", None):
+            sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001 - argparse has no public way
+            load_yaml_defaults(sub, args.config)
+            args = parser.parse_args(argv)
+        return args.func(args)
+    except LoratvError as exc:
+        print(f"loratv: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = exc.filename or "output"
+        print(f"loratv: error: {where}: {exc.strerror or exc}; nothing was written.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loratv: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+
+
+def main(argv=None) -> int:
+    return run(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

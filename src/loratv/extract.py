@@ -1,0 +1,225 @@
+"""Task vectors: T = fp64(finetuned) − fp64(base), streamed tensor by tensor, with exact bookkeeping.
+
+The difference of two floats of at most 32 bits is computed exactly in float64. It is stored in float32 by default
+(the widest input dtype when that is float64): a nonzero difference of fp32/fp16/bf16 values is at least 2^-149 in
+magnitude, so storing it in float32 never turns a change into zero; where float32 rounds, the JSON says how often
+and by how much. `storage_dtype="fp64"` stores every difference exactly.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__, dtypes
+from .checkpoint import Checkpoint
+from .errors import LoratvError
+from .outputs import atomic_output_dir
+from .progress import progress_bar
+from .safetensors_format import SafetensorsWriter, tensor_to_bytes
+from .streaming import row_chunks
+
+SCHEMA = "loratv.task_vector"
+SCHEMA_VERSION = 1
+STORAGE_DTYPES = ("auto", "fp32", "fp64")
+TENSOR_FILE = "task_vector.safetensors"
+REPORT_FILE = "task_vector.json"
+
+
+@dataclass
+class TensorStats:
+    name: str
+    shape: tuple
+    base_dtype: str
+    finetuned_dtype: str
+    stored_dtype: str
+    changed: bool = False
+    l2_norm: float = 0.0
+    max_abs: float = 0.0
+    nonzero: int = 0
+    rounded_elements: int = 0
+    max_rounding_error: float = 0.0
+    stored: bool = False
+
+    @property
+    def parameters(self) -> int:
+        return math.prod(self.shape)
+
+    def record(self) -> dict:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "parameters": self.parameters,
+            "base_dtype": self.base_dtype,
+            "finetuned_dtype": self.finetuned_dtype,
+            "changed": self.changed,
+            "stored": self.stored,
+            "stored_dtype": self.stored_dtype if self.stored else None,
+            "stored_exactly": self.rounded_elements == 0,
+            "rounded_elements": self.rounded_elements,
+            "max_rounding_error": self.max_rounding_error,
+            "l2_norm": self.l2_norm,
+            "max_abs": self.max_abs,
+            "nonzero": self.nonzero,
+        }
+
+
+@dataclass
+class ExtractResult:
+    output: Path
+    tensors: list = field(default_factory=list)
+
+    @property
+    def changed(self) -> list:
+        return [t for t in self.tensors if t.changed]
+
+    def summary(self) -> str:
+        changed = self.changed
+        return (
+            f"{len(changed)} of {len(self.tensors)} tensors changed "
+            f"({human_count(sum(t.parameters for t in changed))} of {human_count(sum(t.parameters for t in self.tensors))} parameters)"
+        )
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def storage_code(base_code: str, ft_code: str, storage_dtype: str) -> str:
+    if not (dtypes.is_float(base_code) and dtypes.is_float(ft_code)):
+        return "I64"
+    if storage_dtype == "fp64" or (storage_dtype == "auto" and "F64" in (base_code, ft_code)):
+        return "F64"
+    return "F32"
+
+
+def _difference(base: Checkpoint, ft: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
+    b = base.read_rows(name, start, stop)
+    f = ft.read_rows(name, start, stop)
+    if b.is_floating_point() and f.is_floating_point():
+        return f.to(torch.float64) - b.to(torch.float64)
+    return f.to(torch.int64) - b.to(torch.int64)
+
+
+def _measure(base, ft, name, stats: TensorStats, chunks) -> list | None:
+    """First pass: norms, counts and rounding; returns the stored pieces when the tensor is one chunk."""
+    sumsq = 0.0
+    kept = None
+    for start, stop in chunks:
+        diff = _difference(base, ft, name, start, stop)
+        if diff.is_floating_point() and not torch.isfinite(diff).all():
+            raise LoratvError(f"tensor '{name}': the fine-tuned or base value is NaN or Inf, so the task vector is undefined.")
+        d = diff.to(torch.float64)
+        sumsq += float((d * d).sum())
+        if d.numel():
+            stats.max_abs = max(stats.max_abs, float(d.abs().max()))
+        stats.nonzero += int((diff != 0).sum())
+        stored = diff.to(dtypes.torch_dtype_of(stats.stored_dtype))
+        if stats.stored_dtype == "F32":
+            err = (stored.to(torch.float64) - diff).abs()
+            stats.rounded_elements += int((err != 0).sum())
+            if err.numel():
+                stats.max_rounding_error = max(stats.max_rounding_error, float(err.max()))
+        if len(chunks) == 1:
+            kept = stored
+    stats.l2_norm = math.sqrt(sumsq)
+    stats.changed = stats.nonzero > 0
+    return kept
+
+
+def extract(
+    base_source,
+    finetuned_source,
+    out,
+    *,
+    dense: bool = False,
+    storage_dtype: str = "auto",
+    force: bool = False,
+    progress: bool = False,
+) -> ExtractResult:
+    if storage_dtype not in STORAGE_DTYPES:
+        raise LoratvError(f"--storage-dtype {storage_dtype}: choose one of {', '.join(STORAGE_DTYPES)}.")
+    base = Checkpoint(base_source, label=f"base {base_source}")
+    ft = Checkpoint(finetuned_source, label=f"fine-tuned model {finetuned_source}")
+    for name in base.names():
+        if name not in ft:
+            raise LoratvError(f"{ft.path}: the fine-tuned model lacks tensor '{name}', which the base has.")
+        if ft.entry(name).shape != base.entry(name).shape:
+            raise LoratvError(
+                f"{ft.path}: tensor '{name}' has shape {list(ft.entry(name).shape)} but {list(base.entry(name).shape)} in the base."
+            )
+    for name in ft.names():
+        if name not in base:
+            raise LoratvError(f"{base.path}: the base lacks tensor '{name}', which the fine-tuned model has.")
+
+    result = ExtractResult(output=Path(out))
+    metadata = {
+        "format": "pt",
+        "loratv_version": __version__,
+        "loratv_operation": "extract",
+        "base": str(base.source),
+        "finetuned": str(ft.source),
+        "subtraction_dtype": "float64",
+    }
+    names = base.names()
+    total = sum(base.entry(n).nbytes + ft.entry(n).nbytes for n in names)
+    with atomic_output_dir(out, [base.path, ft.path], force=force) as tmp:
+        writer = SafetensorsWriter(tmp / TENSOR_FILE, [(n, base.entry(n).shape) for n in names], metadata)
+        try:
+            with progress_bar(total, "extract", enabled=progress) as bar:
+                for name in names:
+                    be, fe = base.entry(name), ft.entry(name)
+                    stats = TensorStats(name, be.shape, be.dtype, fe.dtype, storage_code(be.dtype, fe.dtype, storage_dtype))
+                    chunks = list(row_chunks(be.shape, 8 * 3))
+                    kept = _measure(base, ft, name, stats, chunks)
+                    if stats.changed or dense:
+                        writer.begin(name, stats.stored_dtype, be.shape)
+                        if kept is not None:
+                            writer.write(tensor_to_bytes(kept))
+                        else:  # second pass over a large tensor, from the page cache
+                            for start, stop in chunks:
+                                piece = _difference(base, ft, name, start, stop)
+                                writer.write(tensor_to_bytes(piece.to(dtypes.torch_dtype_of(stats.stored_dtype))))
+                        writer.end()
+                        stats.stored = True
+                    result.tensors.append(stats)
+                    bar.update(be.nbytes + fe.nbytes)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        report = build_report(result, base, ft, dense=dense, storage_dtype=storage_dtype)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return result
+
+
+def build_report(result: ExtractResult, base: Checkpoint, ft: Checkpoint, *, dense: bool, storage_dtype: str) -> dict:
+    tensors = result.tensors
+    changed = result.changed
+    rounded = [t.name for t in tensors if t.stored and t.rounded_elements]
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "loratv_version": __version__,
+        "base": str(base.source),
+        "finetuned": str(ft.source),
+        "subtraction_dtype": "float64",
+        "storage_dtype": storage_dtype,
+        "dense": dense,
+        "file": TENSOR_FILE,
+        "total_tensors": len(tensors),
+        "changed_tensors": len(changed),
+        "stored_tensors": sum(t.stored for t in tensors),
+        "total_parameters": sum(t.parameters for t in tensors),
+        "changed_parameters": sum(t.parameters for t in changed),
+        "changed_elements": sum(t.nonzero for t in tensors),
+        "storage_rounded": bool(rounded),
+        "storage_rounded_tensors": len(rounded),
+        "l2_norm": math.sqrt(sum(t.l2_norm**2 for t in tensors)),
+        "tensors": [t.record() for t in tensors],
+    }

@@ -1,0 +1,183 @@
+"""Describe a model or an adapter from headers alone: tensors and parameters per layer, module kind, dtype, shard."""
+
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from .adapter import CONFIG_NAME, bind, load_adapter
+from .checkpoint import Checkpoint, resolve_path
+
+LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+KIND_RULES = [
+    ("head", re.compile(r"(^|\.)(lm_head|embed_out|score|classifier)(\.|$)")),
+    ("embedding", re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings)")),
+    ("norm", re.compile(r"(norm|(^|\.)ln_|layernorm)")),
+    ("attention", re.compile(r"(attn|attention|(^|\.)[qkvo]_proj\.|query|key|value)")),
+    ("mlp", re.compile(r"(mlp|ffn|feed_forward|(^|\.)fc\d*\.|up_proj|down_proj|gate_proj|experts)")),
+]
+
+
+def module_kind(name: str) -> str:
+    for kind, rule in KIND_RULES:
+        if rule.search(name):
+            return kind
+    return "other"
+
+
+def layer_of(name: str):
+    m = LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def describe(source, base=None) -> dict:
+    path = resolve_path(source)
+    if (path if path.is_dir() else path.parent).joinpath(CONFIG_NAME).is_file():
+        return describe_adapter(source, base)
+    return describe_model(source)
+
+
+def describe_model(source) -> dict:
+    ckpt = Checkpoint(source)
+    layers = defaultdict(lambda: {"tensors": 0, "parameters": 0})
+    kinds = defaultdict(lambda: {"tensors": 0, "parameters": 0})
+    dtype_counts = Counter()
+    shards = defaultdict(lambda: {"tensors": 0, "bytes": 0})
+    global_tensors = []
+    for name, e in ckpt.entries.items():
+        layer = layer_of(name)
+        if layer is None:
+            global_tensors.append(name)
+        else:
+            layers[layer]["tensors"] += 1
+            layers[layer]["parameters"] += e.numel
+        kind = module_kind(name)
+        kinds[kind]["tensors"] += 1
+        kinds[kind]["parameters"] += e.numel
+        dtype_counts[e.dtype] += 1
+        shards[e.file.name]["tensors"] += 1
+        shards[e.file.name]["bytes"] += e.nbytes
+    config = ckpt.config or {}
+    per_layer = sorted({v["tensors"] for v in layers.values()})
+    tied = bool(config.get("tie_word_embeddings", True)) and not any(
+        n in ckpt for n in ("lm_head.weight", "embed_out.weight")
+    )
+    return {
+        "kind": "model",
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "model_type": config.get("model_type"),
+        "total_tensors": len(ckpt),
+        "total_parameters": ckpt.total_parameters(),
+        "layers": len(layers),
+        "tensors_per_layer": per_layer[0] if len(per_layer) == 1 else per_layer,
+        "global_tensors": global_tensors,
+        "tied_embeddings": tied,
+        "dtypes": dict(dtype_counts),
+        "per_layer": {str(k): v for k, v in sorted(layers.items())},
+        "per_kind": dict(kinds),
+        "shards": dict(shards),
+    }
+
+
+def describe_adapter(source, base=None) -> dict:
+    adapter = load_adapter(source)
+    s = adapter.settings
+    modules = []
+    for m in adapter.modules.values():
+        a = adapter.tensors.entry(m.a_key).shape
+        b = adapter.tensors.entry(m.b_key).shape
+        stored = a[0] * a[1] + b[0] * b[1]
+        modules.append({
+            "module": m.module, "target": m.target, "kind": m.kind, "rank": m.r, "alpha": m.alpha,
+            "scale": m.scale, "stored_parameters": stored,
+            "delta_shape": [a[1], b[0]] if m.kind == "embedding" else [b[0], a[1]],
+        })
+    report = {
+        "kind": "adapter",
+        "path": str(adapter.path),
+        "peft_type": "LORA",
+        "peft_version": s.peft_version,
+        "base_model_name_or_path": s.base_model_name_or_path,
+        "use_rslora": s.use_rslora,
+        "ranks": dict(Counter(m["rank"] for m in modules)),
+        "scales": dict(Counter(m["scale"] for m in modules)),
+        "target_modules": sorted({m["module"].rsplit(".", 1)[-1] for m in modules}),
+        "lora_modules": len(modules),
+        "replaced_tensors": sorted(adapter.replacements),
+        "stored_tensors": len(adapter.tensors),
+        "stored_parameters": adapter.stored_parameters(),
+        "modules": modules,
+    }
+    if base is not None:
+        base_ckpt = Checkpoint(base)
+        plan = bind(adapter, base_ckpt)
+        touched = sorted(plan.touched())
+        report["base"] = str(base_ckpt.path)
+        report["base_tensors"] = len(base_ckpt)
+        report["base_parameters"] = base_ckpt.total_parameters()
+        report["touched_tensors"] = len(touched)
+        report["touched_parameters"] = sum(base_ckpt.entry(n).numel for n in touched if n in base_ckpt)
+        report["touched"] = touched
+        report["notes"] = plan.notes
+    return report
+
+
+def _pct(part, whole):
+    return f"{100.0 * part / whole:.2f}%" if whole else "n/a"
+
+
+def render_text(r: dict) -> str:
+    if r["kind"] == "adapter":
+        return _render_adapter(r)
+    lines = [f"model {r['path']} ({r['format']}, model_type {r['model_type']})"]
+    tpl = r["tensors_per_layer"]
+    if r["layers"] and isinstance(tpl, int):
+        lines.append(
+            f"{r['total_tensors']} tensors = {r['layers']} layers x {tpl} + {len(r['global_tensors'])} global; "
+            f"{r['total_parameters']:,} parameters"
+        )
+    else:
+        lines.append(f"{r['total_tensors']} tensors in {r['layers']} layers; {r['total_parameters']:,} parameters")
+    lines.append(f"global tensors: {', '.join(r['global_tensors'])}")
+    lines.append(f"tied embeddings: {'yes' if r['tied_embeddings'] else 'no'}")
+    lines.append("dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["dtypes"].items())))
+    lines.append("")
+    lines.append(f"{'module kind':<12} {'tensors':>8} {'parameters':>15} {'share':>8}")
+    for kind, v in sorted(r["per_kind"].items(), key=lambda kv: -kv[1]["parameters"]):
+        lines.append(f"{kind:<12} {v['tensors']:>8} {v['parameters']:>15,} {_pct(v['parameters'], r['total_parameters']):>8}")
+    if r["per_layer"]:
+        lines.append("")
+        lines.append(f"{'layer':<6} {'tensors':>8} {'parameters':>15}")
+        for layer, v in r["per_layer"].items():
+            lines.append(f"{layer:<6} {v['tensors']:>8} {v['parameters']:>15,}")
+    lines.append("")
+    lines.append(f"{'shard':<40} {'tensors':>8} {'bytes':>15}")
+    for shard, v in r["shards"].items():
+        lines.append(f"{shard:<40} {v['tensors']:>8} {v['bytes']:>15,}")
+    return "\n".join(lines)
+
+
+def _render_adapter(r: dict) -> str:
+    lines = [f"adapter {r['path']} (PEFT LoRA, peft_version {r['peft_version'] or '<0.18 (not recorded)'})"]
+    lines.append(
+        f"{r['lora_modules']} LoRA modules on {', '.join(r['target_modules'])}; ranks {r['ranks']}; "
+        f"scaling {'alpha/sqrt(r)' if r['use_rslora'] else 'alpha/r'} = {r['scales']}"
+    )
+    lines.append(f"stores {r['stored_tensors']} tensors, {r['stored_parameters']:,} parameters (r*(m+n) per module)")
+    if r["replaced_tensors"]:
+        lines.append(f"replaces {len(r['replaced_tensors'])} base tensors: {', '.join(r['replaced_tensors'])}")
+    if "base_tensors" in r:
+        lines.append(
+            f"touches {r['touched_tensors']} of {r['base_tensors']} base tensors "
+            f"({r['touched_parameters']:,} of {r['base_parameters']:,} parameters, {_pct(r['touched_parameters'], r['base_parameters'])}); "
+            f"stores {_pct(r['stored_parameters'], r['touched_parameters'])} of the touched parameters"
+        )
+        for note in r.get("notes", []):
+            lines.append(f"note: {note}")
+    lines.append("")
+    lines.append(f"{'module':<48} {'kind':<9} {'r':>4} {'alpha':>7} {'scale':>8} {'stored':>10}")
+    for m in r["modules"]:
+        lines.append(
+            f"{m['module']:<48} {m['kind']:<9} {m['rank']:>4} {m['alpha']:>7g} {m['scale']:>8.4g} {m['stored_parameters']:>10,}"
+        )
+    return "\n".join(lines)

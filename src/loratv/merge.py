@@ -1,0 +1,212 @@
+"""Merge a LoRA adapter into a base model, streaming: M = cast_out(compute(W) + ΔW), one rounding per element.
+
+Untouched tensors are copied byte for byte (or cast, when --precision changes their dtype); nothing but one
+tensor chunk is ever in memory.
+"""
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__, dtypes
+from .adapter import bias_delta, bind, delta_rows, load_adapter
+from .checkpoint import Checkpoint
+from .errors import LoratvError
+from .outputs import atomic_output_dir
+from .progress import progress_bar
+from .streaming import row_chunks, rows_of
+from .writer import OutTensor, ShardedWriter, layout_by_size, layout_like
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+COMPUTE_DTYPES = ("fp32", "fp64")
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    total_tensors: int
+    merged: list = field(default_factory=list)
+    replaced: list = field(default_factory=list)
+    added: list = field(default_factory=list)
+    copied: int = 0
+    cast: int = 0
+    notes: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"merged {len(self.merged)} of {self.total_tensors} tensors, replaced {len(self.replaced)}, "
+            f"copied {self.copied} unchanged, cast {self.cast}; wrote {self.output}"
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LoratvError(f"--device {device}: not a device name (use cpu, cuda or cuda:N).") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoratvError(f"--device {device}: CUDA is not available on this machine.")
+    if dev.type not in ("cpu", "cuda"):
+        raise LoratvError(f"--device {device}: only cpu and cuda are supported.")
+    return dev
+
+
+def output_code(base_code: str, precision: str) -> str:
+    if precision == "auto" or not dtypes.is_float(base_code):
+        return base_code
+    return dtypes.code_of(dtypes.PRECISION_NAMES[precision])
+
+
+def merge(
+    base_source,
+    adapter_source,
+    out,
+    *,
+    precision: str = "auto",
+    compute_dtype: str = "fp32",
+    device: str = "cpu",
+    max_shard_size: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> MergeResult:
+    if precision not in PRECISIONS:
+        raise LoratvError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}.")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise LoratvError(f"--compute-dtype {compute_dtype}: choose one of {', '.join(COMPUTE_DTYPES)}.")
+    dev = resolve_device(device)
+    compute = dtypes.PRECISION_NAMES[compute_dtype]
+    base = Checkpoint(base_source, label=f"base {base_source}")
+    adapter = load_adapter(adapter_source)
+    plan = bind(adapter, base)
+
+    # output tensors in base order; a tensor the base does not store follows the one it was tied to
+    specs, shard_of, extra_after = [], {}, {}
+    for new_name in plan.new_tensors:
+        extra_after.setdefault(_tie_anchor(base, plan, new_name), []).append(new_name)
+    for name in base.names():
+        entry = base.entry(name)
+        specs.append(OutTensor(name, output_code(entry.dtype, precision), entry.shape))
+        shard_of[name] = entry.file
+        for new_name in extra_after.get(name, []):
+            specs.append(OutTensor(new_name, output_code(entry.dtype, precision), entry.shape))
+            shard_of[new_name] = entry.file
+    shards = layout_by_size(specs, max_shard_size) if max_shard_size else layout_like(specs, shard_of, base.files)
+    metadata = {
+        "format": "pt",
+        "loratv_version": __version__,
+        "loratv_operation": "merge",
+        "base": str(base.source),
+        "adapter": str(adapter.source),
+        "precision": precision,
+        "compute_dtype": compute_dtype,
+    }
+    result = MergeResult(output=Path(out), total_tensors=len(specs), notes=list(plan.notes))
+    total_bytes = sum(s.nbytes for s in specs)
+    with atomic_output_dir(out, [base.path, adapter.path], force=force) as tmp:
+        writer = ShardedWriter(tmp, shards, metadata)
+        with progress_bar(total_bytes, "merge", enabled=progress) as bar:
+            try:
+                for file, group in shards:
+                    for spec in group:
+                        writer.begin(spec.name)
+                        _write_one(spec, base, adapter, plan, writer, compute, dev, result)
+                        writer.end()
+                        bar.update(spec.nbytes)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        _write_aux(base, tmp, precision, plan.untied)
+    result.output = Path(out)
+    return result
+
+
+def _tie_anchor(base, plan, new_name) -> str:
+    """The stored tensor that a new (untied) tensor is written after: the input embedding it was tied to."""
+    from .adapter import INPUT_EMBEDDING_SUFFIXES
+
+    origin, key = plan.new_tensors[new_name]
+    if origin == "base":
+        return key
+    return next(n for n in base.names() if n.endswith(INPUT_EMBEDDING_SUFFIXES))
+
+
+def _write_one(spec, base, adapter, plan, writer, compute, dev, result):
+    name = spec.name
+    out_dtype = dtypes.torch_dtype_of(spec.dtype)
+    if name in plan.new_tensors:
+        origin, key = plan.new_tensors[name]
+        if origin == "adapter":
+            tied_dtype = base.entry(_tie_anchor(base, plan, name)).torch_dtype
+            value = adapter.factor(key).to(tied_dtype).to(out_dtype)
+            _write_checked(writer, value, name)
+            result.added.append(name)
+            return
+        source_name = key
+        result.added.append(name)
+    else:
+        source_name = name
+    entry = base.entry(source_name)
+    touched = name in plan.deltas or name in plan.replacements or name in plan.bias_additions
+    if not touched and spec.dtype == entry.dtype:
+        for piece in base.iter_raw(source_name):
+            writer.write(piece)
+        result.copied += 1
+        return
+    if not touched:
+        for start, stop in row_chunks(entry.shape, 4):
+            _write_checked(writer, base.read_rows(source_name, start, stop).to(out_dtype), name)
+        result.cast += 1
+        return
+
+    replacement = plan.replacements.get(name)
+    modules = plan.deltas.get(name, [])
+    bias_module = plan.bias_additions.get(name)
+    replaced_full = adapter.factor(replacement) if replacement else None
+    for start, stop in row_chunks(entry.shape, 4 * (1 + len(modules))):
+        if replaced_full is not None:
+            # PEFT loads a saved tensor into the base parameter, i.e. in the base dtype
+            w = rows_of(replaced_full, start, stop).to(entry.torch_dtype)
+        else:
+            w = base.read_rows(source_name, start, stop)
+        w = w.to(device=dev, dtype=compute)
+        for module in modules:
+            w += delta_rows(adapter, module, start, stop, compute, dev)
+        if bias_module is not None:
+            w += rows_of(bias_delta(adapter, bias_module, compute, dev), start, stop)
+        _write_checked(writer, w.to(out_dtype).cpu(), name)
+    if modules or bias_module is not None:
+        result.merged.append(name)
+    if replacement:
+        result.replaced.append(name)
+
+
+def _write_checked(writer, tensor: torch.Tensor, name: str):
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise LoratvError(
+            f"merged tensor '{name}' contains NaN or Inf (an overflow in the output dtype, or a non-finite input); nothing was written."
+        )
+    from .safetensors_format import tensor_to_bytes
+
+    writer.write(tensor_to_bytes(tensor))
+
+
+def _write_aux(base: Checkpoint, folder: Path, precision: str, untied: bool):
+    for path in base.aux_files():
+        if path.name == "config.json":
+            continue
+        shutil.copy2(path, folder / path.name)
+    config = base.config
+    if config is None:
+        return
+    if precision != "auto":
+        name = dtypes.CONFIG_NAMES[dtypes.PRECISION_NAMES[precision]]
+        config["torch_dtype"] = name
+        if "dtype" in config:
+            config["dtype"] = name
+    if untied:
+        config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
