@@ -39,6 +39,7 @@ from pathlib import Path
 import psutil
 
 HERE = Path(__file__).resolve().parent
+GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 REPO = HERE.parent
 
 TARGETS = {
@@ -85,38 +86,55 @@ def rmtree(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def _status_kb(pid: int, keys=("VmRSS:", "VmHWM:")) -> dict:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                for k in keys:
+                    if line.startswith(k):
+                        out[k] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
 class TreeRssSampler(threading.Thread):
-    """Peak of the summed RSS of a process and all its descendants, sampled every `interval` seconds."""
+    """Every `interval` s: the summed VmRSS of a process and all its descendants, and each one's VmHWM.
+
+    `peak_sum` is the largest sampled sum; `peak_hwm` the largest high-water mark of any single process in the tree
+    (exact for that process, since the kernel keeps it, as long as it was sampled at least once near its end).
+    """
 
     def __init__(self, pid: int, interval: float = 0.05):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
-        self.peak = 0
+        self.peak_sum = 0
+        self.peak_hwm = 0
         self.samples = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self):
         try:
             root = psutil.Process(self.pid)
         except psutil.Error:
             return
-        while not self._stop.is_set():
-            total = 0
+        while not self._halt.is_set():
             try:
-                procs = [root] + root.children(recursive=True)
+                pids = [self.pid] + [c.pid for c in root.children(recursive=True)]
             except psutil.Error:
-                procs = [root]
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+                pids = [self.pid]
+            total = 0
+            for pid in pids:
+                st = _status_kb(pid)
+                total += st.get("VmRSS:", 0)
+                self.peak_hwm = max(self.peak_hwm, st.get("VmHWM:", 0))
+            self.peak_sum = max(self.peak_sum, total)
             self.samples += 1
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
@@ -126,9 +144,14 @@ def measure(name: str, cmd, logdir: Path, env=None, drop=True, timeout=None) -> 
     cache_before = cached_mb()
     logfile = logdir / f"{name}.log"
     log(f"{name}: {shlex.join(str(c) for c in cmd)}")
+    # The child's own ru_maxrss would include this (large) process's RSS at fork time: the kernel carries the old
+    # mm's high-water mark over exec. GNU time, being small, gives the command a clean one; %M is its max RSS in KiB.
+    timefile = logdir / f"{name}.maxrss"
+    timefile.unlink(missing_ok=True)
+    wrapper = [GNU_TIME, "-f", "%M", "-o", str(timefile)] if GNU_TIME else []
     with open(logfile, "wb") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(wrapper + [str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=env)
         sampler = TreeRssSampler(proc.pid)
         sampler.start()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -148,6 +171,11 @@ def measure(name: str, cmd, logdir: Path, env=None, drop=True, timeout=None) -> 
     os.sync()
     sync_s = time.perf_counter() - t1
     tail = logfile.read_bytes()[-4000:].decode("utf-8", "replace")
+    maxrss_time = None
+    try:
+        maxrss_time = round(int(timefile.read_text().split()[-1]) * 1024 / 1e6, 1)
+    except (OSError, ValueError, IndexError):
+        pass
     res = {
         "name": name,
         "cmd": shlex.join(str(c) for c in cmd),
@@ -156,9 +184,10 @@ def measure(name: str, cmd, logdir: Path, env=None, drop=True, timeout=None) -> 
         "wall_s": round(wall, 3),
         "sync_after_s": round(sync_s, 3),
         "total_s": round(wall + sync_s, 3),
-        "peak_rss_tree_mb": round(sampler.peak / 1e6, 1),
+        "peak_rss_tree_sum_mb": round(sampler.peak_sum * 1024 / 1e6, 1),
+        "peak_hwm_single_process_mb": round(sampler.peak_hwm * 1024 / 1e6, 1),
         "rss_samples": sampler.samples,
-        "maxrss_kernel_mb": round(ru.ru_maxrss * 1024 / 1e6, 1),
+        "maxrss_gnu_time_mb": maxrss_time,
         "user_s": round(ru.ru_utime, 2),
         "sys_s": round(ru.ru_stime, 2),
         "disk_read_gb": round(ru.ru_inblock * 512 / 1e9, 3),
@@ -168,7 +197,7 @@ def measure(name: str, cmd, logdir: Path, env=None, drop=True, timeout=None) -> 
         "log": str(logfile),
         "output_tail": tail[-1500:],
     }
-    res["peak_rss_mb"] = max(res["peak_rss_tree_mb"], res["maxrss_kernel_mb"])
+    res["peak_rss_mb"] = max(res["peak_rss_tree_sum_mb"], res["peak_hwm_single_process_mb"], maxrss_time or 0.0)
     status_txt = "ok" if res["rc"] == 0 else f"FAILED rc={res['rc']}"
     log(
         f"{name}: {status_txt}; wall {res['wall_s']:.1f} s + sync {sync_s:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB, "
@@ -362,7 +391,7 @@ def build_report(r: dict) -> str:
             f"{fmt(s['user_s'] + s['sys_s'])} | {fmt(s['disk_read_gb'], 2)} | {fmt(s['disk_write_gb'], 2)} | {s['rc']} |"
         )
     lines.append("")
-    lines.append("Peak RSS = max(psutil sum over the process tree every 50 ms, kernel max RSS of the child from wait4); MB = 10^6 bytes.")
+    lines.append("Peak RSS = max(summed VmRSS of the process tree sampled every 50 ms, VmHWM of any process in it, GNU time's %M); MB = 10^6 bytes.")
     lines.append("Ratios use wall+sync (cp and save_pretrained leave dirty pages behind, loratv fsyncs its shards); plain-wall ratios in brackets.")
     lines.append("")
     lines.append("| check | measured | target | met |")
@@ -422,7 +451,8 @@ def evaluate(steps: dict) -> list:
         if value is None:
             checks.append({"check": check, "value": None, "measured": "n/a", "target": target, "met": None})
             return
-        measured = f"{value:.2f}{unit}" + (f" ({plain:.2f}{unit})" if plain is not None else "")
+        nd = 0 if unit == " MB" else 2
+        measured = f"{value:.{nd}f}{unit}" + (f" ({plain:.{nd}f}{unit})" if plain is not None else "")
         checks.append({"check": check, "value": value, "plain_wall_value": plain, "measured": measured, "target": target, "met": ok(value)})
 
     t = TARGETS

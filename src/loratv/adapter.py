@@ -55,6 +55,9 @@ class Adapter:
     tensors: Checkpoint
     modules: dict = field(default_factory=dict)  # module name -> LoraModule
     replacements: dict = field(default_factory=dict)  # base tensor name -> adapter key
+    # replacements saved as `<targeted module>.base_layer.<param>`: PEFT loads them into the base parameter itself,
+    # which a tied head shares, so they never untie (unlike a `modules_to_save` copy)
+    saved_layers: set = field(default_factory=set)
 
     @property
     def source(self) -> str:
@@ -170,6 +173,7 @@ def _map_keys(adapter: Adapter) -> None:
             if module not in adapter.modules:
                 raise LoratvError(f"{file}: tensor '{PREFIX}{name}' has a base_layer infix but its module carries no LoRA.")
             adapter.replacements[f"{module}.{param}"] = adapter.replacements.pop(name)
+            adapter.saved_layers.add(f"{module}.{param}")
 
 
 @dataclass
@@ -213,7 +217,7 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
             target = partner
         if target not in base:
             raise LoratvError(
-                f"{adapter.tensors.path}: module '{module.module}' targets '{module.target}', which the base {base.label} lacks."
+                f"{adapter.tensors.path}: module '{module.module}' targets '{module.target}', which the base model {base.path} lacks."
             )
         module.kind = _orientation(module, adapter, base.entry(target).shape, model_type)
         deltas.setdefault(target, []).append(module)
@@ -227,6 +231,11 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
 
     for name, key in adapter.replacements.items():
         partner = tied_partner(name)
+        if partner is not None and name in adapter.saved_layers:
+            # the saved base layer of a LoRA-targeted tied head is the shared tensor: it replaces the stored partner
+            _check_shape(adapter, key, base.entry(partner).shape, name)
+            replacements[partner] = key
+            continue
         if partner is not None:
             # a trained copy of a tied head replaces only the head: the pair is untied (as PEFT's unload does)
             _check_shape(adapter, key, base.entry(partner).shape, name)
@@ -235,10 +244,12 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
             notes.append(f"{name} is replaced by a trained copy, so it is no longer tied to {partner}.")
             continue
         if name not in base:
-            raise LoratvError(f"{adapter.tensors.path}: tensor '{key}' replaces '{name}', which the base {base.label} lacks.")
+            raise LoratvError(f"{adapter.tensors.path}: tensor '{key}' replaces '{name}', which the base model {base.path} lacks.")
         _check_shape(adapter, key, base.entry(name).shape, name)
         replacements[name] = key
-        if tied and name == input_embedding and not any(n in base for n in OUTPUT_EMBEDDING_NAMES):
+        if tied and name == input_embedding and name not in adapter.saved_layers and not any(
+            n in base for n in OUTPUT_EMBEDDING_NAMES
+        ):
             head = next(iter(OUTPUT_EMBEDDING_NAMES))
             new_tensors[head] = ("base", name)
             untied = True

@@ -57,10 +57,19 @@ def _download(hub_id: str) -> Path:
     return Path(folder)
 
 
+def _allowed_root(folder: Path) -> str:
+    """Where a shard may really live: the folder itself, or for a hub snapshot its repo's cache (the blobs/)."""
+    real = os.path.realpath(folder)
+    parts = Path(real).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith(("models--", "datasets--")):
+        return str(Path(*parts[:-2]))
+    return real
+
+
 def _inside(folder: Path, target: Path) -> bool:
-    real_folder = os.path.realpath(folder)
+    root = _allowed_root(folder)
     real_target = os.path.realpath(target)
-    return os.path.commonpath([real_folder, real_target]) == real_folder
+    return os.path.commonpath([root, real_target]) == root
 
 
 def _read_json(path: Path):

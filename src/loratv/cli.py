@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -145,19 +146,40 @@ def _example_pair(first, second, second_name, example_paths):
     return first, second
 
 
+def parse_with_config(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse argv; when it names --config FILE.yml, the file's keys become the (sub)command's defaults and argv is
+    parsed again, so flags given on the command line win."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        target = parser
+        if getattr(args, "command", None):
+            target = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001 - no public accessor
+        load_yaml_defaults(target, args.config)
+        args = parser.parse_args(argv)
+    return args
+
+
 def run(argv, parser=None) -> int:
     """Parse, call, and turn every expected failure into one sentence on stderr and exit code 2."""
     parser = parser or build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if getattr(args, "config", None):
-            sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001 - argparse has no public way
-            load_yaml_defaults(sub, args.config)
-            args = parser.parse_args(argv)
+
+    def parse_and_call():
+        args = parse_with_config(parser, argv)
         return args.func(args)
+
+    return run_guarded(parse_and_call)
+
+
+def run_guarded(func, *args, **kwargs) -> int:
+    """Call func; turn every expected failure into one `loratv: error:` sentence on stderr and exit code 2."""
+    try:
+        return func(*args, **kwargs)
     except LoratvError as exc:
         print(f"loratv: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except OSError as exc:
         where = exc.filename or "output"
         print(f"loratv: error: {where}: {exc.strerror or exc}; nothing was written.", file=sys.stderr)

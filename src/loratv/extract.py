@@ -41,6 +41,7 @@ class TensorStats:
     nonzero: int = 0
     rounded_elements: int = 0
     max_rounding_error: float = 0.0
+    inexact_subtractions: int = 0
     stored: bool = False
 
     @property
@@ -57,7 +58,8 @@ class TensorStats:
             "changed": self.changed,
             "stored": self.stored,
             "stored_dtype": self.stored_dtype if self.stored else None,
-            "stored_exactly": self.rounded_elements == 0,
+            "stored_exactly": self.rounded_elements == 0 and self.inexact_subtractions == 0,
+            "inexact_subtractions": self.inexact_subtractions,
             "rounded_elements": self.rounded_elements,
             "max_rounding_error": self.max_rounding_error,
             "l2_norm": self.l2_norm,
@@ -99,21 +101,44 @@ def storage_code(base_code: str, ft_code: str, storage_dtype: str) -> str:
 
 
 def _difference(base: Checkpoint, ft: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
-    b = base.read_rows(name, start, stop)
-    f = ft.read_rows(name, start, stop)
+    return _subtract(base.read_rows(name, start, stop), ft.read_rows(name, start, stop))
+
+
+def _subtract(b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     if b.is_floating_point() and f.is_floating_point():
         return f.to(torch.float64) - b.to(torch.float64)
     return f.to(torch.int64) - b.to(torch.int64)
 
 
-def _measure(base, ft, name, stats: TensorStats, chunks) -> list | None:
+def _subtraction_errors(f: torch.Tensor, b: torch.Tensor, diff: torch.Tensor) -> int:
+    """Elements where fp64(f) − fp64(b) was rounded (Knuth's TwoSum error term is nonzero).
+
+    Happens only when the two exponents differ by more than 53 − 24 = 29, i.e. a change 2^29 times the weight.
+    """
+    a = f.to(torch.float64)
+    nb = -b.to(torch.float64)
+    virtual_b = diff - a
+    err = (a - (diff - virtual_b)) + (nb - virtual_b)
+    return int((err != 0).sum())
+
+
+def _measure(base, ft, name, stats: TensorStats, chunks) -> torch.Tensor | None:
     """First pass: norms, counts and rounding; returns the stored pieces when the tensor is one chunk."""
     sumsq = 0.0
     kept = None
     for start, stop in chunks:
-        diff = _difference(base, ft, name, start, stop)
+        b = base.read_rows(name, start, stop)
+        f = ft.read_rows(name, start, stop)
+        if b.dtype == f.dtype and torch.equal(b, f):  # the common case, decided at memcmp speed
+            if len(chunks) == 1:
+                kept = torch.zeros(b.shape, dtype=dtypes.torch_dtype_of(stats.stored_dtype))
+            continue
+        diff = _subtract(b, f)
         if diff.is_floating_point() and not torch.isfinite(diff).all():
-            raise LoratvError(f"tensor '{name}': the fine-tuned or base value is NaN or Inf, so the task vector is undefined.")
+            where = ft if not torch.isfinite(f).all() else base
+            raise LoratvError(f"{where.path}: tensor '{name}' contains NaN or Inf, so the task vector is undefined.")
+        if diff.is_floating_point():
+            stats.inexact_subtractions += _subtraction_errors(f, b, diff)
         d = diff.to(torch.float64)
         sumsq += float((d * d).sum())
         if d.numel():
@@ -175,7 +200,7 @@ def extract(
                 for name in names:
                     be, fe = base.entry(name), ft.entry(name)
                     stats = TensorStats(name, be.shape, be.dtype, fe.dtype, storage_code(be.dtype, fe.dtype, storage_dtype))
-                    chunks = list(row_chunks(be.shape, 8 * 3))
+                    chunks = list(row_chunks(be.shape, 8 * 8))
                     kept = _measure(base, ft, name, stats, chunks)
                     if stats.changed or dense:
                         writer.begin(name, stats.stored_dtype, be.shape)
@@ -220,6 +245,7 @@ def build_report(result: ExtractResult, base: Checkpoint, ft: Checkpoint, *, den
         "changed_elements": sum(t.nonzero for t in tensors),
         "storage_rounded": bool(rounded),
         "storage_rounded_tensors": len(rounded),
+        "inexact_subtractions": sum(t.inexact_subtractions for t in tensors),
         "l2_norm": math.sqrt(sum(t.l2_norm**2 for t in tensors)),
         "tensors": [t.record() for t in tensors],
     }

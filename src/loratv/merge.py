@@ -152,8 +152,11 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result):
     entry = base.entry(source_name)
     touched = name in plan.deltas or name in plan.replacements or name in plan.bias_additions
     if not touched and spec.dtype == entry.dtype:
-        for piece in base.iter_raw(source_name):
-            writer.write(piece)
+        if base.format == "safetensors":
+            writer.copy_from(entry.file, entry.start, entry.nbytes)
+        else:
+            for piece in base.iter_raw(source_name):
+                writer.write(piece)
         result.copied += 1
         return
     if not touched:

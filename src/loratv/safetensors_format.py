@@ -136,7 +136,7 @@ def tensor_to_bytes(tensor: torch.Tensor) -> memoryview:
     tensor = tensor.detach().to("cpu").contiguous()
     if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # reshape first: a 0-d tensor cannot be viewed as bytes
 
 
 class SafetensorsWriter:
@@ -154,7 +154,7 @@ class SafetensorsWriter:
         self._open = None  # (name, code, shape, begin, expected_bytes)
         self._offset = 0
         self.header_size = self._reserve(candidates)
-        self._f = open(self.path, "wb")
+        self._f = open(self.path, "wb", buffering=0)  # unbuffered, so copy_file_range and write share one position
         self._f.seek(8 + self.header_size)
 
     def _reserve(self, candidates) -> int:
@@ -173,9 +173,33 @@ class SafetensorsWriter:
         self._open = (name, code, tuple(shape), self._offset, math.prod(shape) * dtypes.itemsize(code))
 
     def write(self, data) -> None:
-        data = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
-        self._f.write(data)
-        self._offset += len(data)
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):  # an unbuffered write may be short
+            done += self._f.write(view[done:])
+        self._offset += len(view)
+
+    def copy_from(self, src: Path, offset: int, nbytes: int) -> None:
+        """Append bytes [offset, offset+nbytes) of another file, in the kernel where the OS allows (as `cp` does)."""
+        with open(src, "rb", buffering=0) as f:
+            done = 0
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(f.fileno(), self._f.fileno(), nbytes - done, offset + done)
+                    if n == 0:
+                        raise LoratvError(f"{src}: truncated while copying tensor data.")
+                    done += n
+            except (AttributeError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
+                    raise
+                f.seek(offset + done)
+                while done < nbytes:
+                    piece = f.read(min(64 << 20, nbytes - done))
+                    if not piece:
+                        raise LoratvError(f"{src}: truncated while copying tensor data.") from None
+                    self._f.write(piece)
+                    done += len(piece)
+        self._offset += nbytes
 
     def end(self) -> None:
         name, code, shape, begin, expected = self._open

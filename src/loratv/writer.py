@@ -36,12 +36,19 @@ class OutTensor:
 
 
 def layout_like(tensors, shard_of: dict, base_files: list) -> list:
-    """Keep the base's grouping: one output shard per base shard, same order; returns [(file name, [OutTensor])]."""
+    """Keep the base's grouping: one output shard per base shard, same order; returns [(file name, [OutTensor])].
+
+    A sharded safetensors base keeps its shard file names too (so its index and the merged one line up); a single
+    file, or .bin shards, get the standard names.
+    """
     groups = {f: [] for f in base_files}
     for t in tensors:
         groups[shard_of[t.name]].append(t)
-    groups = [g for g in groups.values() if g]
-    return name_shards(groups)
+    kept = [(Path(f).name, g) for f, g in groups.items() if g]
+    names = [name for name, _ in kept]
+    if len(kept) > 1 and all(n.endswith(".safetensors") for n in names) and len(set(names)) == len(names):
+        return kept
+    return name_shards([g for _, g in kept])
 
 
 def layout_by_size(tensors, max_bytes: int) -> list:
@@ -90,6 +97,9 @@ class ShardedWriter:
 
     def write(self, data) -> None:
         self._writer.write(data)
+
+    def copy_from(self, src, offset: int, nbytes: int) -> None:
+        self._writer.copy_from(src, offset, nbytes)
 
     def end(self) -> None:
         self._writer.end()

@@ -1,0 +1,192 @@
+"""Builders and oracles shared by the PEFT-oracle, example and training tests.
+
+Every model is a tiny randomly initialised transformers model written to a temporary folder; every adapter is made
+by PEFT itself (get_peft_model + save_pretrained). The oracles are PEFT's merge_and_unload and plain torch, never
+loratv's own output.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+HIDDEN = 32
+SEQ = 12
+
+
+def tiny_config(kind: str):
+    """A 2-layer, hidden-32, vocab-128 config of the given architecture."""
+    from transformers import GPT2Config, LlamaConfig, Starcoder2Config
+
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if kind == "starcoder2":  # biases everywhere, tied embeddings
+        return Starcoder2Config(
+            hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, use_bias=True, tie_word_embeddings=True, **common,
+        )
+    if kind == "llama":  # untied lm_head, no biases
+        return LlamaConfig(
+            hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, **common,
+        )
+    if kind == "gpt2":  # Conv1D layers stored (in, out), tied wte
+        return GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64, **common)
+    raise ValueError(kind)
+
+
+def build_base(kind: str, folder: Path, dtype=torch.float32, seed: int = 0) -> Path:
+    """Random tiny model saved with save_pretrained (safetensors). Biases and norms are randomised too."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.02 * torch.randn_like(p))
+            elif p.dim() == 1:  # norm weights
+                p.copy_(1 + 0.05 * torch.randn_like(p))
+    model = model.to(dtype)
+    model.save_pretrained(folder)
+    return Path(folder)
+
+
+def load_model(folder, dtype=None):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto").eval()
+
+
+def randomise_adapter(peft_model, seed: int, bias: str = "none") -> None:
+    """LoRA B is zero at init: give every LoRA tensor, trained copy and (for bias != none) trainable bias a value."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand_like(p):
+        return torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.05 * rand_like(p))
+            elif ".modules_to_save." in name:
+                p.add_(0.05 * rand_like(p))
+            elif bias != "none" and name.endswith(".bias") and p.requires_grad:
+                p.add_(0.05 * rand_like(p))
+
+
+def build_adapter(base: Path, folder: Path, seed: int = 1, dtype=None, save_kwargs=None, **lora_kwargs) -> Path:
+    """A PEFT LoRA adapter for the model in `base`, randomised and saved with save_pretrained."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(base, dtype)
+    config = LoraConfig(task_type="CAUSAL_LM", **lora_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out / tied-embedding notices
+        peft_model = get_peft_model(model, config)
+        randomise_adapter(peft_model, seed, lora_kwargs.get("bias", "none"))
+        peft_model.save_pretrained(folder, **(save_kwargs or {}))
+    return Path(folder)
+
+
+def peft_model(base, adapter, dtype=None):
+    """The unmerged PeftModel (the reference forward pass)."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PeftModel.from_pretrained(load_model(base, dtype), adapter).eval()
+
+
+def peft_merged_state(base, adapter, dtype=None) -> dict:
+    """Oracle: PEFT's own merge_and_unload (default, unsafe merge) state dict."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = peft_model(base, adapter, dtype).merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def token_batch(seed: int = 0, batch: int = 2, seq: int = SEQ) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, seq), generator=gen)
+
+
+@torch.no_grad()
+def logits(model, ids) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+# ---------------------------------------------------------------- ulp distances
+
+_BITS = {
+    torch.float64: (torch.int64, 63),
+    torch.float32: (torch.int32, 31),
+    torch.float16: (torch.int16, 15),
+    torch.bfloat16: (torch.int16, 15),
+}
+
+
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """Map floats to integers that are consecutive for consecutive floats (±0 both map to 0)."""
+    int_dtype, sign_bit = _BITS[x.dtype]
+    bits = x.contiguous().view(int_dtype).to(torch.int64)
+    if x.dtype == torch.float64:
+        mag = bits & 0x7FFFFFFFFFFFFFFF
+        return torch.where(bits < 0, -mag, mag)
+    mag = bits & ((1 << sign_bit) - 1)
+    return torch.where(bits < 0, -mag, mag)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-element distance in units in the last place of the (common) dtype; 0 means bit-identical (or ±0)."""
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return (_ordered(a) - _ordered(b)).abs()
+
+
+def ulp_of(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of x's dtype at |x| (as float64): nextafter(|x|, inf) - |x|."""
+    ax = x.abs()
+    return (torch.nextafter(ax, torch.full_like(ax, float("inf"))).double() - ax.double())
+
+
+def read_config(folder) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def raw_tensor_bytes(file) -> dict:
+    """name -> (dtype code, shape, the tensor's raw bytes), read straight from a .safetensors file."""
+    import struct
+
+    data = Path(file).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header.pop("__metadata__", None)
+    body = data[8 + n :]
+    return {k: (v["dtype"], tuple(v["shape"]), body[v["data_offsets"][0] : v["data_offsets"][1]]) for k, v in header.items()}
+
+
+def header_shapes(file) -> dict:
+    """name -> shape, from the safetensors header via safetensors.safe_open (no tensor data read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def loratv(*argv) -> None:
+    """Run the CLI in-process (quiet) and require success."""
+    from loratv.cli import main
+
+    argv = [str(a) for a in argv]
+    if argv[0] in ("merge", "extract"):
+        argv.append("--quiet")
+    rc = main(argv)
+    assert rc == 0, f"loratv {' '.join(argv)} exited {rc}"
