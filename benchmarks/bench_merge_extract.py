@@ -3,6 +3,7 @@
 
     python benchmarks/bench_merge_extract.py --workdir /tmp/loratv-bench            # full: 30 layers, ~12.1 GB
     python benchmarks/bench_merge_extract.py --workdir /tmp/loratv-bench --layers 2 # quick check, ~1.4 GB
+    python benchmarks/bench_merge_extract.py --workdir /tmp/loratv-bench --repeat 3 # as in docs/benchmarks.md
 
 One run:
   1. writes a random fp32 StarCoder2-3B-shaped base and an r=16 LoRA adapter (make_starcoder2_3b.py);
@@ -13,8 +14,9 @@ One run:
        python read_all.py BASE MERGED                       the I/O floor of an extract
        loratv extract --base BASE --finetuned MERGED -o TV
      recording wall seconds, the seconds of a `sync` right after (so that writers that fsync and writers that
-     leave dirty pages are compared on equal terms), peak RSS of the process tree (psutil, every 50 ms) and the
-     kernel's max RSS of the child (wait4), CPU seconds and block I/O;
+     leave dirty pages are compared on equal terms), peak RSS (summed VmRSS of the process tree every 50 ms, VmHWM,
+     GNU time's max RSS), CPU seconds, block I/O, and the CPU that other processes used meanwhile (noise);
+     with --repeat N the five steps run N times, interleaved, and the report takes the fastest run of each;
   3. checks loratv's merge against PEFT's and the task vector against MERGED - BASE (untimed; --no-verify skips);
   4. prints a Markdown report and writes results.json / results.md to --workdir.
 
@@ -29,6 +31,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -75,6 +78,31 @@ def cached_mb() -> float:
             if line.startswith("Cached:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_jiffies() -> dict:
+    """Machine-wide busy and steal time from /proc/stat, in seconds."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return {}
+    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    return {"busy": (user + nice + system + irq + softirq) / CLK_TCK, "steal": steal / CLK_TCK}
+
+
+def cpu_by_process(exclude: set) -> dict:
+    """pid -> (name, user+sys seconds so far) for every process but `exclude` (and kernel threads)."""
+    out = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        if p.info["pid"] in exclude or not p.info["cmdline"] or p.info["cpu_times"] is None:
+            continue
+        t = p.info["cpu_times"]
+        out[p.info["pid"]] = (" ".join(p.info["cmdline"])[:80], t.user + t.system + t.children_user + t.children_system)
+    return out
 
 
 def dir_bytes(path: Path) -> int:
@@ -142,6 +170,7 @@ def measure(name: str, cmd, logdir: Path, env=None, drop=True, timeout=None) -> 
     """Run `cmd` in a fresh subprocess and measure it (see the module docstring)."""
     dropped = drop_caches() if drop else None
     cache_before = cached_mb()
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     logfile = logdir / f"{name}.log"
     log(f"{name}: {shlex.join(str(c) for c in cmd)}")
     # The child's own ru_maxrss would include this (large) process's RSS at fork time: the kernel carries the old
@@ -149,6 +178,10 @@ def measure(name: str, cmd, logdir: Path, env=None, drop=True, timeout=None) -> 
     timefile = logdir / f"{name}.maxrss"
     timefile.unlink(missing_ok=True)
     wrapper = [GNU_TIME, "-f", "%M", "-o", str(timefile)] if GNU_TIME else []
+    me = os.getpid()
+    others_before = cpu_by_process({me})
+    stat_before = cpu_jiffies()
+    self_before = os.times()
     with open(logfile, "wb") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(wrapper + [str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -167,6 +200,20 @@ def measure(name: str, cmd, logdir: Path, env=None, drop=True, timeout=None) -> 
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.stop()
+    stat_after = cpu_jiffies()
+    others_after = cpu_by_process({me})
+    # CPU that other processes on the machine used while this step ran (a shared machine makes timings noisy)
+    self_after = os.times()
+    own_cpu = ru.ru_utime + ru.ru_stime  # the command's, plus this process's sampling below
+    own_cpu += (self_after.user - self_before.user) + (self_after.system - self_before.system)
+    background = None
+    if stat_before and stat_after:
+        background = max(0.0, stat_after["busy"] - stat_before["busy"] - own_cpu)
+    busiest = sorted(
+        ((others_after[p][1] - others_before.get(p, ("", 0.0))[1], others_after[p][0]) for p in others_after),
+        reverse=True,
+    )
+    busiest = [{"cpu_s": round(c, 1), "cmd": n} for c, n in busiest[:3] if c >= 1.0]
     t1 = time.perf_counter()
     os.sync()
     sync_s = time.perf_counter() - t1
@@ -192,6 +239,10 @@ def measure(name: str, cmd, logdir: Path, env=None, drop=True, timeout=None) -> 
         "sys_s": round(ru.ru_stime, 2),
         "disk_read_gb": round(ru.ru_inblock * 512 / 1e9, 3),
         "disk_write_gb": round(ru.ru_oublock * 512 / 1e9, 3),
+        "background_cpu_s": None if background is None else round(background, 1),
+        "steal_s": round(stat_after["steal"] - stat_before["steal"], 1) if stat_before and stat_after else None,
+        "busiest_other_processes": busiest,
+        "loadavg_at_start": load_at_start,
         "caches_dropped": dropped,
         "page_cache_mb_at_start": round(cache_before, 1),
         "log": str(logfile),
@@ -201,7 +252,8 @@ def measure(name: str, cmd, logdir: Path, env=None, drop=True, timeout=None) -> 
     status_txt = "ok" if res["rc"] == 0 else f"FAILED rc={res['rc']}"
     log(
         f"{name}: {status_txt}; wall {res['wall_s']:.1f} s + sync {sync_s:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB, "
-        f"cpu {res['user_s'] + res['sys_s']:.1f} s, read {res['disk_read_gb']:.2f} GB, wrote {res['disk_write_gb']:.2f} GB"
+        f"cpu {res['user_s'] + res['sys_s']:.1f} s, read {res['disk_read_gb']:.2f} GB, wrote {res['disk_write_gb']:.2f} GB, "
+        f"other processes' CPU {res['background_cpu_s']} s"
     )
     if res["rc"] != 0:
         log(f"{name}: output tail:\n{tail[-1500:]}")
@@ -323,8 +375,8 @@ def machine_info(workdir: Path, loratv: list) -> dict:
     git = ""
     try:
         git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        if subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True).stdout.strip():
-            git += " (working tree has uncommitted changes)"
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True, text=True).stdout
+        git += " (uncommitted changes under src/)" if dirty.strip() else " (src/ as committed)"
     except Exception:
         pass
     return {
@@ -371,9 +423,13 @@ def build_report(r: dict) -> str:
     cache = r["page_cache"]
     lines.append(f"Page cache: {cache}.")
     lines.append("")
-    lines.append("| step | wall s | sync after s | wall+sync s | peak RSS MB | CPU user+sys s | disk read GB | disk write GB | rc |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    order = ["cp", "loratv_merge", "peft_reference", "read_both", "loratv_extract"]
+    n = max((st.get("repetitions", 1) for st in steps.values()), default=1)
+    best = f"fastest of {n} runs" if n > 1 else "one run"
+    lines.append(f"Figures per step: {best}" + (", with the median of wall+sync beside it" if n > 1 else "") + ".")
+    lines.append("")
+    med_h = " median wall+sync s |" if n > 1 else ""
+    lines.append(f"| step | wall s | sync after s | wall+sync s |{med_h} peak RSS MB | CPU user+sys s | disk read GB | disk write GB | other processes' CPU s | rc |")
+    lines.append("|---|---:|---:|---:|" + ("---:|" if n > 1 else "") + "---:|---:|---:|---:|---:|---:|")
     labels = {
         "cp": "`cp -r BASE COPY` (merge I/O floor)",
         "loratv_merge": "`loratv merge`",
@@ -381,24 +437,29 @@ def build_report(r: dict) -> str:
         "read_both": "read BASE + MERGED once (extract I/O floor)",
         "loratv_extract": "`loratv extract`",
     }
-    for key in order:
+    for key in STEP_ORDER:
         s = steps.get(key)
         if not s:
-            lines.append(f"| {labels[key]} | skipped | | | | | | | |")
+            lines.append(f"| {labels[key]} | skipped |" + " |" * (9 if n > 1 else 8))
             continue
+        med = f" {fmt(s.get('median_total_s'))} |" if n > 1 else ""
         lines.append(
-            f"| {labels[key]} | {fmt(s['wall_s'])} | {fmt(s['sync_after_s'])} | {fmt(s['total_s'])} | {fmt(s['peak_rss_mb'], 0)} | "
-            f"{fmt(s['user_s'] + s['sys_s'])} | {fmt(s['disk_read_gb'], 2)} | {fmt(s['disk_write_gb'], 2)} | {s['rc']} |"
+            f"| {labels[key]} | {fmt(s['wall_s'])} | {fmt(s['sync_after_s'])} | {fmt(s['total_s'])} |{med} {fmt(s['peak_rss_mb'], 0)} | "
+            f"{fmt(s['user_s'] + s['sys_s'])} | {fmt(s['disk_read_gb'], 2)} | {fmt(s['disk_write_gb'], 2)} | "
+            f"{fmt(s.get('background_cpu_s'))} | {s['rc']} |"
         )
     lines.append("")
-    lines.append("Peak RSS = max(summed VmRSS of the process tree sampled every 50 ms, VmHWM of any process in it, GNU time's %M); MB = 10^6 bytes.")
-    lines.append("Ratios use wall+sync (cp and save_pretrained leave dirty pages behind, loratv fsyncs its shards); plain-wall ratios in brackets.")
+    lines.append("Peak RSS = max(summed VmRSS of the process tree sampled every 50 ms, VmHWM of any process in it, GNU time's %M), "
+                 "the largest over all runs; MB = 10^6 bytes. Other processes' CPU = machine-wide busy CPU seconds during the step "
+                 "minus the step's own (noise from whatever else ran on the machine).")
+    lines.append("Ratios use wall+sync (cp and save_pretrained leave dirty pages behind, loratv fsyncs its shards); "
+                 "the met column judges the fastest runs.")
     lines.append("")
-    lines.append("| check | measured | target | met |")
-    lines.append("|---|---:|---:|:---:|")
+    lines.append("| check | fastest runs | median runs | wall only (fastest) | target | met |")
+    lines.append("|---|---:|---:|---:|---:|:---:|")
     for c in r["checks"]:
         met = {True: "yes", False: "**NO**", None: "n/a"}[c["met"]]
-        lines.append(f"| {c['check']} | {c['measured']} | {c['target']} | {met} |")
+        lines.append(f"| {c['check']} | {c['measured']} | {c.get('median_measured', '')} | {c.get('wall_measured', '')} | {c['target']} | {met} |")
     v = r.get("verify") or {}
     if v:
         lines.append("")
@@ -433,41 +494,59 @@ def build_report(r: dict) -> str:
 
 
 def evaluate(steps: dict) -> list:
-    def tot(k):
+    def get(k, field):
         s = steps.get(k)
-        return s["total_s"] if s and s["rc"] == 0 else None
-
-    def wall(k):
-        s = steps.get(k)
-        return s["wall_s"] if s and s["rc"] == 0 else None
-
-    def rss(k):
-        s = steps.get(k)
-        return s["peak_rss_mb"] if s and s["rc"] == 0 else None
+        return s[field] if s and s["rc"] == 0 else None
 
     checks = []
-
-    def add(check, value, plain, target, ok, unit="×"):
-        if value is None:
-            checks.append({"check": check, "value": None, "measured": "n/a", "target": target, "met": None})
-            return
-        nd = 0 if unit == " MB" else 2
-        measured = f"{value:.{nd}f}{unit}" + (f" ({plain:.{nd}f}{unit})" if plain is not None else "")
-        checks.append({"check": check, "value": value, "plain_wall_value": plain, "measured": measured, "target": target, "met": ok(value)})
-
     t = TARGETS
-    add("loratv merge / cp -r", ratio(tot("loratv_merge"), tot("cp")), ratio(wall("loratv_merge"), wall("cp")),
-        f"≤ {t['merge_vs_copy_max']}×", lambda v: v <= t["merge_vs_copy_max"])
-    add("PEFT / loratv merge (speed-up)", ratio(tot("peft_reference"), tot("loratv_merge")),
-        ratio(wall("peft_reference"), wall("loratv_merge")), f"≥ {t['peft_vs_merge_min']}×", lambda v: v >= t["peft_vs_merge_min"])
-    add("loratv merge peak RSS", rss("loratv_merge"), None, f"< {t['merge_rss_max_mb']:.0f} MB",
-        lambda v: v < t["merge_rss_max_mb"], unit=" MB")
-    add("loratv extract / read both", ratio(tot("loratv_extract"), tot("read_both")),
-        ratio(wall("loratv_extract"), wall("read_both")), f"≤ {t['extract_vs_read_max']}×", lambda v: v <= t["extract_vs_read_max"])
-    add("loratv extract peak RSS", rss("loratv_extract"), None, f"< {t['extract_rss_max_mb']:.0f} MB",
-        lambda v: v < t["extract_rss_max_mb"], unit=" MB")
-    add("PEFT reference peak RSS (for scale)", rss("peft_reference"), None, "-", lambda v: None, unit=" MB")
+
+    def add(check, key_a, key_b, target, ok):
+        best = ratio(get(key_a, "total_s"), get(key_b, "total_s"))
+        med = ratio(get(key_a, "median_total_s"), get(key_b, "median_total_s"))
+        wall = ratio(get(key_a, "wall_s"), get(key_b, "wall_s"))
+        f = lambda v: "n/a" if v is None else f"{v:.2f}×"
+        checks.append({"check": check, "value": best, "median_value": med, "wall_value": wall, "measured": f(best),
+                       "median_measured": f(med), "wall_measured": f(wall), "target": target,
+                       "met": None if best is None else ok(best)})
+
+    def add_rss(check, key, target, ok):
+        v = get(key, "peak_rss_mb")
+        checks.append({"check": check, "value": v, "measured": "n/a" if v is None else f"{v:.0f} MB", "target": target,
+                       "met": None if v is None or ok is None else ok(v)})
+
+    add("loratv merge / cp -r", "loratv_merge", "cp", f"≤ {t['merge_vs_copy_max']}×", lambda v: v <= t["merge_vs_copy_max"])
+    add("PEFT / loratv merge (speed-up)", "peft_reference", "loratv_merge", f"≥ {t['peft_vs_merge_min']}×",
+        lambda v: v >= t["peft_vs_merge_min"])
+    add_rss("loratv merge peak RSS", "loratv_merge", f"< {t['merge_rss_max_mb']:.0f} MB", lambda v: v < t["merge_rss_max_mb"])
+    add("loratv extract / read both", "loratv_extract", "read_both", f"≤ {t['extract_vs_read_max']}×",
+        lambda v: v <= t["extract_vs_read_max"])
+    add_rss("loratv extract peak RSS", "loratv_extract", f"< {t['extract_rss_max_mb']:.0f} MB", lambda v: v < t["extract_rss_max_mb"])
+    add_rss("PEFT reference peak RSS (for scale)", "peft_reference", "-", None)
     return checks
+
+
+STEP_ORDER = ["cp", "loratv_merge", "peft_reference", "read_both", "loratv_extract"]
+
+
+def summarize(runs: list) -> dict:
+    """One step over its repetitions: the fastest successful run's figures, plus min/median/all of wall+sync."""
+    ok = [r for r in runs if r["rc"] == 0]
+    best = dict(min(ok, key=lambda r: r["total_s"]) if ok else runs[-1])
+    totals = sorted(r["total_s"] for r in ok)
+    best.update(
+        {
+            "repetitions": len(runs),
+            "failed_repetitions": len(runs) - len(ok),
+            "rc": best["rc"] if ok and len(ok) == len(runs) else next(r["rc"] for r in runs if r["rc"] != 0),
+            "all_total_s": [r["total_s"] for r in runs],
+            "min_total_s": totals[0] if totals else None,
+            "median_total_s": statistics.median(totals) if totals else None,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "max_background_cpu_s": max((r["background_cpu_s"] or 0.0) for r in runs),
+        }
+    )
+    return best
 
 
 # -------------------------------------------------------------------------------------------------------------- main
@@ -496,6 +575,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-verify", action="store_true", help="skip the untimed correctness checks")
     ap.add_argument("--loratv", help="command that runs loratv (default: `loratv` on PATH, else python -m loratv.cli from this repo)")
     ap.add_argument("--precision", help="pass --precision to loratv merge")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the timed steps N times, interleaved; figures are the fastest run, medians in results.json")
     ap.add_argument("--timeout", type=float, default=3 * 3600, help="per-step timeout in seconds")
     args = ap.parse_args(argv)
 
@@ -546,79 +627,96 @@ def main(argv=None) -> int:
             marker.write_text(json.dumps({"want": want, "info": info}))
         results["model"] = info
 
-        # 2a. I/O floor of a merge
-        steps["cp"] = measure("cp", ["cp", "-r", base, copy], logdir, timeout=args.timeout)
-        rmtree(copy)
-
-        # 2b. loratv merge
-        cmd = loratv + ["merge", "--base", base, "--adapter", adapter, "-o", merged, "--quiet"]
-        if args.precision:
-            cmd += ["--precision", args.precision]
-        steps["loratv_merge"] = measure("loratv_merge", cmd, logdir, env=env, timeout=args.timeout)
-        if steps["loratv_merge"]["rc"] == 0:
-            steps["loratv_merge"]["output_gb"] = round(dir_bytes(merged) / 1e9, 3)
-            steps["loratv_merge"]["output_files"] = sorted(p.name for p in merged.iterdir())
-
-        # 2c. transformers + PEFT
-        if not args.skip_peft:
-            steps["peft_reference"] = measure(
-                "peft_reference",
-                [sys.executable, HERE / "peft_merge_reference.py", "--base", base, "--adapter", adapter, "-o", peft_out],
-                logdir, timeout=args.timeout)
-            for line in steps["peft_reference"]["output_tail"].splitlines():
-                if line.startswith('{"peft_reference_phases_s"'):
-                    results["peft_phases"] = json.loads(line)["peft_reference_phases_s"]
-            if steps["peft_reference"]["rc"] == 0:
-                steps["peft_reference"]["output_gb"] = round(dir_bytes(peft_out) / 1e9, 3)
-
-        # 3a. correctness of the merge (untimed)
+        runs = results["runs"] = {k: [] for k in STEP_ORDER}
         results["verify"] = {}
-        if not args.no_verify and merged.exists() and peft_out.exists() and steps.get("peft_reference", {}).get("rc") == 0 \
-                and steps["loratv_merge"]["rc"] == 0:
-            log("verify: loratv merge vs PEFT merge")
-            try:
-                results["verify"]["merge_vs_peft"] = compare_merges(merged, peft_out, base)
-                log(f"verify: {results['verify']['merge_vs_peft']}")
-            except Exception as exc:  # report, never hide
-                results["verify"]["merge_vs_peft_error"] = repr(exc)
+        for rep in range(1, args.repeat + 1):
+            tag = f"-{rep}" if args.repeat > 1 else ""
+            if args.repeat > 1:
+                log(f"repetition {rep} of {args.repeat}")
+            for p in (copy, merged, peft_out, tv):
+                rmtree(p)
 
-        # the fine-tuned checkpoint for extract: loratv's merge, or PEFT's when loratv's failed
-        finetuned = merged
-        if steps["loratv_merge"]["rc"] != 0 or not merged.exists():
-            if peft_out.exists() and steps.get("peft_reference", {}).get("rc") == 0:
-                finetuned = peft_out
-                results["notes"].append("loratv merge failed, so read-both and loratv extract used PEFT's merged checkpoint as FINETUNED.")
-            else:
-                finetuned = None
-                results["notes"].append("no merged checkpoint (loratv merge and the PEFT reference both failed or were skipped): extract not run.")
-        if finetuned == merged and not args.keep:
-            rmtree(peft_out)  # at most three checkpoints on disk at once
+            # 2a. I/O floor of a merge
+            runs["cp"].append(measure("cp" + tag, ["cp", "-r", base, copy], logdir, timeout=args.timeout))
+            rmtree(copy)
 
-        if finetuned is not None:
+            # 2b. loratv merge
+            cmd = loratv + ["merge", "--base", base, "--adapter", adapter, "-o", merged, "--quiet"]
+            if args.precision:
+                cmd += ["--precision", args.precision]
+            m = measure("loratv_merge" + tag, cmd, logdir, env=env, timeout=args.timeout)
+            if m["rc"] == 0:
+                m["output_gb"] = round(dir_bytes(merged) / 1e9, 3)
+                m["output_files"] = sorted(p.name for p in merged.iterdir())
+            runs["loratv_merge"].append(m)
+
+            # 2c. transformers + PEFT
+            peft_ok = False
+            if not args.skip_peft:
+                pr = measure("peft_reference" + tag,
+                             [sys.executable, HERE / "peft_merge_reference.py", "--base", base, "--adapter", adapter, "-o", peft_out],
+                             logdir, timeout=args.timeout)
+                for line in pr["output_tail"].splitlines():
+                    if line.startswith('{"peft_reference_phases_s"'):
+                        pr["phases_s"] = json.loads(line)["peft_reference_phases_s"]
+                if pr["rc"] == 0:
+                    pr["output_gb"] = round(dir_bytes(peft_out) / 1e9, 3)
+                    peft_ok = True
+                runs["peft_reference"].append(pr)
+
+            # 3a. correctness of the merge (untimed, once)
+            if rep == 1 and not args.no_verify and peft_ok and m["rc"] == 0:
+                log("verify: loratv merge vs PEFT merge")
+                try:
+                    results["verify"]["merge_vs_peft"] = compare_merges(merged, peft_out, base)
+                    log(f"verify: {results['verify']['merge_vs_peft']}")
+                except Exception as exc:  # report, never hide
+                    results["verify"]["merge_vs_peft_error"] = repr(exc)
+
+            # the fine-tuned checkpoint for extract: loratv's merge, or PEFT's when loratv's failed
+            finetuned = merged
+            if m["rc"] != 0 or not merged.exists():
+                finetuned = peft_out if peft_ok else None
+                note = ("loratv merge failed, so read-both and loratv extract used PEFT's merged checkpoint as FINETUNED."
+                        if peft_ok else "no merged checkpoint (loratv merge failed and the PEFT reference failed or was skipped): extract not run.")
+                if note not in results["notes"]:
+                    results["notes"].append(note)
+            if finetuned == merged:
+                rmtree(peft_out)  # at most three checkpoints on disk at once
+            if finetuned is None:
+                continue
+
             # 2d. I/O floor of an extract
-            steps["read_both"] = measure("read_both", [sys.executable, HERE / "read_all.py", base, finetuned], logdir, timeout=args.timeout)
+            runs["read_both"].append(measure("read_both" + tag, [sys.executable, HERE / "read_all.py", base, finetuned], logdir,
+                                             timeout=args.timeout))
             # 2e. loratv extract
-            steps["loratv_extract"] = measure("loratv_extract", loratv + ["extract", "--base", base, "--finetuned", finetuned, "-o", tv],
-                                              logdir, env=env, timeout=args.timeout)
-            if steps["loratv_extract"]["rc"] == 0:
-                steps["loratv_extract"]["output_gb"] = round(dir_bytes(tv) / 1e9, 3)
-                steps["loratv_extract"]["output_files"] = sorted(str(p.relative_to(tv)) for p in tv.rglob("*") if p.is_file())
-                if not args.no_verify:
+            e = measure("loratv_extract" + tag, loratv + ["extract", "--base", base, "--finetuned", finetuned, "-o", tv],
+                        logdir, env=env, timeout=args.timeout)
+            if e["rc"] == 0:
+                e["output_gb"] = round(dir_bytes(tv) / 1e9, 3)
+                e["output_files"] = sorted(str(p.relative_to(tv)) for p in tv.rglob("*") if p.is_file())
+                if rep == 1 and not args.no_verify:
                     log("verify: task vector vs FINETUNED - BASE")
                     try:
                         results["verify"]["task_vector"] = check_task_vector(tv, base, finetuned)
                         log(f"verify: {results['verify']['task_vector']}")
                     except Exception as exc:
                         results["verify"]["task_vector_error"] = repr(exc)
-            if not args.keep:
+            runs["loratv_extract"].append(e)
+            if not args.keep or rep < args.repeat:
                 rmtree(tv)
+        for key, lst in runs.items():
+            if lst:
+                steps[key] = summarize(lst)
+        if runs["peft_reference"] and "phases_s" in steps.get("peft_reference", {}):
+            results["peft_phases"] = steps["peft_reference"]["phases_s"]
     finally:
         if not args.keep:
             for p in (copy, merged, peft_out, tv, base, adapter):
                 rmtree(p)
             (wd / "generated.json").unlink(missing_ok=True)
 
-    drops = [s["caches_dropped"] for s in steps.values()]
+    drops = [r["caches_dropped"] for lst in results.get("runs", {}).values() for r in lst]
     if drops and all(drops):
         results["page_cache"] = "cold: `sync; echo 3 > /proc/sys/vm/drop_caches` succeeded before every timed step"
     elif any(drops):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import dtypes
 from .adapter_config import LoraSettings, parse_config
 from .checkpoint import Checkpoint
 from .errors import LoratvError
@@ -79,7 +80,7 @@ class Adapter:
 
     def factor(self, key: str) -> torch.Tensor:
         tensor = self.tensors.read(key)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not dtypes.all_finite(tensor):
             raise LoratvError(f"{self.tensors.entry(key).file}: tensor '{key}' contains NaN or Inf.")
         return tensor
 

@@ -230,13 +230,13 @@ class Checkpoint:
             return self._bin_state[entry.file][name]
         return stf.bytes_to_tensor(stf.read_bytes(entry), entry.dtype, entry.shape)
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) along the first dimension."""
+    def read_rows(self, name: str, start: int, stop: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) along the first dimension (read into the uint8 buffer `into` when given)."""
         entry = self.entry(name)
         if self.format == "bin" or len(entry.shape) == 0:
             return self.read(name)[start:stop] if entry.shape else self.read(name)
         row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
-        buf = stf.read_bytes(entry, start * row_bytes, stop * row_bytes)
+        buf = stf.read_bytes(entry, start * row_bytes, stop * row_bytes, into)
         return stf.bytes_to_tensor(buf, entry.dtype, (stop - start, *entry.shape[1:]))
 
     def read_raw(self, name: str) -> bytes:

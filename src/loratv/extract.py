@@ -43,6 +43,11 @@ class TensorStats:
     max_rounding_error: float = 0.0
     inexact_subtractions: int = 0
     stored: bool = False
+    sumsq: float = 0.0
+
+    @property
+    def numel_bytes(self) -> int:
+        return self.parameters * dtypes.itemsize(self.stored_dtype)
 
     @property
     def parameters(self) -> int:
@@ -100,61 +105,101 @@ def storage_code(base_code: str, ft_code: str, storage_dtype: str) -> str:
     return "F32"
 
 
-def _difference(base: Checkpoint, ft: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
-    return _subtract(base.read_rows(name, start, stop), ft.read_rows(name, start, stop))
+READ_BYTES = 64 << 20  # per input and read: large sequential reads
+COMPUTE_ELEMENTS = 1 << 18  # float64 temporaries of 2 MB stay in cache and are reused by malloc
+KEEP_BYTES = 256 << 20  # a changed tensor up to this size is kept from the first pass instead of read again
 
 
-def _subtract(b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    if b.is_floating_point() and f.is_floating_point():
-        return f.to(torch.float64) - b.to(torch.float64)
-    return f.to(torch.int64) - b.to(torch.int64)
-
-
-def _subtraction_errors(f: torch.Tensor, b: torch.Tensor, diff: torch.Tensor) -> int:
-    """Elements where fp64(f) − fp64(b) was rounded (Knuth's TwoSum error term is nonzero).
+def _subtraction_errors(a: torch.Tensor, nb: torch.Tensor, diff: torch.Tensor) -> int:
+    """Elements where a + nb (= fp64(f) − fp64(b)) was rounded: Knuth's TwoSum error term is nonzero.
 
     Happens only when the two exponents differ by more than 53 − 24 = 29, i.e. a change 2^29 times the weight.
     """
-    a = f.to(torch.float64)
-    nb = -b.to(torch.float64)
     virtual_b = diff - a
     err = (a - (diff - virtual_b)) + (nb - virtual_b)
-    return int((err != 0).sum())
+    return int(torch.count_nonzero(err))
 
 
-def _measure(base, ft, name, stats: TensorStats, chunks) -> torch.Tensor | None:
-    """First pass: norms, counts and rounding; returns the stored pieces when the tensor is one chunk."""
-    sumsq = 0.0
-    kept = None
-    for start, stop in chunks:
-        b = base.read_rows(name, start, stop)
-        f = ft.read_rows(name, start, stop)
-        if b.dtype == f.dtype and torch.equal(b, f):  # the common case, decided at memcmp speed
-            if len(chunks) == 1:
-                kept = torch.zeros(b.shape, dtype=dtypes.torch_dtype_of(stats.stored_dtype))
+def _stored_difference(b: torch.Tensor, f: torch.Tensor, code: str, stats: "TensorStats | None" = None) -> torch.Tensor:
+    """(f − b) computed exactly in float64 (int64 for integer tensors), returned in the storage dtype `code`.
+
+    With `stats`, also accumulates the norm, max |T|, nonzeros, inexact subtractions and storage rounding.
+    """
+    out = torch.empty(b.shape, dtype=dtypes.torch_dtype_of(code))
+    flat_b, flat_f, flat_out = b.reshape(-1), f.reshape(-1), out.view(-1)
+    floating = b.is_floating_point() and f.is_floating_point()
+    for i in range(0, flat_b.numel(), COMPUTE_ELEMENTS):
+        j = min(flat_b.numel(), i + COMPUTE_ELEMENTS)
+        if not floating:
+            flat_out[i:j] = flat_f[i:j].to(torch.int64) - flat_b[i:j].to(torch.int64)
+            if stats is not None:
+                d = flat_out[i:j].to(torch.float64)
+                stats.sumsq += float(torch.dot(d, d))
+                stats.nonzero += int(torch.count_nonzero(d))
+                stats.max_abs = max(stats.max_abs, float(d.abs().max()))
             continue
-        diff = _subtract(b, f)
-        if diff.is_floating_point() and not torch.isfinite(diff).all():
-            where = ft if not torch.isfinite(f).all() else base
-            raise LoratvError(f"{where.path}: tensor '{name}' contains NaN or Inf, so the task vector is undefined.")
-        if diff.is_floating_point():
-            stats.inexact_subtractions += _subtraction_errors(f, b, diff)
-        d = diff.to(torch.float64)
-        sumsq += float((d * d).sum())
-        if d.numel():
-            stats.max_abs = max(stats.max_abs, float(d.abs().max()))
-        stats.nonzero += int((diff != 0).sum())
-        stored = diff.to(dtypes.torch_dtype_of(stats.stored_dtype))
-        if stats.stored_dtype == "F32":
-            err = (stored.to(torch.float64) - diff).abs()
-            stats.rounded_elements += int((err != 0).sum())
-            if err.numel():
-                stats.max_rounding_error = max(stats.max_rounding_error, float(err.max()))
-        if len(chunks) == 1:
-            kept = stored
-    stats.l2_norm = math.sqrt(sumsq)
+        a = flat_f[i:j].to(torch.float64)
+        nb = flat_b[i:j].to(torch.float64).neg_()
+        diff = a + nb
+        flat_out[i:j] = diff
+        if stats is None:
+            continue
+        low, high = torch.aminmax(diff)  # NaN propagates, so this is also the finiteness check
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+            raise NonFinite(dtypes.all_finite(a))
+        stats.inexact_subtractions += _subtraction_errors(a, nb, diff)
+        stats.sumsq += float(torch.dot(diff, diff))
+        stats.max_abs = max(stats.max_abs, float(-low), float(high))
+        stats.nonzero += int(torch.count_nonzero(diff))
+        if code != "F64":
+            err = flat_out[i:j].to(torch.float64).sub_(diff).abs_()
+            stats.rounded_elements += int(torch.count_nonzero(err))
+            stats.max_rounding_error = max(stats.max_rounding_error, float(err.max()))
+    return out
+
+
+class NonFinite(Exception):
+    def __init__(self, finetuned_finite: bool):
+        self.finetuned_finite = finetuned_finite
+
+
+def _measure(base, ft, name, stats: "TensorStats", chunks, buffers) -> list | None:
+    """First pass: norms, counts and rounding; returns the stored pieces (None for an all-zero piece) when the
+    tensor is small enough to keep, else None."""
+    keep = stats.numel_bytes <= KEEP_BYTES
+    pieces = []
+    for start, stop in chunks:
+        b = base.read_rows(name, start, stop, buffers[0])
+        f = ft.read_rows(name, start, stop, buffers[1])
+        if b.dtype == f.dtype and torch.equal(b, f):  # the common case, decided at memcmp speed
+            pieces.append((start, stop, None))
+            continue
+        try:
+            stored = _stored_difference(b, f, stats.stored_dtype, stats)
+        except NonFinite as exc:
+            where = base if exc.finetuned_finite else ft
+            raise LoratvError(f"{where.path}: tensor '{name}' contains NaN or Inf, so the task vector is undefined.") from None
+        pieces.append((start, stop, stored if keep else None))
+    stats.l2_norm = math.sqrt(stats.sumsq)
     stats.changed = stats.nonzero > 0
-    return kept
+    return pieces if keep else None
+
+
+def _write_tensor(writer, base, ft, name, stats, chunks, pieces, buffers) -> None:
+    shape = stats.shape
+    writer.begin(name, stats.stored_dtype, shape)
+    dtype = dtypes.torch_dtype_of(stats.stored_dtype)
+    for start, stop in chunks:
+        if pieces is not None:
+            piece = next(p for s0, s1, p in pieces if s0 == start)
+            if piece is None:
+                piece = torch.zeros((stop - start, *shape[1:]) if shape else (), dtype=dtype)
+        else:  # second pass over a large tensor, from the page cache
+            b = base.read_rows(name, start, stop, buffers[0])
+            piece = _stored_difference(b, ft.read_rows(name, start, stop, buffers[1]), stats.stored_dtype)
+        writer.write(tensor_to_bytes(piece))
+    writer.end()
+    stats.stored = True
 
 
 def extract(
@@ -193,6 +238,7 @@ def extract(
     }
     names = base.names()
     total = sum(base.entry(n).nbytes + ft.entry(n).nbytes for n in names)
+    buffers = (torch.empty(READ_BYTES, dtype=torch.uint8), torch.empty(READ_BYTES, dtype=torch.uint8))
     with atomic_output_dir(out, [base.path, ft.path], force=force) as tmp:
         writer = SafetensorsWriter(tmp / TENSOR_FILE, [(n, base.entry(n).shape) for n in names], metadata)
         try:
@@ -200,18 +246,10 @@ def extract(
                 for name in names:
                     be, fe = base.entry(name), ft.entry(name)
                     stats = TensorStats(name, be.shape, be.dtype, fe.dtype, storage_code(be.dtype, fe.dtype, storage_dtype))
-                    chunks = list(row_chunks(be.shape, 8 * 8))
-                    kept = _measure(base, ft, name, stats, chunks)
+                    chunks = list(row_chunks(be.shape, max(dtypes.itemsize(be.dtype), dtypes.itemsize(fe.dtype)), READ_BYTES))
+                    pieces = _measure(base, ft, name, stats, chunks, buffers)
                     if stats.changed or dense:
-                        writer.begin(name, stats.stored_dtype, be.shape)
-                        if kept is not None:
-                            writer.write(tensor_to_bytes(kept))
-                        else:  # second pass over a large tensor, from the page cache
-                            for start, stop in chunks:
-                                piece = _difference(base, ft, name, start, stop)
-                                writer.write(tensor_to_bytes(piece.to(dtypes.torch_dtype_of(stats.stored_dtype))))
-                        writer.end()
-                        stats.stored = True
+                        _write_tensor(writer, base, ft, name, stats, chunks, pieces, buffers)
                     result.tensors.append(stats)
                     bar.update(be.nbytes + fe.nbytes)
             writer.close()

@@ -188,7 +188,7 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result):
 
 
 def _write_checked(writer, tensor: torch.Tensor, name: str):
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    if not dtypes.all_finite(tensor):
         raise LoratvError(
             f"merged tensor '{name}' contains NaN or Inf (an overflow in the output dtype, or a non-finite input); nothing was written."
         )

@@ -106,22 +106,29 @@ def _parse_entry(path, name, spec, data_start):
     return TensorEntry(name, code, shape, path, data_start + begin, end - begin)
 
 
-def read_bytes(entry: TensorEntry, start: int = 0, stop: int | None = None) -> bytearray:
-    """Bytes [start, stop) of the tensor's data, read with one positioned read."""
+def read_bytes(entry: TensorEntry, start: int = 0, stop: int | None = None, into=None):
+    """Bytes [start, stop) of the tensor's data, read with positioned reads.
+
+    `into`, a uint8 tensor of at least that many bytes, is reused instead of allocating (and page-faulting) a new
+    buffer for every read; the result then aliases it.
+    """
     stop = entry.nbytes if stop is None else stop
-    buf = bytearray(stop - start)
-    if not buf:
-        return buf
+    size = stop - start
+    if into is not None and into.numel() >= size:
+        view = memoryview(into.numpy())[:size]
+    else:
+        view = memoryview(torch.empty(size, dtype=torch.uint8).numpy())  # no zero-fill, unlike bytearray
+    if not size:
+        return view
     with open(entry.file, "rb", buffering=0) as f:
         f.seek(entry.start + start)
-        view = memoryview(buf)
         got = 0
-        while got < len(buf):
+        while got < size:
             n = f.readinto(view[got:])
             if not n:
                 raise LoratvError(f"{entry.file}: truncated while reading tensor '{entry.name}'.")
             got += n
-    return buf
+    return view
 
 
 def bytes_to_tensor(buf, code: str, shape) -> torch.Tensor:
