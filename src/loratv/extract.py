@@ -110,52 +110,82 @@ COMPUTE_ELEMENTS = 1 << 18  # float64 temporaries of 2 MB stay in cache and are 
 KEEP_BYTES = 256 << 20  # a changed tensor up to this size is kept from the first pass instead of read again
 
 
-def _subtraction_errors(a: torch.Tensor, nb: torch.Tensor, diff: torch.Tensor) -> int:
-    """Elements where a + nb (= fp64(f) − fp64(b)) was rounded: Knuth's TwoSum error term is nonzero.
-
-    Happens only when the two exponents differ by more than 53 − 24 = 29, i.e. a change 2^29 times the weight.
-    """
-    virtual_b = diff - a
-    err = (a - (diff - virtual_b)) + (nb - virtual_b)
-    return int(torch.count_nonzero(err))
+def _two_sum_error(a: torch.Tensor, nb: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Knuth's TwoSum: the exact error of total = fl(a + nb), itself exactly representable (a + nb = total + err)."""
+    virtual_b = total - a
+    return (a - (total - virtual_b)) + (nb - virtual_b)
 
 
 def _stored_difference(b: torch.Tensor, f: torch.Tensor, code: str, stats: "TensorStats | None" = None) -> torch.Tensor:
-    """(f − b) computed exactly in float64 (int64 for integer tensors), returned in the storage dtype `code`.
+    """f − b, rounded once to the storage dtype `code` (int64 for integer tensors), in cache-sized blocks.
 
-    With `stats`, also accumulates the norm, max |T|, nonzeros, inexact subtractions and storage rounding.
+    With `stats`, also accumulates the norm, max |T|, nonzeros, storage rounding and inexact subtractions.
     """
     out = torch.empty(b.shape, dtype=dtypes.torch_dtype_of(code))
     flat_b, flat_f, flat_out = b.reshape(-1), f.reshape(-1), out.view(-1)
-    floating = b.is_floating_point() and f.is_floating_point()
+    if not (b.is_floating_point() and f.is_floating_point()):
+        block = _int_block
+    elif code == "F32" and torch.float64 not in (b.dtype, f.dtype):
+        block = _f32_block
+    else:
+        block = _f64_block
     for i in range(0, flat_b.numel(), COMPUTE_ELEMENTS):
         j = min(flat_b.numel(), i + COMPUTE_ELEMENTS)
-        if not floating:
-            flat_out[i:j] = flat_f[i:j].to(torch.int64) - flat_b[i:j].to(torch.int64)
-            if stats is not None:
-                d = flat_out[i:j].to(torch.float64)
-                stats.sumsq += float(torch.dot(d, d))
-                stats.nonzero += int(torch.count_nonzero(d))
-                stats.max_abs = max(stats.max_abs, float(d.abs().max()))
-            continue
-        a = flat_f[i:j].to(torch.float64)
-        nb = flat_b[i:j].to(torch.float64).neg_()
-        diff = a + nb
-        flat_out[i:j] = diff
-        if stats is None:
-            continue
-        low, high = torch.aminmax(diff)  # NaN propagates, so this is also the finiteness check
-        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-            raise NonFinite(dtypes.all_finite(a))
-        stats.inexact_subtractions += _subtraction_errors(a, nb, diff)
-        stats.sumsq += float(torch.dot(diff, diff))
-        stats.max_abs = max(stats.max_abs, float(-low), float(high))
-        stats.nonzero += int(torch.count_nonzero(diff))
-        if code != "F64":
-            err = flat_out[i:j].to(torch.float64).sub_(diff).abs_()
-            stats.rounded_elements += int(torch.count_nonzero(err))
-            stats.max_rounding_error = max(stats.max_rounding_error, float(err.max()))
+        block(flat_b[i:j], flat_f[i:j], flat_out[i:j], stats)
     return out
+
+
+def _int_block(b, f, out, stats):
+    out.copy_(f.to(torch.int64) - b.to(torch.int64))
+    if stats is not None:
+        d = out.to(torch.float64)
+        stats.sumsq += float(torch.dot(d, d))
+        stats.nonzero += int(torch.count_nonzero(d))
+        stats.max_abs = max(stats.max_abs, float(d.abs().max()))
+
+
+def _f32_block(b, f, out, stats):
+    """Inputs of at most 24 significant bits, stored in float32: the exact difference is the pair (s, err) with
+    s = fl32(f − b), the correctly rounded value that is stored, and err its exact rounding error (TwoSum)."""
+    f32 = f.to(torch.float32)
+    nb = b.to(torch.float32).neg()  # not neg_(): .to() returns b itself when it is float32 already
+    torch.add(f32, nb, out=out)
+    if stats is None:
+        return
+    _accumulate(stats, out, f32)
+    err = _two_sum_error(f32, nb, out)
+    rounded = int(torch.count_nonzero(err))
+    if rounded:
+        exact = out.to(torch.float64) + err.to(torch.float64)  # exact: err is below half an ulp of out
+        stats.sumsq += float(torch.dot(exact, exact)) - float(torch.dot(out.to(torch.float64), out.to(torch.float64)))
+        stats.rounded_elements += rounded
+        stats.max_rounding_error = max(stats.max_rounding_error, float(err.abs().max()))
+
+
+def _f64_block(b, f, out, stats):
+    """float64 inputs or storage: subtract in float64; TwoSum counts the (rare) elements where that rounds."""
+    a = f.to(torch.float64)
+    nb = b.to(torch.float64).neg()
+    diff = a + nb
+    out.copy_(diff)
+    if stats is None:
+        return
+    _accumulate(stats, diff, a)
+    stats.inexact_subtractions += int(torch.count_nonzero(_two_sum_error(a, nb, diff)))
+    if out.dtype != torch.float64:
+        err = out.to(torch.float64).sub_(diff).abs_()
+        stats.rounded_elements += int(torch.count_nonzero(err))
+        stats.max_rounding_error = max(stats.max_rounding_error, float(err.max()))
+
+
+def _accumulate(stats, diff, finetuned):
+    low, high = torch.aminmax(diff)  # NaN propagates, so this is also the finiteness check
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        raise NonFinite(dtypes.all_finite(finetuned))
+    stats.max_abs = max(stats.max_abs, float(-low), float(high))
+    d = diff.to(torch.float64)
+    stats.sumsq += float(torch.dot(d, d))
+    stats.nonzero += int(torch.count_nonzero(diff))
 
 
 class NonFinite(Exception):
