@@ -17,6 +17,7 @@ from . import __version__, dtypes
 from .checkpoint import Checkpoint
 from .errors import LoratvError
 from .outputs import atomic_output_dir
+from .prefetch import prefetched
 from .progress import progress_bar
 from .safetensors_format import SafetensorsWriter, tensor_to_bytes
 from .streaming import row_chunks
@@ -193,14 +194,14 @@ class NonFinite(Exception):
         self.finetuned_finite = finetuned_finite
 
 
-def _measure(base, ft, name, stats: "TensorStats", chunks, buffers) -> list | None:
+def _measure(base, ft, name, stats: "TensorStats", chunks, reader) -> list | None:
     """First pass: norms, counts and rounding; returns the stored pieces (None for an all-zero piece) when the
-    tensor is small enough to keep, else None."""
+    tensor is small enough to keep, else None. `reader` yields the tensor's chunks, read ahead."""
     keep = stats.numel_bytes <= KEEP_BYTES
     pieces = []
     for start, stop in chunks:
-        b = base.read_rows(name, start, stop, buffers[0])
-        f = ft.read_rows(name, start, stop, buffers[1])
+        (_, job_start, _), (b, f) = next(reader)
+        assert job_start == start
         if b.dtype == f.dtype and torch.equal(b, f):  # the common case, decided at memcmp speed
             pieces.append((start, stop, None))
             continue
@@ -215,7 +216,7 @@ def _measure(base, ft, name, stats: "TensorStats", chunks, buffers) -> list | No
     return pieces if keep else None
 
 
-def _write_tensor(writer, base, ft, name, stats, chunks, pieces, buffers) -> None:
+def _write_tensor(writer, base, ft, name, stats, chunks, pieces) -> None:
     shape = stats.shape
     writer.begin(name, stats.stored_dtype, shape)
     dtype = dtypes.torch_dtype_of(stats.stored_dtype)
@@ -224,9 +225,8 @@ def _write_tensor(writer, base, ft, name, stats, chunks, pieces, buffers) -> Non
             piece = next(p for s0, s1, p in pieces if s0 == start)
             if piece is None:
                 piece = torch.zeros((stop - start, *shape[1:]) if shape else (), dtype=dtype)
-        else:  # second pass over a large tensor, from the page cache
-            b = base.read_rows(name, start, stop, buffers[0])
-            piece = _stored_difference(b, ft.read_rows(name, start, stop, buffers[1]), stats.stored_dtype)
+        else:  # second pass over a large tensor, from the page cache (own buffers: the read-ahead owns the others)
+            piece = _stored_difference(base.read_rows(name, start, stop), ft.read_rows(name, start, stop), stats.stored_dtype)
         writer.write(tensor_to_bytes(piece))
     writer.end()
     stats.stored = True
@@ -268,7 +268,17 @@ def extract(
     }
     names = base.names()
     total = sum(base.entry(n).nbytes + ft.entry(n).nbytes for n in names)
-    buffers = (torch.empty(READ_BYTES, dtype=torch.uint8), torch.empty(READ_BYTES, dtype=torch.uint8))
+    chunks_of = {
+        n: list(row_chunks(base.entry(n).shape, max(base.entry(n).element_size, ft.entry(n).element_size), READ_BYTES))
+        for n in names
+    }
+    buffers = [[torch.empty(READ_BYTES, dtype=torch.uint8) for _ in range(2)] for _ in range(2)]
+
+    def read(job, slot):
+        name, start, stop = job
+        return base.read_rows(name, start, stop, buffers[slot][0]), ft.read_rows(name, start, stop, buffers[slot][1])
+
+    reader = prefetched(((n, s, e) for n in names for s, e in chunks_of[n]), read)
     with atomic_output_dir(out, [base.path, ft.path], force=force) as tmp:
         writer = SafetensorsWriter(tmp / TENSOR_FILE, [(n, base.entry(n).shape) for n in names], metadata)
         try:
@@ -276,16 +286,18 @@ def extract(
                 for name in names:
                     be, fe = base.entry(name), ft.entry(name)
                     stats = TensorStats(name, be.shape, be.dtype, fe.dtype, storage_code(be.dtype, fe.dtype, storage_dtype))
-                    chunks = list(row_chunks(be.shape, max(dtypes.itemsize(be.dtype), dtypes.itemsize(fe.dtype)), READ_BYTES))
-                    pieces = _measure(base, ft, name, stats, chunks, buffers)
+                    chunks = chunks_of[name]
+                    pieces = _measure(base, ft, name, stats, chunks, reader)
                     if stats.changed or dense:
-                        _write_tensor(writer, base, ft, name, stats, chunks, pieces, buffers)
+                        _write_tensor(writer, base, ft, name, stats, chunks, pieces)
                     result.tensors.append(stats)
                     bar.update(be.nbytes + fe.nbytes)
             writer.close()
         except BaseException:
             writer.abort()
             raise
+        finally:
+            reader.close()
         report = build_report(result, base, ft, dense=dense, storage_dtype=storage_dtype)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return result

@@ -7,7 +7,9 @@ gives dtype, shape and [begin, end) offsets into the data section; `__metadata__
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,10 @@ class TensorEntry:
     @property
     def torch_dtype(self) -> torch.dtype:
         return dtypes.torch_dtype_of(self.dtype)
+
+    @property
+    def element_size(self) -> int:
+        return dtypes.itemsize(self.dtype)
 
 
 def read_header(path: Path):
@@ -146,12 +152,77 @@ def tensor_to_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # reshape first: a 0-d tensor cannot be viewed as bytes
 
 
+class _BackgroundIO:
+    """Runs the file operations of one writer, in order, on a worker thread, so that computing the next tensor
+    overlaps writing (or kernel-copying) the previous one. At most `depth` operations wait in the queue, which
+    bounds the memory they hold."""
+
+    def __init__(self, depth: int = 2):
+        self._queue = queue.Queue(maxsize=depth)
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="loratv-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                func, args = item
+                try:
+                    func(*args)
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self._error = exc
+
+    def submit(self, func, *args):
+        self._raise_pending()
+        self._queue.put((func, args))
+
+    def finish(self):
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_pending()
+
+    def _raise_pending(self):
+        if self._error is not None:
+            raise self._error
+
+
+def _pwrite_all(fd: int, view: memoryview, position: int) -> None:
+    done = 0
+    while done < len(view):  # a write may be short
+        done += os.pwrite(fd, view[done:], position + done)
+
+
+def _copy_range(src: Path, fd: int, offset: int, nbytes: int, position: int) -> None:
+    """Bytes [offset, offset+nbytes) of `src` to `position` of fd, in the kernel where the OS allows (as `cp`)."""
+    with open(src, "rb", buffering=0) as f:
+        done = 0
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(f.fileno(), fd, nbytes - done, offset + done, position + done)
+                if n == 0:
+                    raise LoratvError(f"{src}: truncated while copying tensor data.")
+                done += n
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
+                raise
+            while done < nbytes:
+                piece = os.pread(f.fileno(), min(64 << 20, nbytes - done), offset + done)
+                if not piece:
+                    raise LoratvError(f"{src}: truncated while copying tensor data.") from None
+                _pwrite_all(fd, memoryview(piece), position + done)
+                done += len(piece)
+
+
 class SafetensorsWriter:
     """Writes one safetensors file tensor by tensor, data first, header last.
 
     The header space is reserved up front from an upper bound on every tensor that may be written (so the set of
     tensors can still shrink, as when a task vector keeps only the tensors that changed) and padded with spaces,
-    which the format allows. Tensors may be written in pieces (`begin`, `write`*, `end`).
+    which the format allows. Tensors may be written in pieces (`begin`, `write`*, `end`). Data given to `write`
+    must not be modified afterwards: it is written by a background thread.
     """
 
     def __init__(self, path: Path, candidates, metadata: dict | None = None):
@@ -161,8 +232,8 @@ class SafetensorsWriter:
         self._open = None  # (name, code, shape, begin, expected_bytes)
         self._offset = 0
         self.header_size = self._reserve(candidates)
-        self._f = open(self.path, "wb", buffering=0)  # unbuffered, so copy_file_range and write share one position
-        self._f.seek(8 + self.header_size)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._io = _BackgroundIO()
 
     def _reserve(self, candidates) -> int:
         candidates = list(candidates)
@@ -181,31 +252,14 @@ class SafetensorsWriter:
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):  # an unbuffered write may be short
-            done += self._f.write(view[done:])
+        if len(view):
+            self._io.submit(_pwrite_all, self._fd, view, 8 + self.header_size + self._offset)
         self._offset += len(view)
 
     def copy_from(self, src: Path, offset: int, nbytes: int) -> None:
-        """Append bytes [offset, offset+nbytes) of another file, in the kernel where the OS allows (as `cp` does)."""
-        with open(src, "rb", buffering=0) as f:
-            done = 0
-            try:
-                while done < nbytes:
-                    n = os.copy_file_range(f.fileno(), self._f.fileno(), nbytes - done, offset + done)
-                    if n == 0:
-                        raise LoratvError(f"{src}: truncated while copying tensor data.")
-                    done += n
-            except (AttributeError, OSError) as exc:
-                if isinstance(exc, OSError) and exc.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
-                    raise
-                f.seek(offset + done)
-                while done < nbytes:
-                    piece = f.read(min(64 << 20, nbytes - done))
-                    if not piece:
-                        raise LoratvError(f"{src}: truncated while copying tensor data.") from None
-                    self._f.write(piece)
-                    done += len(piece)
+        """Append bytes [offset, offset+nbytes) of another file without passing them through Python."""
+        if nbytes:
+            self._io.submit(_copy_range, Path(src), self._fd, offset, nbytes, 8 + self.header_size + self._offset)
         self._offset += nbytes
 
     def end(self) -> None:
@@ -221,6 +275,7 @@ class SafetensorsWriter:
         self.end()
 
     def close(self) -> None:
+        self._io.finish()
         header = {"__metadata__": self.metadata} if self.metadata else {}
         for name, code, shape, begin, end in self.entries:
             header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
@@ -228,13 +283,17 @@ class SafetensorsWriter:
         if len(raw) > self.header_size:
             raise RuntimeError("safetensors header outgrew its reservation")
         raw += b" " * (self.header_size - len(raw))
-        self._f.seek(0)
-        self._f.write(struct.pack("<Q", self.header_size))
-        self._f.write(raw)
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        _pwrite_all(self._fd, memoryview(struct.pack("<Q", self.header_size) + raw), 0)
+        os.ftruncate(self._fd, 8 + self.header_size + self._offset)  # a tensor-free file still has its length
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
 
     def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        if self._fd is not None:
+            try:
+                self._io.finish()
+            except BaseException:  # the original error is the one to report
+                pass
+            os.close(self._fd)
+            self._fd = None
