@@ -3,7 +3,7 @@
 
     python benchmarks/bench_merge_extract.py --workdir /tmp/loratv-bench            # full: 30 layers, ~12.1 GB
     python benchmarks/bench_merge_extract.py --workdir /tmp/loratv-bench --layers 2 # quick check, ~1.4 GB
-    python benchmarks/bench_merge_extract.py --workdir /tmp/loratv-bench --repeat 3 # as in docs/benchmarks.md
+    python benchmarks/bench_merge_extract.py --workdir /tmp/loratv-bench --repeat 3 --snapshot HEAD  # docs/benchmarks.md
 
 One run:
   1. writes a random fp32 StarCoder2-3B-shaped base and an r=16 LoRA adapter (make_starcoder2_3b.py);
@@ -564,6 +564,34 @@ def resolve_loratv(override: str | None):
     return [sys.executable, "-m", "loratv.cli"], env
 
 
+def snapshot_source(rev: str, dest: Path) -> str:
+    """Extract src/ of commit `rev` into dest (git archive, read-only on the repository); returns the full commit id."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    rmtree(dest)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit, "src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return commit
+
+
+def package_fingerprint(loratv: list, env: dict) -> dict:
+    """Where the loratv package that the benchmark runs lives, and a hash of its .py files (to catch edits mid-run)."""
+    import hashlib
+
+    probe = subprocess.run(loratv[:-2] + ["-c", "import loratv, os; print(os.path.dirname(loratv.__file__))"]
+                           if loratv[-2:] == ["-m", "loratv.cli"] else
+                           [sys.executable, "-c", "import loratv, os; print(os.path.dirname(loratv.__file__))"],
+                           capture_output=True, text=True, env=env)
+    folder = probe.stdout.strip()
+    if not folder:
+        return {"package_dir": None, "sha256": None}
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*.py")):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return {"package_dir": folder, "sha256": h.hexdigest()[:16]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/loratv-bench"), help="where data and results go (default %(default)s)")
@@ -574,6 +602,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-peft", action="store_true", help="skip the transformers+PEFT reference (needs ~2.5x the model in RAM)")
     ap.add_argument("--no-verify", action="store_true", help="skip the untimed correctness checks")
     ap.add_argument("--loratv", help="command that runs loratv (default: `loratv` on PATH, else python -m loratv.cli from this repo)")
+    ap.add_argument("--snapshot", metavar="REV",
+                    help="run loratv from a copy of src/ at git commit REV (e.g. HEAD), immune to edits made during the run")
     ap.add_argument("--precision", help="pass --precision to loratv merge")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the timed steps N times, interleaved; figures are the fastest run, medians in results.json")
@@ -591,8 +621,20 @@ def main(argv=None) -> int:
     for p in (copy, merged, peft_out, tv):
         rmtree(p)
 
-    loratv, env = resolve_loratv(args.loratv)
+    snapshot_commit = None
+    if args.snapshot:
+        if args.loratv:
+            ap.error("--snapshot and --loratv exclude each other")
+        snap = wd / "loratv-src"
+        snapshot_commit = snapshot_source(args.snapshot, snap)
+        loratv, env = [sys.executable, "-m", "loratv.cli"], dict(os.environ)
+        env["PYTHONPATH"] = str(snap / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    else:
+        loratv, env = resolve_loratv(args.loratv)
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(wd, loratv), "steps": {}, "notes": []}
+    if snapshot_commit:
+        results["machine"]["repo_git"] = f"{snapshot_commit[:7]} (snapshot of src/ via git archive)"
+    results["loratv_package_at_start"] = package_fingerprint(loratv, env)
     results["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     steps = results["steps"]
     log(f"machine: {json.dumps(results['machine'])}")
@@ -712,7 +754,7 @@ def main(argv=None) -> int:
             results["peft_phases"] = steps["peft_reference"]["phases_s"]
     finally:
         if not args.keep:
-            for p in (copy, merged, peft_out, tv, base, adapter):
+            for p in (copy, merged, peft_out, tv, base, adapter, wd / "loratv-src"):
                 rmtree(p)
             (wd / "generated.json").unlink(missing_ok=True)
 
@@ -723,6 +765,12 @@ def main(argv=None) -> int:
         results["page_cache"] = "mixed: dropping the page cache succeeded before some steps only (see results.json)"
     else:
         results["page_cache"] = "warm: dropping the page cache was not permitted, so runs saw whatever the previous step left cached"
+    results["loratv_package_at_end"] = package_fingerprint(loratv, env)
+    if results["loratv_package_at_end"] != results["loratv_package_at_start"]:
+        results["notes"].append(
+            f"the loratv sources changed during the run ({results['loratv_package_at_start']} -> {results['loratv_package_at_end']}): "
+            "the figures may mix versions; rerun, or use --snapshot HEAD"
+        )
     results["checks"] = evaluate(steps)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     report = build_report(results)

@@ -274,8 +274,9 @@ class SafetensorsWriter:
         self.write(tensor_to_bytes(tensor))
         self.end()
 
-    def close(self) -> None:
-        self._io.finish()
+    def close(self, wait: bool = True) -> None:
+        """Write the header and fsync. With wait=False this happens on the writer thread, overlapping whatever the
+        caller does next (the next shard); `wait()` must then be called before the file is used."""
         header = {"__metadata__": self.metadata} if self.metadata else {}
         for name, code, shape, begin, end in self.entries:
             header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [begin, end]}
@@ -283,9 +284,14 @@ class SafetensorsWriter:
         if len(raw) > self.header_size:
             raise RuntimeError("safetensors header outgrew its reservation")
         raw += b" " * (self.header_size - len(raw))
-        _pwrite_all(self._fd, memoryview(struct.pack("<Q", self.header_size) + raw), 0)
-        os.ftruncate(self._fd, 8 + self.header_size + self._offset)  # a tensor-free file still has its length
-        os.fsync(self._fd)
+        self._io.submit(_pwrite_all, self._fd, memoryview(struct.pack("<Q", self.header_size) + raw), 0)
+        self._io.submit(os.ftruncate, self._fd, 8 + self.header_size + self._offset)  # exact length, even if empty
+        self._io.submit(os.fsync, self._fd)
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        self._io.finish()
         os.close(self._fd)
         self._fd = None
 

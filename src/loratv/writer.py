@@ -82,6 +82,7 @@ class ShardedWriter:
         self._pos = 0
         self._writer = None
         self._file = None
+        self._closing = []
 
     def begin(self, name: str) -> OutTensor:
         file, spec = self._order[self._pos]
@@ -107,13 +108,17 @@ class ShardedWriter:
 
     def _finish_file(self):
         if self._writer is not None:
-            self._writer.close()
+            self._writer.close(wait=False)  # its header and fsync overlap the next shard
+            self._closing.append(self._writer)
             self._writer = None
 
     def close(self) -> None:
         if self._pos != len(self._order):
             raise RuntimeError(f"writer closed after {self._pos} of {len(self._order)} tensors")
         self._finish_file()
+        for closing in self._closing:
+            closing.wait()
+        self._closing = []
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(t.nbytes for _, g in self.shards for t in g)},
@@ -122,5 +127,6 @@ class ShardedWriter:
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
+        for w in [*self._closing, self._writer]:
+            if w is not None:
+                w.abort()
