@@ -752,6 +752,7 @@ def main(argv=None) -> int:
                 steps[key] = summarize(lst)
         if runs["peft_reference"] and "phases_s" in steps.get("peft_reference", {}):
             results["peft_phases"] = steps["peft_reference"]["phases_s"]
+        results["loratv_package_at_end"] = package_fingerprint(loratv, env)
     finally:
         if not args.keep:
             for p in (copy, merged, peft_out, tv, base, adapter, wd / "loratv-src"):
@@ -765,8 +766,7 @@ def main(argv=None) -> int:
         results["page_cache"] = "mixed: dropping the page cache succeeded before some steps only (see results.json)"
     else:
         results["page_cache"] = "warm: dropping the page cache was not permitted, so runs saw whatever the previous step left cached"
-    results["loratv_package_at_end"] = package_fingerprint(loratv, env)
-    if results["loratv_package_at_end"] != results["loratv_package_at_start"]:
+    if results.get("loratv_package_at_end", results["loratv_package_at_start"]) != results["loratv_package_at_start"]:
         results["notes"].append(
             f"the loratv sources changed during the run ({results['loratv_package_at_start']} -> {results['loratv_package_at_end']}): "
             "the figures may mix versions; rerun, or use --snapshot HEAD"

@@ -297,11 +297,10 @@ def delta_rows(adapter: Adapter, module: LoraModule, start: int, stop: int, dtyp
     a = adapter.factor(module.a_key).to(device=device, dtype=dtype)
     b = adapter.factor(module.b_key).to(device=device, dtype=dtype)
     if module.kind == "linear":
-        return (b[start:stop] @ a) * module.scale
-    if module.kind == "conv1d":  # stored (in, out): rows are input features
-        return (a[:, start:stop].T @ b.T) * module.scale
-    # embedding: ΔW = (B_e @ A_e)ᵀ·s, rows are token ids
-    return (a[:, start:stop].T @ b.T) * module.scale
+        product = b[start:stop] @ a
+    else:  # conv1d, stored (in, out), and embedding, ΔW = (B_e @ A_e)ᵀ·s: rows are input features / token ids
+        product = a[:, start:stop].T @ b.T
+    return product.mul_(module.scale)  # in place: the same rounding as `* s`, one allocation fewer
 
 
 def bias_delta(adapter: Adapter, module: LoraModule, dtype, device) -> torch.Tensor:

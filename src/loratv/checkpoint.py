@@ -127,17 +127,11 @@ class Checkpoint:
         path = self.path
         if path.is_dir():
             if (path / SAFETENSORS_INDEX).is_file():
-                self.index_file = path / SAFETENSORS_INDEX
-                files, weight_map = _index_shards(self.index_file)
-                self._load_safetensors(files)
-                self._check_weight_map(weight_map)
+                self._load_index(path / SAFETENSORS_INDEX)
             elif (path / SAFETENSORS_SINGLE).is_file():
                 self._load_safetensors([path / SAFETENSORS_SINGLE])
             elif (path / BIN_INDEX).is_file():
-                self.index_file = path / BIN_INDEX
-                files, weight_map = _index_shards(self.index_file)
-                self._load_bin(files)
-                self._check_weight_map(weight_map)
+                self._load_index(path / BIN_INDEX)
             elif (path / BIN_SINGLE).is_file():
                 self._load_bin([path / BIN_SINGLE])
             else:
@@ -153,15 +147,18 @@ class Checkpoint:
         elif path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
             self._load_bin([path])
         elif path.name.endswith(".index.json"):
-            self.index_file = path
-            files, weight_map = _index_shards(path)
-            if all(f.suffix == ".safetensors" for f in files):
-                self._load_safetensors(files)
-            else:
-                self._load_bin(files)
-            self._check_weight_map(weight_map)
+            self._load_index(path)
         else:
             raise LoratvError(f"{path}: not a model folder, a .safetensors file or a .bin checkpoint.")
+
+    def _load_index(self, index_path: Path):
+        self.index_file = index_path
+        files, weight_map = _index_shards(index_path)
+        if all(f.suffix == ".safetensors" for f in files):
+            self._load_safetensors(files)
+        else:
+            self._load_bin(files)
+        self._check_weight_map(weight_map)
 
     def _load_safetensors(self, files):
         for file in files:
