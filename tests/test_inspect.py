@@ -132,3 +132,17 @@ def test_inspect_of_a_corrupt_file_fails_cleanly(capsys, tmp_path):
     bad = write_raw_safetensors(tmp_path / "bad.safetensors", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})
     rc, out, err = run_cli(capsys, "inspect", bad)
     assert rc == 2 and err.startswith("loratv: error:") and str(bad) in err and len(err.splitlines()) == 1
+
+
+def test_adapter_finds_its_recorded_local_base(capsys, example, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(example["adapter"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(example["base"])
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    r = inspect_json(capsys, adapter)
+    assert (r["touched_tensors"], r["base_tensors"]) == (120, 483)
+
+    config["base_model_name_or_path"] = "bigcode/starcoder2-3b"  # a hub id is never downloaded by inspect
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert "touched_tensors" not in inspect_json(capsys, adapter)

@@ -38,7 +38,7 @@ def add_extract_arguments(p):
     p.add_argument("-o", "--output", default="task_vectors", help="output folder (default: task_vectors)")
     p.add_argument("--dense", action="store_true", help="store every tensor, changed or not (as the seed did)")
     p.add_argument("--storage-dtype", default="auto", choices=["auto", "fp32", "fp64"],
-                   help="dtype of stored differences: auto = float32 (float64 if an input is float64); fp64 is always exact")
+                   help="dtype of the stored differences, each the exact difference rounded once: auto = float32 (float64 if an input is float64); the JSON counts rounded elements")
     p.add_argument("--config", help="YAML file whose keys are this command's flag names (e.g. base, finetuned, output)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_arguments(p)
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("extract", help="extract the task vector (fine-tuned minus base) in float64")
+    p = sub.add_parser("extract", help="extract the task vector (fine-tuned minus base), exact, rounded once to the storage dtype")
     add_extract_arguments(p)
     p.set_defaults(func=cmd_extract)
 

@@ -1,9 +1,10 @@
-"""Task vectors: T = fp64(finetuned) − fp64(base), streamed tensor by tensor, with exact bookkeeping.
+"""Task vectors: T = finetuned − base, exact, rounded once to the storage dtype, streamed tensor by tensor.
 
-The difference of two floats of at most 32 bits is computed exactly in float64. It is stored in float32 by default
-(the widest input dtype when that is float64): a nonzero difference of fp32/fp16/bf16 values is at least 2^-149 in
-magnitude, so storing it in float32 never turns a change into zero; where float32 rounds, the JSON says how often
-and by how much. `storage_dtype="fp64"` stores every difference exactly.
+For inputs of at most 32 bits stored in float32 (the default), the difference is computed error-free as a float32
+pair: s = fl32(f − b), the correctly rounded value that is stored, and its exact rounding error from Knuth's
+TwoSum, which counts the elements storage rounds. Otherwise (a float64 input, or `storage_dtype="fp64"`) it is
+subtracted in float64 and TwoSum counts the elements where even that rounds. A nonzero difference of fp32/fp16/bf16
+values is at least 2^-149 in magnitude, so storing it in float32 never turns a change into zero.
 """
 
 import json
@@ -26,6 +27,7 @@ SCHEMA = "loratv.task_vector"
 SCHEMA_VERSION = 1
 STORAGE_DTYPES = ("auto", "fp32", "fp64")
 TENSOR_FILE = "task_vector.safetensors"
+SUBTRACTION = "exact, rounded once to the storage dtype (float32 TwoSum pair; float64 for float64 inputs or storage)"
 REPORT_FILE = "task_vector.json"
 
 
@@ -157,7 +159,7 @@ def _f32_block(b, f, out, stats):
     err = _two_sum_error(f32, nb, out)
     rounded = int(torch.count_nonzero(err))
     if rounded:
-        exact = out.to(torch.float64) + err.to(torch.float64)  # exact: err is below half an ulp of out
+        exact = out.to(torch.float64) + err.to(torch.float64)  # exact unless the exponents are > 29 apart
         stats.sumsq += float(torch.dot(exact, exact)) - float(torch.dot(out.to(torch.float64), out.to(torch.float64)))
         stats.rounded_elements += rounded
         stats.max_rounding_error = max(stats.max_rounding_error, float(err.abs().max()))
@@ -264,7 +266,7 @@ def extract(
         "loratv_operation": "extract",
         "base": str(base.source),
         "finetuned": str(ft.source),
-        "subtraction_dtype": "float64",
+        "subtraction": SUBTRACTION,
     }
     names = base.names()
     total = sum(base.entry(n).nbytes + ft.entry(n).nbytes for n in names)
@@ -313,7 +315,7 @@ def build_report(result: ExtractResult, base: Checkpoint, ft: Checkpoint, *, den
         "loratv_version": __version__,
         "base": str(base.source),
         "finetuned": str(ft.source),
-        "subtraction_dtype": "float64",
+        "subtraction": SUBTRACTION,
         "storage_dtype": storage_dtype,
         "dense": dense,
         "file": TENSOR_FILE,

@@ -108,6 +108,8 @@ def describe_adapter(source, base=None) -> dict:
         "stored_parameters": adapter.stored_parameters(),
         "modules": modules,
     }
+    if base is None and s.base_model_name_or_path and Path(s.base_model_name_or_path).expanduser().is_dir():
+        base = s.base_model_name_or_path  # the recorded base, when it is a local folder (never a download)
     if base is not None:
         base_ckpt = Checkpoint(base)
         plan = bind(adapter, base_ckpt)

@@ -154,12 +154,15 @@ def tensor_to_bytes(tensor: torch.Tensor) -> memoryview:
 
 class _BackgroundIO:
     """Runs the file operations of one writer, in order, on a worker thread, so that computing the next tensor
-    overlaps writing (or kernel-copying) the previous one. At most `depth` operations wait in the queue, which
-    bounds the memory they hold."""
+    overlaps writing (or kernel-copying) the previous ones. Kernel copies hold no memory and queue freely; buffers
+    waiting to be written are capped at `max_pending_bytes`, which bounds the memory they hold."""
 
-    def __init__(self, depth: int = 2):
-        self._queue = queue.Queue(maxsize=depth)
+    def __init__(self, max_pending_bytes: int = 256 << 20):
+        self._queue = queue.Queue()
         self._error = None
+        self._pending = 0
+        self._limit = max_pending_bytes
+        self._room = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="loratv-writer", daemon=True)
         self._thread.start()
 
@@ -168,16 +171,24 @@ class _BackgroundIO:
             item = self._queue.get()
             if item is None:
                 return
+            func, args, held = item
             if self._error is None:
-                func, args = item
                 try:
                     func(*args)
                 except BaseException as exc:  # re-raised in the caller's thread
                     self._error = exc
+            with self._room:
+                self._pending -= held
+                self._room.notify_all()
 
-    def submit(self, func, *args):
+    def submit(self, func, *args, held: int = 0):
+        """Queue func(*args); `held` is the memory its arguments keep alive until it has run."""
         self._raise_pending()
-        self._queue.put((func, args))
+        with self._room:
+            while self._pending and self._pending + held > self._limit and self._error is None:
+                self._room.wait()
+            self._pending += held
+        self._queue.put((func, args, held))
 
     def finish(self):
         self._queue.put(None)
@@ -253,7 +264,7 @@ class SafetensorsWriter:
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
         if len(view):
-            self._io.submit(_pwrite_all, self._fd, view, 8 + self.header_size + self._offset)
+            self._io.submit(_pwrite_all, self._fd, view, 8 + self.header_size + self._offset, held=len(view))
         self._offset += len(view)
 
     def copy_from(self, src: Path, offset: int, nbytes: int) -> None:

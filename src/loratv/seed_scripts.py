@@ -46,7 +46,7 @@ def extract_task_vectors_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned_model", help="fine-tuned model (default: the embedded example merged in fp32)")
     p.add_argument("--output_dir", default="task_vectors", help="output folder (default: task_vectors)")
     p.add_argument("--device", default="cpu",
-                   help="accepted for compatibility and unused: extraction streams tensors and subtracts in float64 on the CPU")
+                   help="accepted for compatibility and unused: extraction streams tensors and subtracts exactly on the CPU")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="accepted for compatibility and unnecessary: loratv reads weights only and never runs model code")
     p.add_argument("--dense", action="store_true", help="store every tensor, changed or not (as the seed did)")
