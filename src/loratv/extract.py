@@ -155,14 +155,15 @@ def _f32_block(b, f, out, stats):
     torch.add(f32, nb, out=out)
     if stats is None:
         return
-    _accumulate(stats, out, f32)
+    _extremes(stats, out, f32)
     err = _two_sum_error(f32, nb, out)
+    value = out.to(torch.float64)
     rounded = int(torch.count_nonzero(err))
     if rounded:
-        exact = out.to(torch.float64) + err.to(torch.float64)  # exact unless the exponents are > 29 apart
-        stats.sumsq += float(torch.dot(exact, exact)) - float(torch.dot(out.to(torch.float64), out.to(torch.float64)))
+        value += err.to(torch.float64)  # the exact difference, unless the exponents are > 29 apart
         stats.rounded_elements += rounded
         stats.max_rounding_error = max(stats.max_rounding_error, float(err.abs().max()))
+    stats.sumsq += float(torch.dot(value, value))
 
 
 def _f64_block(b, f, out, stats):
@@ -173,7 +174,8 @@ def _f64_block(b, f, out, stats):
     out.copy_(diff)
     if stats is None:
         return
-    _accumulate(stats, diff, a)
+    _extremes(stats, diff, a)
+    stats.sumsq += float(torch.dot(diff, diff))
     stats.inexact_subtractions += int(torch.count_nonzero(_two_sum_error(a, nb, diff)))
     if out.dtype != torch.float64:
         err = out.to(torch.float64).sub_(diff).abs_()
@@ -181,13 +183,12 @@ def _f64_block(b, f, out, stats):
         stats.max_rounding_error = max(stats.max_rounding_error, float(err.max()))
 
 
-def _accumulate(stats, diff, finetuned):
-    low, high = torch.aminmax(diff)  # NaN propagates, so this is also the finiteness check
+def _extremes(stats, diff, finetuned):
+    """max |T| and nonzero count; also the finiteness check, since aminmax propagates NaN."""
+    low, high = torch.aminmax(diff)
     if not (math.isfinite(float(low)) and math.isfinite(float(high))):
         raise NonFinite(dtypes.all_finite(finetuned))
     stats.max_abs = max(stats.max_abs, float(-low), float(high))
-    d = diff.to(torch.float64)
-    stats.sumsq += float(torch.dot(d, d))
     stats.nonzero += int(torch.count_nonzero(diff))
 
 
