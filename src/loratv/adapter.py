@@ -64,13 +64,6 @@ class Adapter:
     def source(self) -> str:
         return str(self.path)
 
-    def deltas_by_target(self) -> dict:
-        """Base tensor name -> list of LoraModules adding to it (several when embeddings are tied)."""
-        out = {}
-        for m in self.modules.values():
-            out.setdefault(m.target, []).append(m)
-        return out
-
     def bias_additions(self) -> dict:
         """Base bias name -> LoraModule whose scaled lora_B.bias is added to it."""
         return {m.module + ".bias": m for m in self.modules.values() if m.bias_key}

@@ -36,7 +36,6 @@ CONFIG_NAMES = {
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
 }
-SHORT_NAMES = {dt: name for name, dt in PRECISION_NAMES.items()}
 
 
 def code_of(dtype: torch.dtype) -> str:
@@ -56,10 +55,6 @@ def itemsize(code: str) -> int:
 
 def is_float(code: str) -> bool:
     return code.startswith(("F", "BF"))
-
-
-def short_name(dtype: torch.dtype) -> str:
-    return SHORT_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -4,6 +4,3 @@
 class LoratvError(Exception):
     """Bad input or an impossible request; the message is one sentence naming the file and the problem."""
 
-
-class NotEquivalent(Exception):
-    """Raised by checks whose negative answer is a result (exit 1), not bad input."""
