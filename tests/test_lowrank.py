@@ -1,0 +1,27 @@
+"""Factored LoRA inner products and norms against dense float64 NumPy (the oracle)."""
+
+import numpy as np
+import pytest
+import torch
+
+from loratv.lowrank import factored_inner, factored_norm_sq
+
+
+@pytest.mark.parametrize("m, n, r", [(64, 48, 8), (7, 300, 1), (128, 128, 16)])
+def test_factored_products_equal_dense_float64(m, n, r):
+    rng = np.random.default_rng(m * n + r)
+    a = rng.standard_normal((r, n)).astype(np.float32)
+    b = rng.standard_normal((m, r)).astype(np.float32)
+    t = rng.standard_normal((m, n)).astype(np.float32)
+    scale = 16 / np.sqrt(r)
+    dense = scale * (b.astype(np.float64) @ a.astype(np.float64))
+    got_inner = factored_inner(torch.from_numpy(a), torch.from_numpy(b), scale, torch.from_numpy(t))
+    got_norm = factored_norm_sq(torch.from_numpy(a), torch.from_numpy(b), scale)
+    assert got_inner == pytest.approx(float((dense * t.astype(np.float64)).sum()), rel=1e-12)
+    assert got_norm == pytest.approx(float((dense * dense).sum()), rel=1e-12)
+
+
+def test_norm_of_a_rank_one_delta_is_exact():
+    a = torch.tensor([[3.0, 4.0]])  # |a| = 5
+    b = torch.tensor([[1.0], [2.0], [2.0]])  # |b| = 3
+    assert factored_norm_sq(a, b, 2.0) == (2 * 5 * 3) ** 2
