@@ -56,3 +56,24 @@ def test_float64_storage_counts_inexact_subtractions():
     assert inexact == 1  # 1 − 2^-60·(1 + 2^-23) needs 84 bits
     assert stats.inexact_subtractions == inexact
     assert stats.nonzero == 3
+
+
+def test_chunked_and_second_pass_paths_equal_numpy(example_dir, tmp_path, monkeypatch):
+    """Tiny read chunks and a tiny keep limit force the multi-chunk read-ahead and the second pass."""
+    import loratv.extract as extract_module
+    from safetensors.numpy import load_file
+
+    from loratv.merge import merge
+
+    merged = tmp_path / "merged"
+    merge(example_dir / "base", example_dir / "adapter", merged, precision="fp16")
+    monkeypatch.setattr(extract_module, "READ_BYTES", 4096)
+    monkeypatch.setattr(extract_module, "KEEP_BYTES", 1024)
+    extract_module.extract(example_dir / "base", merged, tmp_path / "tv", dense=True)
+
+    base = load_file(example_dir / "base" / "model.safetensors")
+    ft = load_file(merged / "model.safetensors")
+    tv = load_file(tmp_path / "tv" / "task_vector.safetensors")
+    assert set(tv) == set(base)
+    for name, b in base.items():
+        assert np.array_equal(tv[name], ft[name].astype(np.float32) - b), name

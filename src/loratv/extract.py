@@ -206,14 +206,14 @@ def _measure(base, ft, name, stats: "TensorStats", chunks, reader) -> list | Non
         (_, job_start, _), (b, f) = next(reader)
         assert job_start == start
         if b.dtype == f.dtype and torch.equal(b, f):  # the common case, decided at memcmp speed
-            pieces.append((start, stop, None))
+            pieces.append(None)
             continue
         try:
             stored = _stored_difference(b, f, stats.stored_dtype, stats)
         except NonFinite as exc:
             where = base if exc.finetuned_finite else ft
             raise LoratvError(f"{where.path}: tensor '{name}' contains NaN or Inf, so the task vector is undefined.") from None
-        pieces.append((start, stop, stored if keep else None))
+        pieces.append(stored if keep else None)
     stats.l2_norm = math.sqrt(stats.sumsq)
     stats.changed = stats.nonzero > 0
     return pieces if keep else None
@@ -223,10 +223,9 @@ def _write_tensor(writer, base, ft, name, stats, chunks, pieces) -> None:
     shape = stats.shape
     writer.begin(name, stats.stored_dtype, shape)
     dtype = dtypes.torch_dtype_of(stats.stored_dtype)
-    for start, stop in chunks:
+    for (start, stop), piece in zip(chunks, pieces if pieces is not None else [None] * len(chunks)):
         if pieces is not None:
-            piece = next(p for s0, s1, p in pieces if s0 == start)
-            if piece is None:
+            if piece is None:  # an unchanged chunk
                 piece = torch.zeros((stop - start, *shape[1:]) if shape else (), dtype=dtype)
         else:  # second pass over a large tensor, from the page cache (own buffers: the read-ahead owns the others)
             piece = _stored_difference(base.read_rows(name, start, stop), ft.read_rows(name, start, stop), stats.stored_dtype)
