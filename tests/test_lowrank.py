@@ -25,3 +25,26 @@ def test_norm_of_a_rank_one_delta_is_exact():
     a = torch.tensor([[3.0, 4.0]])  # |a| = 5
     b = torch.tensor([[1.0], [2.0], [2.0]])  # |b| = 3
     assert factored_norm_sq(a, b, 2.0) == (2 * 5 * 3) ** 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compensated_rows_meet_their_bound_against_exact_rationals(dtype):
+    from fractions import Fraction
+
+    from loratv.lowrank import Factors
+    from loratv.precision import gamma
+
+    gen = torch.Generator().manual_seed(7)
+    r, m, n = 6, 5, 7
+    # terms of mixed sign and magnitude, so that plain float64 summation cancels and rounds
+    a = (torch.randn(r, n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (r, 1), generator=gen)).to(dtype)
+    b = torch.randn(m, r, generator=gen, dtype=torch.float64).to(dtype)
+    f = Factors.from_lora(a, b, 0.75, transposed=False)
+    got = f.rows_compensated(0, m)
+    g = f.abs_rows(0, m)
+    u = 2.0**-53
+    for i in range(m):
+        for j in range(n):
+            exact = Fraction(0.75) * sum(Fraction(float(b[i, k])) * Fraction(float(a[k, j])) for k in range(r))
+            err = abs(Fraction(float(got[i, j])) - exact)
+            assert err <= Fraction(2 * u * abs(float(got[i, j])) + gamma(r, torch.float64) ** 2 * float(g[i, j])) * (1 + 1e-12)

@@ -285,10 +285,17 @@ def _orientation(module: LoraModule, adapter: Adapter, shape, model_type) -> str
     return "conv1d" if model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_MODULES else "linear"
 
 
-def delta_rows(adapter: Adapter, module: LoraModule, start: int, stop: int, dtype, device) -> torch.Tensor:
-    """Rows [start, stop) of ΔW in the stored orientation of the base tensor, computed as PEFT does: (B@A)·s."""
-    a = adapter.factor(module.a_key).to(device=device, dtype=dtype)
-    b = adapter.factor(module.b_key).to(device=device, dtype=dtype)
+def delta_rows(adapter: Adapter, module: LoraModule, start: int, stop: int, dtype, device, factor_dtype=None) -> torch.Tensor:
+    """Rows [start, stop) of ΔW in the stored orientation of the base tensor, computed as PEFT does: (B@A)·s.
+
+    `factor_dtype` first rounds the factors to that dtype, as loading the adapter into a model of that dtype does.
+    """
+    a = adapter.factor(module.a_key)
+    b = adapter.factor(module.b_key)
+    if factor_dtype is not None:
+        a, b = a.to(factor_dtype), b.to(factor_dtype)
+    a = a.to(device=device, dtype=dtype)
+    b = b.to(device=device, dtype=dtype)
     if module.kind == "linear":
         product = b[start:stop] @ a
     else:  # conv1d, stored (in, out), and embedding, ΔW = (B_e @ A_e)ᵀ·s: rows are input features / token ids

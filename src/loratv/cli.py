@@ -28,6 +28,9 @@ def add_merge_arguments(p):
     p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--max-shard-size", type=_size, default=None,
                    help="split output shards at this many bytes, e.g. 5GB (default: keep the base's shard layout)")
+    p.add_argument("--cast-base-first", action="store_true",
+                   help="reproduce PEFT on a model loaded in --precision: base and adapter rounded to it, the delta "
+                        "rounded to it, the sum rounded in it (rounds up to three times; for precision studies)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
 
@@ -40,6 +43,38 @@ def add_extract_arguments(p):
     p.add_argument("--storage-dtype", default="auto", choices=["auto", "fp32", "fp64"],
                    help="dtype of the stored differences, each the exact difference rounded once: auto = float32 (float64 if an input is float64); the JSON counts rounded elements")
     p.add_argument("--config", help="YAML file whose keys are this command's flag names (e.g. base, finetuned, output)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+
+
+def add_compare_arguments(p):
+    p.add_argument("--base", help="base model (default: the embedded example)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--task-vector", help="task vector folder (or .safetensors file) written by `loratv extract`")
+    source.add_argument("--finetuned", help="fine-tuned model; the task vector is computed on the fly, streaming "
+                        "(default, with no other model argument: the embedded example merged in fp32)")
+    p.add_argument("-o", "--output", default="comparison_results", help="output folder (default: comparison_results)")
+    p.add_argument("--tolerance", type=float, default=1e-5,
+                   help="absolute per-element tolerance on |T − ΔW|, the fallback verdict when the rounding "
+                        "certificate fails (default: 1e-5)")
+    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--no-plots", action="store_true", help="skip the four PNG plots")
+    p.add_argument("--json", action="store_true", help="print the comparison record (JSON) instead of the summary")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+
+
+def add_validate_arguments(p):
+    p.add_argument("--base", help="base model (default: the embedded example)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
+    p.add_argument("-o", "--output", default="validation_results", help="output folder (default: validation_results)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="dtype of the merged model that is extracted and compared (default: fp32)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="fallback absolute tolerance (default: 1e-5)")
+    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--json", action="store_true", help="print the comparison record (JSON) instead of the summary")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
 
@@ -59,6 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="extract the task vector (fine-tuned minus base), exact, rounded once to the storage dtype")
     add_extract_arguments(p)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("compare", help="compare an adapter with a task vector tensor by tensor and certify equivalence "
+                       "(exit 0 equivalent, 1 not, 2 bad input)")
+    add_compare_arguments(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("validate", help="merge, extract and compare in one go, and print the verdict "
+                       "(exit 0 equivalent, 1 not, 2 bad input)")
+    add_validate_arguments(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("precision", help="merge along the fp32, fp16, bf16 and cast-first paths, extract and compare "
+                       "each, and tabulate what rounding does")
+    p.add_argument("--base", help="base model (default: the embedded example)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
+    p.add_argument("-o", "--output", default="precision_results", help="output folder (default: precision_results)")
+    p.add_argument("--paths", nargs="+", default=None, metavar="PATH",
+                   help="merge paths to run (default: fp32 fp16 bf16 fp16-cast-first bf16-cast-first)")
+    p.add_argument("--keep-merged", action="store_true", help="keep each path's merged model (deleted after extraction by default)")
+    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plot")
+    p.add_argument("--json", action="store_true", help="print the precision record (JSON) instead of the table")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    p.set_defaults(func=cmd_precision)
 
     p = sub.add_parser("inspect", help="describe a model or adapter from its headers alone")
     p.add_argument("path", nargs="?", help="model folder/file, hub id, or adapter folder (default: the embedded example)")
@@ -87,7 +147,8 @@ def cmd_merge(args) -> int:
     base, adapter = _example_pair(args.base, args.adapter, "adapter", example_paths)
     out = args.output or f"merged_model_{args.precision}"
     result = merge(base, adapter, out, precision=args.precision, compute_dtype=args.compute_dtype, device=args.device,
-                   max_shard_size=args.max_shard_size, force=args.force, progress=not args.quiet)
+                   max_shard_size=args.max_shard_size, cast_base_first=getattr(args, "cast_base_first", False),
+                   force=args.force, progress=not args.quiet)
     if not args.quiet:
         for note in result.notes:
             print(f"note: {note}")
@@ -110,6 +171,83 @@ def cmd_extract(args) -> int:
     if not args.quiet:
         print(result.summary())
         print(f"wrote {args.output}/task_vector.safetensors and {args.output}/task_vector.json")
+    return 0
+
+
+def _command_line() -> str:
+    import shlex
+
+    return "loratv " + shlex.join(sys.argv[1:])
+
+
+def _verdict_exit(record) -> int:
+    return 0 if record["summary"]["verdict"] != "NOT EQUIVALENT" else 1
+
+
+def cmd_compare(args) -> int:
+    from .compare import DELTAS_FILE, compare
+    from .example import example_merged, example_paths
+    from .outputs import atomic_output_dir
+    from .results import dump_json, write_comparison_files
+
+    if args.base is None and args.adapter is None and args.task_vector is None and args.finetuned is None:
+        paths = example_paths()
+        base, adapter, task_vector, finetuned = paths["base"], paths["adapter"], None, example_merged("fp32")
+    elif args.base is None or args.adapter is None or (args.task_vector is None and args.finetuned is None):
+        raise LoratvError("compare needs --base, --adapter and one of --task-vector or --finetuned (or none, for the embedded example).")
+    else:
+        base, adapter, task_vector, finetuned = args.base, args.adapter, args.task_vector, args.finetuned
+    inputs = [base, adapter, task_vector, finetuned]
+    with atomic_output_dir(args.output, [i for i in inputs if i is not None and os.path.exists(i)], force=args.force) as tmp:
+        record = compare(base, adapter, task_vector=task_vector, finetuned=finetuned, tolerance=args.tolerance,
+                         device=args.device, deltas_path=tmp / DELTAS_FILE, progress=not args.quiet and not args.json,
+                         command=_command_line())
+        write_comparison_files(record, tmp, plots=not args.no_plots)
+    _print_record(args, record, f"wrote {args.output}/")
+    return _verdict_exit(record)
+
+
+def _print_record(args, record, footer):
+    from .report.text import render_seed_summary
+    from .results import dump_json
+
+    if args.json:
+        sys.stdout.write(dump_json(record))
+    elif not args.quiet:
+        print(render_seed_summary(record), end="")
+        print(footer)
+
+
+def cmd_validate(args) -> int:
+    from .example import example_paths
+    from .validate import validate
+
+    base, adapter = _example_pair(args.base, args.adapter, "adapter", example_paths)
+    record = validate(base, adapter, args.output, precision=args.precision, tolerance=args.tolerance,
+                      device=args.device, plots=not args.no_plots, force=args.force,
+                      progress=not args.quiet and not args.json, command=_command_line())
+    _print_record(args, record, f"wrote {args.output}/ (merged model, task vector, comparison report and plots)")
+    return _verdict_exit(record)
+
+
+def cmd_precision(args) -> int:
+    from .example import example_paths
+    from .precision_study import PATHS, precision_study
+    from .report.text import render_precision_text
+    from .results import dump_json
+
+    base, adapter = _example_pair(args.base, args.adapter, "adapter", example_paths)
+    paths = args.paths or list(PATHS)
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise LoratvError(f"--paths {unknown[0]}: choose from {', '.join(PATHS)}.")
+    study = precision_study(base, adapter, args.output, paths=paths, keep_merged=args.keep_merged, device=args.device,
+                            plots=not args.no_plots, force=args.force, progress=not args.quiet and not args.json)
+    if args.json:
+        sys.stdout.write(dump_json(study))
+    elif not args.quiet:
+        print(render_precision_text(study), end="")
+        print(f"wrote {args.output}/")
     return 0
 
 

@@ -248,16 +248,7 @@ def extract(
         raise LoratvError(f"--storage-dtype {storage_dtype}: choose one of {', '.join(STORAGE_DTYPES)}.")
     base = Checkpoint(base_source, label=f"base {base_source}")
     ft = Checkpoint(finetuned_source, label=f"fine-tuned model {finetuned_source}")
-    for name in base.names():
-        if name not in ft:
-            raise LoratvError(f"{ft.path}: the fine-tuned model lacks tensor '{name}', which the base has.")
-        if ft.entry(name).shape != base.entry(name).shape:
-            raise LoratvError(
-                f"{ft.path}: tensor '{name}' has shape {list(ft.entry(name).shape)} but {list(base.entry(name).shape)} in the base."
-            )
-    for name in ft.names():
-        if name not in base:
-            raise LoratvError(f"{base.path}: the base lacks tensor '{name}', which the fine-tuned model has.")
+    check_same_tensors(base, ft)
 
     result = ExtractResult(output=Path(out))
     metadata = {
@@ -303,6 +294,20 @@ def extract(
         report = build_report(result, base, ft, dense=dense, storage_dtype=storage_dtype)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return result
+
+
+def check_same_tensors(base: Checkpoint, ft: Checkpoint) -> None:
+    """The fine-tuned model must hold exactly the base's tensor names, with the same shapes."""
+    for name in base.names():
+        if name not in ft:
+            raise LoratvError(f"{ft.path}: the fine-tuned model lacks tensor '{name}', which the base has.")
+        if ft.entry(name).shape != base.entry(name).shape:
+            raise LoratvError(
+                f"{ft.path}: tensor '{name}' has shape {list(ft.entry(name).shape)} but {list(base.entry(name).shape)} in the base."
+            )
+    for name in ft.names():
+        if name not in base:
+            raise LoratvError(f"{base.path}: the base lacks tensor '{name}', which the fine-tuned model has.")
 
 
 def build_report(result: ExtractResult, base: Checkpoint, ft: Checkpoint, *, dense: bool, storage_dtype: str) -> dict:

@@ -1,24 +1,108 @@
-"""Inner products and norms of a LoRA delta s·B@A computed from its factors, never materialising the m×n matrix.
+"""Inner products and norms of LoRA deltas computed from their factors, never materialising the m×n matrix.
 
-    <s·B@A, T>_F = s · sum((Bᵀ T) ⊙ A)            O(r·m·n) instead of building B@A
-    ||s·B@A||_F² = s² · sum((BᵀB) ⊙ (A Aᵀ))        r×r Gram matrices, O(r²·(m+n))
+Every module is written in the stored orientation of its base tensor as ΔW = s·L@R, L (m, r), R (r, n):
+L = B, R = A for nn.Linear; L = Aᵀ, R = Bᵀ for Conv1D and embeddings (their ΔW is stored transposed). Then
 
-All in float64 (the factors are upcast exactly); used by compare to build cosines from summed dot products.
+    <s·L@R, T>_F = s · sum((Lᵀ T) ⊙ R)                    accumulated over row blocks of T: Lᵀ T = Σ L[i:j]ᵀ T[i:j]
+    ‖Σ_i s_i L_i@R_i‖_F² = Σ_ij s_i s_j · sum((L_iᵀL_j) ⊙ (R_i R_jᵀ))    r×r Gram matrices, O(r²·(m+n))
+
+All in float64 (the stored factors are upcast exactly).
 """
+
+from dataclasses import dataclass
 
 import torch
 
 
-def _f64(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float64)
+@dataclass
+class Factors:
+    """ΔW = scale · left @ right in the base tensor's stored orientation, float64."""
+
+    left: torch.Tensor  # (m, r)
+    right: torch.Tensor  # (r, n)
+    scale: float
+    exact_products: bool = False  # stored with ≤ 26 significant bits: every product is exact in float64
+
+    @classmethod
+    def from_lora(cls, a: torch.Tensor, b: torch.Tensor, scale: float, transposed: bool) -> "Factors":
+        exact = torch.float64 not in (a.dtype, b.dtype)
+        a64, b64 = a.to(torch.float64), b.to(torch.float64)
+        return cls(a64.T, b64.T, scale, exact) if transposed else cls(b64, a64, scale, exact)
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of s·L@R, dense, float64."""
+        return (self.left[start:stop] @ self.right).mul_(self.scale)
+
+    def rows_compensated(self, start: int, stop: int) -> torch.Tensor:
+        """Rows of s·L@R as if computed in twice float64's precision (Ogita, Rump & Oishi's Dot2: TwoProduct, exact
+        for free when the factors have ≤ 26 significant bits, and TwoSum per step): |result − s·Σ_k L_ik R_kj| ≤
+        2u·|result| + γ_r(u)²·|s|·Σ_k |L_ik R_kj|, u = 2⁻⁵³ (the 2u: Dot2's final rounding and the multiply by s)."""
+        total = torch.zeros((stop - start, self.right.shape[1]), dtype=torch.float64, device=self.left.device)
+        error = torch.zeros_like(total)
+        for k in range(self.rank):
+            column, row = self.left[start:stop, k], self.right[k]
+            product = torch.outer(column, row)
+            if not self.exact_products:
+                error += _product_error(column, row, product)
+            new_total = total + product
+            virtual = new_total - total
+            error += (total - (new_total - virtual)) + (product - virtual)
+            total = new_total
+        return total.add_(error).mul_(self.scale)
+
+    def abs_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows of |s|·(|L|@|R|): the scale of the rounding error of any evaluation of those rows."""
+        return (self.left[start:stop].abs() @ self.right.abs()).mul_(abs(self.scale))
+
+
+def _split(x: torch.Tensor):
+    """Veltkamp's split: x = high + low, each with at most 26 significant bits."""
+    c = x * 134217729.0  # 2^27 + 1
+    high = c - (c - x)
+    return high, x - high
+
+
+def _product_error(column: torch.Tensor, row: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """Dekker's TwoProduct: the exact error of the rounded outer product column ⊗ row."""
+    ch, cl = _split(column)
+    rh, rl = _split(row)
+    return ((torch.outer(ch, rh) - product) + torch.outer(ch, rl) + torch.outer(cl, rh)) + torch.outer(cl, rl)
+
+
+class InnerProduct:
+    """<s·L@R, T>_F accumulated over row blocks of T: only the r×n matrix Lᵀ T is kept."""
+
+    def __init__(self, factors: Factors):
+        self.factors = factors
+        self.lt = torch.zeros_like(factors.right)
+
+    def add_rows(self, t_rows: torch.Tensor, start: int, stop: int) -> None:
+        self.lt.addmm_(self.factors.left[start:stop].T, t_rows.to(torch.float64))
+
+    def value(self) -> float:
+        return float(self.factors.scale * (self.lt * self.factors.right).sum())
+
+
+def norm_sq(parts: list) -> float:
+    """‖Σ s_i L_i@R_i‖_F² from the Gram matrices of every pair of parts (cross terms included)."""
+    total = 0.0
+    for p in parts:
+        for q in parts:
+            total += p.scale * q.scale * float(((p.left.T @ q.left) * (p.right @ q.right.T)).sum())
+    return max(total, 0.0)  # a sum of squares: a negative value can only be rounding of a zero norm
 
 
 def factored_inner(a: torch.Tensor, b: torch.Tensor, scale: float, t: torch.Tensor) -> float:
     """<scale·B@A, T> for A (r, n), B (m, r), T (m, n), in float64."""
-    return float(scale * ((_f64(b).T @ _f64(t)) * _f64(a)).sum())
+    inner = InnerProduct(Factors.from_lora(a, b, scale, transposed=False))
+    inner.add_rows(t, 0, t.shape[0])
+    return inner.value()
 
 
 def factored_norm_sq(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
-    """||scale·B@A||_F² from the r×r Grams BᵀB and A·Aᵀ, in float64."""
-    a64, b64 = _f64(a), _f64(b)
-    return float(scale * scale * ((b64.T @ b64) * (a64 @ a64.T)).sum())
+    """‖scale·B@A‖_F² from the r×r Grams BᵀB and A·Aᵀ, in float64."""
+    return norm_sq([Factors.from_lora(a, b, scale, transposed=False)])

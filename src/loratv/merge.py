@@ -69,9 +69,12 @@ def merge(
     compute_dtype: str = "fp32",
     device: str = "cpu",
     max_shard_size: int | None = None,
+    cast_base_first: bool = False,
     force: bool = False,
     progress: bool = False,
 ) -> MergeResult:
+    """Merge; `cast_base_first` instead reproduces PEFT on a model loaded in the output dtype: base and factors
+    rounded to it, ΔW computed in fp32 and rounded to it, the sum rounded in it (PEFT's CPU path)."""
     if precision not in PRECISIONS:
         raise LoratvError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}.")
     if compute_dtype not in COMPUTE_DTYPES:
@@ -102,6 +105,7 @@ def merge(
         "adapter": str(adapter.source),
         "precision": precision,
         "compute_dtype": compute_dtype,
+        "cast_base_first": str(cast_base_first).lower(),
     }
     result = MergeResult(output=Path(out), total_tensors=len(specs), notes=list(plan.notes))
     total_bytes = sum(s.nbytes for s in specs)
@@ -112,7 +116,7 @@ def merge(
                 for file, group in shards:
                     for spec in group:
                         writer.begin(spec.name)
-                        _write_one(spec, base, adapter, plan, writer, compute, dev, result)
+                        _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_base_first)
                         writer.end()
                         bar.update(spec.nbytes)
                 writer.close()
@@ -134,7 +138,7 @@ def _tie_anchor(base, plan, new_name) -> str:
     return next(n for n in base.names() if n.endswith(INPUT_EMBEDDING_SUFFIXES))
 
 
-def _write_one(spec, base, adapter, plan, writer, compute, dev, result):
+def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_base_first=False):
     name = spec.name
     out_dtype = dtypes.torch_dtype_of(spec.dtype)
     if name in plan.new_tensors:
@@ -175,6 +179,14 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result):
             w = rows_of(replaced_full, start, stop).to(entry.torch_dtype)
         else:
             w = base.read_rows(source_name, start, stop)
+        if cast_base_first:
+            w = w.to(device=dev, dtype=out_dtype)
+            for module in modules:
+                w += delta_rows(adapter, module, start, stop, compute, dev, factor_dtype=out_dtype).to(out_dtype)
+            if bias_module is not None:
+                w += rows_of(bias_delta(adapter, bias_module, compute, dev), start, stop).to(out_dtype)
+            _write_checked(writer, w.cpu(), name)
+            continue
         w = w.to(device=dev, dtype=compute)
         for module in modules:
             w += delta_rows(adapter, module, start, stop, compute, dev)

@@ -1,5 +1,8 @@
 """The seed study's command lines (`merge_lora.py`, `extract_task_vectors.py`), kept working as thin aliases.
 
+`compare_lora_task_vector.py`, `final_validation.py` and `quick_precision_test.py` likewise wrap `loratv compare`,
+`loratv validate` and the fp16/fp32 task-vector comparison.
+
 Each alias parses the seed's flag names and hands a namespace to the matching `loratv` command, so the two front
 ends share every code path (and the exit-2 error convention). Differences from the seed, on purpose:
 
@@ -13,7 +16,7 @@ ends share every code path (and the exit-2 error convention). Differences from t
 import argparse
 import sys
 
-from .cli import cmd_extract, cmd_merge, parse_with_config, run_guarded
+from .cli import cmd_compare, cmd_extract, cmd_merge, cmd_validate, parse_with_config, run_guarded
 
 SEED_PRECISIONS = ("fp16", "fp32", "bf16")
 SEED_DEFAULT_PRECISION = "fp32"
@@ -79,3 +82,101 @@ def merge_lora_main(argv=None) -> int:
 
 def extract_task_vectors_main(argv=None) -> int:
     return run_guarded(_extract, sys.argv[1:] if argv is None else argv)
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="compare_lora_task_vector.py",
+        description="Compare a LoRA adapter with a task vector and certify equivalence (alias of `loratv compare`, "
+                    "with the seed's flag names). Exit 0 equivalent, 1 not, 2 bad input.",
+    )
+    p.add_argument("--base_model", help="base model (default: the embedded example)")
+    p.add_argument("--lora_path", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
+    p.add_argument("--task_vector_path", help="task vector folder or .safetensors file written by extract "
+                   "(default, with no model argument: the embedded example's fp32 merge, compared on the fly)")
+    p.add_argument("--output_dir", default="comparison_results", help="output folder (default: comparison_results)")
+    p.add_argument("--tolerance", type=float, default=1e-5,
+                   help="absolute per-element tolerance, the fallback verdict when the rounding certificate fails (default: 1e-5)")
+    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--generate_plots", action="store_true", help="write the four PNG plots")
+    p.add_argument("--architecture_analysis", action="store_true",
+                   help="write the plots too (the architecture coverage is one of them)")
+    p.add_argument("--detailed_report", action="store_true",
+                   help="accepted for compatibility: detailed_comparison_report.txt is always written")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    return p
+
+
+def final_validation_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="final_validation.py",
+        description="Merge, extract and compare, then print the verdict (alias of `loratv validate`); with no "
+                    "arguments it validates the embedded example. Exit 0 equivalent, 1 not, 2 bad input.",
+    )
+    p.add_argument("--base_model", help="base model (default: the embedded example)")
+    p.add_argument("--lora_path", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
+    p.add_argument("--output_dir", default="validation_results",
+                   help="output folder (default: validation_results); a previous validation output there is "
+                        "replaced, anything else is refused without --force")
+    p.add_argument("--precision", default="fp32", choices=SEED_PRECISIONS, help="dtype of the merged model (default: fp32)")
+    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    return p
+
+
+def quick_precision_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="quick_precision_test.py",
+        description="Compare an fp16 and an fp32 task vector of the same adapter: which tensors each changes, and "
+                    "whether the difference is the fp16 rounding of the base (proved bit for bit when the base is known).",
+    )
+    p.add_argument("--fp16_dir", default="task_vectors_fp16/", help="task vector of the fp16 merge (default: task_vectors_fp16/)")
+    p.add_argument("--fp32_dir", default="task_vectors_fp32/", help="task vector of the fp32 merge (default: task_vectors_fp32/)")
+    p.add_argument("--base_model", help="the base model (default: the one recorded in the fp16 task_vector.json, if it exists)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def _compare(argv) -> int:
+    a = compare_parser().parse_args(argv)
+    plots = a.generate_plots or a.architecture_analysis
+    return cmd_compare(argparse.Namespace(
+        base=a.base_model, adapter=a.lora_path, task_vector=a.task_vector_path, finetuned=None,
+        output=a.output_dir, tolerance=a.tolerance, device=a.device, no_plots=not plots, json=False,
+        force=a.force, quiet=a.quiet,
+    ))
+
+
+def _final_validation(argv) -> int:
+    from .validate import is_validation_output
+
+    a = final_validation_parser().parse_args(argv)
+    return cmd_validate(argparse.Namespace(
+        base=a.base_model, adapter=a.lora_path, output=a.output_dir, precision=a.precision, tolerance=1e-5,
+        device=a.device, no_plots=False, json=False, force=a.force or is_validation_output(a.output_dir),
+        quiet=a.quiet,
+    ))
+
+
+def _quick_precision(argv) -> int:
+    from .precision_study import compare_task_vector_pair, render_pair_text
+    from .results import dump_json
+
+    a = quick_precision_parser().parse_args(argv)
+    pair = compare_task_vector_pair(a.fp16_dir, a.fp32_dir, base=a.base_model)
+    sys.stdout.write(dump_json(pair) if a.json else render_pair_text(pair))
+    return 0
+
+
+def compare_main(argv=None) -> int:
+    return run_guarded(_compare, sys.argv[1:] if argv is None else argv)
+
+
+def final_validation_main(argv=None) -> int:
+    return run_guarded(_final_validation, sys.argv[1:] if argv is None else argv)
+
+
+def quick_precision_main(argv=None) -> int:
+    return run_guarded(_quick_precision, sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,576 @@
+"""Compare a LoRA adapter with a task vector, tensor by tensor, and certify their equivalence.
+
+Every base tensor gets one category (shared, adapter-only, cast-artifact, unexplained, unchanged). For a targeted
+tensor, T − ΔW is measured against the per-element rounding bound of docs/math.md §6; inner products and norms of
+ΔW come from the LoRA factors (loratv/lowrank.py). Streaming: one tensor chunk at a time, read one chunk ahead.
+The result is a plain record (schema in docs/comparison-results.md) that reports and plots are rendered from.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import __version__, dtypes
+from .adapter import bind, load_adapter
+from .checkpoint import Checkpoint
+from .errors import LoratvError
+from .inspect import LAYER
+from .lowrank import Factors, InnerProduct, norm_sq
+from .merge import resolve_device
+from .prefetch import prefetched
+from .precision import FLOAT_DTYPES, compute_dtype_for, gamma, merge_error_bound, ulp, unit_roundoff
+from .progress import progress_bar
+from .safetensors_format import SafetensorsWriter, tensor_to_bytes
+from .streaming import row_chunks
+from .task_vector_input import LiveTaskVector, StoredTaskVector
+
+SCHEMA = "loratv.comparison"
+SCHEMA_VERSION = 1
+CATEGORIES = ("shared", "adapter-only", "tv-only", "cast-artifact", "unexplained", "unchanged")
+CERTIFIED = "EQUIVALENT (certified)"
+WITHIN_TOLERANCE = "EQUIVALENT within tolerance"
+NOT_EQUIVALENT = "NOT EQUIVALENT"
+PERFECT_MATCH = 0.9999
+DEFAULT_TOLERANCE = 1e-5
+RESULTS_FILE = "comparison_results.json"
+REPORT_FILE = "detailed_comparison_report.txt"
+DELTAS_FILE = "lora_deltas.safetensors"
+READ_BYTES = 64 << 20  # per input and read
+BLOCK_ELEMENTS = 1 << 16  # float64 work arrays of 512 KB stay in cache
+# |T − ΔW| is evaluated in float64 (one subtraction, relative error ≤ 2^-53); the margin covers it
+DIFF_MARGIN = 1 + 2 * unit_roundoff(torch.float64)
+
+
+@dataclass
+class ExpectedDelta:
+    """What the adapter adds to one base tensor: LoRA parts, a replacement value, a scaled lora_B.bias."""
+
+    parts: list  # Factors
+    modules: list  # module names
+    replacement: torch.Tensor | None = None  # the adapter's tensor cast to the base dtype (what PEFT loads)
+    bias: torch.Tensor | None = None  # s·lora_B.bias in float64
+    bias_magnitude: torch.Tensor | None = None
+
+    @property
+    def additions(self) -> int:
+        return len(self.parts) + (self.bias is not None)
+
+    @property
+    def rank(self) -> int | None:
+        return sum(p.rank for p in self.parts) or None
+
+    @property
+    def k(self) -> int:
+        return max([p.rank for p in self.parts] + [0]) + 2
+
+    def to(self, device) -> "ExpectedDelta":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        parts = [Factors(p.left.to(device), p.right.to(device), p.scale, p.exact_products) for p in self.parts]
+        return ExpectedDelta(parts, self.modules, move(self.replacement), move(self.bias), move(self.bias_magnitude))
+
+
+@dataclass
+class TensorComparison:
+    name: str
+    shape: tuple
+    base_dtype: str
+    finetuned_dtype: str | None
+    targeted: bool
+    modules: list = field(default_factory=list)
+    rank: int | None = None
+    dot: float = 0.0
+    t_sumsq: float = 0.0
+    d_sumsq: float = 0.0
+    diff_sumsq: float = 0.0
+    w_sumsq: float = 0.0
+    max_abs_t: float = 0.0
+    max_abs_diff: float = 0.0
+    certificate_ratio: float | None = None
+    worst_element: list | None = None
+    max_error_ulps: float | None = None
+    changed_elements: int = 0
+    vanished_elements: int = 0
+    cast_dtype: str | None = None
+    cast_possible: bool = True
+    category: str = "unchanged"
+
+    @property
+    def parameters(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def changed(self) -> bool:
+        return self.changed_elements > 0
+
+    @property
+    def cosine(self) -> float | None:
+        if self.t_sumsq <= 0 or self.d_sumsq <= 0:
+            return None
+        # Cauchy–Schwarz: |cos| ≤ 1; the factored dot and norms round independently, so clamp the last ulp
+        return max(-1.0, min(1.0, self.dot / math.sqrt(self.t_sumsq * self.d_sumsq)))
+
+    def record(self) -> dict:
+        layer = LAYER.search(self.name)
+        t_norm = math.sqrt(self.t_sumsq)
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "parameters": self.parameters,
+            "layer": int(layer.group(1)) if layer else None,
+            "kind": self.name[layer.end():] if layer else self.name,
+            "category": self.category,
+            "targeted": self.targeted,
+            "changed": self.changed,
+            "base_dtype": self.base_dtype,
+            "finetuned_dtype": self.finetuned_dtype,
+            "adapter_modules": list(self.modules),
+            "rank": self.rank,
+            "cosine": self.cosine,
+            "dot": self.dot,
+            "task_vector_norm": t_norm,
+            "lora_delta_norm": math.sqrt(self.d_sumsq),
+            "base_norm": math.sqrt(self.w_sumsq),
+            "max_abs_task_vector": self.max_abs_t,
+            "max_abs_diff": self.max_abs_diff,
+            "relative_frobenius_error": math.sqrt(self.diff_sumsq) / t_norm if self.targeted and t_norm > 0 else None,
+            "certificate_ratio": self.certificate_ratio,
+            "worst_element": self.worst_element,
+            "max_error_ulps": self.max_error_ulps,
+            "changed_elements": self.changed_elements,
+            "vanished_elements": self.vanished_elements if self.targeted else None,
+            "cast_dtype": self.cast_dtype,
+        }
+
+
+def expected_delta(adapter, plan, base: Checkpoint, name: str) -> ExpectedDelta:
+    """The adapter's contribution to base tensor `name`, factors in float64 and in its stored orientation."""
+    modules = plan.deltas.get(name, [])
+    parts = [
+        Factors.from_lora(adapter.factor(m.a_key), adapter.factor(m.b_key), m.scale, transposed=m.kind != "linear")
+        for m in modules
+    ]
+    delta = ExpectedDelta(parts, [m.module for m in modules])
+    if name in plan.replacements:
+        delta.replacement = adapter.factor(plan.replacements[name]).to(base.entry(name).torch_dtype)
+    bias_module = plan.bias_additions.get(name)
+    if bias_module is not None:
+        bias = adapter.factor(bias_module.bias_key).to(torch.float64) * bias_module.scale
+        delta.bias, delta.bias_magnitude = bias, bias.abs()
+        delta.modules.append(bias_module.module + " (lora_bias)")
+    return delta
+
+
+class _TargetedAccumulator:
+    """Per-element comparison of T with ΔW for one targeted tensor, fed row block by row block."""
+
+    def __init__(self, stats: TensorComparison, delta: ExpectedDelta, base_dtype, out_dtype, t_rounding, device):
+        self.stats, self.delta = stats, delta
+        self.base_dtype, self.out_dtype, self.t_rounding = base_dtype, out_dtype, t_rounding
+        self.device = device
+        self.inner = [InnerProduct(p) for p in delta.parts]
+        self.dense_only = not delta.parts or delta.replacement is not None or delta.bias is not None
+        # a float64 merge rounds as finely as a float64 evaluation of ΔW: evaluate it twice as precisely then
+        self.compensated = compute_dtype_for(base_dtype, out_dtype) == torch.float64
+        self.ratio = 0.0
+        self.ulps = 0.0
+        self.worst = None
+
+    def add(self, w: torch.Tensor, t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of W and T (None: T = 0) as float64 on the device; returns the rows of ΔW."""
+        s, delta = self.stats, self.delta
+        w_eff = w if delta.replacement is None else _rows(delta.replacement, start, stop).to(torch.float64)
+        d = w_eff - w if delta.replacement is not None else torch.zeros_like(w)
+        g = torch.zeros_like(w)
+        evaluation_error = torch.zeros_like(w)  # bound on |D − ΔW| of this float64 evaluation
+        u = unit_roundoff(torch.float64)
+        for part, inner in zip(delta.parts, self.inner):
+            part_g = part.abs_rows(start, stop).view_as(g)
+            g += part_g
+            if self.compensated:
+                part_d = part.rows_compensated(start, stop).view_as(d)
+                evaluation_error += part_d.abs() * (3 * u) + gamma(part.rank, torch.float64) ** 2 * part_g
+            else:
+                part_d = part.rows(start, stop).view_as(d)
+                evaluation_error += gamma(part.rank + 2, torch.float64) * part_g
+            d += part_d
+            if t is not None:
+                inner.add_rows(t.view(stop - start, -1), start, stop)
+        if delta.bias is not None:
+            d += _rows(delta.bias, start, stop)
+            g += _rows(delta.bias_magnitude, start, stop)
+            evaluation_error += 2 * u * _rows(delta.bias_magnitude, start, stop)
+        if t is None:
+            t = torch.zeros_like(w)
+        diff = (t - d).abs_()
+        m = w + t  # the fine-tuned value, exact: T is its exact difference from W
+        bound = merge_error_bound(
+            w_eff, m, g, additions=self.delta.additions, k=self.delta.k,
+            base_dtype=self.base_dtype, out_dtype=self.out_dtype,
+        )
+        if self.t_rounding is not None:
+            bound += ulp(t, self.t_rounding).mul_(0.5)
+        ratio = (diff * DIFF_MARGIN + evaluation_error) / bound
+        worst = int(torch.argmax(ratio.reshape(-1)))
+        worst_ratio = float(ratio.reshape(-1)[worst])
+        if worst_ratio > self.ratio or self.worst is None:
+            self.ratio, self.worst = max(self.ratio, worst_ratio), start * _row_length(s.shape) + worst
+        # in ulps of the weight being updated (near cancellation, ulps of a tiny M would say nothing)
+        self.ulps = max(self.ulps, float((diff / ulp(torch.maximum(m.abs(), w_eff.abs()), self.out_dtype)).max()))
+        s.max_abs_diff = max(s.max_abs_diff, float(diff.max()))
+        s.diff_sumsq += float(torch.dot(diff.reshape(-1), diff.reshape(-1)))
+        # an update vanished where the stored weight is the base as that dtype stores it, although ΔW ≠ 0
+        s.vanished_elements += int(((d != 0) & (m == w_eff.to(self.out_dtype).to(torch.float64))).sum())
+        if self.dense_only:
+            s.dot += float(torch.dot(t.reshape(-1), d.reshape(-1)))
+            s.d_sumsq += float(torch.dot(d.reshape(-1), d.reshape(-1)))
+        return d
+
+    def finish(self) -> None:
+        s = self.stats
+        if not self.dense_only:
+            s.dot = sum(i.value() for i in self.inner)
+            s.d_sumsq = norm_sq(self.delta.parts)
+        s.certificate_ratio = self.ratio
+        s.max_error_ulps = self.ulps
+        s.worst_element = list(_unravel(self.worst, s.shape)) if self.worst is not None else None
+
+
+def _rows(tensor, start, stop):
+    return tensor if tensor.dim() == 0 else tensor[start:stop]
+
+
+def _row_length(shape) -> int:
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def _unravel(flat: int, shape) -> tuple:
+    index = []
+    for size in reversed(shape):
+        index.append(flat % size)
+        flat //= size
+    return tuple(reversed(index))
+
+
+def _blocks(start: int, stop: int, shape):
+    """Row sub-ranges of [start, stop) holding about BLOCK_ELEMENTS elements each."""
+    step = max(1, BLOCK_ELEMENTS // max(1, _row_length(shape)))
+    for i in range(start, stop, step):
+        yield i, min(stop, i + step)
+
+
+def _float_dtype(code: str | None) -> torch.dtype | None:
+    if code is None or not dtypes.is_float(code):
+        return None
+    dtype = dtypes.torch_dtype_of(code)
+    return dtype if dtype in FLOAT_DTYPES else None
+
+
+def compare(
+    base_source,
+    adapter_source,
+    *,
+    task_vector=None,
+    finetuned=None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    device: str = "cpu",
+    deltas_path=None,
+    progress: bool = False,
+    command: str | None = None,
+) -> dict:
+    """Compare and return the record (docs/comparison-results.md); write ΔW to `deltas_path` when given."""
+    if (task_vector is None) == (finetuned is None):
+        raise LoratvError("compare needs exactly one of --task-vector and --finetuned.")
+    if not (tolerance >= 0 and math.isfinite(tolerance)):
+        raise LoratvError(f"--tolerance {tolerance}: must be a finite number ≥ 0.")
+    dev = resolve_device(device)
+    base = Checkpoint(base_source, label=f"base {base_source}")
+    adapter = load_adapter(adapter_source)
+    plan = bind(adapter, base)
+    if plan.new_tensors:
+        name = next(iter(plan.new_tensors))
+        raise LoratvError(
+            f"{adapter.path}: the adapter adds '{name}', which the base does not store (an untied head); "
+            "compare works on the base's tensors and cannot compare it."
+        )
+    tv = StoredTaskVector(task_vector) if task_vector is not None else LiveTaskVector(finetuned, base)
+    tv.check_against(base)
+    for name in base.names():
+        if not dtypes.is_float(base.entry(name).dtype) and name in plan.touched():
+            raise LoratvError(f"{base.path}: tensor '{name}' is {base.entry(name).dtype}; the adapter cannot change it.")
+
+    targeted = [n for n in base.names() if n in plan.touched()]
+    comparisons = {}
+    for name in base.names():
+        entry = base.entry(name)
+        comparisons[name] = TensorComparison(name, tuple(entry.shape), entry.dtype, tv.finetuned_dtype(name), name in targeted)
+
+    jobs = [
+        (name, start, stop)
+        for name in base.names()
+        if name in targeted or tv.needs_read(name)
+        for start, stop in row_chunks(base.entry(name).shape, 8, READ_BYTES)
+    ]
+    buffers = [[torch.empty(READ_BYTES, dtype=torch.uint8) for _ in range(2)] for _ in range(2)]
+
+    def read(job, slot):
+        name, start, stop = job
+        w = base.read_rows(name, start, stop, buffers[slot][0])
+        return w, tv.read_raw(name, start, stop, buffers[slot][1]) if tv.needs_read(name) else None
+
+    writer = None
+    if deltas_path is not None:
+        metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "compare",
+                    "base": str(base.source), "adapter": str(adapter.source),
+                    "content": "ΔW per targeted tensor under base names, float64 value rounded once"}
+        writer = SafetensorsWriter(deltas_path, [(n, base.entry(n).shape) for n in targeted], metadata)
+    reader = prefetched(jobs, read)
+    total = sum(base.entry(n).nbytes for n in dict.fromkeys(job[0] for job in jobs))
+    try:
+        with progress_bar(total, "compare", enabled=progress) as bar:
+            current = None
+            for (name, start, stop), (w_raw, raw) in reader:
+                stats = comparisons[name]
+                if name != current:
+                    if current is not None:
+                        _finish(comparisons[current], state, writer)
+                    current = name
+                    state = _start(stats, base, adapter, plan, tv, writer, dev)
+                if not dtypes.all_finite(w_raw):
+                    raise LoratvError(f"{base.entry(name).file}: tensor '{name}' contains NaN or Inf.")
+                _chunk(stats, state, tv, w_raw, raw, start, stop, dev, writer)
+                if stop == (base.entry(name).shape[0] if base.entry(name).shape else 1):
+                    bar.update(base.entry(name).nbytes)
+            if current is not None:
+                _finish(comparisons[current], state, writer)
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        reader.close()
+
+    for stats in comparisons.values():
+        _categorise(stats)
+    return build_record(base, adapter, tv, plan, comparisons, tolerance, command)
+
+
+@dataclass
+class _State:
+    accumulator: _TargetedAccumulator | None
+    out_dtype: torch.dtype | None
+    cast_candidates: list
+
+
+def _start(stats, base, adapter, plan, tv, writer, dev) -> _State:
+    base_dtype = base.entry(stats.name).torch_dtype
+    out_dtype = _float_dtype(stats.finetuned_dtype)
+    if stats.targeted:
+        delta = expected_delta(adapter, plan, base, stats.name).to(dev)
+        stats.modules, stats.rank = delta.modules, delta.rank
+        if out_dtype is None:  # no record of the fine-tuned dtype: assume the base's (the usual merge)
+            out_dtype = base_dtype
+        accumulator = _TargetedAccumulator(stats, delta, base_dtype, out_dtype, tv.storage_rounding(stats.name), dev)
+        if writer is not None:
+            writer.begin(stats.name, "F64" if base_dtype == torch.float64 else "F32", stats.shape)
+        return _State(accumulator, out_dtype, [])
+    if out_dtype is not None:
+        candidates = [out_dtype] if out_dtype != base_dtype else []
+    elif base.entry(stats.name).torch_dtype in (torch.float32, torch.float64):
+        # no record of the fine-tuned dtype: the casts that could have produced it
+        candidates = [d for d in (torch.float32, torch.float16, torch.bfloat16) if d != base_dtype]
+    else:
+        candidates = []
+    return _State(None, out_dtype, candidates)
+
+
+def _chunk(stats, state, tv, w_raw, raw, start, stop, dev, writer):
+    if w_raw.is_floating_point():
+        stats.w_sumsq += float(torch.dot(w_raw.reshape(-1).to(torch.float64), w_raw.reshape(-1).to(torch.float64)))
+    if state.accumulator is not None:
+        for i, j in _blocks(start, stop, stats.shape):
+            w_rows = _rows(w_raw, i - start, j - start)
+            raw_rows = None if raw is None else _rows(raw, i - start, j - start)
+            t = tv.difference(raw_rows, w_rows) if raw_rows is not None else None
+            if t is not None:
+                _measure_t(stats, t, tv)
+                t = t.to(dev)
+            d = state.accumulator.add(w_rows.to(device=dev, dtype=torch.float64), t, i, j)
+            if writer is not None:
+                writer.write(tensor_to_bytes(d.to(torch.float64 if stats.base_dtype == "F64" else torch.float32).cpu()))
+        return
+    if raw is None:
+        return
+    t = tv.difference(raw, w_raw)
+    if t is None:
+        return
+    _measure_t(stats, t, tv)
+    if int(torch.count_nonzero(t)) == 0:
+        return
+    # a changed chunk: keep only the casts that reproduce it bit for bit
+    state.cast_candidates = [d for d in state.cast_candidates if tv.cast_matches(raw, w_raw, d)]
+    stats.cast_possible = stats.cast_possible and bool(state.cast_candidates)
+
+
+def _measure_t(stats, t, tv):
+    flat = t.reshape(-1)
+    if not dtypes.all_finite(flat):
+        raise LoratvError(f"{tv.path}: tensor '{stats.name}' contains NaN or Inf.")
+    stats.t_sumsq += float(torch.dot(flat, flat))
+    stats.changed_elements += int(torch.count_nonzero(flat))
+    if flat.numel():
+        stats.max_abs_t = max(stats.max_abs_t, float(flat.abs().max()))
+
+
+def _finish(stats, state, writer):
+    if state.accumulator is not None:
+        state.accumulator.finish()
+        if writer is not None:
+            writer.end()
+    elif stats.changed:
+        stats.max_abs_diff = stats.max_abs_t
+        if stats.cast_possible and state.cast_candidates:
+            stats.cast_dtype = dtypes.code_of(state.cast_candidates[0])
+
+
+def _categorise(stats: TensorComparison) -> None:
+    if stats.targeted:
+        stats.category = "shared" if stats.changed else "adapter-only"
+    elif not stats.changed:
+        stats.category = "unchanged"
+    else:
+        stats.category = "cast-artifact" if stats.cast_dtype else "unexplained"
+        if stats.cast_dtype is None:
+            stats.max_abs_diff = stats.max_abs_t
+
+
+def build_record(base, adapter, tv, plan, comparisons: dict, tolerance: float, command: str | None) -> dict:
+    tensors = list(comparisons.values())
+    by = {c: [t for t in tensors if t.category == c] for c in CATEGORIES}
+    by["tv-only"] = by["cast-artifact"] + by["unexplained"]
+    targeted = [t for t in tensors if t.targeted]
+    shared = by["shared"]
+    cosines = [t.cosine for t in shared if t.cosine is not None]
+    sum_dot = sum(t.dot for t in targeted)
+    t_all = sum(t.t_sumsq for t in tensors)
+    t_targeted = sum(t.t_sumsq for t in targeted)
+    d_all = sum(t.d_sumsq for t in targeted)
+
+    certified = all(t.certificate_ratio <= 1 for t in targeted) and not by["unexplained"]
+    within = all(t.max_abs_diff <= tolerance for t in targeted + by["unexplained"])
+    verdict = CERTIFIED if certified else WITHIN_TOLERANCE if within else NOT_EQUIVALENT
+    worst = sorted((t for t in targeted if t.certificate_ratio > 1), key=lambda t: -t.certificate_ratio)
+    reasons = [_reason_targeted(t) for t in worst[:5]]
+    if len(worst) > 5:
+        reasons.append(f"… and {len(worst) - 5} more targeted tensors exceed their rounding bound.")
+    unexplained = sorted(by["unexplained"], key=lambda t: -t.max_abs_t)
+    reasons += [_reason_unexplained(t) for t in unexplained[:5]]
+    if len(unexplained) > 5:
+        reasons.append(f"… and {len(unexplained) - 5} more unexplained tensors.")
+
+    summary = {
+        "verdict": verdict,
+        "certified": certified,
+        "within_tolerance": within,
+        "reasons": reasons,
+        "counts": {c: len(by[c]) for c in CATEGORIES},
+        "parameters": {c: sum(t.parameters for t in by[c]) for c in CATEGORIES},
+        "total_tensors": len(tensors),
+        "total_parameters": sum(t.parameters for t in tensors),
+        "targeted_tensors": len(targeted),
+        "targeted_parameters": sum(t.parameters for t in targeted),
+        "changed_tensors": len(shared) + len(by["tv-only"]),
+        "changed_parameters": sum(t.parameters for t in shared + by["tv-only"]),
+        "adapter_stored_parameters": adapter.stored_parameters(),
+        "global_cosine": _cosine(sum_dot, t_all, d_all),
+        "targeted_cosine": _cosine(sum_dot, t_targeted, d_all),
+        "mean_cosine": sum(cosines) / len(cosines) if cosines else None,
+        "min_cosine": min(cosines) if cosines else None,
+        "perfect_matches": sum(c > PERFECT_MATCH for c in cosines),
+        "perfect_match_threshold": PERFECT_MATCH,
+        "max_abs_diff": max((t.max_abs_diff for t in targeted), default=0.0),
+        "max_certificate_ratio": max((t.certificate_ratio for t in targeted), default=None),
+        "relative_frobenius_error": (
+            math.sqrt(sum(t.diff_sumsq for t in targeted) / t_targeted) if t_targeted > 0 else None
+        ),
+        "worst_tensors": [t.name for t in (worst + unexplained)[:5]],
+    }
+    settings = adapter.settings
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "loratv_version": __version__,
+        "inputs": {
+            "base": str(base.source),
+            "adapter": str(adapter.source),
+            "task_vector": tv.source if not tv.live else None,
+            "finetuned": tv.source if tv.live else None,
+            "adapter_config": {
+                "r": settings.r,
+                "lora_alpha": settings.lora_alpha,
+                "use_rslora": settings.use_rslora,
+                "target_modules": _target_modules(adapter),
+                "modules_to_save": list(settings.modules_to_save),
+                "bias": settings.bias,
+            },
+        },
+        "tolerance": tolerance,
+        "command": command,
+        "summary": summary,
+        "tensors": [t.record() for t in tensors],
+        "notes": _notes(base, tv, plan, tensors, by),
+    }
+
+
+def _target_modules(adapter):
+    import json
+
+    targets = json.loads(adapter.config_path.read_text(encoding="utf-8")).get("target_modules")
+    return sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
+
+
+def _cosine(dot: float, a: float, b: float) -> float | None:
+    if a <= 0 or b <= 0:
+        return None
+    return max(-1.0, min(1.0, dot / math.sqrt(a * b)))
+
+
+def _reason_targeted(t: TensorComparison) -> str:
+    where = f" at element {t.worst_element}" if t.worst_element is not None else ""
+    text = (
+        f"{t.name}: max |T − ΔW| = {t.max_abs_diff:.3e}, {t.certificate_ratio:.3g}× its rounding bound{where}"
+    )
+    if not t.changed:
+        text += "; the adapter changes this tensor but the task vector does not"
+    elif t.cosine is not None and t.cosine < PERFECT_MATCH:
+        text += f"; cosine {t.cosine:.6f}"
+    return text + "."
+
+
+def _reason_unexplained(t: TensorComparison) -> str:
+    cast = "" if t.finetuned_dtype in (None, t.base_dtype) else f", and it is not the base cast to {t.finetuned_dtype}"
+    return f"{t.name}: changed (max |T| = {t.max_abs_t:.3e}) although the adapter does not target it{cast}."
+
+
+def _notes(base, tv, plan, tensors, by) -> list:
+    notes = list(plan.notes)
+    if tv.recorded_base is not None and str(tv.recorded_base) != str(base.source):
+        notes.append(f"the task vector was extracted against {tv.recorded_base}; compared here with {base.source}.")
+    casts = sorted({t.cast_dtype for t in by["cast-artifact"]})
+    if casts:
+        notes.append(
+            f"{len(by['cast-artifact'])} untargeted tensors changed only because the fine-tuned model stores them as "
+            f"{', '.join(casts)}: each equals the base cast to that dtype, bit for bit (rounding, not training)."
+        )
+    untargeted = [t for t in tensors if not t.targeted]
+    if by["unexplained"] and len(by["unexplained"]) * 2 > len(untargeted):
+        notes.append(
+            f"{len(by['unexplained'])} of {len(untargeted)} untargeted tensors differ in ways no cast explains: "
+            "the fine-tuned model was probably trained further or made from a different base."
+        )
+    if any(t.finetuned_dtype is None for t in tensors):
+        notes.append("the task vector has no task_vector.json: fine-tuned dtypes were inferred (targeted tensors "
+                     "assumed in the base dtype; untargeted ones tested against casts to fp32, fp16 and bf16).")
+    return notes

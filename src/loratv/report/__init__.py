@@ -1,0 +1,1 @@
+"""Renderings of comparison and precision records: a text report and PNG plots."""

@@ -1,0 +1,141 @@
+"""The task vector compare reads: a folder (or file) written by `loratv extract`, or fine-tuned − base on the fly.
+
+Both give, per base tensor, rows of T and the facts the rounding bound needs: the fine-tuned dtype and whether the
+stored T was itself rounded.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, resolve_path
+from .errors import LoratvError
+from .extract import REPORT_FILE, SCHEMA, TENSOR_FILE, check_same_tensors
+from .precision import cast_difference, equals_cast
+
+
+class StoredTaskVector:
+    """`task_vector.safetensors` (+ `task_vector.json` beside it, which records dtypes and storage rounding)."""
+
+    live = False
+
+    def __init__(self, source):
+        path = resolve_path(source)
+        file = path / TENSOR_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise LoratvError(f"{path}: no {TENSOR_FILE} here; pass the folder written by `loratv extract`.")
+        self.path = file
+        self.tensors = Checkpoint(file, label=f"task vector {source}")
+        self.records = None
+        self.recorded_base = None
+        report = file.parent / REPORT_FILE
+        if report.is_file():
+            try:
+                data = json.loads(report.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise LoratvError(f"{report}: not valid JSON.") from None
+            if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("tensors"), list):
+                raise LoratvError(f"{report}: not a loratv task-vector record (schema '{SCHEMA}').")
+            if data.get("file", TENSOR_FILE) == file.name:
+                try:
+                    self.records = {t["name"]: t for t in data["tensors"]}
+                except (TypeError, KeyError):
+                    raise LoratvError(f"{report}: a tensor record lacks its name.") from None
+                self.recorded_base = data.get("base")
+
+    @property
+    def source(self) -> str:
+        return str(self.path.parent if self.path.name == TENSOR_FILE else self.path)
+
+    def check_against(self, base: Checkpoint) -> None:
+        for name in self.tensors.names():
+            if name not in base:
+                raise LoratvError(
+                    f"{self.path}: tensor '{name}' is not in the base {base.path}; the task vector belongs to another model."
+                )
+            if self.tensors.entry(name).shape != base.entry(name).shape:
+                raise LoratvError(
+                    f"{self.path}: tensor '{name}' has shape {list(self.tensors.entry(name).shape)} but "
+                    f"{list(base.entry(name).shape)} in the base {base.path}."
+                )
+        if self.records is None:
+            return
+        missing = [n for n in base.names() if n not in self.records]
+        extra = [n for n in self.records if n not in base]
+        if missing or extra:
+            which = f"lacks '{missing[0]}'" if missing else f"has '{extra[0]}', which the base lacks"
+            raise LoratvError(f"{self.path.parent / REPORT_FILE}: was extracted from another model: it {which}.")
+        for name, record in self.records.items():
+            if record.get("changed") and name not in self.tensors:
+                raise LoratvError(f"{self.path}: tensor '{name}' changed (by {REPORT_FILE}) but is not stored in the file.")
+
+    def finetuned_dtype(self, name: str) -> str | None:
+        record = (self.records or {}).get(name)
+        return record.get("finetuned_dtype") if record else None
+
+    def storage_rounding(self, name: str) -> torch.dtype | None:
+        """The dtype T was rounded to when stored, or None when it is stored exactly (unknown counts as rounded)."""
+        if name not in self.tensors:
+            return None
+        record = (self.records or {}).get(name)
+        if record is not None and record.get("stored_exactly", False):
+            return None
+        return self.tensors.entry(name).torch_dtype
+
+    def needs_read(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read_raw(self, name, start, stop, into=None) -> torch.Tensor | None:
+        """Rows of T as stored, or None when the tensor is not stored (T = 0)."""
+        if name not in self.tensors:
+            return None
+        return self.tensors.read_rows(name, start, stop, into)
+
+    def difference(self, raw, w) -> torch.Tensor | None:
+        return None if raw is None else raw.to(torch.float64)
+
+    def cast_matches(self, raw, w, dtype: torch.dtype) -> bool:
+        """Whether base + T is the base cast to `dtype` (T, a difference of two nearby floats, is stored exactly)."""
+        return torch.equal(raw.to(torch.float64), cast_difference(w, dtype))
+
+
+class LiveTaskVector:
+    """T = fine-tuned − base, computed while streaming (exact in float64 for inputs of at most 24 significant bits
+    unless their exponents differ by more than 29; the bound allows ½ ulp of float64 for that)."""
+
+    live = True
+
+    def __init__(self, finetuned_source, base: Checkpoint):
+        self.finetuned = Checkpoint(finetuned_source, label=f"fine-tuned model {finetuned_source}")
+        self.path = self.finetuned.path
+        self.recorded_base = None
+        check_same_tensors(base, self.finetuned)
+
+    @property
+    def source(self) -> str:
+        return str(self.finetuned.source)
+
+    def check_against(self, base: Checkpoint) -> None:
+        pass  # done on construction
+
+    def finetuned_dtype(self, name: str) -> str:
+        return self.finetuned.entry(name).dtype
+
+    def storage_rounding(self, name: str) -> torch.dtype | None:
+        return torch.float64
+
+    def needs_read(self, name: str) -> bool:
+        return True
+
+    def read_raw(self, name, start, stop, into=None) -> torch.Tensor:
+        """Rows of the fine-tuned tensor."""
+        return self.finetuned.read_rows(name, start, stop, into)
+
+    def difference(self, raw, w) -> torch.Tensor | None:
+        if raw.dtype == w.dtype and torch.equal(raw, w):
+            return None
+        return raw.to(torch.float64) - w.to(torch.float64)
+
+    def cast_matches(self, raw, w, dtype: torch.dtype) -> bool:
+        return equals_cast(raw, w) if raw.dtype == dtype else False
