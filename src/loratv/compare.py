@@ -93,6 +93,7 @@ class TensorComparison:
     vanished_elements: int = 0
     cast_dtype: str | None = None
     cast_possible: bool = True
+    w_read: bool = False
     category: str = "unchanged"
 
     @property
@@ -130,7 +131,7 @@ class TensorComparison:
             "dot": self.dot,
             "task_vector_norm": t_norm,
             "lora_delta_norm": math.sqrt(self.d_sumsq),
-            "base_norm": math.sqrt(self.w_sumsq),
+            "base_norm": math.sqrt(self.w_sumsq) if self.w_read or self.targeted else None,
             "max_abs_task_vector": self.max_abs_t,
             "max_abs_diff": self.max_abs_diff,
             "relative_frobenius_error": math.sqrt(self.diff_sumsq) / t_norm if self.targeted and t_norm > 0 else None,
@@ -176,55 +177,73 @@ class _TargetedAccumulator:
         self.ulps = 0.0
         self.worst = None
 
-    def add(self, w: torch.Tensor, t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of W and T (None: T = 0) as float64 on the device; returns the rows of ΔW."""
-        s, delta = self.stats, self.delta
+    def add(self, w: torch.Tensor, t: torch.Tensor | None, start: int, stop: int, nonzero: int) -> torch.Tensor:
+        """Rows [start, stop) of W and T (None: T = 0) as float64 on the device, with T's nonzero count; returns the
+        rows of ΔW."""
+        s, delta, out_dtype = self.stats, self.delta, self.out_dtype
+        s.w_sumsq += float(torch.dot(w.reshape(-1), w.reshape(-1)))
+        d, g, evaluation_error = self._delta_rows(w, start, stop)
         w_eff = w if delta.replacement is None else _rows(delta.replacement, start, stop).to(torch.float64)
-        d = w_eff - w if delta.replacement is not None else torch.zeros_like(w)
-        g = torch.zeros_like(w)
-        evaluation_error = torch.zeros_like(w)  # bound on |D − ΔW| of this float64 evaluation
-        u = unit_roundoff(torch.float64)
-        for part, inner in zip(delta.parts, self.inner):
-            part_g = part.abs_rows(start, stop).view_as(g)
-            g += part_g
-            if self.compensated:
-                part_d = part.rows_compensated(start, stop).view_as(d)
-                evaluation_error += part_d.abs() * (3 * u) + gamma(part.rank, torch.float64) ** 2 * part_g
-            else:
-                part_d = part.rows(start, stop).view_as(d)
-                evaluation_error += gamma(part.rank + 2, torch.float64) * part_g
-            d += part_d
-            if t is not None:
+        if t is not None:
+            for inner in self.inner:
                 inner.add_rows(t.view(stop - start, -1), start, stop)
-        if delta.bias is not None:
-            d += _rows(delta.bias, start, stop)
-            g += _rows(delta.bias_magnitude, start, stop)
-            evaluation_error += 2 * u * _rows(delta.bias_magnitude, start, stop)
-        if t is None:
+        else:
             t = torch.zeros_like(w)
-        diff = (t - d).abs_()
+        diff = torch.sub(t, d).abs_()
         m = w + t  # the fine-tuned value, exact: T is its exact difference from W
-        bound = merge_error_bound(
-            w_eff, m, g, additions=self.delta.additions, k=self.delta.k,
-            base_dtype=self.base_dtype, out_dtype=self.out_dtype,
-        )
+        ulp_m = ulp(m, out_dtype)
+        bound = merge_error_bound(w_eff, m, g, additions=delta.additions, k=delta.k, base_dtype=self.base_dtype,
+                                  out_dtype=out_dtype, ulp_m=ulp_m)
         if self.t_rounding is not None:
-            bound += ulp(t, self.t_rounding).mul_(0.5)
-        ratio = (diff * DIFF_MARGIN + evaluation_error) / bound
-        worst = int(torch.argmax(ratio.reshape(-1)))
-        worst_ratio = float(ratio.reshape(-1)[worst])
+            # ½·ulp(T) of the storage dtype ≤ u·|T| + the smallest subnormal (cheaper than ulp(T), and sound)
+            u_t = unit_roundoff(self.t_rounding)
+            bound.add_(t.abs(), alpha=u_t).add_(torch.finfo(self.t_rounding).smallest_normal * 2 * u_t)
+        ratio = torch.add(evaluation_error, diff, alpha=DIFF_MARGIN).div_(bound).reshape(-1)
+        worst = int(torch.argmax(ratio))
+        worst_ratio = float(ratio[worst])
         if worst_ratio > self.ratio or self.worst is None:
             self.ratio, self.worst = max(self.ratio, worst_ratio), start * _row_length(s.shape) + worst
         # in ulps of the weight being updated (near cancellation, ulps of a tiny M would say nothing)
-        self.ulps = max(self.ulps, float((diff / ulp(torch.maximum(m.abs(), w_eff.abs()), self.out_dtype)).max()))
-        s.max_abs_diff = max(s.max_abs_diff, float(diff.max()))
-        s.diff_sumsq += float(torch.dot(diff.reshape(-1), diff.reshape(-1)))
+        self.ulps = max(self.ulps, float(diff.div(torch.maximum(ulp_m, ulp(w_eff, out_dtype), out=ulp_m)).max()))
+        flat_diff = diff.reshape(-1)
+        s.max_abs_diff = max(s.max_abs_diff, float(flat_diff.max()))
+        s.diff_sumsq += float(torch.dot(flat_diff, flat_diff))
         # an update vanished where the stored weight is the base as that dtype stores it, although ΔW ≠ 0
-        s.vanished_elements += int(((d != 0) & (m == w_eff.to(self.out_dtype).to(torch.float64))).sum())
+        if out_dtype == self.base_dtype and delta.replacement is None:
+            if nonzero < t.numel():  # only where T = 0
+                s.vanished_elements += int((t == 0).logical_and_(d != 0).sum())
+        else:
+            s.vanished_elements += int((m == w_eff.to(out_dtype).to(torch.float64)).logical_and_(d != 0).sum())
         if self.dense_only:
             s.dot += float(torch.dot(t.reshape(-1), d.reshape(-1)))
             s.d_sumsq += float(torch.dot(d.reshape(-1), d.reshape(-1)))
         return d
+
+    def _delta_rows(self, w, start, stop):
+        """Rows of ΔW (float64), of G = Σ|s|·|L|@|R| (+|s·bias|), and a bound on the float64 evaluation's error."""
+        delta, u = self.delta, unit_roundoff(torch.float64)
+        d = g = evaluation_error = None
+        for part in delta.parts:
+            part_g = part.abs_rows(start, stop).view_as(w)
+            if self.compensated:
+                part_d = part.rows_compensated(start, stop).view_as(w)
+                part_error = part_d.abs().mul_(3 * u).add_(part_g, alpha=gamma(part.rank, torch.float64) ** 2)
+            else:
+                part_d = part.rows(start, stop).view_as(w)
+                part_error = part_g * gamma(part.rank + 2, torch.float64)
+            d = part_d if d is None else d.add_(part_d)
+            g = part_g if g is None else g.add_(part_g)
+            evaluation_error = part_error if evaluation_error is None else evaluation_error.add_(part_error)
+        if d is None:
+            d, g, evaluation_error = torch.zeros_like(w), torch.zeros_like(w), torch.zeros_like(w)
+        if delta.replacement is not None:
+            d.add_(_rows(delta.replacement, start, stop).to(torch.float64) - w)  # exact: both ≤ 24-bit values
+        if delta.bias is not None:
+            magnitude = _rows(delta.bias_magnitude, start, stop)
+            d.add_(_rows(delta.bias, start, stop))
+            g.add_(magnitude)
+            evaluation_error.add_(magnitude, alpha=2 * u)
+        return d, g, evaluation_error
 
     def finish(self) -> None:
         s = self.stats
@@ -387,41 +406,45 @@ def _start(stats, base, adapter, plan, tv, writer, dev) -> _State:
 
 
 def _chunk(stats, state, tv, w_raw, raw, start, stop, dev, writer):
-    if w_raw.is_floating_point():
-        stats.w_sumsq += float(torch.dot(w_raw.reshape(-1).to(torch.float64), w_raw.reshape(-1).to(torch.float64)))
     if state.accumulator is not None:
+        delta_dtype = torch.float64 if stats.base_dtype == "F64" else torch.float32
         for i, j in _blocks(start, stop, stats.shape):
-            w_rows = _rows(w_raw, i - start, j - start)
-            raw_rows = None if raw is None else _rows(raw, i - start, j - start)
-            t = tv.difference(raw_rows, w_rows) if raw_rows is not None else None
-            if t is not None:
-                _measure_t(stats, t, tv)
-                t = t.to(dev)
-            d = state.accumulator.add(w_rows.to(device=dev, dtype=torch.float64), t, i, j)
+            w64 = _rows(w_raw, i - start, j - start).to(device=dev, dtype=torch.float64)
+            raw_rows = None if raw is None else _rows(raw, i - start, j - start).to(dev)
+            t = None if raw_rows is None else tv.difference(raw_rows, w64, w64)
+            nonzero = 0 if t is None else _measure_t(stats, t, tv)
+            d = state.accumulator.add(w64, t, i, j, nonzero)
             if writer is not None:
-                writer.write(tensor_to_bytes(d.to(torch.float64 if stats.base_dtype == "F64" else torch.float32).cpu()))
+                writer.write(tensor_to_bytes(d.to(delta_dtype).cpu()))
         return
+    if w_raw.is_floating_point():
+        w64 = w_raw.reshape(-1).to(torch.float64)
+        stats.w_sumsq += float(torch.dot(w64, w64))
+        stats.w_read = True
     if raw is None:
         return
     t = tv.difference(raw, w_raw)
-    if t is None:
-        return
-    _measure_t(stats, t, tv)
-    if int(torch.count_nonzero(t)) == 0:
+    if t is None or _measure_t(stats, t, tv) == 0:
         return
     # a changed chunk: keep only the casts that reproduce it bit for bit
     state.cast_candidates = [d for d in state.cast_candidates if tv.cast_matches(raw, w_raw, d)]
     stats.cast_possible = stats.cast_possible and bool(state.cast_candidates)
 
 
-def _measure_t(stats, t, tv):
+def _measure_t(stats, t, tv) -> int:
+    """Accumulate ‖T‖², max|T| and the nonzero count of these rows of T; returns their nonzero count."""
     flat = t.reshape(-1)
-    if not dtypes.all_finite(flat):
+    if flat.numel() == 0:
+        return 0
+    low, high = torch.aminmax(flat)
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise LoratvError(f"{tv.path}: tensor '{stats.name}' contains NaN or Inf.")
+    stats.max_abs_t = max(stats.max_abs_t, -low, high)
     stats.t_sumsq += float(torch.dot(flat, flat))
-    stats.changed_elements += int(torch.count_nonzero(flat))
-    if flat.numel():
-        stats.max_abs_t = max(stats.max_abs_t, float(flat.abs().max()))
+    nonzero = int(torch.count_nonzero(flat))
+    stats.changed_elements += nonzero
+    return nonzero
 
 
 def _finish(stats, state, writer):

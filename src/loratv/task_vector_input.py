@@ -92,7 +92,8 @@ class StoredTaskVector:
             return None
         return self.tensors.read_rows(name, start, stop, into)
 
-    def difference(self, raw, w) -> torch.Tensor | None:
+    def difference(self, raw, w, w64=None) -> torch.Tensor | None:
+        """T in float64 (None: T = 0); `w64` is the base rows in float64 when the caller has them."""
         return None if raw is None else raw.to(torch.float64)
 
     def cast_matches(self, raw, w, dtype: torch.dtype) -> bool:
@@ -132,10 +133,10 @@ class LiveTaskVector:
         """Rows of the fine-tuned tensor."""
         return self.finetuned.read_rows(name, start, stop, into)
 
-    def difference(self, raw, w) -> torch.Tensor | None:
+    def difference(self, raw, w, w64=None) -> torch.Tensor | None:
         if raw.dtype == w.dtype and torch.equal(raw, w):
             return None
-        return raw.to(torch.float64) - w.to(torch.float64)
+        return raw.to(torch.float64).sub_(w64 if w64 is not None else w.to(torch.float64))
 
     def cast_matches(self, raw, w, dtype: torch.dtype) -> bool:
         return equals_cast(raw, w) if raw.dtype == dtype else False
