@@ -37,7 +37,7 @@ RESULTS_FILE = "comparison_results.json"
 REPORT_FILE = "detailed_comparison_report.txt"
 DELTAS_FILE = "lora_deltas.safetensors"
 READ_BYTES = 64 << 20  # per input and read
-BLOCK_ELEMENTS = 1 << 16  # float64 work arrays of 512 KB stay in cache
+BLOCK_ELEMENTS = 1 << 17  # float64 work arrays of 1 MB: the fastest size measured (docs/benchmarks.md)
 # |T − ΔW| is evaluated in float64 (one subtraction, relative error ≤ 2^-53); the margin covers it
 DIFF_MARGIN = 1 + 2 * unit_roundoff(torch.float64)
 
@@ -199,10 +199,9 @@ class _TargetedAccumulator:
             u_t = unit_roundoff(self.t_rounding)
             bound.add_(t.abs(), alpha=u_t).add_(torch.finfo(self.t_rounding).smallest_normal * 2 * u_t)
         ratio = torch.add(evaluation_error, diff, alpha=DIFF_MARGIN).div_(bound).reshape(-1)
-        worst = int(torch.argmax(ratio))
-        worst_ratio = float(ratio[worst])
-        if worst_ratio > self.ratio or self.worst is None:
-            self.ratio, self.worst = max(self.ratio, worst_ratio), start * _row_length(s.shape) + worst
+        block_max = float(ratio.max())
+        if block_max > self.ratio or self.worst is None:  # argmax is slow: only where the maximum moves
+            self.ratio, self.worst = max(self.ratio, block_max), start * _row_length(s.shape) + int(torch.argmax(ratio))
         # in ulps of the weight being updated (near cancellation, ulps of a tiny M would say nothing)
         self.ulps = max(self.ulps, float(diff.div(torch.maximum(ulp_m, ulp(w_eff, out_dtype), out=ulp_m)).max()))
         flat_diff = diff.reshape(-1)
@@ -352,7 +351,7 @@ def compare(
                 stats = comparisons[name]
                 if name != current:
                     if current is not None:
-                        _finish(comparisons[current], state, writer)
+                        _finish(comparisons[current], state, writer, base)
                     current = name
                     state = _start(stats, base, adapter, plan, tv, writer, dev)
                 if not dtypes.all_finite(w_raw):
@@ -361,7 +360,7 @@ def compare(
                 if stop == (base.entry(name).shape[0] if base.entry(name).shape else 1):
                     bar.update(base.entry(name).nbytes)
             if current is not None:
-                _finish(comparisons[current], state, writer)
+                _finish(comparisons[current], state, writer, base)
         if writer is not None:
             writer.close()
     except BaseException:
@@ -381,6 +380,7 @@ class _State:
     accumulator: _TargetedAccumulator | None
     out_dtype: torch.dtype | None
     cast_candidates: list
+    unchanged_chunks: list = field(default_factory=list)
 
 
 def _start(stats, base, adapter, plan, tv, writer, dev) -> _State:
@@ -417,15 +417,13 @@ def _chunk(stats, state, tv, w_raw, raw, start, stop, dev, writer):
             if writer is not None:
                 writer.write(tensor_to_bytes(d.to(delta_dtype).cpu()))
         return
-    if w_raw.is_floating_point():
-        w64 = w_raw.reshape(-1).to(torch.float64)
-        stats.w_sumsq += float(torch.dot(w64, w64))
-        stats.w_read = True
     if raw is None:
         return
     t = tv.difference(raw, w_raw)
     if t is None or _measure_t(stats, t, tv) == 0:
+        state.unchanged_chunks.append((start, stop))  # its ‖W‖ is only needed if another chunk changed
         return
+    _add_base_norm(stats, w_raw)
     # a changed chunk: keep only the casts that reproduce it bit for bit
     state.cast_candidates = [d for d in state.cast_candidates if tv.cast_matches(raw, w_raw, d)]
     stats.cast_possible = stats.cast_possible and bool(state.cast_candidates)
@@ -447,7 +445,17 @@ def _measure_t(stats, t, tv) -> int:
     return nonzero
 
 
-def _finish(stats, state, writer):
+def _add_base_norm(stats, w_raw):
+    if w_raw.is_floating_point():
+        w64 = w_raw.reshape(-1).to(torch.float64)
+        stats.w_sumsq += float(torch.dot(w64, w64))
+        stats.w_read = True
+
+
+def _finish(stats, state, writer, base):
+    if stats.changed and not stats.targeted:
+        for start, stop in state.unchanged_chunks:  # rare: a large tensor changed in some chunks only
+            _add_base_norm(stats, base.read_rows(stats.name, start, stop))
     if state.accumulator is not None:
         state.accumulator.finish()
         if writer is not None:

@@ -9,7 +9,7 @@ L = B, R = A for nn.Linear; L = Aᵀ, R = Bᵀ for Conv1D and embeddings (their 
 All in float64 (the stored factors are upcast exactly).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ class Factors:
     right: torch.Tensor  # (r, n)
     scale: float
     exact_products: bool = False  # stored with ≤ 26 significant bits: every product is exact in float64
+    _abs: tuple | None = field(default=None, repr=False)  # |L| and |s|·|R|, made on first use
 
     @classmethod
     def from_lora(cls, a: torch.Tensor, b: torch.Tensor, scale: float, transposed: bool) -> "Factors":
@@ -56,7 +57,9 @@ class Factors:
 
     def abs_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows of |s|·(|L|@|R|): the scale of the rounding error of any evaluation of those rows."""
-        return (self.left[start:stop].abs() @ self.right.abs()).mul_(abs(self.scale))
+        if self._abs is None:
+            self._abs = (self.left.abs(), self.right.abs().mul_(abs(self.scale)))
+        return self._abs[0][start:stop] @ self._abs[1]
 
 
 def _split(x: torch.Tensor):

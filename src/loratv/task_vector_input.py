@@ -12,7 +12,7 @@ import torch
 from .checkpoint import Checkpoint, resolve_path
 from .errors import LoratvError
 from .extract import REPORT_FILE, SCHEMA, TENSOR_FILE, check_same_tensors
-from .precision import cast_difference, equals_cast
+from .precision import bits_equal, cast_difference, equals_cast
 
 
 class StoredTaskVector:
@@ -134,7 +134,7 @@ class LiveTaskVector:
         return self.finetuned.read_rows(name, start, stop, into)
 
     def difference(self, raw, w, w64=None) -> torch.Tensor | None:
-        if raw.dtype == w.dtype and torch.equal(raw, w):
+        if bits_equal(raw, w):  # the common case (the base itself is checked finite by the caller)
             return None
         return raw.to(torch.float64).sub_(w64 if w64 is not None else w.to(torch.float64))
 
