@@ -395,3 +395,44 @@ def test_peft_merge_of_every_lora_case_is_certified(case, tmp_path, capsys):
     changed = {n for n, w in base_state.items() if not torch.equal(ft_state[n], w)}
     assert {t["name"] for t in record["tensors"] if t["category"] == "shared"} == changed
     assert s["counts"]["tv-only"] == 0
+
+
+def _train_adapter(base, out, seed, steps=6):
+    """A short real LoRA training run (PEFT, AdamW, causal-LM loss); `seed` sets the LoRA init."""
+    from peft import LoraConfig, get_peft_model
+
+    from models import VOCAB, load_model
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(load_model(base, torch.float32),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    data = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(42))
+    model.train()
+    for _ in range(steps):
+        model(input_ids=data, labels=data).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    return out
+
+
+def test_adapter_trained_from_another_seed_is_not_equivalent(tmp_path):
+    base = build_base("starcoder2", tmp_path / "base", seed=3)
+    ours = _train_adapter(base, tmp_path / "seed0", seed=0)
+    other = _train_adapter(base, tmp_path / "seed1", seed=1)
+    merged = tmp_path / "merged"
+    from loratv.cli import main
+
+    assert main(["merge", "--base", str(base), "--adapter", str(ours), "-o", str(merged), "--quiet"]) == 0
+    rc, record = _compare(base, ours, tmp_path / "same", finetuned=merged)
+    assert rc == 0 and record["summary"]["verdict"] == "EQUIVALENT (certified)"
+    rc, record = _compare(base, other, tmp_path / "other", finetuned=merged)
+    s = record["summary"]
+    assert rc == 1 and s["verdict"] == "NOT EQUIVALENT"
+    assert s["counts"]["shared"] == 4 and s["max_certificate_ratio"] > 1e3
+    assert s["global_cosine"] < 0.9 and s["perfect_matches"] == 0
+    assert len(s["reasons"]) == 4 and all("rounding bound" in r for r in s["reasons"])

@@ -173,16 +173,27 @@ class _TargetedAccumulator:
         self.dense_only = not delta.parts or delta.replacement is not None or delta.bias is not None
         # a float64 merge rounds as finely as a float64 evaluation of ΔW: evaluate it twice as precisely then
         self.compensated = compute_dtype_for(base_dtype, out_dtype) == torch.float64
+        self.delta_dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
         self.ratio = 0.0
         self.ulps = 0.0
         self.worst = None
+
+    def add_rows(self, w_rows: torch.Tensor, raw_rows: torch.Tensor | None, start: int, stop: int, tv) -> torch.Tensor:
+        """Rows [start, stop) of the base and of the task vector input as read (None: T = 0); returns the rows of
+        ΔW in the dtype lora_deltas.safetensors stores."""
+        w64 = w_rows.to(device=self.device, dtype=torch.float64)
+        raw_rows = None if raw_rows is None else raw_rows.to(self.device)
+        t = None if raw_rows is None else tv.difference(raw_rows, w64, w64)
+        nonzero = 0 if t is None else _measure_t(self.stats, t, tv)
+        return self.add(w64, t, start, stop, nonzero).to(self.delta_dtype).cpu()
 
     def add(self, w: torch.Tensor, t: torch.Tensor | None, start: int, stop: int, nonzero: int) -> torch.Tensor:
         """Rows [start, stop) of W and T (None: T = 0) as float64 on the device, with T's nonzero count; returns the
         rows of ΔW."""
         s, delta, out_dtype = self.stats, self.delta, self.out_dtype
         s.w_sumsq += float(torch.dot(w.reshape(-1), w.reshape(-1)))
-        d, g, evaluation_error = self._delta_rows(w, start, stop)
+        d, g, ge, extra = self._delta_rows(w, start, stop)
+        evaluation_error = g * ge if extra is None else extra.add_(g, alpha=ge)
         w_eff = w if delta.replacement is None else _rows(delta.replacement, start, stop).to(torch.float64)
         if t is not None:
             for inner in self.inner:
@@ -190,14 +201,20 @@ class _TargetedAccumulator:
         else:
             t = torch.zeros_like(w)
         diff = torch.sub(t, d).abs_()
-        m = w + t  # the fine-tuned value, exact: T is its exact difference from W
-        ulp_m = ulp(m, out_dtype)
+        m = w + t  # the fine-tuned value: exact when T is stored exactly
+        if self.t_rounding is None:
+            t_error = None
+            ulp_m = ulp(m, out_dtype)
+        else:
+            # the stored T was rounded: |T − T_exact| ≤ ½·ulp(T) ≤ u·|T| + a subnormal spacing (sound, cheaper than
+            # ulp(T)); M itself is then only known to that accuracy, so its ulp is taken at the low end
+            u_t = unit_roundoff(self.t_rounding)
+            t_error = t.abs().mul_(u_t).add_(torch.finfo(self.t_rounding).smallest_normal * 2 * u_t)
+            ulp_m = ulp(m.abs().sub_(t_error).clamp_(min=0), out_dtype)
         bound = merge_error_bound(w_eff, m, g, additions=delta.additions, k=delta.k, base_dtype=self.base_dtype,
                                   out_dtype=out_dtype, ulp_m=ulp_m)
-        if self.t_rounding is not None:
-            # ½·ulp(T) of the storage dtype ≤ u·|T| + the smallest subnormal (cheaper than ulp(T), and sound)
-            u_t = unit_roundoff(self.t_rounding)
-            bound.add_(t.abs(), alpha=u_t).add_(torch.finfo(self.t_rounding).smallest_normal * 2 * u_t)
+        if t_error is not None:
+            bound.add_(t_error)
         ratio = torch.add(evaluation_error, diff, alpha=DIFF_MARGIN).div_(bound).reshape(-1)
         block_max = float(ratio.max())
         if block_max > self.ratio or self.worst is None:  # argmax is slow: only where the maximum moves
@@ -219,30 +236,35 @@ class _TargetedAccumulator:
         return d
 
     def _delta_rows(self, w, start, stop):
-        """Rows of ΔW (float64), of G = Σ|s|·|L|@|R| (+|s·bias|), and a bound on the float64 evaluation's error."""
+        """Rows of ΔW (float64) and of G = Σ|s|·|L|@|R| (+|s·bias|), and the bound ge·G + extra (extra may be None)
+        on the error of this float64 evaluation of ΔW. `w` is the base rows in float64 (or any tensor of their shape
+        when there is no replacement)."""
         delta, u = self.delta, unit_roundoff(torch.float64)
-        d = g = evaluation_error = None
+        shape = (stop - start, *self.stats.shape[1:]) if self.stats.shape else ()
+        d = g = extra = None
+        ge = 0.0
         for part in delta.parts:
-            part_g = part.abs_rows(start, stop).view_as(w)
+            part_g = part.abs_rows(start, stop).view(shape)
             if self.compensated:
-                part_d = part.rows_compensated(start, stop).view_as(w)
-                part_error = part_d.abs().mul_(3 * u).add_(part_g, alpha=gamma(part.rank, torch.float64) ** 2)
+                part_d = part.rows_compensated(start, stop).view(shape)
+                extra = part_d.abs().mul_(3 * u) if extra is None else extra.add_(part_d.abs(), alpha=3 * u)
+                ge = max(ge, gamma(part.rank, torch.float64) ** 2)
             else:
-                part_d = part.rows(start, stop).view_as(w)
-                part_error = part_g * gamma(part.rank + 2, torch.float64)
+                part_d = part.rows(start, stop).view(shape)
+                ge = max(ge, gamma(part.rank + 2, torch.float64))
             d = part_d if d is None else d.add_(part_d)
             g = part_g if g is None else g.add_(part_g)
-            evaluation_error = part_error if evaluation_error is None else evaluation_error.add_(part_error)
         if d is None:
-            d, g, evaluation_error = torch.zeros_like(w), torch.zeros_like(w), torch.zeros_like(w)
+            d = torch.zeros(shape, dtype=torch.float64, device=self.device)
+            g = torch.zeros_like(d)
         if delta.replacement is not None:
             d.add_(_rows(delta.replacement, start, stop).to(torch.float64) - w)  # exact: both ≤ 24-bit values
         if delta.bias is not None:
             magnitude = _rows(delta.bias_magnitude, start, stop)
             d.add_(_rows(delta.bias, start, stop))
             g.add_(magnitude)
-            evaluation_error.add_(magnitude, alpha=2 * u)
-        return d, g, evaluation_error
+            extra = magnitude * (2 * u) if extra is None else extra.add_(magnitude, alpha=2 * u)
+        return d, g, ge, extra
 
     def finish(self) -> None:
         s = self.stats
@@ -322,7 +344,14 @@ def compare(
     for name in base.names():
         entry = base.entry(name)
         comparisons[name] = TensorComparison(name, tuple(entry.shape), entry.dtype, tv.finetuned_dtype(name), name in targeted)
+    _stream(base, adapter, plan, tv, comparisons, targeted, dev, deltas_path, progress)
+    for stats in comparisons.values():
+        _categorise(stats)
+    return build_record(base, adapter, tv, plan, comparisons, tolerance, command)
 
+
+def _stream(base, adapter, plan, tv, comparisons, targeted, dev, deltas_path, progress) -> None:
+    """One pass over the base (and the task vector), in file order, one chunk read ahead, filling `comparisons`."""
     jobs = [
         (name, start, stop)
         for name in base.names()
@@ -370,9 +399,6 @@ def compare(
     finally:
         reader.close()
 
-    for stats in comparisons.values():
-        _categorise(stats)
-    return build_record(base, adapter, tv, plan, comparisons, tolerance, command)
 
 
 @dataclass
@@ -407,15 +433,11 @@ def _start(stats, base, adapter, plan, tv, writer, dev) -> _State:
 
 def _chunk(stats, state, tv, w_raw, raw, start, stop, dev, writer):
     if state.accumulator is not None:
-        delta_dtype = torch.float64 if stats.base_dtype == "F64" else torch.float32
         for i, j in _blocks(start, stop, stats.shape):
-            w64 = _rows(w_raw, i - start, j - start).to(device=dev, dtype=torch.float64)
-            raw_rows = None if raw is None else _rows(raw, i - start, j - start).to(dev)
-            t = None if raw_rows is None else tv.difference(raw_rows, w64, w64)
-            nonzero = 0 if t is None else _measure_t(stats, t, tv)
-            d = state.accumulator.add(w64, t, i, j, nonzero)
+            raw_rows = None if raw is None else _rows(raw, i - start, j - start)
+            d = state.accumulator.add_rows(_rows(w_raw, i - start, j - start), raw_rows, i, j, tv)
             if writer is not None:
-                writer.write(tensor_to_bytes(d.to(delta_dtype).cpu()))
+                writer.write(tensor_to_bytes(d))
         return
     if raw is None:
         return
