@@ -7,6 +7,9 @@ The result is a plain record (schema in docs/comparison-results.md) that reports
 """
 
 import math
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +21,6 @@ from .errors import LoratvError
 from .inspect import LAYER
 from .lowrank import Factors, InnerProduct, norm_sq
 from .merge import resolve_device
-from .prefetch import prefetched
 from .precision import FLOAT_DTYPES, compute_dtype_for, gamma, merge_error_bound, ulp, unit_roundoff
 from .progress import progress_bar
 from .safetensors_format import SafetensorsWriter, tensor_to_bytes
@@ -37,6 +39,7 @@ RESULTS_FILE = "comparison_results.json"
 REPORT_FILE = "detailed_comparison_report.txt"
 DELTAS_FILE = "lora_deltas.safetensors"
 READ_BYTES = 64 << 20  # per input and read
+WORKERS = 2  # tensors compared at once (one per core)
 BLOCK_ELEMENTS = 1 << 17  # float64 work arrays of 1 MB: the fastest size measured (docs/benchmarks.md)
 # |T − ΔW| is evaluated in float64 (one subtraction, relative error ≤ 2^-53); the margin covers it
 DIFF_MARGIN = 1 + 2 * unit_roundoff(torch.float64)
@@ -351,45 +354,61 @@ def compare(
 
 
 def _stream(base, adapter, plan, tv, comparisons, targeted, dev, deltas_path, progress) -> None:
-    """One pass over the base (and the task vector), in file order, one chunk read ahead, filling `comparisons`."""
-    jobs = [
-        (name, start, stop)
-        for name in base.names()
-        if name in targeted or tv.needs_read(name)
-        for start, stop in row_chunks(base.entry(name).shape, 8, READ_BYTES)
-    ]
-    buffers = [[torch.empty(READ_BYTES, dtype=torch.uint8) for _ in range(2)] for _ in range(2)]
+    """One pass over the tensors that need reading, WORKERS tensors at a time, results taken in base order."""
+    names = [n for n in base.names() if n in targeted or tv.needs_read(n)]
+    keep_deltas = deltas_path is not None
+    local = threading.local()
 
-    def read(job, slot):
-        name, start, stop = job
-        w = base.read_rows(name, start, stop, buffers[slot][0])
-        return w, tv.read_raw(name, start, stop, buffers[slot][1]) if tv.needs_read(name) else None
+    def run(name):
+        """Compare one tensor, chunk by chunk, with this worker's read buffers; returns its ΔW pieces if kept."""
+        if not hasattr(local, "buffers"):
+            local.buffers = [torch.empty(READ_BYTES, dtype=torch.uint8) for _ in range(2)]
+        stats = comparisons[name]
+        state = _start(stats, base, adapter, plan, tv, dev)
+        pieces = []
+        for start, stop in row_chunks(base.entry(name).shape, 8, READ_BYTES):
+            w_raw = base.read_rows(name, start, stop, local.buffers[0])
+            raw = tv.read_raw(name, start, stop, local.buffers[1]) if tv.needs_read(name) else None
+            if not dtypes.all_finite(w_raw):
+                raise LoratvError(f"{base.entry(name).file}: tensor '{name}' contains NaN or Inf.")
+            pieces += _chunk(stats, state, tv, w_raw, raw, start, stop, dev)
+        _finish(stats, state, base)
+        return pieces if keep_deltas and stats.targeted else None
 
     writer = None
-    if deltas_path is not None:
+    if keep_deltas:
         metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "compare",
                     "base": str(base.source), "adapter": str(adapter.source),
                     "content": "ΔW per targeted tensor under base names, float64 value rounded once"}
         writer = SafetensorsWriter(deltas_path, [(n, base.entry(n).shape) for n in targeted], metadata)
-    reader = prefetched(jobs, read)
-    total = sum(base.entry(n).nbytes for n in dict.fromkeys(job[0] for job in jobs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread per tensor: its many small operations parallelise badly within
     try:
-        with progress_bar(total, "compare", enabled=progress) as bar:
-            current = None
-            for (name, start, stop), (w_raw, raw) in reader:
-                stats = comparisons[name]
-                if name != current:
-                    if current is not None:
-                        _finish(comparisons[current], state, writer, base)
-                    current = name
-                    state = _start(stats, base, adapter, plan, tv, writer, dev)
-                if not dtypes.all_finite(w_raw):
-                    raise LoratvError(f"{base.entry(name).file}: tensor '{name}' contains NaN or Inf.")
-                _chunk(stats, state, tv, w_raw, raw, start, stop, dev, writer)
-                if stop == (base.entry(name).shape[0] if base.entry(name).shape else 1):
-                    bar.update(base.entry(name).nbytes)
-            if current is not None:
-                _finish(comparisons[current], state, writer, base)
+        with progress_bar(sum(base.entry(n).nbytes for n in names), "compare", enabled=progress) as bar, \
+                ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="loratv-compare") as pool:
+            pending = deque()
+
+            def collect():
+                name, future = pending.popleft()
+                pieces = future.result()
+                if pieces is not None:
+                    writer.begin(name, dtypes.code_of(pieces[0].dtype) if pieces else "F32", base.entry(name).shape)
+                    for piece in pieces:
+                        writer.write(tensor_to_bytes(piece))
+                    writer.end()
+                bar.update(base.entry(name).nbytes)
+
+            try:
+                for name in names:
+                    pending.append((name, pool.submit(run, name)))
+                    if len(pending) > WORKERS:
+                        collect()
+                while pending:
+                    collect()
+            except BaseException:
+                for _, future in pending:
+                    future.cancel()
+                raise
         if writer is not None:
             writer.close()
     except BaseException:
@@ -397,8 +416,7 @@ def _stream(base, adapter, plan, tv, comparisons, targeted, dev, deltas_path, pr
             writer.abort()
         raise
     finally:
-        reader.close()
-
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -409,7 +427,7 @@ class _State:
     unchanged_chunks: list = field(default_factory=list)
 
 
-def _start(stats, base, adapter, plan, tv, writer, dev) -> _State:
+def _start(stats, base, adapter, plan, tv, dev) -> _State:
     base_dtype = base.entry(stats.name).torch_dtype
     out_dtype = _float_dtype(stats.finetuned_dtype)
     if stats.targeted:
@@ -418,8 +436,6 @@ def _start(stats, base, adapter, plan, tv, writer, dev) -> _State:
         if out_dtype is None:  # no record of the fine-tuned dtype: assume the base's (the usual merge)
             out_dtype = base_dtype
         accumulator = _TargetedAccumulator(stats, delta, base_dtype, out_dtype, tv.storage_rounding(stats.name), dev)
-        if writer is not None:
-            writer.begin(stats.name, "F64" if base_dtype == torch.float64 else "F32", stats.shape)
         return _State(accumulator, out_dtype, [])
     if out_dtype is not None:
         candidates = [out_dtype] if out_dtype != base_dtype else []
@@ -431,24 +447,25 @@ def _start(stats, base, adapter, plan, tv, writer, dev) -> _State:
     return _State(None, out_dtype, candidates)
 
 
-def _chunk(stats, state, tv, w_raw, raw, start, stop, dev, writer):
+def _chunk(stats, state, tv, w_raw, raw, start, stop, dev) -> list:
+    """Compare rows [start, stop); returns the rows of ΔW of a targeted tensor, in pieces ([] otherwise)."""
     if state.accumulator is not None:
+        pieces = []
         for i, j in _blocks(start, stop, stats.shape):
             raw_rows = None if raw is None else _rows(raw, i - start, j - start)
-            d = state.accumulator.add_rows(_rows(w_raw, i - start, j - start), raw_rows, i, j, tv)
-            if writer is not None:
-                writer.write(tensor_to_bytes(d))
-        return
+            pieces.append(state.accumulator.add_rows(_rows(w_raw, i - start, j - start), raw_rows, i, j, tv))
+        return pieces
     if raw is None:
-        return
+        return []
     t = tv.difference(raw, w_raw)
     if t is None or _measure_t(stats, t, tv) == 0:
         state.unchanged_chunks.append((start, stop))  # its ‖W‖ is only needed if another chunk changed
-        return
+        return []
     _add_base_norm(stats, w_raw)
     # a changed chunk: keep only the casts that reproduce it bit for bit
     state.cast_candidates = [d for d in state.cast_candidates if tv.cast_matches(raw, w_raw, d)]
     stats.cast_possible = stats.cast_possible and bool(state.cast_candidates)
+    return []
 
 
 def _measure_t(stats, t, tv) -> int:
@@ -474,14 +491,12 @@ def _add_base_norm(stats, w_raw):
         stats.w_read = True
 
 
-def _finish(stats, state, writer, base):
+def _finish(stats, state, base):
     if stats.changed and not stats.targeted:
         for start, stop in state.unchanged_chunks:  # rare: a large tensor changed in some chunks only
             _add_base_norm(stats, base.read_rows(stats.name, start, stop))
     if state.accumulator is not None:
         state.accumulator.finish()
-        if writer is not None:
-            writer.end()
     elif stats.changed:
         stats.max_abs_diff = stats.max_abs_t
         if stats.cast_possible and state.cast_candidates:
