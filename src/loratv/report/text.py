@@ -202,4 +202,12 @@ def render_precision_text(record: dict) -> str:
     lines = ["loratv precision study", "=" * 22] + _key_values(
         [("base", _fmt(record.get("base"))), ("adapter", _fmt(record.get("adapter")))])
     lines += [""] + table + ["", "Paths:"] + [f"  {p['name']}: {p['description']}" for p in record["paths"]]
+    lines += ["", "Columns:",
+              "  real / cast-artifact / unexplained: changed tensors the adapter targets / that equal the base cast to",
+              "    the output dtype bit for bit / anything else",
+              "  vanished elements: targeted elements where ΔW ≠ 0 but the stored weight is the base in that dtype",
+              "  effective cosine: between what the merge stored (fine-tuned − base) and ΔW, over targeted tensors",
+              "  max ulps: largest |T − ΔW| in ulps of the output dtype at the weight's magnitude (an fp32 ulp is",
+              "    8192 times finer than an fp16 one)",
+              "  max cert: largest certificate ratio; ≤ 1 means every element is within the rounding bound"]
     return "\n".join(lines) + "\n"
