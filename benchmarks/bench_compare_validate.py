@@ -26,9 +26,6 @@ is deleted at the end unless --keep.
 import argparse
 import json
 import os
-import shlex
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path

@@ -140,8 +140,8 @@ def test_example_fp16_has_363_cast_artifacts_and_is_certified(example, tmp_path)
     from loratv.cli import main
 
     assert main(["extract", "--base", str(example["base"]), "--finetuned", str(merged), "-o", str(tv), "--quiet"]) == 0
-    for kwargs in ({"task_vector": tv}, {"finetuned": merged}):
-        out = tmp_path / f"cmp_{len(kwargs)}_{next(iter(kwargs))}"
+    for k, kwargs in enumerate(({"task_vector": tv}, {"task_vector": tv / "task_vector.safetensors"}, {"finetuned": merged})):
+        out = tmp_path / f"cmp_{k}"
         rc, record = _compare(example["base"], example["adapter"], out, **kwargs)
         s = record["summary"]
         assert rc == 0 and s["verdict"] == "EQUIVALENT (certified)"

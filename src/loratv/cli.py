@@ -82,7 +82,8 @@ def add_validate_arguments(p):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loratv",
-        description="Merge LoRA adapters, extract task vectors, and inspect what the weights contain (streaming, offline).",
+        description="Merge LoRA adapters, extract task vectors, compare the two with a proven verdict, and inspect what "
+                    "the weights contain (streaming, offline).",
     )
     parser.add_argument("--version", action="version", version=f"loratv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -188,7 +189,7 @@ def cmd_compare(args) -> int:
     from .compare import DELTAS_FILE, compare
     from .example import example_merged, example_paths
     from .outputs import atomic_output_dir
-    from .results import dump_json, write_comparison_files
+    from .results import write_comparison_files
 
     if args.base is None and args.adapter is None and args.task_vector is None and args.finetuned is None:
         paths = example_paths()

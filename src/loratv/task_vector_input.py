@@ -5,7 +5,6 @@ stored T was itself rounded.
 """
 
 import json
-from pathlib import Path
 
 import torch
 
