@@ -1,0 +1,104 @@
+"""Spectra and ranks of weight deltas (groundwork for `loratv analyze --spectrum` and `to-lora`).
+
+- A LoRA delta ΔW = Σ s_i L_i R_i has rank ≤ Σ r_i; its singular values and vectors come exactly (to float64
+  rounding) from its factors: with L = [s_1 L_1 … ] = Q_L K_L and Rᵀ = [R_1ᵀ …] = Q_R K_R (thin QR), ΔW = Q_L (K_L K_Rᵀ)
+  Q_Rᵀ, so the SVD of the small core K_L K_Rᵀ gives everything in O((m + n)·r²), never forming the m×n matrix.
+- A dense matrix (a task vector) gets a randomized SVD (Halko, Martinsson & Tropp 2011: Gaussian sketch with
+  oversampling, power iterations with re-orthonormalisation), and the Frobenius norm of what it leaves out,
+  computed exactly from the residual, not estimated.
+- Rank summaries: numerical rank above a noise floor, stable rank ‖A‖²_F / σ₁², effective rank (Roy & Vetterli's
+  exp of the spectral entropy), energy in the top k; principal angles between subspaces.
+All in float64.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Spectrum:
+    """Leading singular triplets: A ≈ U diag(S) Vᵀ, U (m, k), S (k,) descending, V (n, k)."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+    frobenius: float  # ‖A‖_F
+    residual: float  # ‖A − U diag(S) Vᵀ‖_F (0 for an exact low-rank spectrum)
+
+    @property
+    def energy(self) -> float:
+        """Fraction of ‖A‖²_F in the kept triplets."""
+        total = self.frobenius**2
+        return float((self.s**2).sum()) / total if total > 0 else 1.0
+
+
+def lora_spectrum(parts: list) -> Spectrum:
+    """Exact SVD of Σ s_i L_i R_i (lowrank.Factors in one orientation) from the factors alone."""
+    left = torch.cat([p.left * p.scale for p in parts], dim=1)  # (m, Σr)
+    right = torch.cat([p.right for p in parts], dim=0)  # (Σr, n)
+    q_left, k_left = torch.linalg.qr(left)
+    q_right, k_right = torch.linalg.qr(right.T)
+    u_core, s, vh_core = torch.linalg.svd(k_left @ k_right.T)
+    frobenius = float(torch.linalg.vector_norm(s))
+    return Spectrum(q_left @ u_core, s, q_right @ vh_core.T, frobenius, 0.0)
+
+
+def randomized_spectrum(a: torch.Tensor, k: int, *, oversample: int = 10, power_iterations: int = 2,
+                        seed: int = 0) -> Spectrum:
+    """The k leading singular triplets of a dense matrix by randomized SVD, with the exact residual norm."""
+    a = a.to(torch.float64)
+    m, n = a.shape
+    width = min(m, n, k + oversample)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, width, generator=gen, dtype=torch.float64).to(a.device)
+    q, _ = torch.linalg.qr(a @ omega)
+    for _ in range(power_iterations):  # (A Aᵀ)^q sharpens the decay; orthonormalise each half step for stability
+        z, _ = torch.linalg.qr(a.T @ q)
+        q, _ = torch.linalg.qr(a @ z)
+    u_small, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    keep = min(k, s.numel())
+    u, s, v = q @ u_small[:, :keep], s[:keep], vh[:keep].T
+    residual = float(torch.linalg.matrix_norm(a - (u * s) @ v.T))
+    return Spectrum(u, s, v, float(torch.linalg.matrix_norm(a)), residual)
+
+
+def exact_spectrum(a: torch.Tensor, k: int | None = None) -> Spectrum:
+    """Full SVD (for small matrices, or on request), truncated to k triplets."""
+    a = a.to(torch.float64)
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    keep = s.numel() if k is None else min(k, s.numel())
+    tail = float(torch.linalg.vector_norm(s[keep:]))
+    return Spectrum(u[:, :keep], s[:keep], vh[:keep].T, float(torch.linalg.vector_norm(s)), tail)
+
+
+def numerical_rank(s: torch.Tensor, floor: float) -> int:
+    """How many singular values exceed the noise floor (e.g. the Frobenius norm of the merge's rounding)."""
+    return int((s > floor).sum())
+
+
+def stable_rank(s: torch.Tensor, frobenius: float | None = None) -> float:
+    """‖A‖²_F / σ₁² (≤ rank; insensitive to tiny singular values)."""
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0.0
+    total = float((s**2).sum()) if frobenius is None else frobenius**2
+    return total / float(s[0]) ** 2
+
+
+def effective_rank(s: torch.Tensor) -> float:
+    """Roy & Vetterli (2007): exp(−Σ p_i log p_i) with p_i = σ_i / Σσ."""
+    total = float(s.sum())
+    if total <= 0:
+        return 0.0
+    p = s[s > 0] / total
+    return math.exp(float(-(p * torch.log(p)).sum()))
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles (radians, ascending) between the column spaces of a and b (each orthonormalised first)."""
+    qa, _ = torch.linalg.qr(a.to(torch.float64))
+    qb, _ = torch.linalg.qr(b.to(torch.float64))
+    cosines = torch.linalg.svdvals(qa.T @ qb).clamp(-1.0, 1.0)
+    return torch.arccos(cosines)
+
