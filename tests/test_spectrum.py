@@ -108,3 +108,44 @@ def test_principal_angles():
     y = np.stack([e[:, 0], 0.5 * e[:, 1] + math.sqrt(3) / 2 * e[:, 2]], axis=1)
     assert np.allclose(np.sort(principal_angles(torch.from_numpy(x), torch.from_numpy(y)).numpy()), [0.0, np.pi / 3],
                        atol=1e-7)
+
+
+def _lowrank_plus_noise(rng, m, n, r, noise):
+    a = rng.standard_normal((r, n))
+    b = rng.standard_normal((m, r))
+    return b @ a + noise * rng.standard_normal((m, n))
+
+
+@pytest.mark.parametrize("exact_max_dim", [2048, 8])  # exact SVD, then the randomized path
+def test_truncate_recovers_the_rank_and_reports_the_error_it_makes(exact_max_dim):
+    from loratv.spectrum import truncate
+
+    rng = np.random.default_rng(5)
+    t = _lowrank_plus_noise(rng, 60, 40, 5, 1e-9)
+    total = np.linalg.norm(t)
+    for kwargs in ({"max_error": 1e-6}, {"energy": 0.999999}, {"rank": 5}):
+        cut = truncate(torch.from_numpy(t), exact_max_dim=exact_max_dim, **kwargs)
+        assert cut.rank == 5, kwargs
+        assert cut.b.shape == (60, 5) and cut.a.shape == (5, 40)
+        residual = np.linalg.norm(t - cut.b.numpy() @ cut.a.numpy())
+        assert cut.error == pytest.approx(residual, rel=1e-9)
+        assert cut.relative_error == pytest.approx(residual / total, rel=1e-9)
+        stored = cut.b.numpy().astype(np.float32).astype(np.float64) @ cut.a.numpy().astype(np.float32).astype(np.float64)
+        assert cut.stored_error == pytest.approx(np.linalg.norm(t - stored), rel=1e-9)
+        assert cut.stored_error >= cut.error * (1 - 1e-12)
+    # the balanced split: both factors carry √σ
+    assert np.allclose(np.linalg.norm(cut.b.numpy(), axis=0), np.linalg.norm(cut.a.numpy(), axis=1))
+
+
+def test_truncate_energy_and_error_criteria_pick_the_smallest_rank():
+    from loratv.spectrum import truncate
+
+    rng = np.random.default_rng(6)
+    s = np.array([10.0, 5.0, 2.0, 1.0, 0.5])
+    t = _orthonormal(rng, 30, 5) * s @ _orthonormal(rng, 20, 5).T
+    energies = np.cumsum(s**2) / (s**2).sum()
+    for k in range(1, 5):
+        assert truncate(torch.from_numpy(t), energy=float(energies[k - 1])).rank == k
+        tail = np.sqrt((s[k:] ** 2).sum()) / np.sqrt((s**2).sum())
+        assert truncate(torch.from_numpy(t), max_error=float(tail) * (1 + 1e-9)).rank == k
+    assert truncate(torch.from_numpy(np.zeros((4, 3))), energy=0.9).rank == 0

@@ -8,6 +8,8 @@
   computed exactly from the residual, not estimated.
 - Rank summaries: numerical rank above a noise floor, stable rank ‖A‖²_F / σ₁², effective rank (Roy & Vetterli's
   exp of the spectral entropy), energy in the top k; principal angles between subspaces.
+- `truncate`: the smallest truncated SVD meeting a rank, energy or relative-error criterion, as balanced LoRA
+  factors, with the error measured on the residual (and again after rounding the factors to their storage dtype).
 All in float64.
 """
 
@@ -102,3 +104,78 @@ def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     cosines = torch.linalg.svdvals(qa.T @ qb).clamp(-1.0, 1.0)
     return torch.arccos(cosines)
 
+
+
+@dataclass
+class Truncation:
+    """ΔW ≈ B @ A (PEFT's lora_B, lora_A with scaling 1, i.e. lora_alpha = r), balanced: B = U√S, A = √S Vᵀ."""
+
+    a: torch.Tensor  # (k, n), float64
+    b: torch.Tensor  # (m, k), float64
+    rank: int
+    frobenius: float  # ‖T‖_F
+    error: float  # ‖T − B A‖_F with the float64 factors, computed from the residual itself
+    stored_error: float  # the same with the factors rounded to the storage dtype, as PEFT will load them
+
+    @property
+    def relative_error(self) -> float:
+        return self.error / self.frobenius if self.frobenius > 0 else 0.0
+
+    @property
+    def energy(self) -> float:
+        """Fraction of ‖T‖²_F the factors keep (1 − relative_error²: B A is T's projection)."""
+        return 1.0 - self.relative_error**2
+
+
+def truncate(t: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
+             max_error: float | None = None, storage_dtype: torch.dtype = torch.float32,
+             exact_max_dim: int = 2048, seed: int = 0) -> Truncation:
+    """The smallest truncated SVD of t meeting exactly one criterion: a given rank, a kept fraction of ‖T‖²_F
+    (`energy`), or a relative Frobenius error ‖T − BA‖_F / ‖T‖_F ≤ `max_error`. Exact SVD when min(m, n) ≤
+    exact_max_dim, else randomized with the rank doubled until the criterion holds on the exact residual."""
+    if sum(c is not None for c in (rank, energy, max_error)) != 1:
+        raise ValueError("give exactly one of rank, energy, max_error")
+    t = t.to(torch.float64)
+    m, n = t.shape
+    total = float(torch.linalg.matrix_norm(t))
+    full = min(m, n)
+
+    def meets(k: int, residual: float) -> bool:
+        if rank is not None:
+            return k >= min(rank, full)
+        if total == 0:
+            return True
+        if energy is not None:
+            return 1.0 - (residual / total) ** 2 >= energy
+        return residual / total <= max_error
+
+    if full <= exact_max_dim:
+        spec = exact_spectrum(t)
+        tails = torch.sqrt(torch.flip(torch.cumsum(torch.flip(spec.s**2, [0]), 0), [0]))  # tails[k] = ‖s[k:]‖
+        tails = torch.cat([tails, torch.zeros(1, dtype=torch.float64)])
+        k = next(k for k in range(full + 1) if meets(k, float(tails[k])))
+        u, s, v = spec.u[:, :k], spec.s[:k], spec.v[:, :k]
+    else:
+        k = min(full, rank if rank is not None else 16)
+        while True:
+            spec = randomized_spectrum(t, k, seed=seed)
+            if meets(k, spec.residual) or k >= full:
+                break
+            k = min(full, 2 * k)
+        # the smallest prefix of the sketch's triplets that meets the criterion: ‖T − U_j S_j V_jᵀ‖² = ‖T‖² − Σ_{i<j}
+        # s_i² picks it, the residual itself confirms it (the subtraction can cancel)
+        kept = torch.cumsum(spec.s**2, 0)
+        k = next((j for j in range(1, k + 1) if meets(j, math.sqrt(max(total**2 - float(kept[j - 1]), 0.0)))), k)
+        while k < spec.s.numel() and not meets(k, _residual(t, spec, k)):
+            k += 1
+        u, s, v = spec.u[:, :k], spec.s[:k], spec.v[:, :k]
+    root = torch.sqrt(s)
+    b, a = u * root, (v * root).T
+    error = float(torch.linalg.matrix_norm(t - b @ a)) if k else total
+    stored = b.to(storage_dtype).to(torch.float64) @ a.to(storage_dtype).to(torch.float64)
+    stored_error = float(torch.linalg.matrix_norm(t - stored)) if k else total
+    return Truncation(a, b, k, total, error, stored_error)
+
+
+def _residual(t: torch.Tensor, spec: Spectrum, k: int) -> float:
+    return float(torch.linalg.matrix_norm(t - (spec.u[:, :k] * spec.s[:k]) @ spec.v[:, :k].T))
