@@ -25,7 +25,6 @@ is deleted at the end unless --keep.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,11 +36,11 @@ sys.path.insert(0, str(HERE))
 from bench_merge_extract import (  # noqa: E402  (shared measurement code)
     dir_bytes,
     log,
+    loratv_runner,
     machine_info,
     measure,
-    resolve_loratv,
+    prepare_workdir,
     rmtree,
-    snapshot_source,
     summarize,
 )
 
@@ -116,22 +115,11 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="per-step timeout in seconds")
     args = ap.parse_args(argv)
 
-    wd = args.workdir.resolve()
-    if wd == REPO or REPO in wd.parents:
-        ap.error(f"--workdir must be outside the repository ({REPO}); generated checkpoints are many GB")
-    wd.mkdir(parents=True, exist_ok=True)
-    logdir = wd / "logs"
-    logdir.mkdir(exist_ok=True)
+    wd, logdir = prepare_workdir(ap, args.workdir)
     base, adapter, merged, tv = wd / "base", wd / "adapter", wd / "merged", wd / "task-vector"
     copy, cmp_tv, cmp_live, val = wd / "copy", wd / "cmp-tv", wd / "cmp-live", wd / "validate"
 
-    if args.snapshot:
-        snap = wd / "loratv-src"
-        commit = snapshot_source(args.snapshot, snap)
-        loratv, env = [sys.executable, "-m", "loratv.cli"], dict(os.environ)
-        env["PYTHONPATH"] = str(snap / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    else:
-        commit, (loratv, env) = None, resolve_loratv(None)
+    loratv, env, commit = loratv_runner(wd, args.snapshot)
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(wd, loratv),
                "snapshot": commit, "args": {k: str(v) for k, v in vars(args).items()}, "verify": {}}
     try:

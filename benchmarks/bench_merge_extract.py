@@ -564,6 +564,29 @@ def resolve_loratv(override: str | None):
     return [sys.executable, "-m", "loratv.cli"], env
 
 
+def prepare_workdir(ap, workdir: Path):
+    """The resolved --workdir (refused inside the repository) and its logs/ folder, both created."""
+    wd = workdir.resolve()
+    if wd == REPO or REPO in wd.parents:
+        ap.error(f"--workdir must be outside the repository ({REPO}); generated checkpoints are many GB")
+    wd.mkdir(parents=True, exist_ok=True)
+    logdir = wd / "logs"
+    logdir.mkdir(exist_ok=True)
+    return wd, logdir
+
+
+def loratv_runner(wd: Path, snapshot: str | None, override: str | None = None):
+    """(command, environment, snapshot commit or None): loratv from a `git archive` of src/ at `snapshot` (immune
+    to edits during the run), else as resolve_loratv finds it."""
+    if not snapshot:
+        return (*resolve_loratv(override), None)
+    snap = wd / "loratv-src"
+    commit = snapshot_source(snapshot, snap)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(snap / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return [sys.executable, "-m", "loratv.cli"], env, commit
+
+
 def snapshot_source(rev: str, dest: Path) -> str:
     """Extract src/ of commit `rev` into dest (git archive, read-only on the repository); returns the full commit id."""
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True,
@@ -610,27 +633,15 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=3 * 3600, help="per-step timeout in seconds")
     args = ap.parse_args(argv)
 
-    wd = args.workdir.resolve()
-    if wd == REPO or REPO in wd.parents:
-        ap.error(f"--workdir must be outside the repository ({REPO}); generated checkpoints are many GB")
-    wd.mkdir(parents=True, exist_ok=True)
-    logdir = wd / "logs"
-    logdir.mkdir(exist_ok=True)
+    wd, logdir = prepare_workdir(ap, args.workdir)
     base, adapter = wd / "base", wd / "adapter"
     copy, merged, peft_out, tv = wd / "copy", wd / "merged", wd / "peft-merged", wd / "task-vector"
     for p in (copy, merged, peft_out, tv):
         rmtree(p)
 
-    snapshot_commit = None
-    if args.snapshot:
-        if args.loratv:
-            ap.error("--snapshot and --loratv exclude each other")
-        snap = wd / "loratv-src"
-        snapshot_commit = snapshot_source(args.snapshot, snap)
-        loratv, env = [sys.executable, "-m", "loratv.cli"], dict(os.environ)
-        env["PYTHONPATH"] = str(snap / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    else:
-        loratv, env = resolve_loratv(args.loratv)
+    if args.snapshot and args.loratv:
+        ap.error("--snapshot and --loratv exclude each other")
+    loratv, env, snapshot_commit = loratv_runner(wd, args.snapshot, args.loratv)
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(wd, loratv), "steps": {}, "notes": []}
     if snapshot_commit:
         results["machine"]["repo_git"] = f"{snapshot_commit[:7]} (snapshot of src/ via git archive)"

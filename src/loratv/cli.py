@@ -6,6 +6,7 @@ import os
 import sys
 
 from . import __version__
+from .compare import DEFAULT_TOLERANCE
 from .errors import LoratvError
 from .writer import parse_size
 
@@ -17,6 +18,15 @@ def _size(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_device_flag(p):
+    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+
+
+def add_output_flags(p):
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+
+
 def add_merge_arguments(p):
     p.add_argument("--base", help="base model: folder, .safetensors/.bin file, or hub id org/name[@revision] (default: the embedded example)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
@@ -25,14 +35,13 @@ def add_merge_arguments(p):
                    help="dtype of floating-point output tensors; auto keeps each tensor's base dtype (default: auto)")
     p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "fp64"],
                    help="dtype in which base + delta is computed before the single cast to the output dtype (default: fp32)")
-    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+    add_device_flag(p)
     p.add_argument("--max-shard-size", type=_size, default=None,
                    help="split output shards at this many bytes, e.g. 5GB (default: keep the base's shard layout)")
     p.add_argument("--cast-base-first", action="store_true",
                    help="reproduce PEFT on a model loaded in --precision: base and adapter rounded to it, the delta "
                         "rounded to it, the sum rounded in it (rounds up to three times; for precision studies)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    add_output_flags(p)
 
 
 def add_extract_arguments(p):
@@ -43,8 +52,7 @@ def add_extract_arguments(p):
     p.add_argument("--storage-dtype", default="auto", choices=["auto", "fp32", "fp64"],
                    help="dtype of the stored differences, each the exact difference rounded once: auto = float32 (float64 if an input is float64); the JSON counts rounded elements")
     p.add_argument("--config", help="YAML file whose keys are this command's flag names (e.g. base, finetuned, output)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    add_output_flags(p)
 
 
 def add_compare_arguments(p):
@@ -55,14 +63,13 @@ def add_compare_arguments(p):
     source.add_argument("--finetuned", help="fine-tuned model; the task vector is computed on the fly, streaming "
                         "(default, with no other model argument: the embedded example merged in fp32)")
     p.add_argument("-o", "--output", default="comparison_results", help="output folder (default: comparison_results)")
-    p.add_argument("--tolerance", type=float, default=1e-5,
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="absolute per-element tolerance on |T − ΔW|, the fallback verdict when the rounding "
-                        "certificate fails (default: 1e-5)")
-    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+                        f"certificate fails (default: {DEFAULT_TOLERANCE:g})")
+    add_device_flag(p)
     p.add_argument("--no-plots", action="store_true", help="skip the four PNG plots")
     p.add_argument("--json", action="store_true", help="print the comparison record (JSON) instead of the summary")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    add_output_flags(p)
 
 
 def add_validate_arguments(p):
@@ -71,12 +78,12 @@ def add_validate_arguments(p):
     p.add_argument("-o", "--output", default="validation_results", help="output folder (default: validation_results)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="dtype of the merged model that is extracted and compared (default: fp32)")
-    p.add_argument("--tolerance", type=float, default=1e-5, help="fallback absolute tolerance (default: 1e-5)")
-    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"fallback absolute tolerance (default: {DEFAULT_TOLERANCE:g})")
+    add_device_flag(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--json", action="store_true", help="print the comparison record (JSON) instead of the summary")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    add_output_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,11 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", nargs="+", default=None, metavar="PATH",
                    help="merge paths to run (default: fp32 fp16 bf16 fp16-cast-first bf16-cast-first)")
     p.add_argument("--keep-merged", action="store_true", help="keep each path's merged model (deleted after extraction by default)")
-    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+    add_device_flag(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plot")
     p.add_argument("--json", action="store_true", help="print the precision record (JSON) instead of the table")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    add_output_flags(p)
     p.set_defaults(func=cmd_precision)
 
     p = sub.add_parser("inspect", help="describe a model or adapter from its headers alone")

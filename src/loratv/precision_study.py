@@ -105,6 +105,7 @@ def compare_task_vector_pair(fp16_dir, fp32_dir, base=None) -> dict:
 
     from .checkpoint import Checkpoint
     from .errors import LoratvError
+    from .precision import cast_difference
     from .task_vector_input import StoredTaskVector
 
     half, full = StoredTaskVector(fp16_dir), StoredTaskVector(fp32_dir)
@@ -126,7 +127,7 @@ def compare_task_vector_pair(fp16_dir, fp32_dir, base=None) -> dict:
         fp16_only_max = max(fp16_only_max, float(t16.abs().max()))
         if base_ckpt is not None:
             w = base_ckpt.read(name)
-            cast_artifacts += bool(torch.equal(t16, w.to(torch.float16).to(torch.float64) - w.to(torch.float64)))
+            cast_artifacts += bool(torch.equal(t16, cast_difference(w, torch.float16)))
     undecided = 0
     for name in shared:
         t16 = half.tensors.read(name).to(torch.float64)

@@ -31,11 +31,12 @@ def write_comparison_files(record: dict, folder: Path, *, plots: bool = True) ->
     from .report.text import render_comparison_text
 
     folder = Path(folder)
+    record = finite(record)  # the renderers see exactly what the JSON holds
     write_json(record, folder / RESULTS_FILE)
-    (folder / REPORT_FILE).write_text(render_comparison_text(finite(record)), encoding="utf-8")
+    (folder / REPORT_FILE).write_text(render_comparison_text(record), encoding="utf-8")
     written = [folder / RESULTS_FILE, folder / REPORT_FILE]
     if plots:
         from .report.plots import write_comparison_plots
 
-        written += write_comparison_plots(finite(record), folder)
+        written += write_comparison_plots(record, folder)
     return written

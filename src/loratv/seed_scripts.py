@@ -16,7 +16,17 @@ ends share every code path (and the exit-2 error convention). Differences from t
 import argparse
 import sys
 
-from .cli import cmd_compare, cmd_extract, cmd_merge, cmd_validate, parse_with_config, run_guarded
+from .cli import (
+    add_device_flag,
+    add_output_flags,
+    cmd_compare,
+    cmd_extract,
+    cmd_merge,
+    cmd_validate,
+    parse_with_config,
+    run_guarded,
+)
+from .compare import DEFAULT_TOLERANCE
 
 SEED_PRECISIONS = ("fp16", "fp32", "bf16")
 SEED_DEFAULT_PRECISION = "fp32"
@@ -34,9 +44,8 @@ def merge_lora_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=SEED_DEFAULT_PRECISION, choices=SEED_PRECISIONS,
                    help=f"dtype of the merged floating-point tensors; the sum is computed in fp32 and rounded once "
                         f"(default: {SEED_DEFAULT_PRECISION})")
-    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    add_device_flag(p)
+    add_output_flags(p)
     return p
 
 
@@ -55,8 +64,7 @@ def extract_task_vectors_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="store every tensor, changed or not (as the seed did)")
     p.add_argument("--config", help="YAML file whose keys are these flag names (e.g. base_model, finetuned_model, "
                    "output_dir); flags given on the command line win")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    add_output_flags(p)
     return p
 
 
@@ -95,16 +103,16 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--task_vector_path", help="task vector folder or .safetensors file written by extract "
                    "(default, with no model argument: the embedded example's fp32 merge, compared on the fly)")
     p.add_argument("--output_dir", default="comparison_results", help="output folder (default: comparison_results)")
-    p.add_argument("--tolerance", type=float, default=1e-5,
-                   help="absolute per-element tolerance, the fallback verdict when the rounding certificate fails (default: 1e-5)")
-    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="absolute per-element tolerance, the fallback verdict when the rounding certificate fails "
+                        f"(default: {DEFAULT_TOLERANCE:g})")
+    add_device_flag(p)
     p.add_argument("--generate_plots", action="store_true", help="write the four PNG plots")
     p.add_argument("--architecture_analysis", action="store_true",
                    help="write the plots too (the architecture coverage is one of them)")
     p.add_argument("--detailed_report", action="store_true",
                    help="accepted for compatibility: detailed_comparison_report.txt is always written")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    add_output_flags(p)
     return p
 
 
@@ -120,9 +128,8 @@ def final_validation_parser() -> argparse.ArgumentParser:
                    help="output folder (default: validation_results); a previous validation output there is "
                         "replaced, anything else is refused without --force")
     p.add_argument("--precision", default="fp32", choices=SEED_PRECISIONS, help="dtype of the merged model (default: fp32)")
-    p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    add_device_flag(p)
+    add_output_flags(p)
     return p
 
 
@@ -154,7 +161,7 @@ def _final_validation(argv) -> int:
 
     a = final_validation_parser().parse_args(argv)
     return cmd_validate(argparse.Namespace(
-        base=a.base_model, adapter=a.lora_path, output=a.output_dir, precision=a.precision, tolerance=1e-5,
+        base=a.base_model, adapter=a.lora_path, output=a.output_dir, precision=a.precision, tolerance=DEFAULT_TOLERANCE,
         device=a.device, no_plots=False, json=False, force=a.force or is_validation_output(a.output_dir),
         quiet=a.quiet,
     ))

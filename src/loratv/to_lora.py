@@ -7,6 +7,7 @@ module names with their dots escaped: PEFT (≥ 0.15) matches them as regular ex
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 def adapter_config(ranks: dict, base_model: str | None) -> dict:
     """The adapter_config.json of a LoRA with these per-module ranks (module name -> r ≥ 1), scaling 1 each."""
-    default = max(set(ranks.values()), key=lambda r: (list(ranks.values()).count(r), r))  # the most common rank
+    counts = Counter(ranks.values())
+    default = max(counts, key=lambda r: (counts[r], r))  # the most common rank (the larger on a tie)
     pattern = {re.escape(module): r for module, r in ranks.items() if r != default}
     return {
         "peft_type": "LORA",
