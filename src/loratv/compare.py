@@ -53,7 +53,6 @@ class ExpectedDelta:
     modules: list  # module names
     replacement: torch.Tensor | None = None  # the adapter's tensor cast to the base dtype (what PEFT loads)
     bias: torch.Tensor | None = None  # s·lora_B.bias in float64
-    bias_magnitude: torch.Tensor | None = None
 
     @property
     def additions(self) -> int:
@@ -70,7 +69,7 @@ class ExpectedDelta:
     def to(self, device) -> "ExpectedDelta":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         parts = [Factors(p.left.to(device), p.right.to(device), p.scale, p.exact_products) for p in self.parts]
-        return ExpectedDelta(parts, self.modules, move(self.replacement), move(self.bias), move(self.bias_magnitude))
+        return ExpectedDelta(parts, self.modules, move(self.replacement), move(self.bias))
 
 
 @dataclass
@@ -160,7 +159,7 @@ def expected_delta(adapter, plan, base: Checkpoint, name: str) -> ExpectedDelta:
     bias_module = plan.bias_additions.get(name)
     if bias_module is not None:
         bias = adapter.factor(bias_module.bias_key).to(torch.float64) * bias_module.scale
-        delta.bias, delta.bias_magnitude = bias, bias.abs()
+        delta.bias = bias
         delta.modules.append(bias_module.module + " (lora_bias)")
     return delta
 
@@ -195,9 +194,9 @@ class _TargetedAccumulator:
         rows of ΔW."""
         s, delta, out_dtype = self.stats, self.delta, self.out_dtype
         s.w_sumsq += float(torch.dot(w.reshape(-1), w.reshape(-1)))
-        d, g, ge, extra = self._delta_rows(w, start, stop)
-        evaluation_error = g * ge if extra is None else extra.add_(g, alpha=ge)
         w_eff = w if delta.replacement is None else _rows(delta.replacement, start, stop).to(torch.float64)
+        d, g, ge, extra = self._delta_rows(w, w_eff, start, stop)
+        evaluation_error = g * ge if extra is None else extra.add_(g, alpha=ge)
         if t is not None:
             for inner in self.inner:
                 inner.add_rows(t.view(stop - start, -1), start, stop)
@@ -238,10 +237,10 @@ class _TargetedAccumulator:
             s.d_sumsq += float(torch.dot(d.reshape(-1), d.reshape(-1)))
         return d
 
-    def _delta_rows(self, w, start, stop):
+    def _delta_rows(self, w, w_eff, start, stop):
         """Rows of ΔW (float64) and of G = Σ|s|·|L|@|R| (+|s·bias|), and the bound ge·G + extra (extra may be None)
-        on the error of this float64 evaluation of ΔW. `w` is the base rows in float64 (or any tensor of their shape
-        when there is no replacement)."""
+        on the error of this float64 evaluation of ΔW. `w` is the base rows, `w_eff` the value the deltas are added
+        to (the replacement, if the adapter saved one), both float64."""
         delta, u = self.delta, unit_roundoff(torch.float64)
         shape = (stop - start, *self.stats.shape[1:]) if self.stats.shape else ()
         d = g = extra = None
@@ -261,10 +260,11 @@ class _TargetedAccumulator:
             d = torch.zeros(shape, dtype=torch.float64, device=self.device)
             g = torch.zeros_like(d)
         if delta.replacement is not None:
-            d.add_(_rows(delta.replacement, start, stop).to(torch.float64) - w)  # exact: both ≤ 24-bit values
+            d.add_(w_eff - w)  # exact: both ≤ 24-bit values
         if delta.bias is not None:
-            magnitude = _rows(delta.bias_magnitude, start, stop)
-            d.add_(_rows(delta.bias, start, stop))
+            bias = _rows(delta.bias, start, stop)
+            magnitude = bias.abs()
+            d.add_(bias)
             g.add_(magnitude)
             extra = magnitude * (2 * u) if extra is None else extra.add_(magnitude, alpha=2 * u)
         return d, g, ge, extra
