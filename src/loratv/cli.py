@@ -86,6 +86,31 @@ def add_validate_arguments(p):
     add_output_flags(p)
 
 
+def add_to_lora_arguments(p):
+    from .to_lora import DEFAULT_RANK
+
+    p.add_argument("--base", help="base model (needed with --finetuned; with --task-vector, to write full values of "
+                   "tensors a LoRA cannot hold)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--finetuned", help="fine-tuned model; the task vector is computed on the fly")
+    source.add_argument("--task-vector", help="task vector folder (or .safetensors file) written by `loratv extract`")
+    p.add_argument("-o", "--output", required=True, help="adapter folder to write")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--rank", type=int, help=f"the same rank for every module (default: {DEFAULT_RANK})")
+    how.add_argument("--energy", type=float, help="per module, the smallest rank keeping this fraction of ‖T‖²_F, e.g. 0.99")
+    how.add_argument("--max-error", type=float,
+                     help="per module, the smallest rank with relative Frobenius error ‖T − BA‖/‖T‖ at most this")
+    p.add_argument("--max-rank", type=int, help="cap on any module's rank (with --energy or --max-error)")
+    p.add_argument("--include", metavar="REGEX", help="only tensors whose name matches (re.search); the rest are "
+                   "reported as excluded")
+    p.add_argument("--exclude", metavar="REGEX", help="leave out tensors whose name matches (reported as excluded)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="dtype of the stored LoRA factors (default: fp32); the errors reported include their rounding")
+    add_device_flag(p)
+    p.add_argument("--json", action="store_true", help="print the fidelity record (JSON) instead of the summary")
+    add_output_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loratv",
@@ -126,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the precision record (JSON) instead of the table")
     add_output_flags(p)
     p.set_defaults(func=cmd_precision)
+
+    p = sub.add_parser("to-lora", help="turn a task vector (or fine-tuned minus base) into a PEFT LoRA adapter by "
+                       "truncated SVD, with the error stated per tensor")
+    add_to_lora_arguments(p)
+    p.set_defaults(func=cmd_to_lora)
 
     p = sub.add_parser("inspect", help="describe a model or adapter from its headers alone")
     p.add_argument("path", nargs="?", help="model folder/file, hub id, or adapter folder (default: the embedded example)")
@@ -255,6 +285,24 @@ def cmd_precision(args) -> int:
     elif not args.quiet:
         print(render_precision_text(study), end="")
         print(f"wrote {args.output}/")
+    return 0
+
+
+def cmd_to_lora(args) -> int:
+    from .report.text import render_to_lora_text
+    from .results import dump_json
+    from .to_lora import FIDELITY_FILE, Criterion, to_lora
+
+    criterion = Criterion(rank=args.rank, energy=args.energy, max_error=args.max_error, max_rank=args.max_rank)
+    record = to_lora(args.output, base=args.base, finetuned=args.finetuned, task_vector=args.task_vector,
+                     criterion=criterion, include=args.include, exclude=args.exclude, dtype=args.dtype,
+                     device=args.device, force=args.force, progress=not args.quiet and not args.json,
+                     command=_command_line())
+    if args.json:
+        sys.stdout.write(dump_json(record))
+    elif not args.quiet:
+        print(render_to_lora_text(record), end="")
+        print(f"wrote {args.output}/ (PEFT adapter and {FIDELITY_FILE})")
     return 0
 
 

@@ -62,8 +62,7 @@ def randomized_spectrum(a: torch.Tensor, k: int, *, oversample: int = 10, power_
     u_small, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
     keep = min(k, s.numel())
     u, s, v = q @ u_small[:, :keep], s[:keep], vh[:keep].T
-    residual = float(torch.linalg.matrix_norm(a - (u * s) @ v.T))
-    return Spectrum(u, s, v, float(torch.linalg.matrix_norm(a)), residual)
+    return Spectrum(u, s, v, float(torch.linalg.matrix_norm(a)), residual_norm(a, u * s, v.T))
 
 
 def exact_spectrum(a: torch.Tensor, k: int | None = None) -> Spectrum:
@@ -73,6 +72,17 @@ def exact_spectrum(a: torch.Tensor, k: int | None = None) -> Spectrum:
     keep = s.numel() if k is None else min(k, s.numel())
     tail = float(torch.linalg.vector_norm(s[keep:]))
     return Spectrum(u[:, :keep], s[:keep], vh[:keep].T, float(torch.linalg.vector_norm(s)), tail)
+
+
+def residual_norm(a: torch.Tensor, left: torch.Tensor, right: torch.Tensor, block_rows: int | None = None) -> float:
+    """‖A − left @ right‖_F in float64, a row block at a time, so no second m×n matrix is ever formed."""
+    m, n = a.shape
+    step = block_rows or max(1, (1 << 22) // max(1, n))  # 32 MB of float64 per block
+    total = 0.0
+    for start in range(0, m, step):
+        block = a[start:start + step].to(torch.float64) - left[start:start + step] @ right
+        total += float(torch.dot(block.reshape(-1), block.reshape(-1)))
+    return math.sqrt(total)
 
 
 def numerical_rank(s: torch.Tensor, floor: float) -> int:
@@ -116,6 +126,7 @@ class Truncation:
     frobenius: float  # ‖T‖_F
     error: float  # ‖T − B A‖_F with the float64 factors, computed from the residual itself
     stored_error: float  # the same with the factors rounded to the storage dtype, as PEFT will load them
+    method: str = "exact"  # "exact" SVD or "randomized" (Halko et al., checked on the exact residual)
 
     @property
     def relative_error(self) -> float:
@@ -128,19 +139,22 @@ class Truncation:
 
 
 def truncate(t: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-             max_error: float | None = None, storage_dtype: torch.dtype = torch.float32,
-             exact_max_dim: int = 2048, seed: int = 0) -> Truncation:
+             max_error: float | None = None, max_rank: int | None = None,
+             storage_dtype: torch.dtype = torch.float32, exact_max_dim: int = 2048, seed: int = 0) -> Truncation:
     """The smallest truncated SVD of t meeting exactly one criterion: a given rank, a kept fraction of ‖T‖²_F
-    (`energy`), or a relative Frobenius error ‖T − BA‖_F / ‖T‖_F ≤ `max_error`. Exact SVD when min(m, n) ≤
-    exact_max_dim, else randomized with the rank doubled until the criterion holds on the exact residual."""
+    (`energy`), or a relative Frobenius error ‖T − BA‖_F / ‖T‖_F ≤ `max_error`; never above `max_rank`. Exact SVD
+    when min(m, n) ≤ exact_max_dim, else randomized with the rank doubled until the criterion holds on the exact
+    residual."""
     if sum(c is not None for c in (rank, energy, max_error)) != 1:
         raise ValueError("give exactly one of rank, energy, max_error")
     t = t.to(torch.float64)
     m, n = t.shape
     total = float(torch.linalg.matrix_norm(t))
-    full = min(m, n)
+    full = min(m, n) if max_rank is None else min(m, n, max_rank)
 
     def meets(k: int, residual: float) -> bool:
+        if k >= full:
+            return True
         if rank is not None:
             return k >= min(rank, full)
         if total == 0:
@@ -149,7 +163,8 @@ def truncate(t: torch.Tensor, *, rank: int | None = None, energy: float | None =
             return 1.0 - (residual / total) ** 2 >= energy
         return residual / total <= max_error
 
-    if full <= exact_max_dim:
+    method = "exact" if min(m, n) <= exact_max_dim else "randomized"
+    if method == "exact":
         spec = exact_spectrum(t)
         tails = torch.sqrt(torch.flip(torch.cumsum(torch.flip(spec.s**2, [0]), 0), [0]))  # tails[k] = ‖s[k:]‖
         tails = torch.cat([tails, torch.zeros(1, dtype=torch.float64)])
@@ -171,11 +186,10 @@ def truncate(t: torch.Tensor, *, rank: int | None = None, energy: float | None =
         u, s, v = spec.u[:, :k], spec.s[:k], spec.v[:, :k]
     root = torch.sqrt(s)
     b, a = u * root, (v * root).T
-    error = float(torch.linalg.matrix_norm(t - b @ a)) if k else total
-    stored = b.to(storage_dtype).to(torch.float64) @ a.to(storage_dtype).to(torch.float64)
-    stored_error = float(torch.linalg.matrix_norm(t - stored)) if k else total
-    return Truncation(a, b, k, total, error, stored_error)
+    error = residual_norm(t, b, a) if k else total
+    stored_error = residual_norm(t, b.to(storage_dtype).double(), a.to(storage_dtype).double()) if k else total
+    return Truncation(a, b, k, total, error, stored_error, method)
 
 
 def _residual(t: torch.Tensor, spec: Spectrum, k: int) -> float:
-    return float(torch.linalg.matrix_norm(t - (spec.u[:, :k] * spec.s[:k]) @ spec.v[:, :k].T))
+    return residual_norm(t, spec.u[:, :k] * spec.s[:k], spec.v[:, :k].T)

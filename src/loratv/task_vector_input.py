@@ -139,3 +139,72 @@ class LiveTaskVector:
 
     def cast_matches(self, raw, w, dtype: torch.dtype) -> bool:
         return equals_cast(raw, w) if raw.dtype == dtype else False
+
+
+def open_task_vector(base_source=None, *, task_vector=None, finetuned=None):
+    """(base Checkpoint or None, task vector) for commands that read T whole, tensor by tensor: a stored task vector
+    (the base optional) or fine-tuned − base computed on the fly (both models needed)."""
+    if (task_vector is None) == (finetuned is None):
+        raise LoratvError("give either a task vector or a fine-tuned model (with its base), not both and not neither.")
+    if finetuned is not None:
+        if base_source is None:
+            raise LoratvError(f"{finetuned}: a fine-tuned model needs its base (--base) to give a task vector.")
+        base = Checkpoint(base_source, label=f"base {base_source}")
+        return base, LiveTaskVector(finetuned, base)
+    tv = StoredTaskVector(task_vector)
+    base = None
+    if base_source is not None:
+        base = Checkpoint(base_source, label=f"base {base_source}")
+        tv.check_against(base)
+    return base, tv
+
+
+def tensor_names(base, tv) -> list:
+    """Every tensor the task vector covers: the base's, else the extract record's, else the stored ones."""
+    if base is not None:
+        return base.names()
+    if getattr(tv, "records", None):
+        return list(tv.records)
+    return tv.tensors.names()
+
+
+def read_difference(tv, base, name: str, chunk_bytes: int = 64 << 20) -> torch.Tensor | None:
+    """T for one tensor, whole, in float64 (None when it is zero or not stored); inputs are checked finite."""
+    from .dtypes import all_finite
+    from .streaming import row_chunks
+
+    if not tv.needs_read(name):
+        return None
+    entry = (base.entry(name) if base is not None else tv.tensors.entry(name))
+    rows = []
+    changed = False
+    for start, stop in row_chunks(entry.shape, 8, chunk_bytes):
+        raw = tv.read_raw(name, start, stop)
+        if raw is None:
+            return None
+        if not all_finite(raw):
+            raise LoratvError(f"{tv.path}: tensor '{name}' contains NaN or Inf.")
+        w = base.read_rows(name, start, stop) if tv.live else None
+        if w is not None and not all_finite(w):
+            raise LoratvError(f"{base.entry(name).file}: tensor '{name}' contains NaN or Inf.")
+        t = tv.difference(raw, w)
+        if t is None:
+            t = torch.zeros(raw.shape, dtype=torch.float64)
+        else:
+            changed = changed or bool(t.any())
+        rows.append(t)
+    if not changed:
+        return None
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def finetuned_value(tv, base, name: str, t: torch.Tensor) -> torch.Tensor:
+    """The fine-tuned tensor itself: read (live) or base + T rounded once to the fine-tuned dtype (stored)."""
+    if tv.live:
+        return tv.finetuned.read(name)
+    if base is None:
+        raise LoratvError(f"{tv.path}: tensor '{name}' must be written as a full value, which needs the base (--base).")
+    code = tv.finetuned_dtype(name) or base.entry(name).dtype
+    from .dtypes import torch_dtype_of
+
+    return (base.read(name).to(torch.float64) + t).to(torch_dtype_of(code))

@@ -211,3 +211,25 @@ def render_precision_text(record: dict) -> str:
               "    8192 times finer than an fp16 one)",
               "  max cert: largest certificate ratio; ≤ 1 means every element is within the rounding bound"]
     return "\n".join(lines) + "\n"
+
+
+def render_to_lora_text(record: dict) -> str:
+    """What `loratv to-lora` wrote and what it lost: the summary, then the tensors with the largest errors."""
+    s = record["summary"]
+    criterion = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in record["criterion"].items() if v is not None)
+    lines = [
+        f"to-lora: {s['changed_tensors']} changed tensors → {s['lora_modules']} LoRA modules "
+        f"(rank {_fmt(s['rank_min'])}–{_fmt(s['rank_max'])}, {criterion}), {s['full_value_tensors']} full values, "
+        f"{s['excluded_tensors']} excluded" + (f", {s['tied_tensors']} tied" if s["tied_tensors"] else ""),
+        f"overall: relative Frobenius error {s['relative_error']:.3e}, energy retained {s['energy_retained']:.6f}, "
+        f"{s['adapter_parameters']:,} stored parameters for {s['changed_parameters']:,} changed "
+        f"({_pct(s['adapter_parameters'], s['changed_parameters'])})",
+    ]
+    worst = sorted(record["tensors"], key=lambda t: -t["relative_error"])[:8]
+    if worst:
+        lines += ["", "largest relative errors:"]
+        rows = [(_name(t["name"], 56), t["handling"], _fmt(t["rank"]), f"{t['relative_error']:.3e}",
+                 f"{t['energy_retained']:.6f}") for t in worst]
+        lines += _table(["tensor", "handling", "rank", "rel. error", "energy"], rows, "ll")
+    lines += [f"note: {n}" for n in record["notes"]]
+    return "\n".join(lines) + "\n"
