@@ -86,6 +86,26 @@ def add_validate_arguments(p):
     add_output_flags(p)
 
 
+def add_analyze_arguments(p):
+    p.add_argument("--base", help="base model (for ulps and the noise floor; needed with --adapter or --finetuned)")
+    delta = p.add_mutually_exclusive_group()
+    delta.add_argument("--adapter", help="PEFT LoRA adapter: ΔW from its factors (exact spectra)")
+    delta.add_argument("--lora-deltas", help="lora_deltas.safetensors (or the folder) written by `loratv compare`")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--task-vector", help="task vector folder (or .safetensors file) written by `loratv extract`")
+    source.add_argument("--finetuned", help="fine-tuned model; the task vector is computed on the fly")
+    p.add_argument("-o", "--output", default="analysis_results", help="output folder (default: analysis_results)")
+    p.add_argument("--spectrum", action="store_true", help="add spectra and ranks: singular values, numerical rank "
+                   "above the rounding-noise floor, stable/effective rank, principal angles, and their two plots")
+    p.add_argument("--exact-svd", action="store_true", help="with --spectrum: full SVD of every tensor instead of "
+                   "the randomized leading singular values (slow for large tensors)")
+    add_device_flag(p)
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--json", action="store_true", help="print the analysis record (JSON) instead of the summary")
+    p.add_argument("--verbose", action="store_true", help="also print one line per tensor")
+    add_output_flags(p)
+
+
 def add_to_lora_arguments(p):
     from .to_lora import DEFAULT_RANK
 
@@ -151,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the precision record (JSON) instead of the table")
     add_output_flags(p)
     p.set_defaults(func=cmd_precision)
+
+    p = sub.add_parser("analyze", help="distributions, residual in ulps, spectra and ranks of the LoRA delta and the "
+                       "task vector, as a Markdown report, JSON and plots")
+    add_analyze_arguments(p)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("to-lora", help="turn a task vector (or fine-tuned minus base) into a PEFT LoRA adapter by "
                        "truncated SVD, with the error stated per tensor")
@@ -285,6 +310,28 @@ def cmd_precision(args) -> int:
     elif not args.quiet:
         print(render_precision_text(study), end="")
         print(f"wrote {args.output}/")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from .analyze import run_analysis
+    from .example import example_merged, example_paths
+    from .report.analysis_text import render_analysis_summary
+    from .results import dump_json
+
+    given = [args.base, args.adapter, args.lora_deltas, args.task_vector, args.finetuned]
+    if all(x is None for x in given):
+        paths = example_paths()
+        args.base, args.adapter, args.finetuned = paths["base"], paths["adapter"], example_merged("fp32")
+    record = run_analysis(args.output, base=args.base, adapter=args.adapter, lora_deltas=args.lora_deltas,
+                          task_vector=args.task_vector, finetuned=args.finetuned, spectrum=args.spectrum,
+                          exact_svd=args.exact_svd, device=args.device, plots=not args.no_plots, force=args.force,
+                          progress=not args.quiet and not args.json, command=_command_line())
+    if args.json:
+        sys.stdout.write(dump_json(record))
+    elif not args.quiet:
+        print(render_analysis_summary(record, verbose=args.verbose), end="")
+        print(f"wrote {args.output}/ (analysis_report.md, analysis_results.json" + ("" if args.no_plots else ", plots") + ")")
     return 0
 
 

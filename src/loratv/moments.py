@@ -29,15 +29,21 @@ class Moments:
     def add(self, values: torch.Tensor) -> None:
         """Merge the statistics of one chunk (any shape, any float dtype) into these."""
         x = values.reshape(-1).to(torch.float64)
-        n_b = x.numel()
+        if x.numel() == 0:
+            return
+        mean = float(x.mean())
+        centred = x - mean
+        sq = centred * centred
+        self.merge(Moments(x.numel(), mean, float(sq.sum()), float((sq * centred).sum()), float((sq * sq).sum()),
+                           float(x.min()), float(x.max())))
+
+    def merge(self, other: "Moments") -> None:
+        """Fold another set of statistics into these (Pébay's pairwise update)."""
+        n_b, mean_b, m2_b, m3_b, m4_b = other.count, other.mean, other.m2, other.m3, other.m4
         if n_b == 0:
             return
-        mean_b = float(x.mean())
-        centred = x - mean_b
-        sq = centred * centred
-        m2_b, m3_b, m4_b = float(sq.sum()), float((sq * centred).sum()), float((sq * sq).sum())
-        self.minimum = min(self.minimum, float(x.min()))
-        self.maximum = max(self.maximum, float(x.max()))
+        self.minimum = min(self.minimum, other.minimum)
+        self.maximum = max(self.maximum, other.maximum)
         n_a = self.count
         if n_a == 0:
             self.count, self.mean, self.m2, self.m3, self.m4 = n_b, mean_b, m2_b, m3_b, m4_b

@@ -40,3 +40,20 @@ def write_comparison_files(record: dict, folder: Path, *, plots: bool = True) ->
 
         written += write_comparison_plots(record, folder)
     return written
+
+
+def write_analysis_files(record: dict, folder: Path, *, plots: bool = True) -> list:
+    """analysis_results.json, analysis_report.md and (unless plots=False) the analysis PNGs."""
+    from .analyze import REPORT_NAME, RESULTS_NAME
+    from .report.analysis_text import render_analysis_markdown
+
+    folder = Path(folder)
+    record = finite(record)
+    write_json(record, folder / RESULTS_NAME)
+    (folder / REPORT_NAME).write_text(render_analysis_markdown(record), encoding="utf-8")
+    written = [folder / RESULTS_NAME, folder / REPORT_NAME]
+    if plots:
+        from .report.analysis_plots import write_analysis_plots
+
+        written += write_analysis_plots(record, folder)
+    return written

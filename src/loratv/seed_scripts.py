@@ -1,7 +1,8 @@
 """The seed study's command lines (`merge_lora.py`, `extract_task_vectors.py`), kept working as thin aliases.
 
-`compare_lora_task_vector.py`, `final_validation.py` and `quick_precision_test.py` likewise wrap `loratv compare`,
-`loratv validate` and the fp16/fp32 task-vector comparison.
+`compare_lora_task_vector.py`, `final_validation.py`, `quick_precision_test.py` and
+`analyze_lora_vs_task_vector_math.py` likewise wrap `loratv compare`, `loratv validate`, the fp16/fp32 task-vector
+comparison and `loratv analyze --spectrum`.
 
 Each alias parses the seed's flag names and hands a namespace to the matching `loratv` command, so the two front
 ends share every code path (and the exit-2 error convention). Differences from the seed, on purpose:
@@ -19,6 +20,7 @@ import sys
 from .cli import (
     add_device_flag,
     add_output_flags,
+    cmd_analyze,
     cmd_compare,
     cmd_extract,
     cmd_merge,
@@ -146,6 +148,38 @@ def quick_precision_parser() -> argparse.ArgumentParser:
     return p
 
 
+def analyze_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="analyze_lora_vs_task_vector_math.py",
+        description="Distributions, residual in ulps, spectra and ranks of the LoRA delta against the task vector "
+                    "(alias of `loratv analyze --spectrum`, with the seed's flag names).",
+    )
+    p.add_argument("--lora_file", help="lora_deltas.safetensors (or its folder) written by compare "
+                   "(default, with no file argument: the embedded example's adapter)")
+    p.add_argument("--task_vector_file", help="task vector folder or task_vector.safetensors written by extract "
+                   "(default, with no file argument: the embedded example's fp32 merge, on the fly)")
+    p.add_argument("--base_model", help="base model, for ulps and the noise floor (default: the one the inputs record)")
+    p.add_argument("--output_dir", default="analysis_results", help="output folder (default: analysis_results)")
+    p.add_argument("--verbose", action="store_true", help="print one line per tensor")
+    p.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
+    add_device_flag(p)
+    add_output_flags(p)
+    return p
+
+
+def _analyze(argv) -> int:
+    a = analyze_parser().parse_args(argv)
+    if (a.lora_file is None) != (a.task_vector_file is None):
+        from .errors import LoratvError
+
+        raise LoratvError("give both --lora_file and --task_vector_file (or neither, for the embedded example).")
+    return cmd_analyze(argparse.Namespace(
+        base=a.base_model, adapter=None, lora_deltas=a.lora_file, task_vector=a.task_vector_file, finetuned=None,
+        output=a.output_dir, spectrum=True, exact_svd=False, device=a.device, no_plots=a.no_plots, json=False,
+        verbose=a.verbose, force=a.force, quiet=a.quiet,
+    ))
+
+
 def _compare(argv) -> int:
     a = compare_parser().parse_args(argv)
     plots = a.generate_plots or a.architecture_analysis
@@ -183,6 +217,10 @@ def compare_main(argv=None) -> int:
 
 def final_validation_main(argv=None) -> int:
     return run_guarded(_final_validation, sys.argv[1:] if argv is None else argv)
+
+
+def analyze_main(argv=None) -> int:
+    return run_guarded(_analyze, sys.argv[1:] if argv is None else argv)
 
 
 def quick_precision_main(argv=None) -> int:
