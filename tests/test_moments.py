@@ -61,3 +61,25 @@ def test_empty_and_constant_inputs():
     assert m.count == 0 and np.isnan(m.std)
     m.add(torch.full((5,), 2.0))
     assert m.std == 0.0 and np.isnan(m.skewness) and np.isnan(m.excess_kurtosis)
+
+
+def test_merge_of_separate_statistics_is_the_statistics_of_the_union():
+    """Per-kind statistics are merged from per-tensor ones: the result must be NumPy's on the concatenation."""
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.randn(n, generator=gen, dtype=torch.float64) * s + m
+             for n, s, m in ((1000, 1e-3, 5e-3), (17, 2.0, -1.0), (4096, 1e-9, 0.0))]
+    merged = Moments()
+    for p in parts:
+        one = Moments()
+        one.add(p)
+        merged.merge(one)
+    merged.merge(Moments())  # an empty set changes nothing
+    x = torch.cat(parts).numpy()
+    c = x - x.mean()
+    m2, m3, m4 = (c**2).mean(), (c**3).mean(), (c**4).mean()
+    assert merged.count == x.size
+    assert merged.mean == pytest.approx(x.mean(), rel=1e-12)
+    assert merged.std == pytest.approx(np.sqrt(m2), rel=1e-12)
+    assert merged.skewness == pytest.approx(m3 / m2**1.5, rel=1e-9)
+    assert merged.excess_kurtosis == pytest.approx(m4 / m2**2 - 3, rel=1e-9)
+    assert (merged.minimum, merged.maximum) == (x.min(), x.max())

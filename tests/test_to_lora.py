@@ -227,3 +227,25 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_cast_artifacts_of_an_fp16_merge_are_found_and_can_be_skipped(example, tmp_path):  # noqa: F811
+    """An fp16 merge changes all 483 tensors; 363 of them are only W rounded to fp16. to-lora names exactly those
+    (oracle: NumPy's float16 cast of the base), and --skip-cast-artifacts leaves them out, counted in the error."""
+    merged = tmp_path / "m16"
+    assert run_cli("merge", "--base", example["base"], "--adapter", example["adapter"], "-o", merged,
+                   "--precision", "fp16") == 0
+    out = tmp_path / "a"
+    assert run_cli("to-lora", "--base", example["base"], "--finetuned", merged, "-o", out, "--max-error", "0.01",
+                   "--skip-cast-artifacts") == 0
+    record = fidelity(out)
+    w = load_file(str(example["base"] / "model.safetensors"))
+    f = load_file(str(merged / "model.safetensors"))
+    casts = {n for n in w if np.array_equal(f[n].numpy(), w[n].numpy().astype(np.float16))}
+    skipped = {t["name"] for t in record["tensors"] if t["handling"] == "cast artifact (skipped)"}
+    assert len(casts) == 363 and skipped == casts
+    assert record["summary"]["lora_modules"] == 120 and record["summary"]["skipped_cast_artifacts"] == 363
+    assert {t["rank"] for t in record["tensors"] if t["handling"] == "lora"} == {8}
+    assert any("cast artifacts" in n for n in record["notes"])
+    stored = load_file(str(out / "adapter_model.safetensors"))
+    assert len(stored) == 240  # only the 120 LoRA modules' factors

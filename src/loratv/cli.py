@@ -124,6 +124,9 @@ def add_to_lora_arguments(p):
     p.add_argument("--include", metavar="REGEX", help="only tensors whose name matches (re.search); the rest are "
                    "reported as excluded")
     p.add_argument("--exclude", metavar="REGEX", help="leave out tensors whose name matches (reported as excluded)")
+    p.add_argument("--skip-cast-artifacts", action="store_true",
+                   help="leave out tensors whose change is only the base rounded to the fine-tuned dtype (listed, "
+                        "and counted in the error)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="dtype of the stored LoRA factors (default: fp32); the errors reported include their rounding")
     add_device_flag(p)
@@ -342,7 +345,8 @@ def cmd_to_lora(args) -> int:
 
     criterion = Criterion(rank=args.rank, energy=args.energy, max_error=args.max_error, max_rank=args.max_rank)
     record = to_lora(args.output, base=args.base, finetuned=args.finetuned, task_vector=args.task_vector,
-                     criterion=criterion, include=args.include, exclude=args.exclude, dtype=args.dtype,
+                     criterion=criterion, include=args.include, exclude=args.exclude,
+                     skip_cast_artifacts=args.skip_cast_artifacts, dtype=args.dtype,
                      device=args.device, force=args.force, progress=not args.quiet and not args.json,
                      command=_command_line())
     if args.json:

@@ -45,6 +45,7 @@ LORA = "lora"
 LORA_BIAS = "full value (lora_only bias)"
 SAVED_MODULE = "full value (modules_to_save)"
 EXCLUDED = "excluded"
+CAST_SKIPPED = "cast artifact (skipped)"
 TIED = "tied to the input embedding"
 
 
@@ -153,7 +154,8 @@ def _model_config(base, tv) -> dict:
 
 
 def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Criterion | None = None,
-            include: str | None = None, exclude: str | None = None, dtype: str = "fp32", device: str = "cpu",
+            include: str | None = None, exclude: str | None = None, skip_cast_artifacts: bool = False,
+            dtype: str = "fp32", device: str = "cpu",
             force: bool = False, progress: bool = False, command: str | None = None) -> dict:
     criterion = (criterion or Criterion()).check()
     include_re, exclude_re = _pattern(include, "--include"), _pattern(exclude, "--exclude")
@@ -172,7 +174,7 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
 
     inputs = [p for p in (base, finetuned, task_vector) if p is not None and Path(p).exists()]
     with atomic_output_dir(out, inputs, force=force) as tmp:
-        factors, kinds, fidelity, full_needed = {}, {}, {}, {}
+        factors, kinds, fidelity, full_needed, casts = {}, {}, {}, {}, []
         with progress_bar(len(names), "to-lora", enabled=progress) as bar:
             for name in names:
                 bar.update(1)
@@ -182,6 +184,12 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
                 if (include_re and not include_re.search(name)) or (exclude_re and exclude_re.search(name)):
                     fidelity[name] = TensorFidelity(name, tuple(t.shape), EXCLUDED, _norm(t), _norm(t))
                     continue
+                cast = _cast_dtype(tv, base_ckpt, name, t)
+                if cast is not None:
+                    casts.append(name)
+                    if skip_cast_artifacts:
+                        fidelity[name] = TensorFidelity(name, tuple(t.shape), CAST_SKIPPED, _norm(t), _norm(t))
+                        continue
                 if tied and name in OUTPUT_EMBEDDING_NAMES:
                     fidelity[name] = _tied_head(tv, base_ckpt, names, name, t)
                     continue
@@ -200,6 +208,13 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
                 kinds[module] = kind
                 fidelity[name] = TensorFidelity(name, tuple(t.shape), LORA, cut.frobenius, cut.stored_error, kind,
                                                 cut.rank, cut.method)
+        if casts:
+            dtype_name = tv.finetuned_dtype(casts[0])
+            notes.append(
+                f"{len(casts)} changed tensors are only the base rounded to {dtype_name} (cast artifacts, proven bit for "
+                "bit); " + ("they are left out: loading the base in that dtype reproduces them exactly." if
+                            skip_cast_artifacts else "pass --skip-cast-artifacts to leave them out (loading the base "
+                            "in that dtype reproduces them)."))
         full_values, saved_modules = _full_values(tv, base_ckpt, names, full_needed, factors, kinds, fidelity)
         if not factors and not full_values:
             raise LoratvError(f"{tv.source}: no changed tensor is left to write (the task vector is zero or all of it was excluded).")
@@ -213,6 +228,18 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
 
 def _norm(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.reshape(-1).double()))
+
+
+def _cast_dtype(tv, base, name, t):
+    """The fine-tuned dtype when T is exactly the base rounded to it (a cast artifact), else None."""
+    code = tv.finetuned_dtype(name)
+    if base is None or code is None or code == base.entry(name).dtype:
+        return None
+    from .dtypes import torch_dtype_of
+    from .precision import cast_difference
+
+    target = torch_dtype_of(code)
+    return target if torch.equal(t, cast_difference(base.read(name), target)) else None
 
 
 def _tied_head(tv, base, names, name, t) -> TensorFidelity:
@@ -361,6 +388,7 @@ def _record(tv, base, criterion, dtype, fidelity, notes, folder: Path, command, 
             "lora_modules": len(ranks),
             "full_value_tensors": by_handling[LORA_BIAS] + by_handling[SAVED_MODULE],
             "excluded_tensors": by_handling[EXCLUDED],
+            "skipped_cast_artifacts": by_handling[CAST_SKIPPED],
             "tied_tensors": by_handling[TIED],
             "rank_min": min(ranks) if ranks else None,
             "rank_max": max(ranks) if ranks else None,

@@ -217,10 +217,12 @@ def render_to_lora_text(record: dict) -> str:
     """What `loratv to-lora` wrote and what it lost: the summary, then the tensors with the largest errors."""
     s = record["summary"]
     criterion = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in record["criterion"].items() if v is not None)
+    ranks = _fmt(s["rank_min"]) if s["rank_min"] == s["rank_max"] else f"{s['rank_min']}–{s['rank_max']}"
     lines = [
         f"to-lora: {s['changed_tensors']} changed tensors → {s['lora_modules']} LoRA modules "
-        f"(rank {_fmt(s['rank_min'])}–{_fmt(s['rank_max'])}, {criterion}), {s['full_value_tensors']} full values, "
-        f"{s['excluded_tensors']} excluded" + (f", {s['tied_tensors']} tied" if s["tied_tensors"] else ""),
+        f"(rank {ranks}; criterion: {criterion}), {s['full_value_tensors']} full values, "
+        f"{s['excluded_tensors']} excluded" + (f", {s['tied_tensors']} tied" if s["tied_tensors"] else "")
+        + (f", {s['skipped_cast_artifacts']} cast artifacts skipped" if s["skipped_cast_artifacts"] else ""),
         f"overall: relative Frobenius error {s['relative_error']:.3e}, energy retained {s['energy_retained']:.6f}, "
         f"{s['adapter_parameters']:,} stored parameters for {s['changed_parameters']:,} changed "
         f"({_pct(s['adapter_parameters'], s['changed_parameters'])})",
