@@ -194,3 +194,23 @@ def test_root_seed_script_runs_on_the_example_and_refuses_half_its_inputs(tmp_pa
     proc = run_subprocess(["--lora_file", tmp_path / "x", "--output_dir", tmp_path / "b"], cwd=tmp_path, script=script)
     assert proc.returncode == 2 and "give both --lora_file and --task_vector_file" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("source", ["finetuned", "task_vector"])
+def test_row_blocks_change_nothing(example, merged, monkeypatch, source):  # noqa: F811
+    """Large tensors go through in row blocks: with blocks of 15 rows every count, floor and moment must be what one
+    block per tensor gives (the example's tensors otherwise fit one block)."""
+    import loratv.analyze as analyze_module
+
+    inputs = {"finetuned": merged["fp32"]["merged"]} if source == "finetuned" else {"task_vector": merged["fp32"]["tv"]}
+    record = analyze_module.analyze(base=example["base"], adapter=example["adapter"], **inputs)
+    monkeypatch.setattr(analyze_module, "BLOCK_ELEMENTS", 1000)
+    blocked = analyze_module.analyze(base=example["base"], adapter=example["adapter"], **inputs)
+    for a, b in zip(blocked["tensors"], record["tensors"]):
+        assert a["name"] == b["name"]
+        assert a["residual_ulp_histogram"]["counts"] == b["residual_ulp_histogram"]["counts"]
+        assert a["max_residual_ulps"] == b["max_residual_ulps"]
+        assert a["noise_floor"] == pytest.approx(b["noise_floor"], rel=1e-12)
+        for q in ("delta", "task_vector", "residual"):
+            assert a["stats"][q]["std"] == pytest.approx(b["stats"][q]["std"], rel=1e-12)
+            assert a["stats"][q]["skewness"] == pytest.approx(b["stats"][q]["skewness"], rel=1e-9, abs=1e-12)

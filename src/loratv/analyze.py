@@ -26,7 +26,7 @@ from .dtypes import torch_dtype_of
 from .errors import LoratvError
 from .inspect import LAYER
 from .merge import resolve_device
-from .moments import Moments, quantiles, ulp_histogram
+from .moments import QUANTILES, Moments, quantiles, ulp_histogram
 from .precision import merge_error_bound, ulp, unit_roundoff
 from .progress import progress_bar
 from .spectrum import effective_rank, exact_spectrum, lora_spectrum, principal_angles, randomized_spectrum, stable_rank
@@ -136,12 +136,21 @@ def _norm(x: torch.Tensor | None) -> float:
     return 0.0 if x is None else float(torch.linalg.vector_norm(x.reshape(-1)))
 
 
-def _stats(x: torch.Tensor | None, numel: int) -> dict:
+def _moments(x: torch.Tensor | None, numel: int) -> Moments:
+    """Moments of every element, a chunk at a time (a whole-tensor pass would need several float64 copies)."""
     if x is None:
-        x = torch.zeros(numel, dtype=torch.float64)
+        return Moments(numel, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     m = Moments()
-    m.add(x)
-    q = quantiles(x)
+    for chunk in x.reshape(-1).split(BLOCK_ELEMENTS):
+        m.add(chunk)
+    return m
+
+
+def _stats(x: torch.Tensor | None, m: Moments) -> dict:
+    if x is None:
+        q = {"exact": True, "values": {str(p): 0.0 for p in QUANTILES}}
+    else:
+        q = quantiles(x)
     return {**m.record(), "quantiles": q["values"], "quantiles_exact": q["exact"]}
 
 
@@ -163,9 +172,10 @@ def _floor_and_ulps(tv, base, name, t, r, ft_dtype, expected=None, targeted: boo
     phi_sq, counts, worst, edges = 0.0, None, 0.0, None
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        w = as_rows(base.read_rows(name, start, stop).to(torch.float64))
+        block = lambda x: x.to(torch.float64).reshape(stop - start, -1)  # noqa: E731
+        w = block(base.read_rows(name, start, stop))
         if tv.live:
-            f = as_rows(tv.finetuned.read_rows(name, start, stop).to(torch.float64))
+            f = block(tv.finetuned.read_rows(name, start, stop))
         else:
             f = (w + flat_t[start:stop]).to(ft_dtype).to(torch.float64)
         ulp_f = ulp(f, ft_dtype)
@@ -319,13 +329,15 @@ def analyze(*, base=None, adapter=None, lora_deltas=None, task_vector=None, fine
             row["cosine"] = (max(-1.0, min(1.0, dot / (row["delta_norm"] * row["task_vector_norm"])))
                              if row["delta_norm"] > 0 and row["task_vector_norm"] > 0 else None)
             row["relative_residual"] = row["residual_norm"] / row["task_vector_norm"] if row["task_vector_norm"] else None
-            row["stats"] = {"delta": _stats(d, numel), "task_vector": _stats(t, numel), "residual": _stats(r, numel)}
             summary = kinds[kind]
             summary.tensors += 1
+            row["stats"] = {}
             for q, x in (("delta", d), ("task_vector", t), ("residual", r)):
-                x = x if x is not None else torch.zeros(numel, dtype=torch.float64)
-                summary.moments[q].add(x)
-                summary.samples[q].append(_sample(x, SAMPLE_PER_TENSOR, name + q))
+                moments = _moments(x, numel)
+                row["stats"][q] = _stats(x, moments)
+                summary.moments[q].merge(moments)
+                summary.samples[q].append(_sample(x, SAMPLE_PER_TENSOR, name + q) if x is not None
+                                          else torch.zeros(min(numel, SAMPLE_PER_TENSOR), dtype=torch.float64))
             floor = None
             row["residual_ulp_histogram"] = row["max_residual_ulps"] = row["ft_dtype"] = row["noise_floor"] = None
             row["noise_floor_is_bound"] = None

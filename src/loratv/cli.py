@@ -11,6 +11,11 @@ from .errors import LoratvError
 from .writer import parse_size
 
 
+# the seed study's script names (repository root), which record themselves as `python SCRIPT …`
+SEED_SCRIPTS = ("merge_lora.py", "extract_task_vectors.py", "compare_lora_task_vector.py", "final_validation.py",
+                "quick_precision_test.py", "analyze_lora_vs_task_vector_math.py")
+
+
 def _size(text):
     try:
         return parse_size(text)
@@ -240,9 +245,12 @@ def cmd_extract(args) -> int:
 
 
 def _command_line() -> str:
+    """The command as typed: `loratv …`, or `python SCRIPT.py …` for the seed-compatible scripts."""
     import shlex
 
-    return "loratv " + shlex.join(sys.argv[1:])
+    program = os.path.basename(sys.argv[0])
+    head = f"python {program}" if program in SEED_SCRIPTS else "loratv"
+    return f"{head} {shlex.join(sys.argv[1:])}"
 
 
 def _verdict_exit(record) -> int:

@@ -175,8 +175,8 @@ def read_difference(tv, base, name: str, chunk_bytes: int = 64 << 20) -> torch.T
 
     if not tv.needs_read(name):
         return None
-    entry = (base.entry(name) if base is not None else tv.tensors.entry(name))
-    rows = []
+    entry = base.entry(name) if base is not None else tv.tensors.entry(name)
+    rows = []  # None for a block where T = 0, so an unchanged tensor never costs a float64 copy of itself
     changed = False
     for start, stop in row_chunks(entry.shape, 8, chunk_bytes):
         raw = tv.read_raw(name, start, stop)
@@ -188,14 +188,14 @@ def read_difference(tv, base, name: str, chunk_bytes: int = 64 << 20) -> torch.T
         if w is not None and not all_finite(w):
             raise LoratvError(f"{base.entry(name).file}: tensor '{name}' contains NaN or Inf.")
         t = tv.difference(raw, w)
-        if t is None:
-            t = torch.zeros(raw.shape, dtype=torch.float64)
-        else:
-            changed = changed or bool(t.any())
-        rows.append(t)
+        if t is not None and not bool(t.any()):
+            t = None
+        changed = changed or t is not None
+        rows.append((tuple(raw.shape), t))
     if not changed:
         return None
-    return rows[0] if len(rows) == 1 else torch.cat(rows)
+    blocks = [t if t is not None else torch.zeros(shape, dtype=torch.float64) for shape, t in rows]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 def finetuned_value(tv, base, name: str, t: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,8 @@ def render_analysis_markdown(record: dict) -> str:
     out += [f"- base: `{inputs['base']}`", f"- LoRA delta: `{inputs['lora_delta']}`",
             f"- task vector: `{inputs['task_vector']}` ({inputs['task_vector_kind']})",
             f"- loratv {record['loratv_version']}" + (f"; command: `{record['command']}`" if record["command"] else ""), ""]
-    out += ["## Summary", ""] + _summary_lines(record) + [""] + [f"> note: {n}" for n in record["notes"]]
+    out += ["## Summary", ""] + _summary_lines(record) + [""]
+    out += [f"> note: {n}" for n in record["notes"]] + ([""] if record["notes"] else [])
     out += _ulp_section(record) + _kind_sections(record) + _layer_section(record)
     if record.get("spectrum"):
         out += _spectrum_section(record)
