@@ -123,13 +123,17 @@ class KindSummary:
         return out
 
 
-def _sample(values: torch.Tensor, count: int, name: str) -> torch.Tensor:
-    """A deterministic sample (seeded by the tensor name) of at most `count` elements."""
-    flat = values.reshape(-1)
-    if flat.numel() <= count:
-        return flat.clone()
+def _picks(numel: int, count: int, name: str) -> torch.Tensor:
+    """At most `count` deterministic element indices (seeded by the tensor name), without an index of every element."""
+    if numel <= count:
+        return torch.arange(numel)
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    return flat[torch.randint(flat.numel(), (count,), generator=gen)]
+    return torch.randint(numel, (count,), generator=gen)
+
+
+def _sample(values: torch.Tensor, count: int, name: str) -> torch.Tensor:
+    flat = values.reshape(-1)
+    return flat[_picks(flat.numel(), count, name)]
 
 
 def _norm(x: torch.Tensor | None) -> float:
@@ -350,7 +354,7 @@ def analyze(*, base=None, adapter=None, lora_deltas=None, task_vector=None, fine
                 row["noise_floor_is_bound"] = exact_floor
                 summary.ulp_counts = hist if summary.ulp_counts is None else {
                     "edges": hist["edges"], "counts": [a + b for a, b in zip(summary.ulp_counts["counts"], hist["counts"])]}
-            picks = _sample(torch.arange(numel), SCATTER_PER_TENSOR, name)
+            picks = _picks(numel, SCATTER_PER_TENSOR, name)
             flat_d = d.reshape(-1)[picks] if d is not None else torch.zeros(picks.numel(), dtype=torch.float64)
             scatter.append({"kind": kind, "delta": flat_d.tolist(), "task_vector": t_full.reshape(-1)[picks].tolist()})
             if spectrum and len(shape) == 2 and row["task_vector_norm"] > 0:

@@ -176,8 +176,7 @@ def read_difference(tv, base, name: str, chunk_bytes: int = 64 << 20) -> torch.T
     if not tv.needs_read(name):
         return None
     entry = base.entry(name) if base is not None else tv.tensors.entry(name)
-    rows = []  # None for a block where T = 0, so an unchanged tensor never costs a float64 copy of itself
-    changed = False
+    out = None  # allocated at the first nonzero block: an unchanged tensor never costs a float64 copy of itself
     for start, stop in row_chunks(entry.shape, 8, chunk_bytes):
         raw = tv.read_raw(name, start, stop)
         if raw is None:
@@ -188,14 +187,15 @@ def read_difference(tv, base, name: str, chunk_bytes: int = 64 << 20) -> torch.T
         if w is not None and not all_finite(w):
             raise LoratvError(f"{base.entry(name).file}: tensor '{name}' contains NaN or Inf.")
         t = tv.difference(raw, w)
-        if t is not None and not bool(t.any()):
-            t = None
-        changed = changed or t is not None
-        rows.append((tuple(raw.shape), t))
-    if not changed:
-        return None
-    blocks = [t if t is not None else torch.zeros(shape, dtype=torch.float64) for shape, t in rows]
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        if t is None or not bool(t.any()):
+            continue
+        if out is None:
+            out = torch.zeros(tuple(entry.shape), dtype=torch.float64)
+        if out.dim() == 0:
+            out.copy_(t.reshape(()))
+        else:
+            out[start:stop] = t
+    return out
 
 
 def finetuned_value(tv, base, name: str, t: torch.Tensor) -> torch.Tensor:
