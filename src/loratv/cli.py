@@ -115,7 +115,7 @@ def add_to_lora_arguments(p):
     from .to_lora import DEFAULT_RANK
 
     p.add_argument("--base", help="base model (needed with --finetuned; with --task-vector, to write full values of "
-                   "tensors a LoRA cannot hold)")
+                   "tensors a LoRA cannot hold and to recognise cast artifacts)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--finetuned", help="fine-tuned model; the task vector is computed on the fly")
     source.add_argument("--task-vector", help="task vector folder (or .safetensors file) written by `loratv extract`")
