@@ -58,7 +58,7 @@ def test_scaling_plain_and_rslora():
         ({"peft_type": "LOHA"}, "LoHa"),
         ({"peft_type": "ADALORA"}, "AdaLoRA"),
         ({"peft_type": "LOKR"}, "LoKr"),
-        ({"use_dora": True}, "DoRA"),
+        ({"use_dora": True, "lora_bias": True}, "lora_bias"),
         ({"init_lora_weights": "pissa_niter_4"}, "pissa"),
         ({"init_lora_weights": "olora"}, "olora"),
         ({"init_lora_weights": "loftq"}, "loftq"),

@@ -24,7 +24,6 @@ CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 OUTPUT_EMBEDDING_NAMES = ("lm_head.weight", "embed_out.weight")
 NOT_LORA_MARKERS = {
-    "lora_magnitude_vector": "DoRA (lora_magnitude_vector)",
     "lora_E": "AdaLoRA (lora_E)",
     "hada_w1": "LoHa (hada_*)",
     "lokr_w1": "LoKr (lokr_*)",
@@ -46,6 +45,7 @@ class LoraModule:
     alpha: float
     scale: float
     bias_key: str | None = None  # lora_B.bias, added (times scale) to the module's bias
+    magnitude_key: str | None = None  # DoRA: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, norms along the input axis
 
 
 @dataclass
@@ -123,6 +123,7 @@ def _map_keys(adapter: Adapter) -> None:
             role = {
                 "A.weight": "A", "B.weight": "B", "B.bias": "bias",
                 "embedding_A": "embA", "embedding_B": "embB",
+                "magnitude_vector": "magnitude", "magnitude_vector.weight": "magnitude",
             }.get(part)
             if role is None:
                 raise LoratvError(f"{file}: tensor '{key}' is not a LoRA tensor loratv knows (lora_{part}).")
@@ -134,6 +135,12 @@ def _map_keys(adapter: Adapter) -> None:
         a_key, b_key = (parts.get("embA"), parts.get("embB")) if embedding else (parts.get("A"), parts.get("B"))
         if a_key is None or b_key is None:
             raise LoratvError(f"{file}: module '{module}' has only one of its two LoRA factors.")
+        magnitude = parts.get("magnitude")
+        if magnitude is not None and not adapter.settings.use_dora:
+            raise LoratvError(f"{file}: tensor '{magnitude}' is a DoRA magnitude but {CONFIG_NAME} does not set use_dora.")
+        if magnitude is None and adapter.settings.use_dora:
+            raise LoratvError(f"{adapter.config_path}: use_dora is set (DoRA) but module '{module}' has no "
+                              f"lora_magnitude_vector in {file.name}.")
         a_shape = adapter.tensors.entry(a_key).shape
         b_shape = adapter.tensors.entry(b_key).shape
         if len(a_shape) != 2 or len(b_shape) != 2:
@@ -159,6 +166,7 @@ def _map_keys(adapter: Adapter) -> None:
             alpha=alpha,
             scale=adapter.settings.scale(r, alpha),
             bias_key=parts.get("bias"),
+            magnitude_key=magnitude,
         )
     # `<targeted module>.base_layer.<param>` is the module's own parameter (saved bias or saved embedding)
     for name in list(adapter.replacements):
@@ -215,6 +223,8 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
             )
         module.kind = _orientation(module, adapter, base.entry(target).shape, model_type)
         deltas.setdefault(target, []).append(module)
+        if module.magnitude_key is not None:
+            _check_magnitude(adapter, module, base.entry(target).shape)
         if module.bias_key:
             bias = module.module + ".bias"
             if bias not in base:
@@ -249,6 +259,33 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
             untied = True
             notes.append(f"{name} is replaced by a trained copy; the tied head keeps the base values as {head}.")
     return MergePlan(deltas, replacements, adapter.bias_additions(), new_tensors, untied, notes)
+
+
+def _check_magnitude(adapter, module: LoraModule, shape) -> None:
+    """DoRA's m has one value per output feature: rows of a Linear weight, columns of Conv1D and Embedding weights."""
+    want = shape[0] if module.kind == "linear" else shape[1]
+    got = tuple(adapter.tensors.entry(module.magnitude_key).shape)
+    if got != (want,):
+        raise LoratvError(f"{adapter.tensors.path}: DoRA magnitude '{module.magnitude_key}' has shape {list(got)}, "
+                          f"but module '{module.module}' has {want} output features.")
+
+
+def refuse_dora(adapter: "Adapter", command: str) -> None:
+    """Commands that treat the adapter as an additive ΔW cannot take DoRA (its merge rescales W + ΔW per feature)."""
+    if adapter.settings.use_dora:
+        raise LoratvError(f"{adapter.config_path}: DoRA adapters are not additive (W' = m ⊙ (W + ΔW)/‖W + ΔW‖); "
+                          f"loratv {command} does not handle them yet, only merge does.")
+
+
+def dora_merge(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, kind: str) -> torch.Tensor:
+    """PEFT's DoRA merge of a whole tensor in the stored orientation, in the dtype of `w` and `delta` (the promoted one):
+    V = W + ΔW, n = ‖V‖₂ along the input axis (rows of a Linear weight; columns of Conv1D/Embedding, computed on the
+    transposed view as PEFT does), W' = (m / n) ⊙ V."""
+    if kind == "linear":
+        norm = torch.linalg.norm(w + 1 * delta, dim=1)
+        return (magnitude / norm).view(-1, 1) * (w + delta)
+    norm = torch.linalg.norm(w.T + 1 * delta.T, dim=1)
+    return (magnitude / norm).view(-1, 1).T * (w + delta)
 
 
 def _check_shape(adapter, key, shape, target):

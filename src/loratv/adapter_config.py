@@ -30,7 +30,6 @@ OTHER_TUNERS = {
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # (config field, value that is harmless, why a merge from the file alone is impossible or not yet supported)
 REFUSED_FIELDS = [
-    ("use_dora", False, "DoRA adapters are not additive (merged weight = magnitude x normalised W + dW); loratv does not merge them yet"),
     ("target_parameters", None, "LoRA on raw parameters (target_parameters) is not supported yet"),
     ("trainable_token_indices", None, "trainable-token rows (trainable_token_indices) are not supported yet"),
     ("use_bdlora", None, "block-diagonal LoRA (use_bdlora) is not supported yet"),
@@ -55,6 +54,7 @@ class LoraSettings:
     fan_in_fan_out: bool
     bias: str
     lora_bias: bool
+    use_dora: bool
     modules_to_save: tuple
     peft_version: str | None
     base_model_name_or_path: str | None
@@ -110,6 +110,8 @@ def parse_config(config: dict, path) -> LoraSettings:
         raise LoratvError(
             f"{path}: unknown config field '{key}' = {unknown[key]!r} (written by a newer PEFT?); refusing to guess its effect."
         )
+    if config.get("use_dora") and config.get("lora_bias"):
+        raise LoratvError(f"{path}: use_dora with lora_bias is not a valid PEFT configuration (PEFT refuses it too).")
     bias = config.get("bias", "none") or "none"
     if bias not in ("none", "all", "lora_only"):
         raise LoratvError(f"{path}: bias = '{bias}' is not one of none, all, lora_only.")
@@ -132,6 +134,7 @@ def parse_config(config: dict, path) -> LoraSettings:
         fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
         bias=bias,
         lora_bias=bool(config.get("lora_bias", False)),
+        use_dora=bool(config.get("use_dora", False)),
         modules_to_save=tuple(modules_to_save),
         peft_version=config.get("peft_version"),
         base_model_name_or_path=config.get("base_model_name_or_path"),

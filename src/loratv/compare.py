@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__, dtypes
-from .adapter import bind, load_adapter
+from .adapter import bind, load_adapter, refuse_dora
 from .checkpoint import Checkpoint
 from .errors import LoratvError
 from .inspect import LAYER
@@ -329,6 +329,7 @@ def compare(
     dev = resolve_device(device)
     base = Checkpoint(base_source, label=f"base {base_source}")
     adapter = load_adapter(adapter_source)
+    refuse_dora(adapter, "compare")
     plan = bind(adapter, base)
     if plan.new_tensors:
         name = next(iter(plan.new_tensors))

@@ -87,9 +87,11 @@ def describe_adapter(source, base=None) -> dict:
         a = adapter.tensors.entry(m.a_key).shape
         b = adapter.tensors.entry(m.b_key).shape
         stored = a[0] * a[1] + b[0] * b[1]
+        if m.magnitude_key:  # DoRA's m: one value per output feature
+            stored += adapter.tensors.entry(m.magnitude_key).numel
         modules.append({
             "module": m.module, "target": m.target, "kind": m.kind, "rank": m.r, "alpha": m.alpha,
-            "scale": m.scale, "stored_parameters": stored,
+            "scale": m.scale, "stored_parameters": stored, "dora": m.magnitude_key is not None,
             "delta_shape": [a[1], b[0]] if m.kind == "embedding" else [b[0], a[1]],
         })
     report = {
@@ -99,6 +101,7 @@ def describe_adapter(source, base=None) -> dict:
         "peft_version": s.peft_version,
         "base_model_name_or_path": s.base_model_name_or_path,
         "use_rslora": s.use_rslora,
+        "use_dora": s.use_dora,
         "ranks": dict(Counter(m["rank"] for m in modules)),
         "scales": dict(Counter(m["scale"] for m in modules)),
         "target_modules": sorted({m["module"].rsplit(".", 1)[-1] for m in modules}),
@@ -160,7 +163,10 @@ def render_text(r: dict) -> str:
 
 
 def _render_adapter(r: dict) -> str:
-    lines = [f"adapter {r['path']} (PEFT LoRA, peft_version {r['peft_version'] or '<0.18 (not recorded)'})"]
+    variant = "PEFT LoRA with DoRA magnitudes" if r.get("use_dora") else "PEFT LoRA"
+    lines = [f"adapter {r['path']} ({variant}, peft_version {r['peft_version'] or '<0.18 (not recorded)'})"]
+    if r.get("use_dora"):
+        lines.append("DoRA: merged weight = m ⊙ (W + ΔW) / ‖W + ΔW‖ per output feature (not additive)")
     lines.append(
         f"{r['lora_modules']} LoRA modules on {', '.join(r['target_modules'])}; ranks {r['ranks']}; "
         f"scaling {'alpha/sqrt(r)' if r['use_rslora'] else 'alpha/r'} = {r['scales']}"

@@ -173,6 +173,12 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_bas
     modules = plan.deltas.get(name, [])
     bias_module = plan.bias_additions.get(name)
     replaced_full = adapter.factor(replacement) if replacement else None
+    if any(m.magnitude_key for m in modules):
+        _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first)
+        result.merged.append(name)
+        if replacement:
+            result.replaced.append(name)
+        return
     for start, stop in row_chunks(entry.shape, 4 * (1 + len(modules))):
         if replaced_full is not None:
             # PEFT loads a saved tensor into the base parameter, i.e. in the base dtype
@@ -197,6 +203,25 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_bas
         result.merged.append(name)
     if replacement:
         result.replaced.append(name)
+
+
+def _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first):
+    """A DoRA module's tensor, whole (its norms run along the input axis, which for Conv1D and Embedding crosses rows),
+    computed as PEFT does in the compute dtype and rounded once."""
+    from .adapter import dora_merge
+
+    if len(modules) > 1:
+        raise LoratvError(f"{adapter.tensors.path}: {len(modules)} LoRA modules land on '{spec.name}' and one is DoRA; "
+                          "their combined merge is not defined.")
+    if cast_base_first:
+        raise LoratvError(f"{adapter.config_path}: --cast-base-first is defined for additive LoRA only, not DoRA.")
+    module = modules[0]
+    w = replaced_full.to(entry.torch_dtype) if replaced_full is not None else base.read(entry.name)
+    w = w.to(device=dev, dtype=compute)
+    delta = delta_rows(adapter, module, 0, entry.shape[0], compute, dev)
+    magnitude = adapter.factor(module.magnitude_key).to(device=dev, dtype=compute)
+    merged = dora_merge(w, delta, magnitude, module.kind)
+    _write_checked(writer, merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu(), spec.name)
 
 
 def _write_checked(writer, tensor: torch.Tensor, name: str):

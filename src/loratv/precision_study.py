@@ -58,6 +58,9 @@ def precision_study(base, adapter, out, *, paths=tuple(PATHS), keep_merged=False
     from .report.text import render_precision_text
 
     summaries = []
+    from .adapter import load_adapter, refuse_dora
+
+    refuse_dora(load_adapter(adapter), "precision")
     with atomic_output_dir(out, [base, adapter], force=force) as tmp:
         for name in paths:
             precision, cast_first, description = PATHS[name]
