@@ -78,6 +78,25 @@ class Adapter:
         return tensor
 
 
+def named_adapter(source, name: str) -> Path:
+    """The folder of adapter `name` inside an adapter folder: PEFT saves 'default' at the top and the others in
+    subfolders named after them."""
+    from .checkpoint import resolve_path
+
+    if source is None:
+        raise LoratvError(f"--adapter-name {name}: give the adapter folder too (--adapter, or the inspected path).")
+    path = resolve_path(source)
+    folder = path.parent if path.is_file() else path
+    candidate = folder if name == "default" else folder / name
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise LoratvError(f"--adapter-name {name!r}: an adapter name, not a path.")
+    if not (candidate / CONFIG_NAME).is_file():
+        found = (["default"] if (folder / CONFIG_NAME).is_file() else []) + sorted(
+            p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
+        raise LoratvError(f"{folder}: holds no adapter named '{name}' (found: {', '.join(found) or 'none'}).")
+    return candidate
+
+
 def load_adapter(source) -> Adapter:
     """Read a PEFT adapter folder (or its adapter_config.json) and map its keys; no tensor data is read."""
     from .checkpoint import resolve_path
@@ -89,7 +108,7 @@ def load_adapter(source) -> Adapter:
         nested = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
         if nested:
             raise LoratvError(
-                f"{folder}: holds several named adapters ({', '.join(nested)}); pass one of those folders as --adapter."
+                f"{folder}: holds several named adapters ({', '.join(nested)}); choose one with --adapter-name."
             )
         raise LoratvError(f"{folder}: not a PEFT adapter (no {CONFIG_NAME}).")
     try:

@@ -27,6 +27,11 @@ def add_device_flag(p):
     p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
 
 
+def add_adapter_name_flag(p):
+    p.add_argument("--adapter-name", metavar="NAME", help="with an adapter folder that holds several adapters "
+                   "(PEFT saves extra ones in subfolders): the one to use; 'default' is the top-level one")
+
+
 def add_output_flags(p):
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
@@ -35,6 +40,7 @@ def add_output_flags(p):
 def add_merge_arguments(p):
     p.add_argument("--base", help="base model: folder, .safetensors/.bin file, or hub id org/name[@revision] (default: the embedded example)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
+    add_adapter_name_flag(p)
     p.add_argument("-o", "--output", help="output model folder (default: merged_model_<precision>)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="dtype of floating-point output tensors; auto keeps each tensor's base dtype (default: auto)")
@@ -63,6 +69,7 @@ def add_extract_arguments(p):
 def add_compare_arguments(p):
     p.add_argument("--base", help="base model (default: the embedded example)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
+    add_adapter_name_flag(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--task-vector", help="task vector folder (or .safetensors file) written by `loratv extract`")
     source.add_argument("--finetuned", help="fine-tuned model; the task vector is computed on the fly, streaming "
@@ -80,6 +87,7 @@ def add_compare_arguments(p):
 def add_validate_arguments(p):
     p.add_argument("--base", help="base model (default: the embedded example)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
+    add_adapter_name_flag(p)
     p.add_argument("-o", "--output", default="validation_results", help="output folder (default: validation_results)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="dtype of the merged model that is extracted and compared (default: fp32)")
@@ -96,6 +104,7 @@ def add_analyze_arguments(p):
     delta = p.add_mutually_exclusive_group()
     delta.add_argument("--adapter", help="PEFT LoRA adapter: ΔW from its factors (exact spectra)")
     delta.add_argument("--lora-deltas", help="lora_deltas.safetensors (or the folder) written by `loratv compare`")
+    add_adapter_name_flag(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--task-vector", help="task vector folder (or .safetensors file) written by `loratv extract`")
     source.add_argument("--finetuned", help="fine-tuned model; the task vector is computed on the fly")
@@ -170,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "each, and tabulate what rounding does")
     p.add_argument("--base", help="base model (default: the embedded example)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
+    add_adapter_name_flag(p)
     p.add_argument("-o", "--output", default="precision_results", help="output folder (default: precision_results)")
     p.add_argument("--paths", nargs="+", default=None, metavar="PATH",
                    help="merge paths to run (default: fp32 fp16 bf16 fp16-cast-first bf16-cast-first)")
@@ -193,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a model or adapter from its headers alone")
     p.add_argument("path", nargs="?", help="model folder/file, hub id, or adapter folder (default: the embedded example)")
     p.add_argument("--base", help="for an adapter: the base model, to count the tensors it touches")
+    add_adapter_name_flag(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
 
@@ -417,6 +428,11 @@ def run(argv, parser=None) -> int:
 
     def parse_and_call():
         args = parse_with_config(parser, argv)
+        if getattr(args, "adapter_name", None) is not None:
+            from .adapter import named_adapter
+
+            field = "path" if args.command == "inspect" else "adapter"
+            setattr(args, field, str(named_adapter(getattr(args, field), args.adapter_name)))
         return args.func(args)
 
     return run_guarded(parse_and_call)
