@@ -78,6 +78,40 @@ class Adapter:
         return tensor
 
 
+def _check_layer_and_exclude_rules(adapter: Adapter) -> None:
+    """The file's modules must obey the config's layers_to_transform / layers_pattern and exclude_modules: a module
+    outside them means the file and the config disagree, and merging it would apply what PEFT would not."""
+    import re
+
+    raw = adapter.settings.raw
+    layers = raw.get("layers_to_transform")
+    if layers is not None:
+        try:
+            wanted = {int(layers)} if isinstance(layers, int) else {int(x) for x in layers}
+        except (TypeError, ValueError):
+            raise LoratvError(f"{adapter.config_path}: layers_to_transform = {layers!r} is not a layer index or a list "
+                              "of them.") from None
+        patterns = raw.get("layers_pattern") or None
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        for module in adapter.modules:
+            regexes = [rf".*\.{p}\.(\d+)\." for p in patterns] if patterns else [r".*\.[^.]*\.(\d+)\."]
+            found = next(filter(None, (re.match(r, module) for r in regexes)), None)  # PEFT's own layer regexes
+            if found is None or int(found.group(1)) not in wanted:
+                where = f"layer {found.group(1)}" if found else "no layer"
+                raise LoratvError(f"{adapter.tensors.path}: module '{module}' is in {where}, but {CONFIG_NAME} limits "
+                                  f"the adapter to layers_to_transform = {sorted(wanted)}.")
+    exclude = raw.get("exclude_modules")
+    if exclude:
+        for module in adapter.modules:
+            if isinstance(exclude, str):
+                hit = re.fullmatch(exclude, module) is not None
+            else:
+                hit = any(module == e or module.endswith("." + e) for e in exclude)
+            if hit:
+                raise LoratvError(f"{adapter.tensors.path}: module '{module}' carries a LoRA, but {CONFIG_NAME} "
+                                  f"excludes it (exclude_modules = {exclude!r}).")
+
+
 def named_adapter(source, name: str) -> Path:
     """The folder of adapter `name` inside an adapter folder: PEFT saves 'default' at the top and the others in
     subfolders named after them."""
@@ -187,6 +221,7 @@ def _map_keys(adapter: Adapter) -> None:
             bias_key=parts.get("bias"),
             magnitude_key=magnitude,
         )
+    _check_layer_and_exclude_rules(adapter)
     # `<targeted module>.base_layer.<param>` is the module's own parameter (saved bias or saved embedding)
     for name in list(adapter.replacements):
         if ".base_layer." in name:
