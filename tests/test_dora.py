@@ -68,9 +68,14 @@ def test_commands_needing_an_additive_delta_refuse_dora(tmp_path, capsys):
     base = build_base("llama", tmp_path / "base")
     adapter = dora_adapter(base, tmp_path / "adapter", ["q_proj"])
     assert run_cli("merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m") == 0
+    # validate (merge → extract → compare) takes DoRA: certified on its own merge, in fp32 and bf16
+    for precision in ("fp32", "bf16"):
+        assert run_cli("validate", "--base", base, "--adapter", adapter, "-o", tmp_path / f"v{precision}",
+                       "--precision", precision, "--no-plots") == 0
+        record = json.loads((tmp_path / f"v{precision}" / "comparison_results.json").read_text())
+        assert record["summary"]["verdict"] == "EQUIVALENT (certified)"
     capsys.readouterr()
-    for argv in (["compare", "--base", base, "--adapter", adapter, "--finetuned", tmp_path / "m", "-o", tmp_path / "c"],
-                 ["validate", "--base", base, "--adapter", adapter, "-o", tmp_path / "v"],
+    for argv in (["precision", "--base", base, "--adapter", adapter, "-o", tmp_path / "p"],
                  ["analyze", "--base", base, "--adapter", adapter, "--finetuned", tmp_path / "m", "-o", tmp_path / "a"],
                  ["merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "cf", "--precision", "bf16",
                   "--cast-base-first"]):
@@ -78,6 +83,71 @@ def test_commands_needing_an_additive_delta_refuse_dora(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "DoRA" in err and "Traceback" not in err, err
         assert not (tmp_path / argv[argv.index("-o") + 1].name).exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_compare_certifies_peft_dora_merges(tmp_path, case, dtype):
+    """compare on PEFT's own DoRA merge: certified, every target shared, and the ΔW it writes is NumPy's float64
+    m/‖W + ΔW‖ ⊙ (W + ΔW) − W (rounded once to fp32)."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    kind, targets = CASES[case]
+    base = build_base(kind, tmp_path / "base", dtype=dtype)
+    adapter = dora_adapter(base, tmp_path / "adapter", targets)
+    merged = tmp_path / "peft_merged"
+    merged.mkdir()
+    state = {k: v.contiguous() for k, v in peft_merged_state(base, adapter, dtype).items()}
+    w = load_file(str(base / "model.safetensors"))
+    save_file({k: state[k] for k in w}, str(merged / "model.safetensors"), metadata={"format": "pt"})
+    (merged / "config.json").write_text((base / "config.json").read_text())
+    out = tmp_path / "cmp"
+    assert run_cli("compare", "--base", base, "--adapter", adapter, "--finetuned", merged, "-o", out, "--no-plots") == 0
+    record = json.loads((out / "comparison_results.json").read_text())
+    assert record["summary"]["verdict"] == "EQUIVALENT (certified)"
+    shared = [t for t in record["tensors"] if t["category"] == "shared"]
+    assert shared and all(t["certificate_ratio"] <= 1 for t in shared)
+    assert {t["category"] for t in record["tensors"]} <= {"shared", "unchanged"}
+    # the delta compare wrote, against NumPy
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    deltas = load_file(str(out / "lora_deltas.safetensors"))
+    scale = config["lora_alpha"] / config["r"]
+    for key in (k for k in tensors if "lora_magnitude_vector" in k):
+        module = key[len("base_model.model."):-len(".lora_magnitude_vector")]
+        emb = module + ".lora_embedding_A" in {k[len("base_model.model."):] for k in tensors}
+        a = tensors[f"base_model.model.{module}." + ("lora_embedding_A" if emb else "lora_A.weight")].double().numpy()
+        b = tensors[f"base_model.model.{module}." + ("lora_embedding_B" if emb else "lora_B.weight")].double().numpy()
+        m = tensors[key].double().numpy()
+        ww = w[module + ".weight"].double().numpy()
+        transposed = emb or kind == "gpt2"
+        v = ww + (b @ a).T * scale if transposed else ww + (b @ a) * scale
+        if transposed:
+            expected = v * (m / np.linalg.norm(v, axis=0))[None, :] - ww
+        else:
+            expected = v * (m / np.linalg.norm(v, axis=1))[:, None] - ww
+        got = deltas[module + ".weight"].double().numpy()
+        np.testing.assert_allclose(got, expected, rtol=2**-23, atol=1e-30)
+
+
+def test_compare_catches_a_planted_error_in_a_dora_merge(tmp_path):
+    base = build_base("llama", tmp_path / "base")
+    adapter = dora_adapter(base, tmp_path / "adapter", ["q_proj"])
+    merged = tmp_path / "m"
+    assert run_cli("merge", "--base", base, "--adapter", adapter, "-o", merged) == 0
+    file = merged / "model.safetensors"
+    tensors = load_file(str(file))
+    name = "model.layers.1.self_attn.q_proj.weight"
+    tensors[name][3, 5] += 1e-3
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    out = tmp_path / "cmp"
+    assert run_cli("compare", "--base", base, "--adapter", adapter, "--finetuned", merged, "-o", out, "--no-plots") == 1
+    record = json.loads((out / "comparison_results.json").read_text())
+    row = next(t for t in record["tensors"] if t["name"] == name)
+    assert record["summary"]["verdict"] == "NOT EQUIVALENT" and row["worst_element"] == [3, 5]
 
 
 def test_magnitude_shape_is_checked(tmp_path, capsys):

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__, dtypes
-from .adapter import bind, load_adapter, refuse_dora
+from .adapter import bind, load_adapter
 from .checkpoint import Checkpoint
+from .dora import DoraTerms, dora_terms
 from .errors import LoratvError
 from .inspect import LAYER
 from .lowrank import Factors, InnerProduct, norm_sq
@@ -53,6 +54,7 @@ class ExpectedDelta:
     modules: list  # module names
     replacement: torch.Tensor | None = None  # the adapter's tensor cast to the base dtype (what PEFT loads)
     bias: torch.Tensor | None = None  # s·lora_B.bias in float64
+    dora: DoraTerms | None = None  # DoRA: M = f ⊙ (W + ΔW), not additive
 
     @property
     def additions(self) -> int:
@@ -69,7 +71,8 @@ class ExpectedDelta:
     def to(self, device) -> "ExpectedDelta":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         parts = [Factors(p.left.to(device), p.right.to(device), p.scale, p.exact_products) for p in self.parts]
-        return ExpectedDelta(parts, self.modules, move(self.replacement), move(self.bias))
+        dora = None if self.dora is None else self.dora.to(device)
+        return ExpectedDelta(parts, self.modules, move(self.replacement), move(self.bias), dora)
 
 
 @dataclass
@@ -146,8 +149,9 @@ class TensorComparison:
         }
 
 
-def expected_delta(adapter, plan, base: Checkpoint, name: str) -> ExpectedDelta:
-    """The adapter's contribution to base tensor `name`, factors in float64 and in its stored orientation."""
+def expected_delta(adapter, plan, base: Checkpoint, name: str, compute: torch.dtype = torch.float32) -> ExpectedDelta:
+    """The adapter's contribution to base tensor `name`, factors in float64 and in its stored orientation (for DoRA
+    also the per-feature factors, from the whole tensor, for a merge computed in `compute`)."""
     modules = plan.deltas.get(name, [])
     parts = [
         Factors.from_lora(adapter.factor(m.a_key), adapter.factor(m.b_key), m.scale, transposed=m.kind != "linear")
@@ -161,6 +165,17 @@ def expected_delta(adapter, plan, base: Checkpoint, name: str) -> ExpectedDelta:
         bias = adapter.factor(bias_module.bias_key).to(torch.float64) * bias_module.scale
         delta.bias = bias
         delta.modules.append(bias_module.module + " (lora_bias)")
+    dora = [m for m in modules if m.magnitude_key]
+    if dora:
+        if len(modules) > 1 or delta.bias is not None:
+            raise LoratvError(f"{adapter.tensors.path}: '{name}' carries a DoRA module with other updates; their "
+                              "combined merge is not defined.")
+        part, shape = parts[0], base.entry(name).shape
+        # a saved base layer (PEFT saves targeted embeddings) is what the DoRA merge starts from
+        w = (delta.replacement if delta.replacement is not None else base.read(name)).to(torch.float64)
+        delta.dora = dora_terms(w, part.rows(0, shape[0]), part.abs_rows(0, shape[0]),
+                                adapter.factor(dora[0].magnitude_key), dora[0].kind, part.rank + 2, compute)
+        delta.modules[0] += " (DoRA)"
     return delta
 
 
@@ -171,8 +186,8 @@ class _TargetedAccumulator:
         self.stats, self.delta = stats, delta
         self.base_dtype, self.out_dtype, self.t_rounding = base_dtype, out_dtype, t_rounding
         self.device = device
-        self.inner = [InnerProduct(p) for p in delta.parts]
-        self.dense_only = not delta.parts or delta.replacement is not None or delta.bias is not None
+        self.inner = [] if delta.dora is not None else [InnerProduct(p) for p in delta.parts]
+        self.dense_only = not self.inner or delta.replacement is not None or delta.bias is not None
         # a float64 merge rounds as finely as a float64 evaluation of ΔW: evaluate it twice as precisely then
         self.compensated = compute_dtype_for(base_dtype, out_dtype) == torch.float64
         self.delta_dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
@@ -185,18 +200,29 @@ class _TargetedAccumulator:
         ΔW in the dtype lora_deltas.safetensors stores."""
         w64 = w_rows.to(device=self.device, dtype=torch.float64)
         raw_rows = None if raw_rows is None else raw_rows.to(self.device)
+        # a fine-tuned model read as such gives M exactly, whatever rounding the float64 T = F − W carries (a copy:
+        # the difference may be taken in place in a float64 input)
+        m_exact = (raw_rows.to(torch.float64, copy=True).view(w64.shape)
+                   if tv.live and raw_rows is not None else None)
         t = None if raw_rows is None else tv.difference(raw_rows, w64, w64)
         nonzero = 0 if t is None else _measure_t(self.stats, t, tv)
-        return self.add(w64, t, start, stop, nonzero).to(self.delta_dtype).cpu()
+        return self.add(w64, t, start, stop, nonzero, m_exact).to(self.delta_dtype).cpu()
 
-    def add(self, w: torch.Tensor, t: torch.Tensor | None, start: int, stop: int, nonzero: int) -> torch.Tensor:
-        """Rows [start, stop) of W and T (None: T = 0) as float64 on the device, with T's nonzero count; returns the
-        rows of ΔW."""
+    def add(self, w: torch.Tensor, t: torch.Tensor | None, start: int, stop: int, nonzero: int,
+            m_exact: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of W and T (None: T = 0) as float64 on the device, with T's nonzero count (and the
+        stored fine-tuned rows when known); returns the rows of ΔW."""
         s, delta, out_dtype = self.stats, self.delta, self.out_dtype
         s.w_sumsq += float(torch.dot(w.reshape(-1), w.reshape(-1)))
         w_eff = w if delta.replacement is None else _rows(delta.replacement, start, stop).to(torch.float64)
-        d, g, ge, extra = self._delta_rows(w, w_eff, start, stop)
-        evaluation_error = g * ge if extra is None else extra.add_(g, alpha=ge)
+        dora_bound = None
+        if delta.dora is not None:
+            part = delta.parts[0]
+            d, evaluation_error, dora_bound = delta.dora.delta_and_bound(
+                w_eff, w, part.rows(start, stop).view(w.shape), part.abs_rows(start, stop).view(w.shape), start, stop)
+        else:
+            d, g, ge, extra = self._delta_rows(w, w_eff, start, stop)
+            evaluation_error = g * ge if extra is None else extra.add_(g, alpha=ge)
         if t is not None:
             for inner in self.inner:
                 inner.add_rows(t.view(stop - start, -1), start, stop)
@@ -207,14 +233,21 @@ class _TargetedAccumulator:
         if self.t_rounding is None:
             t_error = None
             ulp_m = ulp(m, out_dtype)
+        elif m_exact is not None:
+            m = m_exact
+            t_error = t.abs().mul_(unit_roundoff(self.t_rounding))  # T = fl64(F − W): one rounding at most
+            ulp_m = ulp(m, out_dtype)
         else:
             # the stored T was rounded: |T − T_exact| ≤ ½·ulp(T) ≤ u·|T| + a subnormal spacing (sound, cheaper than
             # ulp(T)); M itself is then only known to that accuracy, so its ulp is taken at the low end
             u_t = unit_roundoff(self.t_rounding)
             t_error = t.abs().mul_(u_t).add_(torch.finfo(self.t_rounding).smallest_normal * 2 * u_t)
-            ulp_m = ulp(m.abs().sub_(t_error).clamp_(min=0), out_dtype)
-        bound = merge_error_bound(w_eff, m, g, additions=delta.additions, k=delta.k, base_dtype=self.base_dtype,
-                                  out_dtype=out_dtype, ulp_m=ulp_m)
+            ulp_m = _stored_ulp(m, t_error, out_dtype)
+        if dora_bound is not None:
+            bound = dora_bound(ulp_m)
+        else:
+            bound = merge_error_bound(w_eff, m, g, additions=delta.additions, k=delta.k, base_dtype=self.base_dtype,
+                                      out_dtype=out_dtype, ulp_m=ulp_m)
         if t_error is not None:
             bound.add_(t_error)
         ratio = torch.add(evaluation_error, diff, alpha=DIFF_MARGIN).div_(bound).reshape(-1)
@@ -279,6 +312,16 @@ class _TargetedAccumulator:
         s.worst_element = list(_unravel(self.worst, s.shape)) if self.worst is not None else None
 
 
+def _stored_ulp(m: torch.Tensor, t_error: torch.Tensor, out_dtype) -> torch.Tensor:
+    """ulp_d of the stored M, known only to lie within t_error of m. Where that interval is narrower than the spacing
+    at its low end it holds one float of d at most, so M is m rounded to d when that lies inside (a power of two then
+    keeps its own ulp); elsewhere the spacing at the low end, which no M in the interval is below."""
+    low = ulp(m.abs().sub_(t_error).clamp_(min=0), out_dtype)
+    nearest = m.to(out_dtype).to(torch.float64)
+    known = ((nearest - m).abs() <= t_error) & (2 * t_error < low)
+    return torch.where(known, ulp(nearest, out_dtype), low)
+
+
 def _rows(tensor, start, stop):
     return tensor if tensor.dim() == 0 else tensor[start:stop]
 
@@ -329,7 +372,6 @@ def compare(
     dev = resolve_device(device)
     base = Checkpoint(base_source, label=f"base {base_source}")
     adapter = load_adapter(adapter_source)
-    refuse_dora(adapter, "compare")
     plan = bind(adapter, base)
     if plan.new_tensors:
         name = next(iter(plan.new_tensors))
@@ -432,10 +474,10 @@ def _start(stats, base, adapter, plan, tv, dev) -> _State:
     base_dtype = base.entry(stats.name).torch_dtype
     out_dtype = _float_dtype(stats.finetuned_dtype)
     if stats.targeted:
-        delta = expected_delta(adapter, plan, base, stats.name).to(dev)
-        stats.modules, stats.rank = delta.modules, delta.rank
         if out_dtype is None:  # no record of the fine-tuned dtype: assume the base's (the usual merge)
             out_dtype = base_dtype
+        delta = expected_delta(adapter, plan, base, stats.name, compute_dtype_for(base_dtype, out_dtype)).to(dev)
+        stats.modules, stats.rank = delta.modules, delta.rank
         accumulator = _TargetedAccumulator(stats, delta, base_dtype, out_dtype, tv.storage_rounding(stats.name), dev)
         return _State(accumulator, out_dtype, [])
     if out_dtype is not None:

@@ -135,7 +135,8 @@ class LiveTaskVector:
     def difference(self, raw, w, w64=None) -> torch.Tensor | None:
         if bits_equal(raw, w):  # the common case (the base itself is checked finite by the caller)
             return None
-        return raw.to(torch.float64).sub_(w64 if w64 is not None else w.to(torch.float64))
+        # copy=True: a float64 input must not be overwritten (callers still read it)
+        return raw.to(torch.float64, copy=True).sub_(w64 if w64 is not None else w.to(torch.float64))
 
     def cast_matches(self, raw, w, dtype: torch.dtype) -> bool:
         return equals_cast(raw, w) if raw.dtype == dtype else False

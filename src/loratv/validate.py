@@ -36,9 +36,6 @@ def validate(
     command: str | None = None,
 ) -> dict:
     """OUT/merged_model_<precision>, OUT/task_vectors_<precision>, and compare's files in OUT; returns the record."""
-    from .adapter import load_adapter, refuse_dora
-
-    refuse_dora(load_adapter(adapter), "validate")  # before a merge that compare could not use
     with atomic_output_dir(out, [base, adapter], force=force) as tmp:
         merged = tmp / f"merged_model_{precision}"
         task_vector = tmp / f"task_vectors_{precision}"
