@@ -16,6 +16,7 @@ from .checkpoint import Checkpoint
 from .errors import LoratvError
 
 PREFIX = "base_model.model."
+TOKEN_ROWS = "<trainable token rows>"  # plan.replacements marker: the replacement is built by token_replacement
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 # transformers' Conv1D layers store W as (in, out); PEFT forces fan_in_fan_out for them
@@ -28,7 +29,6 @@ NOT_LORA_MARKERS = {
     "hada_w1": "LoHa (hada_*)",
     "lokr_w1": "LoKr (lokr_*)",
     "lora_down": "kohya LoRA (lora_down/lora_up)",
-    "token_adapter": "trainable tokens (token_adapter)",
 }
 
 
@@ -59,6 +59,7 @@ class Adapter:
     # replacements saved as `<targeted module>.base_layer.<param>`: PEFT loads them into the base parameter itself,
     # which a tied head shares, so they never untie (unlike a `modules_to_save` copy)
     saved_layers: set = field(default_factory=set)
+    token_rows: dict = field(default_factory=dict)  # base tensor name -> (adapter key, row indices): rows replaced
 
     @property
     def source(self) -> str:
@@ -76,6 +77,31 @@ class Adapter:
         if not dtypes.all_finite(tensor):
             raise LoratvError(f"{self.tensors.entry(key).file}: tensor '{key}' contains NaN or Inf.")
         return tensor
+
+
+def _token_indices(adapter: Adapter, module: str, key: str) -> list:
+    """The rows `trainable_token_indices` names for this module: a list (the input embedding) or {module: list}."""
+    spec = adapter.settings.raw.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        spec = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+    try:
+        indices = [int(i) for i in spec]
+    except (TypeError, ValueError):
+        raise LoratvError(f"{adapter.config_path}: trainable_token_indices gives no row list for '{module}', which "
+                          f"{adapter.tensors.path.name} trains.") from None
+    rows = adapter.tensors.entry(key).shape
+    if len(rows) != 2 or rows[0] != len(indices) or len(set(indices)) != len(indices):
+        raise LoratvError(f"{adapter.tensors.path}: '{key}' holds {list(rows)} values for {len(indices)} token indices "
+                          f"({'repeated' if len(set(indices)) != len(indices) else 'different counts'}).")
+    return indices
+
+
+def token_replacement(adapter: Adapter, base: Checkpoint, name: str) -> torch.Tensor:
+    """The tensor with its trained token rows copied in, as PEFT's TrainableTokensLayer.merge does (index_copy of
+    the trained rows cast to the base dtype): a whole-tensor replacement in the base dtype."""
+    key, indices = adapter.token_rows[name]
+    w = base.read(name)
+    return w.index_copy(0, torch.tensor(indices), adapter.factor(key).to(w.dtype))
 
 
 def _check_layer_and_exclude_rules(adapter: Adapter) -> None:
@@ -171,6 +197,10 @@ def _map_keys(adapter: Adapter) -> None:
         name = key[len(PREFIX):]
         if ".modules_to_save." in name or ".original_module." in name:
             continue  # wrapper copies; the canonical `<module>.<param>` key carries the value
+        if name.endswith(".token_adapter.trainable_tokens_delta"):
+            module = name[: -len(".token_adapter.trainable_tokens_delta")]
+            adapter.token_rows[module + ".weight"] = (key, _token_indices(adapter, module, key))
+            continue
         if ".lora_" in name:
             module, _, part = name.rpartition(".lora_")
             role = {
@@ -312,6 +342,18 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
             new_tensors[head] = ("base", name)
             untied = True
             notes.append(f"{name} is replaced by a trained copy; the tied head keeps the base values as {head}.")
+    for name, (key, indices) in adapter.token_rows.items():
+        if name not in base or len(base.entry(name).shape) != 2:
+            raise LoratvError(f"{adapter.tensors.path}: '{key}' trains rows of '{name}', which the base {base.path} "
+                              "lacks or which is not a matrix.")
+        rows, dim = base.entry(name).shape
+        if adapter.tensors.entry(key).shape[1] != dim or max(indices) >= rows or min(indices) < 0:
+            raise LoratvError(f"{adapter.tensors.path}: '{key}' does not fit '{name}' {[rows, dim]} (token indices "
+                              f"{min(indices)}–{max(indices)}, rows of {adapter.tensors.entry(key).shape[1]}).")
+        if name in deltas or name in replacements:
+            raise LoratvError(f"{adapter.tensors.path}: '{name}' has trained token rows and another update; their "
+                              "combined merge is not defined.")
+        replacements[name] = TOKEN_ROWS  # the shared tensor itself: a tied head follows it, as in PEFT
     return MergePlan(deltas, replacements, adapter.bias_additions(), new_tensors, untied, notes)
 
 

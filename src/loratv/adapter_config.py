@@ -31,7 +31,6 @@ BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # (config field, value that is harmless, why a merge from the file alone is impossible or not yet supported)
 REFUSED_FIELDS = [
     ("target_parameters", None, "LoRA on raw parameters (target_parameters) is not supported yet"),
-    ("trainable_token_indices", None, "trainable-token rows (trainable_token_indices) are not supported yet"),
     ("use_bdlora", None, "block-diagonal LoRA (use_bdlora) is not supported yet"),
     ("alora_invocation_tokens", None, "aLoRA adapters cannot be merged (PEFT refuses too)"),
     ("arrow_config", None, "Arrow routing adapters cannot be merged"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__, dtypes
-from .adapter import bind, load_adapter
+from .adapter import TOKEN_ROWS, bind, load_adapter, token_replacement
 from .checkpoint import Checkpoint
 from .dora import DoraTerms, dora_terms
 from .errors import LoratvError
@@ -158,7 +158,9 @@ def expected_delta(adapter, plan, base: Checkpoint, name: str, compute: torch.dt
         for m in modules
     ]
     delta = ExpectedDelta(parts, [m.module for m in modules])
-    if name in plan.replacements:
+    if plan.replacements.get(name) == TOKEN_ROWS:
+        delta.replacement = token_replacement(adapter, base, name)
+    elif name in plan.replacements:
         delta.replacement = adapter.factor(plan.replacements[name]).to(base.entry(name).torch_dtype)
     bias_module = plan.bias_additions.get(name)
     if bias_module is not None:

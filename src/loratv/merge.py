@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, dtypes
-from .adapter import bias_delta, bind, delta_rows, load_adapter
+from .adapter import TOKEN_ROWS, bias_delta, bind, delta_rows, load_adapter, token_replacement
 from .checkpoint import Checkpoint
 from .errors import LoratvError
 from .outputs import atomic_output_dir
@@ -172,7 +172,10 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_bas
     replacement = plan.replacements.get(name)
     modules = plan.deltas.get(name, [])
     bias_module = plan.bias_additions.get(name)
-    replaced_full = adapter.factor(replacement) if replacement else None
+    if replacement == TOKEN_ROWS:
+        replaced_full = token_replacement(adapter, base, name)
+    else:
+        replaced_full = adapter.factor(replacement) if replacement else None
     if any(m.magnitude_key for m in modules):
         _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first)
         result.merged.append(name)
