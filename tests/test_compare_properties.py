@@ -110,7 +110,9 @@ def test_a_planted_error_far_beyond_rounding_is_caught(case, where, factor):
         g = scale * (b @ a)
         g = (g.T if case["transposed"] else g).reshape(-1)[i]
         base_spacing = float(torch.finfo(case["dtype"]).eps) * (max(abs(float(value)), 1.0) + float(g))
-        flat[i] = (value + factor * base_spacing + 1e-3).to(case["dtype"])
+        # capped well inside the dtype's range: an overflow to Inf would be refused as input, not measured
+        planted = min(float(value) + factor * base_spacing + 1e-3, float(torch.finfo(case["dtype"]).max) / 4)
+        flat[i] = torch.tensor(planted, dtype=torch.float64).to(case["dtype"])
         save_file(state, str(ft_file))
         record = compare(root / "base", root / "adapter", finetuned=root / "ft")
     rec = next(x for x in record["tensors"] if x["name"] == f"{MODULE}.weight")
