@@ -91,31 +91,31 @@ def test_full_finetune_round_trips_through_peft_with_the_reported_error(full_fin
             assert torch.equal(merged[name], w[name]), name
 
 
-def test_rank_criterion_is_eckart_young_optimal(full_finetune):
-    """For each LoRA'd tensor the error at rank k equals the tail √(Σ_{i>k} σ_i²) of NumPy's float64 SVD of T:
-    no rank-k matrix can do better, and loratv's factors achieve it (up to their fp32 rounding)."""
-    base, finetuned, root = full_finetune["base"], full_finetune["finetuned"], full_finetune["root"]
-    out = root / "adapter_r3"
-    assert run_cli("to-lora", "--base", base, "--finetuned", finetuned, "-o", out, "--rank", "3") == 0
+def lora_rows_with_singular_values(full_finetune, folder: str, *criterion):
+    """Run to-lora with this criterion on the full fine-tune; yield each LoRA'd tensor's fidelity row with NumPy's
+    float64 singular values of its task vector."""
+    base, finetuned = full_finetune["base"], full_finetune["finetuned"]
+    out = full_finetune["root"] / folder
+    assert run_cli("to-lora", "--base", base, "--finetuned", finetuned, "-o", out, *criterion) == 0
     w = load_file(str(base / "model.safetensors"))
     f = load_file(str(finetuned / "model.safetensors"))
     for t in (t for t in fidelity(out)["tensors"] if t["handling"] == "lora"):
         diff = f[t["name"]].numpy().astype(np.float64) - w[t["name"]].numpy().astype(np.float64)
-        s = np.linalg.svd(diff, compute_uv=False)
+        yield t, np.linalg.svd(diff, compute_uv=False)
+
+
+def test_rank_criterion_is_eckart_young_optimal(full_finetune):
+    """For each LoRA'd tensor the error at rank k equals the tail √(Σ_{i>k} σ_i²) of NumPy's float64 SVD of T:
+    no rank-k matrix can do better, and loratv's factors achieve it (up to their fp32 rounding)."""
+    for t, s in lora_rows_with_singular_values(full_finetune, "adapter_r3", "--rank", "3"):
         tail = float(np.sqrt(np.sum(s[3:] ** 2)))
         assert t["rank"] == min(3, len(s))
         assert tail * (1 - 1e-9) <= t["error_norm"] <= tail * (1 + 1e-5) + 1e-7 * s[0], t["name"]
 
 
 def test_energy_criterion_picks_the_smallest_rank(full_finetune):
-    base, finetuned, root = full_finetune["base"], full_finetune["finetuned"], full_finetune["root"]
-    out = root / "adapter_e90"
-    assert run_cli("to-lora", "--base", base, "--finetuned", finetuned, "-o", out, "--energy", "0.9") == 0
-    w = load_file(str(base / "model.safetensors"))
-    f = load_file(str(finetuned / "model.safetensors"))
-    for t in (t for t in fidelity(out)["tensors"] if t["handling"] == "lora"):
-        diff = f[t["name"]].numpy().astype(np.float64) - w[t["name"]].numpy().astype(np.float64)
-        s2 = np.linalg.svd(diff, compute_uv=False) ** 2
+    for t, s in lora_rows_with_singular_values(full_finetune, "adapter_e90", "--energy", "0.9"):
+        s2 = s**2
         kept = np.cumsum(s2) / s2.sum()
         assert t["rank"] == int(np.argmax(kept >= 0.9)) + 1, t["name"]
         assert t["energy_retained"] >= 0.9 - 1e-6

@@ -145,11 +145,11 @@ def named_adapter(source, name: str) -> Path:
 
     if source is None:
         raise LoratvError(f"--adapter-name {name}: give the adapter folder too (--adapter, or the inspected path).")
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise LoratvError(f"--adapter-name {name!r}: an adapter name, not a path.")
     path = resolve_path(source)
     folder = path.parent if path.is_file() else path
     candidate = folder if name == "default" else folder / name
-    if "/" in name or "\\" in name or name in ("", ".", ".."):
-        raise LoratvError(f"--adapter-name {name!r}: an adapter name, not a path.")
     if not (candidate / CONFIG_NAME).is_file():
         found = (["default"] if (folder / CONFIG_NAME).is_file() else []) + sorted(
             p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))

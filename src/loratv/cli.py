@@ -32,6 +32,12 @@ def add_adapter_name_flag(p):
                    "(PEFT saves extra ones in subfolders): the one to use; 'default' is the top-level one")
 
 
+def add_base_and_adapter(p):
+    p.add_argument("--base", help="base model (default: the embedded example)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
+    add_adapter_name_flag(p)
+
+
 def add_output_flags(p):
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
@@ -67,9 +73,7 @@ def add_extract_arguments(p):
 
 
 def add_compare_arguments(p):
-    p.add_argument("--base", help="base model (default: the embedded example)")
-    p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
-    add_adapter_name_flag(p)
+    add_base_and_adapter(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--task-vector", help="task vector folder (or .safetensors file) written by `loratv extract`")
     source.add_argument("--finetuned", help="fine-tuned model; the task vector is computed on the fly, streaming "
@@ -85,9 +89,7 @@ def add_compare_arguments(p):
 
 
 def add_validate_arguments(p):
-    p.add_argument("--base", help="base model (default: the embedded example)")
-    p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
-    add_adapter_name_flag(p)
+    add_base_and_adapter(p)
     p.add_argument("-o", "--output", default="validation_results", help="output folder (default: validation_results)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="dtype of the merged model that is extracted and compared (default: fp32)")
@@ -177,9 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("precision", help="merge along the fp32, fp16, bf16 and cast-first paths, extract and compare "
                        "each, and tabulate what rounding does")
-    p.add_argument("--base", help="base model (default: the embedded example)")
-    p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
-    add_adapter_name_flag(p)
+    add_base_and_adapter(p)
     p.add_argument("-o", "--output", default="precision_results", help="output folder (default: precision_results)")
     p.add_argument("--paths", nargs="+", default=None, metavar="PATH",
                    help="merge paths to run (default: fp32 fp16 bf16 fp16-cast-first bf16-cast-first)")

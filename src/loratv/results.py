@@ -26,34 +26,33 @@ def write_json(record: dict, path: Path) -> None:
     Path(path).write_text(dump_json(record), encoding="utf-8")
 
 
-def write_comparison_files(record: dict, folder: Path, *, plots: bool = True) -> list:
-    """comparison_results.json, detailed_comparison_report.txt and (unless plots=False) the four PNGs."""
-    from .report.text import render_comparison_text
-
+def _write_record_files(record: dict, folder: Path, results_name: str, report_name: str, render, write_plots,
+                        plots: bool) -> list:
+    """The record as strict JSON, its rendered report, and (unless plots=False) its plots, in `folder`."""
     folder = Path(folder)
     record = finite(record)  # the renderers see exactly what the JSON holds
-    write_json(record, folder / RESULTS_FILE)
-    (folder / REPORT_FILE).write_text(render_comparison_text(record), encoding="utf-8")
-    written = [folder / RESULTS_FILE, folder / REPORT_FILE]
+    write_json(record, folder / results_name)
+    (folder / report_name).write_text(render(record), encoding="utf-8")
+    written = [folder / results_name, folder / report_name]
     if plots:
-        from .report.plots import write_comparison_plots
-
-        written += write_comparison_plots(record, folder)
+        written += write_plots(record, folder)
     return written
+
+
+def write_comparison_files(record: dict, folder: Path, *, plots: bool = True) -> list:
+    """comparison_results.json, detailed_comparison_report.txt and (unless plots=False) the four PNGs."""
+    from .report.plots import write_comparison_plots
+    from .report.text import render_comparison_text
+
+    return _write_record_files(record, folder, RESULTS_FILE, REPORT_FILE, render_comparison_text,
+                               write_comparison_plots, plots)
 
 
 def write_analysis_files(record: dict, folder: Path, *, plots: bool = True) -> list:
     """analysis_results.json, analysis_report.md and (unless plots=False) the analysis PNGs."""
     from .analyze import REPORT_NAME, RESULTS_NAME
+    from .report.analysis_plots import write_analysis_plots
     from .report.analysis_text import render_analysis_markdown
 
-    folder = Path(folder)
-    record = finite(record)
-    write_json(record, folder / RESULTS_NAME)
-    (folder / REPORT_NAME).write_text(render_analysis_markdown(record), encoding="utf-8")
-    written = [folder / RESULTS_NAME, folder / REPORT_NAME]
-    if plots:
-        from .report.analysis_plots import write_analysis_plots
-
-        written += write_analysis_plots(record, folder)
-    return written
+    return _write_record_files(record, folder, RESULTS_NAME, REPORT_NAME, render_analysis_markdown,
+                               write_analysis_plots, plots)

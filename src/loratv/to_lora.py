@@ -219,8 +219,8 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
         if not factors and not full_values:
             raise LoratvError(f"{tv.source}: no changed tensor is left to write (the task vector is zero or all of it was excluded).")
         bias_mode = "lora_only" if any(k.endswith(".base_layer.bias") for k in full_values) else "none"
-        _write_adapter(tmp, factors, kinds, full_values, saved_modules, bias_mode, base_model=str(base) if base else
-                       getattr(tv, "recorded_base", None))
+        write_adapter(tmp, factors, base_model=str(base) if base else getattr(tv, "recorded_base", None), dtype=storage,
+                      kinds=kinds, full_values=full_values, modules_to_save=saved_modules, bias=bias_mode)
         record = _record(tv, base, criterion, dtype, fidelity, notes, tmp, command, names)
         (tmp / FIDELITY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
@@ -352,12 +352,6 @@ def write_adapter(folder, factors: dict, *, base_model: str | None = None, dtype
                             fan_in_fan_out=any(kinds.get(m) == "conv1d" for m in factors))
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return folder
-
-
-def _write_adapter(folder, factors, kinds, full_values, saved_modules, bias_mode, *, base_model):
-    dtype = next(iter(factors.values()))[0].dtype if factors else torch.float32
-    write_adapter(folder, factors, base_model=base_model, dtype=dtype, kinds=kinds, full_values=full_values,
-                  modules_to_save=saved_modules, bias=bias_mode)
 
 
 def _record(tv, base, criterion, dtype, fidelity, notes, folder: Path, command, names) -> dict:
