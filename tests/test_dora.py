@@ -74,8 +74,15 @@ def test_commands_needing_an_additive_delta_refuse_dora(tmp_path, capsys):
                        "--precision", precision, "--no-plots") == 0
         record = json.loads((tmp_path / f"v{precision}" / "comparison_results.json").read_text())
         assert record["summary"]["verdict"] == "EQUIVALENT (certified)"
+    # precision runs the three direct paths (the cast-first ones model additive LoRA) and certifies each
+    assert run_cli("precision", "--base", base, "--adapter", adapter, "-o", tmp_path / "p", "--no-plots") == 0
+    study = json.loads((tmp_path / "p" / "precision_results.json").read_text())
+    assert [p["name"] for p in study["paths"]] == ["fp32", "fp16", "bf16"]
+    assert all(p["verdict"] == "EQUIVALENT (certified)" for p in study["paths"])
+    assert "cast-first" in study["notes"][0] and "DoRA" in study["notes"][0]
     capsys.readouterr()
-    for argv in (["precision", "--base", base, "--adapter", adapter, "-o", tmp_path / "p"],
+    for argv in (["precision", "--base", base, "--adapter", adapter, "-o", tmp_path / "p2", "--paths",
+                  "bf16-cast-first"],
                  ["analyze", "--base", base, "--adapter", adapter, "--finetuned", tmp_path / "m", "-o", tmp_path / "a"],
                  ["merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "cf", "--precision", "bf16",
                   "--cast-base-first"]):

@@ -60,6 +60,8 @@ class Adapter:
     # which a tied head shares, so they never untie (unlike a `modules_to_save` copy)
     saved_layers: set = field(default_factory=set)
     token_rows: dict = field(default_factory=dict)  # base tensor name -> (adapter key, row indices): rows replaced
+    # files whose module names only the base can resolve (kohya's flattened names): called by bind(adapter, base)
+    resolve_names: object = None
 
     @property
     def source(self) -> str:
@@ -164,6 +166,10 @@ def load_adapter(source) -> Adapter:
     path = resolve_path(source)
     folder = path.parent if path.is_file() else path
     config_path = folder / CONFIG_NAME
+    if path.is_file() and path.suffix == ".safetensors" and not config_path.is_file():
+        from .kohya import load_single_file  # kohya / diffusers: one file, no adapter_config.json
+
+        return load_single_file(path)
     if not config_path.is_file():
         nested = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}"))
         if nested:
@@ -186,6 +192,25 @@ def load_adapter(source) -> Adapter:
 
 
 def _map_keys(adapter: Adapter) -> None:
+    if adapter.settings.peft_type == "LORA":
+        _map_lora_keys(adapter)
+    else:
+        from .tuners import map_tuner_keys
+
+        map_tuner_keys(adapter)
+    _check_layer_and_exclude_rules(adapter)
+    file = adapter.tensors.path
+    # `<targeted module>.base_layer.<param>` is the module's own parameter (saved bias or saved embedding)
+    for name in list(adapter.replacements):
+        if ".base_layer." in name:
+            module, _, param = name.rpartition(".base_layer.")
+            if module not in adapter.modules:
+                raise LoratvError(f"{file}: tensor '{PREFIX}{name}' has a base_layer infix but its module carries no adapter.")
+            adapter.replacements[f"{module}.{param}"] = adapter.replacements.pop(name)
+            adapter.saved_layers.add(f"{module}.{param}")
+
+
+def _map_lora_keys(adapter: Adapter) -> None:
     file = adapter.tensors.path
     factors: dict[str, dict] = {}
     for key in adapter.tensors.names():
@@ -251,15 +276,6 @@ def _map_keys(adapter: Adapter) -> None:
             bias_key=parts.get("bias"),
             magnitude_key=magnitude,
         )
-    _check_layer_and_exclude_rules(adapter)
-    # `<targeted module>.base_layer.<param>` is the module's own parameter (saved bias or saved embedding)
-    for name in list(adapter.replacements):
-        if ".base_layer." in name:
-            module, _, param = name.rpartition(".base_layer.")
-            if module not in adapter.modules:
-                raise LoratvError(f"{file}: tensor '{PREFIX}{name}' has a base_layer infix but its module carries no LoRA.")
-            adapter.replacements[f"{module}.{param}"] = adapter.replacements.pop(name)
-            adapter.saved_layers.add(f"{module}.{param}")
 
 
 @dataclass
@@ -279,6 +295,8 @@ class MergePlan:
 
 def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
     """Map every adapter tensor onto the base, resolve orientation and tied embeddings, check every shape."""
+    if adapter.resolve_names is not None:
+        adapter.resolve_names(adapter, base)
     config = base.config or {}
     tied = config.get("tie_word_embeddings", True)
     model_type = config.get("model_type")
@@ -305,6 +323,9 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
             raise LoratvError(
                 f"{adapter.tensors.path}: module '{module.module}' targets '{module.target}', which the base model {base.path} lacks."
             )
+        if adapter.settings.peft_type != "LORA":
+            _bind_tuner(adapter, module, base, target, model_type, deltas)
+            continue
         module.kind = _orientation(module, adapter, base.entry(target).shape, model_type)
         deltas.setdefault(target, []).append(module)
         if module.magnitude_key is not None:
@@ -355,6 +376,29 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
                               "combined merge is not defined.")
         replacements[name] = TOKEN_ROWS  # the shared tensor itself: a tied head follows it, as in PEFT
     return MergePlan(deltas, replacements, adapter.bias_additions(), new_tensors, untied, notes)
+
+
+def _bind_tuner(adapter, module, base, target, model_type, deltas) -> None:
+    """A LoHa/LoKr/AdaLoRA/VeRA/IA³/OFT module: orientation from fan_in_fan_out (PEFT forces it for Conv1D), shapes
+    checked; IA³ also scales the bias of a non-feedforward module."""
+    from .tuners import check_fits, ia3_bias_module
+
+    leaf = module.module.rsplit(".", 1)[-1]
+    conv1d = adapter.settings.fan_in_fan_out or (model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_MODULES)
+    module.kind = "conv1d" if conv1d and module.peft_type not in ("LOHA", "LOKR") else "linear"
+    check_fits(adapter, module, tuple(base.entry(target).shape))
+    deltas.setdefault(target, []).append(module)
+    bias = module.module + ".bias"
+    if module.peft_type == "IA3" and not module.options["feedforward"] and bias in base:
+        deltas.setdefault(bias, []).append(ia3_bias_module(module))
+
+
+def refuse_non_lora(adapter: "Adapter", command: str) -> None:
+    """Commands that work on LoRA factors (B, A) cannot take other tuners."""
+    if adapter.settings.peft_type != "LORA":
+        raise LoratvError(f"{adapter.config_path}: {adapter.settings.tuner_name} adapters have no LoRA factors; "
+                          f"loratv {command} takes LoRA adapters only (merge, compare, validate and inspect take "
+                          f"{adapter.settings.tuner_name}).")
 
 
 def _check_magnitude(adapter, module: LoraModule, shape) -> None:

@@ -22,10 +22,31 @@ KNOWN_FIELDS = {
 }
 NEUTRAL_VALUES = (None, False, {}, [], "", 0)
 
+COMMON_FIELDS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                 "inference_mode"}
+LYCORIS_FIELDS = {"r", "alpha", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "init_weights",
+                  "layers_to_transform", "layers_pattern", "module_dropout", "modules_to_save", "rank_dropout",
+                  "use_effective_conv2d"}
+# Fields of PEFT 0.21's other tuner configs whose merge loratv computes from the file (loratv/tuners.py)
+TUNER_FIELDS = {
+    "LOHA": LYCORIS_FIELDS,
+    "LOKR": LYCORIS_FIELDS | {"decompose_both", "decompose_factor", "rank_dropout_scale"},
+    "ADALORA": KNOWN_FIELDS | {"target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+                               "total_step"},
+    "VERA": {"r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
+             "fan_in_fan_out", "bias", "modules_to_save", "init_weights", "layers_to_transform", "layers_pattern"},
+    "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out", "modules_to_save",
+            "init_ia3_weights"},
+    "OFT": {"r", "oft_block_size", "module_dropout", "target_modules", "fan_in_fan_out", "bias", "exclude_modules",
+            "init_weights", "layers_to_transform", "layers_pattern", "modules_to_save", "coft", "eps", "block_share",
+            "use_cayley_neumann", "num_cayley_neumann_terms"},
+}
+TUNER_NAMES = {"LORA": "LoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "OFT": "OFT",
+               "IA3": "IA³"}
 OTHER_TUNERS = {
-    "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA", "OFT": "OFT", "BOFT": "BOFT",
-    "IA3": "IA3", "PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning",
-    "P_TUNING": "p-tuning", "ADAPTION_PROMPT": "adaption prompt",
+    "BOFT": "BOFT (butterfly OFT; its permutations are not rebuilt by loratv)",
+    "PROMPT_TUNING": "prompt tuning (no weights to merge)", "PREFIX_TUNING": "prefix tuning (no weights to merge)",
+    "P_TUNING": "p-tuning (no weights to merge)", "ADAPTION_PROMPT": "adaption prompt (no weights to merge)",
 }
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # (config field, value that is harmless, why a merge from the file alone is impossible or not yet supported)
@@ -58,6 +79,11 @@ class LoraSettings:
     peft_version: str | None
     base_model_name_or_path: str | None
     raw: dict
+    peft_type: str = "LORA"
+
+    @property
+    def tuner_name(self) -> str:
+        return TUNER_NAMES.get(self.peft_type, self.peft_type)
 
     def rank_for(self, module: str) -> int:
         key = match_pattern_key(self.rank_pattern, module)
@@ -88,9 +114,11 @@ def parse_config(config: dict, path) -> LoraSettings:
     if not isinstance(config, dict):
         raise LoratvError(f"{path}: adapter config is not a JSON object.")
     peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type in TUNER_FIELDS:
+        return _parse_tuner_config(config, path, peft_type)
     if peft_type != "LORA":
         name = OTHER_TUNERS.get(peft_type, peft_type)
-        raise LoratvError(f"{path}: {name} adapters (peft_type {peft_type}) are not supported by loratv yet; only LoRA is.")
+        raise LoratvError(f"{path}: {name} adapters (peft_type {peft_type}) cannot be merged by loratv.")
     if "enable_lora" in config and config["enable_lora"] not in NEUTRAL_VALUES:
         raise LoratvError(f"{path}: legacy fused-QKV LoRA (enable_lora, PEFT <= 0.2) is not supported.")
     for field, harmless, why in REFUSED_FIELDS:
@@ -138,4 +166,46 @@ def parse_config(config: dict, path) -> LoraSettings:
         peft_version=config.get("peft_version"),
         base_model_name_or_path=config.get("base_model_name_or_path"),
         raw=config,
+    )
+
+
+def _parse_tuner_config(config: dict, path, peft_type: str) -> LoraSettings:
+    """LoHa, LoKr, AdaLoRA, VeRA, IA³, OFT: the fields every kind shares; tuners.py reads the rest from `raw`."""
+    name = TUNER_NAMES[peft_type]
+    known = TUNER_FIELDS[peft_type] | COMMON_FIELDS
+    unknown = sorted(k for k, v in config.items() if k not in known and v not in NEUTRAL_VALUES)
+    if unknown:
+        raise LoratvError(f"{path}: unknown {name} config field '{unknown[0]}' = {config[unknown[0]]!r} (written by a "
+                          "newer PEFT?); refusing to guess its effect.")
+    if peft_type == "ADALORA":
+        for field, harmless, why in REFUSED_FIELDS:
+            value = config.get(field, harmless)
+            if value not in NEUTRAL_VALUES and value != harmless:
+                raise LoratvError(f"{path}: {why} ({field} = {value!r}).")
+        if config.get("use_dora") or config.get("lora_bias") or config.get("use_rslora"):
+            raise LoratvError(f"{path}: AdaLoRA with use_dora, lora_bias or use_rslora is not a PEFT configuration.")
+    if peft_type == "VERA" and config.get("save_projection") is False:
+        raise LoratvError(f"{path}: VeRA with save_projection = false regenerates its shared projections from torch's "
+                          "CPU random generator; loratv merges only adapters that store them (save_projection = true).")
+    if peft_type == "OFT" and config.get("coft"):
+        raise LoratvError(f"{path}: constrained OFT (coft = true) projects its parameters at merge time; loratv does "
+                          "not merge it.")
+    bias = config.get("bias", "none") or "none"
+    if bias not in ("none", "all", "lora_only"):
+        raise LoratvError(f"{path}: bias = '{bias}' is not one of none, all, lora_only.")
+    try:
+        r = int(config.get("init_r" if peft_type == "ADALORA" else "r", 8) or 0)
+        alpha = float(config.get("lora_alpha" if peft_type == "ADALORA" else "alpha", r) or 0)
+        rank_pattern = dict(config.get("rank_pattern") or {})
+        alpha_pattern = dict(config.get("alpha_pattern") or {})
+    except (TypeError, ValueError):
+        raise LoratvError(f"{path}: r, alpha, rank_pattern or alpha_pattern has an invalid value.") from None
+    modules_to_save = config.get("modules_to_save") or ()
+    if isinstance(modules_to_save, str):
+        modules_to_save = (modules_to_save,)
+    return LoraSettings(
+        r=r, lora_alpha=alpha, use_rslora=False, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out", False)), bias=bias, lora_bias=False, use_dora=False,
+        modules_to_save=tuple(modules_to_save), peft_version=config.get("peft_version"),
+        base_model_name_or_path=config.get("base_model_name_or_path"), raw=config, peft_type=peft_type,
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapter import bind, load_adapter, refuse_dora
+from .adapter import bind, load_adapter, refuse_dora, refuse_non_lora
 from .checkpoint import Checkpoint, resolve_path
 from .compare import DELTAS_FILE, RESULTS_FILE, expected_delta
 from .dtypes import torch_dtype_of
@@ -48,6 +48,7 @@ class DeltaFromAdapter:
 
     def __init__(self, adapter_source, base: Checkpoint):
         self.adapter = load_adapter(adapter_source)
+        refuse_non_lora(self.adapter, "analyze")
         refuse_dora(self.adapter, "analyze")
         self.base = base
         self.plan = bind(self.adapter, base)

@@ -27,6 +27,8 @@ from .progress import progress_bar
 from .safetensors_format import SafetensorsWriter, tensor_to_bytes
 from .streaming import row_chunks
 from .task_vector_input import LiveTaskVector, StoredTaskVector
+from .tuner_bounds import TunerTerms, tuner_terms
+from .tuners import TunerModule
 
 SCHEMA = "loratv.comparison"
 SCHEMA_VERSION = 1
@@ -55,6 +57,7 @@ class ExpectedDelta:
     replacement: torch.Tensor | None = None  # the adapter's tensor cast to the base dtype (what PEFT loads)
     bias: torch.Tensor | None = None  # s·lora_B.bias in float64
     dora: DoraTerms | None = None  # DoRA: M = f ⊙ (W + ΔW), not additive
+    tuner: TunerTerms | None = None  # LoHa, LoKr, AdaLoRA, VeRA, IA³, OFT: computed whole (tuner_bounds.py)
 
     @property
     def additions(self) -> int:
@@ -62,6 +65,8 @@ class ExpectedDelta:
 
     @property
     def rank(self) -> int | None:
+        if self.tuner is not None:
+            return self.tuner.module.r  # AdaLoRA's kept rank, VeRA's shared r, OFT's blocks; None for IA³
         return sum(p.rank for p in self.parts) or None
 
     @property
@@ -72,7 +77,8 @@ class ExpectedDelta:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         parts = [Factors(p.left.to(device), p.right.to(device), p.scale, p.exact_products) for p in self.parts]
         dora = None if self.dora is None else self.dora.to(device)
-        return ExpectedDelta(parts, self.modules, move(self.replacement), move(self.bias), dora)
+        tuner = None if self.tuner is None else self.tuner.to(device)
+        return ExpectedDelta(parts, self.modules, move(self.replacement), move(self.bias), dora, tuner)
 
 
 @dataclass
@@ -153,6 +159,8 @@ def expected_delta(adapter, plan, base: Checkpoint, name: str, compute: torch.dt
     """The adapter's contribution to base tensor `name`, factors in float64 and in its stored orientation (for DoRA
     also the per-feature factors, from the whole tensor, for a merge computed in `compute`)."""
     modules = plan.deltas.get(name, [])
+    if any(isinstance(m, TunerModule) for m in modules):
+        return _tuner_delta(adapter, plan, base, name, modules)
     parts = [
         Factors.from_lora(adapter.factor(m.a_key), adapter.factor(m.b_key), m.scale, transposed=m.kind != "linear")
         for m in modules
@@ -181,6 +189,15 @@ def expected_delta(adapter, plan, base: Checkpoint, name: str, compute: torch.dt
     return delta
 
 
+def _tuner_delta(adapter, plan, base, name, modules) -> ExpectedDelta:
+    if len(modules) > 1 or name in plan.replacements or name in plan.bias_additions:
+        raise LoratvError(f"{adapter.tensors.path}: '{name}' carries a {adapter.settings.tuner_name} module and another "
+                          "update; their combined merge is not defined.")
+    module = modules[0]
+    label = f"{module.module} ({adapter.settings.tuner_name}{', bias' if module.is_bias else ''})"
+    return ExpectedDelta([], [label], tuner=tuner_terms(adapter, module, tuple(base.entry(name).shape)))
+
+
 class _TargetedAccumulator:
     """Per-element comparison of T with ΔW for one targeted tensor, fed row block by row block."""
 
@@ -188,7 +205,7 @@ class _TargetedAccumulator:
         self.stats, self.delta = stats, delta
         self.base_dtype, self.out_dtype, self.t_rounding = base_dtype, out_dtype, t_rounding
         self.device = device
-        self.inner = [] if delta.dora is not None else [InnerProduct(p) for p in delta.parts]
+        self.inner = [] if delta.dora is not None or delta.tuner is not None else [InnerProduct(p) for p in delta.parts]
         self.dense_only = not self.inner or delta.replacement is not None or delta.bias is not None
         # a float64 merge rounds as finely as a float64 evaluation of ΔW: evaluate it twice as precisely then
         self.compensated = compute_dtype_for(base_dtype, out_dtype) == torch.float64
@@ -217,8 +234,10 @@ class _TargetedAccumulator:
         s, delta, out_dtype = self.stats, self.delta, self.out_dtype
         s.w_sumsq += float(torch.dot(w.reshape(-1), w.reshape(-1)))
         w_eff = w if delta.replacement is None else _rows(delta.replacement, start, stop).to(torch.float64)
-        dora_bound = None
-        if delta.dora is not None:
+        dora_bound = tuner_bound = None
+        if delta.tuner is not None:
+            d, evaluation_error, tuner_bound = delta.tuner.delta_and_bound(w, start, stop, self.base_dtype, out_dtype)
+        elif delta.dora is not None:
             part = delta.parts[0]
             d, evaluation_error, dora_bound = delta.dora.delta_and_bound(
                 w_eff, w, part.rows(start, stop).view(w.shape), part.abs_rows(start, stop).view(w.shape), start, stop)
@@ -245,7 +264,9 @@ class _TargetedAccumulator:
             u_t = unit_roundoff(self.t_rounding)
             t_error = t.abs().mul_(u_t).add_(torch.finfo(self.t_rounding).smallest_normal * 2 * u_t)
             ulp_m = _stored_ulp(m, t_error, out_dtype)
-        if dora_bound is not None:
+        if tuner_bound is not None:
+            bound = tuner_bound(m, ulp_m)
+        elif dora_bound is not None:
             bound = dora_bound(ulp_m)
         else:
             bound = merge_error_bound(w_eff, m, g, additions=delta.additions, k=delta.k, base_dtype=self.base_dtype,
@@ -621,6 +642,7 @@ def build_record(base, adapter, tv, plan, comparisons: dict, tolerance: float, c
             "task_vector": tv.source if not tv.live else None,
             "finetuned": tv.source if tv.live else None,
             "adapter_config": {
+                "peft_type": settings.peft_type,
                 "r": settings.r,
                 "lora_alpha": settings.lora_alpha,
                 "use_rslora": settings.use_rslora,

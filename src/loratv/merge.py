@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint
 from .errors import LoratvError
 from .outputs import atomic_output_dir
 from .progress import progress_bar
+from .tuners import TunerModule, merged_value
 from .streaming import row_chunks, rows_of
 from .writer import OutTensor, ShardedWriter, layout_by_size, layout_like
 
@@ -176,6 +177,10 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_bas
         replaced_full = token_replacement(adapter, base, name)
     else:
         replaced_full = adapter.factor(replacement) if replacement else None
+    if any(isinstance(m, TunerModule) for m in modules):
+        _write_tuner(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first)
+        result.merged.append(name)
+        return
     if any(m.magnitude_key for m in modules):
         _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first)
         result.merged.append(name)
@@ -224,6 +229,20 @@ def _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, comp
     delta = delta_rows(adapter, module, 0, entry.shape[0], compute, dev)
     magnitude = adapter.factor(module.magnitude_key).to(device=dev, dtype=compute)
     merged = dora_merge(w, delta, magnitude, module.kind)
+    _write_checked(writer, merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu(), spec.name)
+
+
+def _write_tuner(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first):
+    """A LoHa/LoKr/AdaLoRA/VeRA/IA³/OFT module's tensor, whole, in PEFT's order of operations in the compute dtype,
+    rounded once to the output dtype (PEFT's merge adds or multiplies in the promoted dtype, then stores)."""
+    name = adapter.settings.tuner_name
+    if len(modules) > 1 or replaced_full is not None:
+        raise LoratvError(f"{adapter.tensors.path}: '{spec.name}' carries a {name} module and another update; their "
+                          "combined merge is not defined.")
+    if cast_base_first:
+        raise LoratvError(f"{adapter.config_path}: --cast-base-first is defined for LoRA only, not {name}.")
+    w = base.read(entry.name).to(device=dev, dtype=compute)
+    merged = merged_value(adapter, modules[0], w)
     _write_checked(writer, merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu(), spec.name)
 
 

@@ -53,14 +53,26 @@ def path_summary(name: str, description: str, output_dtype: str, record: dict) -
     }
 
 
-def precision_study(base, adapter, out, *, paths=tuple(PATHS), keep_merged=False, tolerance=DEFAULT_TOLERANCE,
+def precision_study(base, adapter, out, *, paths=None, keep_merged=False, tolerance=DEFAULT_TOLERANCE,
                     device="cpu", plots=True, force=False, progress=False) -> dict:
+    """Merge along each path, extract, compare. `paths` None: all five for an additive LoRA; the three direct paths
+    for DoRA and the other tuners (the cast-first paths reproduce PEFT's additive LoRA merge only)."""
+    from .adapter import load_adapter
+    from .errors import LoratvError
     from .report.text import render_precision_text
 
+    loaded = load_adapter(adapter)
+    additive_lora = loaded.settings.peft_type == "LORA" and not loaded.settings.use_dora
+    notes = []
+    kind = "DoRA" if loaded.settings.use_dora else loaded.settings.tuner_name
+    if paths is None:
+        paths = [p for p in PATHS if additive_lora or not PATHS[p][1]]
+        if not additive_lora:
+            notes.append(f"cast-first paths skipped: they reproduce PEFT's additive LoRA merge, not {kind}.")
+    elif not additive_lora and any(PATHS[p][1] for p in paths):
+        raise LoratvError(f"--paths {' '.join(p for p in paths if PATHS[p][1])}: cast-first paths are defined for "
+                          f"additive LoRA only, and {loaded.config_path} is {kind}.")
     summaries = []
-    from .adapter import load_adapter, refuse_dora
-
-    refuse_dora(load_adapter(adapter), "precision")
     with atomic_output_dir(out, [base, adapter], force=force) as tmp:
         for name in paths:
             precision, cast_first, description = PATHS[name]
@@ -84,6 +96,7 @@ def precision_study(base, adapter, out, *, paths=tuple(PATHS), keep_merged=False
             "base": str(base),
             "adapter": str(adapter),
             "paths": summaries,
+            "notes": notes,
         }
         write_json(study, tmp / RESULTS_FILE)
         (tmp / REPORT_FILE).write_text(render_precision_text(study), encoding="utf-8")

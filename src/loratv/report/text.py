@@ -210,6 +210,7 @@ def render_precision_text(record: dict) -> str:
               "  max ulps: largest |T − ΔW| in ulps of the output dtype at the weight's magnitude (an fp32 ulp is",
               "    8192 times finer than an fp16 one)",
               "  max cert: largest certificate ratio; ≤ 1 means every element is within the rounding bound"]
+    lines += [f"note: {n}" for n in record.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
