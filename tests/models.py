@@ -32,15 +32,24 @@ def tiny_config(kind: str):
         )
     if kind == "gpt2":  # Conv1D layers stored (in, out), tied wte
         return GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64, **common)
+    if kind == "resnet":  # Conv2d layers: a 7×7 stem, 1×1 and 3×3 bottleneck convolutions
+        from transformers import ResNetConfig
+
+        return ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1],
+                            layer_type="bottleneck", num_labels=4)
     raise ValueError(kind)
+
+
+def _auto_class(kind: str):
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
+
+    return AutoModelForImageClassification if kind == "resnet" else AutoModelForCausalLM
 
 
 def build_base(kind: str, folder: Path, dtype=torch.float32, seed: int = 0) -> Path:
     """Random tiny model saved with save_pretrained (safetensors). Biases and norms are randomised too."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind))
+    model = _auto_class(kind).from_config(tiny_config(kind))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -53,9 +62,8 @@ def build_base(kind: str, folder: Path, dtype=torch.float32, seed: int = 0) -> P
 
 
 def load_model(folder, dtype=None):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto").eval()
+    model_type = json.loads((Path(folder) / "config.json").read_text())["model_type"]
+    return _auto_class(model_type).from_pretrained(folder, dtype=dtype or "auto").eval()
 
 
 def randomise_adapter(peft_model, seed: int, bias: str = "none") -> None:

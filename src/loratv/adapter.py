@@ -251,10 +251,11 @@ def _map_lora_keys(adapter: Adapter) -> None:
                               f"lora_magnitude_vector in {file.name}.")
         a_shape = adapter.tensors.entry(a_key).shape
         b_shape = adapter.tensors.entry(b_key).shape
-        if len(a_shape) != 2 or len(b_shape) != 2:
-            raise LoratvError(
-                f"{file}: module '{module}' has {len(a_shape)}-D LoRA factors; only Linear, Conv1D and Embedding LoRA are supported yet."
-            )
+        # ConvNd: A is a conv with the base kernel (r, in, *k), B a 1×…×1 conv (out, r, 1, …)
+        conv = len(a_shape) > 2 and len(b_shape) == len(a_shape) and all(k == 1 for k in b_shape[2:])
+        if not conv and (len(a_shape) != 2 or len(b_shape) != 2):
+            raise LoratvError(f"{file}: module '{module}' has LoRA factors of shapes {list(a_shape)} and "
+                              f"{list(b_shape)}, which are neither a Linear/Conv1D/Embedding nor a ConvNd LoRA.")
         r = a_shape[0]
         if b_shape[1] != r:
             raise LoratvError(f"{file}: module '{module}': lora_A has rank {r} but lora_B has {b_shape[1]} columns.")
@@ -403,8 +404,10 @@ def refuse_non_lora(adapter: "Adapter", command: str) -> None:
 
 def _check_magnitude(adapter, module: LoraModule, shape) -> None:
     """DoRA's m has one value per output feature: rows of a Linear weight, columns of Conv1D and Embedding weights."""
-    want = shape[0] if module.kind == "linear" else shape[1]
+    want = shape[1] if module.kind in ("conv1d", "embedding") else shape[0]
     got = tuple(adapter.tensors.entry(module.magnitude_key).shape)
+    if module.kind == "conv" and got == (1, want, *[1] * (len(shape) - 2)):
+        return  # stored (1, out, 1, …), used per output channel
     if got != (want,):
         raise LoratvError(f"{adapter.tensors.path}: DoRA magnitude '{module.magnitude_key}' has shape {list(got)}, "
                           f"but module '{module.module}' has {want} output features.")
@@ -421,6 +424,9 @@ def dora_merge(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, ki
     """PEFT's DoRA merge of a whole tensor in the stored orientation, in the dtype of `w` and `delta` (the promoted one):
     V = W + ΔW, n = ‖V‖₂ along the input axis (rows of a Linear weight; columns of Conv1D/Embedding, computed on the
     transposed view as PEFT does), W' = (m / n) ⊙ V."""
+    if kind == "conv":  # _DoraConvNdVariant: norms over everything but the output channel
+        norm = (w + 1 * delta).norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0)
+        return (magnitude.view(norm.shape) / norm).view(-1, *[1] * (w.dim() - 1)) * (w + delta)
     if kind == "linear":
         norm = torch.linalg.norm(w + 1 * delta, dim=1)
         return (magnitude / norm).view(-1, 1) * (w + delta)
@@ -447,6 +453,14 @@ def _orientation(module: LoraModule, adapter: Adapter, shape, model_type) -> str
                 f"{file}: embedding LoRA '{module.module}' gives a {list(expected)} delta but the base tensor has shape {list(shape)}."
             )
         return "embedding"
+    if len(a) > 2:
+        expected = (b[0], a[1], *a[2:])
+        if tuple(shape) != expected:
+            grouped = len(shape) == len(a) and shape[0] == b[0] and tuple(shape[2:]) == tuple(a[2:])
+            groups = " (a grouped convolution: PEFT refuses LoRA on groups > 1)" if grouped else ""
+            raise LoratvError(f"{file}: conv LoRA '{module.module}' gives a {list(expected)} delta but the base "
+                              f"tensor '{module.target}' has shape {list(shape)}{groups}.")
+        return "conv"
     out_in = (b[0], a[1])
     in_out = (a[1], b[0])
     if len(shape) != 2 or tuple(shape) not in (out_in, in_out):
@@ -473,11 +487,25 @@ def delta_rows(adapter: Adapter, module: LoraModule, start: int, stop: int, dtyp
         a, b = a.to(factor_dtype), b.to(factor_dtype)
     a = a.to(device=device, dtype=dtype)
     b = b.to(device=device, dtype=dtype)
+    if module.kind == "conv":
+        return conv_delta(a, b, module.scale)[start:stop]
     if module.kind == "linear":
         product = b[start:stop] @ a
     else:  # conv1d, stored (in, out), and embedding, ΔW = (B_e @ A_e)ᵀ·s: rows are input features / token ids
         product = a[:, start:stop].T @ b.T
     return product.mul_(module.scale)  # in place: the same rounding as `* s`, one allocation fewer
+
+
+def conv_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """PEFT's _ConvNd.get_delta_weight, whole: a matmul for 1×…×1 kernels, else the conv of Aᵀ with B (the same sums
+    Σ_r B[o,r]·A[r,i,…], in the order torch's conv adds them)."""
+    import torch.nn.functional as F
+
+    if all(k == 1 for k in a.shape[2:]):
+        product = b.flatten(1) @ a.flatten(1)
+        return product.view(b.shape[0], *a.shape[1:]) * scale
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[a.dim()]
+    return conv(a.transpose(0, 1), b).transpose(0, 1) * scale
 
 
 def bias_delta(adapter: Adapter, module: LoraModule, dtype, device) -> torch.Tensor:

@@ -162,7 +162,8 @@ def expected_delta(adapter, plan, base: Checkpoint, name: str, compute: torch.dt
     if any(isinstance(m, TunerModule) for m in modules):
         return _tuner_delta(adapter, plan, base, name, modules)
     parts = [
-        Factors.from_lora(adapter.factor(m.a_key), adapter.factor(m.b_key), m.scale, transposed=m.kind != "linear")
+        Factors.from_lora(adapter.factor(m.a_key).flatten(1), adapter.factor(m.b_key).flatten(1), m.scale,
+                          transposed=m.kind not in ("linear", "conv"))  # ConvNd: (out, in·k…) rows
         for m in modules
     ]
     delta = ExpectedDelta(parts, [m.module for m in modules])
@@ -183,8 +184,11 @@ def expected_delta(adapter, plan, base: Checkpoint, name: str, compute: torch.dt
         part, shape = parts[0], base.entry(name).shape
         # a saved base layer (PEFT saves targeted embeddings) is what the DoRA merge starts from
         w = (delta.replacement if delta.replacement is not None else base.read(name)).to(torch.float64)
+        kind = dora[0].kind
+        if kind == "conv":  # one feature per output channel, like the rows of a Linear weight
+            w, kind = w.flatten(1), "linear"
         delta.dora = dora_terms(w, part.rows(0, shape[0]), part.abs_rows(0, shape[0]),
-                                adapter.factor(dora[0].magnitude_key), dora[0].kind, part.rank + 2, compute)
+                                adapter.factor(dora[0].magnitude_key).flatten(), kind, part.rank + 2, compute)
         delta.modules[0] += " (DoRA)"
     return delta
 

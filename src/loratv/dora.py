@@ -39,14 +39,18 @@ class DoraTerms:
         """A per-feature vector shaped to broadcast against rows [start, stop) of the tensor."""
         return x[start:stop].view(-1, 1) if self.kind == "linear" else x.view(1, -1)
 
+    def shaped(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`x` (rows × 1 or 1 × columns) viewed to broadcast against `like` (a ConvNd block has trailing dims)."""
+        return x.view(x.shape[0], *[1] * (like.dim() - 1)) if like.dim() > 2 else x
+
     def delta_and_bound(self, w_start: torch.Tensor, w: torch.Tensor, delta: torch.Tensor, g: torch.Tensor, start: int,
                         stop: int):
         """Rows of D = f*⊙(W₀ + ΔW) − W (W₀ the weight the merge starts from: the base, or the base layer the adapter
         saved), the bound on the evaluation error of D in float64, and a function of ulp_d(M) giving the merge bound
         of these rows."""
         u_c = unit_roundoff(self.compute)
-        f = self.along_rows(self.factor, start, stop)
-        fe = self.along_rows(self.factor_error, start, stop)
+        f = self.shaped(self.along_rows(self.factor, start, stop), w)
+        fe = self.shaped(self.along_rows(self.factor_error, start, stop), w)
         v = w_start + delta
         merged = f * v
         d = merged - w
