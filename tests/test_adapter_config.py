@@ -55,9 +55,13 @@ def test_scaling_plain_and_rslora():
 @pytest.mark.parametrize(
     "config, word",
     [
-        ({"peft_type": "LOHA"}, "LoHa"),
-        ({"peft_type": "ADALORA"}, "AdaLoRA"),
-        ({"peft_type": "LOKR"}, "LoKr"),
+        ({"peft_type": "BOFT"}, "BOFT"),
+        ({"peft_type": "PROMPT_TUNING"}, "no weights to merge"),
+        ({"peft_type": "VERA", "save_projection": False}, "save_projection"),
+        ({"peft_type": "OFT", "coft": True}, "coft"),
+        ({"peft_type": "IA3", "lora_alpha": 8}, "unknown IA³ config field"),
+        ({"peft_type": "ADALORA", "use_dora": True}, "AdaLoRA"),
+        ({"target_parameters": ["experts.down_proj"], "use_dora": True}, "ParamWrapper"),
         ({"use_dora": True, "lora_bias": True}, "lora_bias"),
         ({"init_lora_weights": "pissa_niter_4"}, "pissa"),
         ({"init_lora_weights": "olora"}, "olora"),
@@ -69,7 +73,8 @@ def test_scaling_plain_and_rslora():
 )
 def test_refused_kinds_are_named(config, word):
     with pytest.raises(LoratvError, match=word):
-        parse_config({"r": 8, "lora_alpha": 8, **config}, "adapter_config.json")
+        base = {"r": 8} if config.get("peft_type") in ("VERA", "OFT", "ADALORA") else {"r": 8, "lora_alpha": 8}
+        parse_config({**base, **config}, "adapter_config.json")
 
 
 def test_unknown_key_with_default_value_is_accepted():

@@ -62,6 +62,8 @@ class Adapter:
     token_rows: dict = field(default_factory=dict)  # base tensor name -> (adapter key, row indices): rows replaced
     # files whose module names only the base can resolve (kohya's flattened names): called by bind(adapter, base)
     resolve_names: object = None
+    # target_parameters: `<owner>(.base_layer)*` -> (A key, B key), each the LoRA of one raw parameter of the owner
+    param_groups: dict = field(default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -210,6 +212,78 @@ def _map_keys(adapter: Adapter) -> None:
             adapter.saved_layers.add(f"{module}.{param}")
 
 
+def _param_owner(adapter: Adapter, module: str):
+    """For target_parameters: the module path with its ParamWrapper nesting (`.base_layer` per extra parameter) kept,
+    when the unwrapped owner matches a target parameter's module part; else None (a plain LoRA module)."""
+    owner = module
+    while owner.endswith(".base_layer"):
+        owner = owner[: -len(".base_layer")]
+    for target in adapter.settings.raw["target_parameters"]:
+        target_module = target.rpartition(".")[0]
+        if owner == target_module or owner.endswith("." + target_module) or not target_module:
+            adapter.param_groups.setdefault(module, None)
+            adapter.resolve_names = _resolve_target_parameters
+            return module
+    return None
+
+
+def _resolve_target_parameters(adapter: Adapter, base: Checkpoint) -> None:
+    """Give each ParamWrapper LoRA its parameter: PEFT nests one wrapper per targeted parameter of a module, so the
+    key names the depth, not the parameter. The shapes decide; between parameters of equal shape, PEFT's order
+    (sorted target names: the first is outermost, reference §3.3)."""
+    owners: dict[str, list] = {}
+    for nested in adapter.param_groups:
+        owner, depth = nested, 0
+        while owner.endswith(".base_layer"):
+            owner, depth = owner[: -len(".base_layer")], depth + 1
+        owners.setdefault(owner, []).append((depth, nested))
+    targets = adapter.settings.raw["target_parameters"]
+    for owner, nests in owners.items():
+        candidates = sorted(n for n in base.names() if n.rpartition(".")[0] == owner and any(
+            n == t or n.endswith("." + t) for t in targets))
+        if not candidates:
+            raise LoratvError(f"{base.path}: stores no parameter of '{owner}' named by target_parameters {targets} "
+                              f"(a checkpoint that stores experts one by one, '{owner}.0.w1.weight', is not the "
+                              "fused layout the adapter was trained on).")
+        for depth, nested in sorted(nests):
+            a_key, b_key = adapter.param_groups[nested]
+            a, b = adapter.tensors.entry(a_key).shape, adapter.tensors.entry(b_key).shape
+            fitting = [c for c in candidates if _param_fit(a, b, base.entry(c).shape, base.config) is not None]
+            if not fitting:
+                raise LoratvError(f"{adapter.tensors.path}: the target_parameters LoRA '{nested}' (A {list(a)}, B "
+                                  f"{list(b)}) fits no parameter of '{owner}' in {base.path}.")
+            name = fitting[0]
+            candidates.remove(name)
+            shape = base.entry(name).shape
+            experts = shape[0] if len(shape) == 3 else 1
+            r = a[0] // experts
+            configured = adapter.settings.rank_for(name)
+            if configured != r:
+                raise LoratvError(f"{adapter.config_path}: parameter '{name}' has rank {r} in the file but "
+                                  f"{configured} by the config's r/rank_pattern.")
+            alpha = adapter.settings.alpha_for(name)
+            adapter.modules[name] = LoraModule(name, name, _param_fit(a, b, shape, base.config), a_key, b_key, r,
+                                               alpha, adapter.settings.scale(r, alpha))
+    adapter.resolve_names = None
+
+
+TRANSPOSED_EXPERT_MODELS = {"gpt_oss", "openai_privacy_filter", "aria"}  # MoE stacks stored (E, in, out)
+
+
+def _param_fit(a, b, shape, config):
+    """The kind of a ParamWrapper LoRA (A (r·E, in), B (out, r·E)) on a raw parameter of `shape`, or None."""
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+        return None
+    if len(shape) == 2:
+        return "linear" if tuple(shape) == (b[0], a[1]) else None
+    if len(shape) != 3 or a[0] % shape[0]:
+        return None
+    swapped, transposed = (shape[0], b[0], a[1]), (shape[0], a[1], b[0])
+    if swapped == transposed == tuple(shape):  # square experts: the model class decides (is_transposed)
+        return "experts_t" if (config or {}).get("model_type") in TRANSPOSED_EXPERT_MODELS else "experts"
+    return {swapped: "experts", transposed: "experts_t"}.get(tuple(shape))
+
+
 def _map_lora_keys(adapter: Adapter) -> None:
     file = adapter.tensors.path
     factors: dict[str, dict] = {}
@@ -235,6 +309,8 @@ def _map_lora_keys(adapter: Adapter) -> None:
             }.get(part)
             if role is None:
                 raise LoratvError(f"{file}: tensor '{key}' is not a LoRA tensor loratv knows (lora_{part}).")
+            if adapter.settings.raw.get("target_parameters") and _param_owner(adapter, module) is not None:
+                module = _param_owner(adapter, module)  # `<owner>(.base_layer)*`: resolved against the base
             factors.setdefault(module, {})[role] = key
         else:
             adapter.replacements[name] = key
@@ -259,6 +335,9 @@ def _map_lora_keys(adapter: Adapter) -> None:
         r = a_shape[0]
         if b_shape[1] != r:
             raise LoratvError(f"{file}: module '{module}': lora_A has rank {r} but lora_B has {b_shape[1]} columns.")
+        if module in adapter.param_groups:
+            adapter.param_groups[module] = (a_key, b_key)
+            continue
         configured = adapter.settings.rank_for(module)
         if configured != r:
             raise LoratvError(
@@ -326,6 +405,9 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
             )
         if adapter.settings.peft_type != "LORA":
             _bind_tuner(adapter, module, base, target, model_type, deltas)
+            continue
+        if module.kind in ("experts", "experts_t"):  # shapes checked when the parameter was resolved
+            deltas.setdefault(target, []).append(module)
             continue
         module.kind = _orientation(module, adapter, base.entry(target).shape, model_type)
         deltas.setdefault(target, []).append(module)
@@ -489,11 +571,23 @@ def delta_rows(adapter: Adapter, module: LoraModule, start: int, stop: int, dtyp
     b = b.to(device=device, dtype=dtype)
     if module.kind == "conv":
         return conv_delta(a, b, module.scale)[start:stop]
+    if module.kind in ("experts", "experts_t"):  # rows are experts: PEFT's ParamWrapper einsum on a slice of them
+        return expert_delta(a, b, module.r, module.scale, module.kind, start, stop)
     if module.kind == "linear":
         product = b[start:stop] @ a
     else:  # conv1d, stored (in, out), and embedding, ΔW = (B_e @ A_e)ᵀ·s: rows are input features / token ids
         product = a[:, start:stop].T @ b.T
     return product.mul_(module.scale)  # in place: the same rounding as `* s`, one allocation fewer
+
+
+def expert_delta(a, b, r: int, scale: float, kind: str, start: int, stop: int) -> torch.Tensor:
+    """ΔW of experts [start, stop) of a 3-D stack: A (r·E, in) reshaped expert-major (E, r, in), B (out, r·E)
+    expert-minor (out, r, E); (E, out, in), or (E, in, out) for a transposed stack (reference §3.3)."""
+    experts = a.shape[0] // r
+    wa = a.reshape(experts, -1, a.shape[-1])[start:stop]
+    wb = b.reshape(b.shape[0], -1, experts)[:, :, start:stop]
+    pattern = "o r e, e r i -> e o i" if kind == "experts" else "o r e, e r i -> e i o"
+    return torch.einsum(pattern, wb, wa) * scale
 
 
 def conv_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

@@ -51,7 +51,6 @@ OTHER_TUNERS = {
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # (config field, value that is harmless, why a merge from the file alone is impossible or not yet supported)
 REFUSED_FIELDS = [
-    ("target_parameters", None, "LoRA on raw parameters (target_parameters) is not supported yet"),
     ("use_bdlora", None, "block-diagonal LoRA (use_bdlora) is not supported yet"),
     ("alora_invocation_tokens", None, "aLoRA adapters cannot be merged (PEFT refuses too)"),
     ("arrow_config", None, "Arrow routing adapters cannot be merged"),
@@ -137,6 +136,10 @@ def parse_config(config: dict, path) -> LoraSettings:
         raise LoratvError(
             f"{path}: unknown config field '{key}' = {unknown[key]!r} (written by a newer PEFT?); refusing to guess its effect."
         )
+    if config.get("target_parameters") and (config.get("use_dora") or config.get("lora_bias")
+                                            or config.get("fan_in_fan_out")):
+        raise LoratvError(f"{path}: target_parameters with use_dora, lora_bias or fan_in_fan_out is not a valid PEFT "
+                          "configuration (PEFT's ParamWrapper rejects them).")
     if config.get("use_dora") and config.get("lora_bias"):
         raise LoratvError(f"{path}: use_dora with lora_bias is not a valid PEFT configuration (PEFT refuses it too).")
     bias = config.get("bias", "none") or "none"

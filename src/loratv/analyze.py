@@ -27,6 +27,7 @@ from .errors import LoratvError
 from .inspect import LAYER
 from .merge import resolve_device
 from .moments import QUANTILES, Moments, quantiles, ulp_histogram
+from .lowrank import Factors
 from .precision import merge_error_bound, ulp, unit_roundoff
 from .progress import progress_bar
 from .spectrum import effective_rank, exact_spectrum, lora_spectrum, principal_angles, randomized_spectrum, stable_rank
@@ -64,12 +65,13 @@ class DeltaFromAdapter:
         shape = tuple(self.base.entry(name).shape)
         dense = torch.zeros(shape, dtype=torch.float64)
         for part in delta.parts:
-            dense += part.rows(0, shape[0])
+            dense += part.rows(0, shape[0]).view(shape)
         if delta.bias is not None:
             dense += delta.bias
         if delta.replacement is not None:
             dense = delta.replacement.to(torch.float64) - self.base.read(name).to(torch.float64)
-        pure = delta.parts and delta.bias is None and delta.replacement is None
+        pure = (delta.parts and delta.bias is None and delta.replacement is None
+                and all(isinstance(p, Factors) and len(shape) == 2 for p in delta.parts))
         return dense, (delta.parts if pure else None), delta.rank, delta
 
 
@@ -259,9 +261,7 @@ def _spectrum(t, delta, factors, rank, floor, *, exact: bool, device) -> dict:
 
 
 def _to(part, device):
-    from .lowrank import Factors
-
-    return Factors(part.left.to(device), part.right.to(device), part.scale, part.exact_products)
+    return part.to(device)
 
 
 def _open_inputs(base, adapter, lora_deltas, task_vector, finetuned):

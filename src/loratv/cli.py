@@ -150,6 +150,18 @@ def add_to_lora_arguments(p):
     add_output_flags(p)
 
 
+def add_convert_arguments(p):
+    p.add_argument("adapter", help="the LoRA to convert: a PEFT adapter folder, or a kohya / diffusers .safetensors file")
+    p.add_argument("-o", "--output", required=True,
+                   help="adapter folder to write (--to peft) or .safetensors file (--to kohya)")
+    p.add_argument("--to", required=True, choices=["peft", "kohya"], help="the format to write")
+    p.add_argument("--base", help="base model: maps kohya's flattened module names back (required for kohya files) "
+                   "and checks every module's shape")
+    add_adapter_name_flag(p)
+    p.add_argument("--json", action="store_true", help="print the conversion record (JSON) instead of the summary")
+    add_output_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loratv",
@@ -182,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_and_adapter(p)
     p.add_argument("-o", "--output", default="precision_results", help="output folder (default: precision_results)")
     p.add_argument("--paths", nargs="+", default=None, metavar="PATH",
-                   help="merge paths to run (default: fp32 fp16 bf16 fp16-cast-first bf16-cast-first)")
+                   help="merge paths to run (default: fp32 fp16 bf16 fp16-cast-first bf16-cast-first; "
+                        "without the cast-first paths for DoRA and non-LoRA tuners)")
     p.add_argument("--keep-merged", action="store_true", help="keep each path's merged model (deleted after extraction by default)")
     add_device_flag(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plot")
@@ -199,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "truncated SVD, with the error stated per tensor")
     add_to_lora_arguments(p)
     p.set_defaults(func=cmd_to_lora)
+
+    p = sub.add_parser("convert", help="rewrite a LoRA as a PEFT adapter folder or a kohya .safetensors file, "
+                       "factors copied bit for bit and every scale kept exactly")
+    add_convert_arguments(p)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", help="describe a model or adapter from its headers alone")
     p.add_argument("path", nargs="?", help="model folder/file, hub id, or adapter folder (default: the embedded example)")
@@ -321,11 +339,10 @@ def cmd_precision(args) -> int:
     from .results import dump_json
 
     base, adapter = _example_pair(args.base, args.adapter, "adapter", example_paths)
-    paths = args.paths or list(PATHS)
-    unknown = [p for p in paths if p not in PATHS]
+    unknown = [p for p in args.paths or [] if p not in PATHS]
     if unknown:
         raise LoratvError(f"--paths {unknown[0]}: choose from {', '.join(PATHS)}.")
-    study = precision_study(base, adapter, args.output, paths=paths, keep_merged=args.keep_merged, device=args.device,
+    study = precision_study(base, adapter, args.output, paths=args.paths, keep_merged=args.keep_merged, device=args.device,
                             plots=not args.no_plots, force=args.force, progress=not args.quiet and not args.json)
     if args.json:
         sys.stdout.write(dump_json(study))
@@ -373,6 +390,19 @@ def cmd_to_lora(args) -> int:
     elif not args.quiet:
         print(render_to_lora_text(record), end="")
         print(f"wrote {args.output}/ (PEFT adapter and {FIDELITY_FILE})")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    record = convert(args.adapter, args.output, to=args.to, base=args.base, force=args.force)
+    if args.json:
+        print(json.dumps(record, indent=2))
+    elif not args.quiet:
+        ranks = ", ".join(f"r={r} x{n}" for r, n in record["ranks"].items())
+        print(f"wrote {args.output} ({args.to}): {record['modules']} LoRA modules of {record['source']} "
+              f"({record['source_format']}; {ranks}), factors copied bit for bit, every scale unchanged")
     return 0
 
 

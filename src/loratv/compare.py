@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint
 from .dora import DoraTerms, dora_terms
 from .errors import LoratvError
 from .inspect import LAYER
-from .lowrank import Factors, InnerProduct, norm_sq
+from .lowrank import ExpertFactors, Factors, InnerProduct, norm_sq
 from .merge import resolve_device
 from .precision import FLOAT_DTYPES, compute_dtype_for, gamma, merge_error_bound, ulp, unit_roundoff
 from .progress import progress_bar
@@ -75,7 +75,7 @@ class ExpectedDelta:
 
     def to(self, device) -> "ExpectedDelta":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        parts = [Factors(p.left.to(device), p.right.to(device), p.scale, p.exact_products) for p in self.parts]
+        parts = [p.to(device) for p in self.parts]
         dora = None if self.dora is None else self.dora.to(device)
         tuner = None if self.tuner is None else self.tuner.to(device)
         return ExpectedDelta(parts, self.modules, move(self.replacement), move(self.bias), dora, tuner)
@@ -162,6 +162,8 @@ def expected_delta(adapter, plan, base: Checkpoint, name: str, compute: torch.dt
     if any(isinstance(m, TunerModule) for m in modules):
         return _tuner_delta(adapter, plan, base, name, modules)
     parts = [
+        ExpertFactors.from_lora(adapter.factor(m.a_key), adapter.factor(m.b_key), m.r, m.scale, m.kind == "experts_t")
+        if m.kind in ("experts", "experts_t") else
         Factors.from_lora(adapter.factor(m.a_key).flatten(1), adapter.factor(m.b_key).flatten(1), m.scale,
                           transposed=m.kind not in ("linear", "conv"))  # ConvNd: (out, in·k…) rows
         for m in modules
@@ -209,7 +211,8 @@ class _TargetedAccumulator:
         self.stats, self.delta = stats, delta
         self.base_dtype, self.out_dtype, self.t_rounding = base_dtype, out_dtype, t_rounding
         self.device = device
-        self.inner = [] if delta.dora is not None or delta.tuner is not None else [InnerProduct(p) for p in delta.parts]
+        factored = delta.dora is None and delta.tuner is None and all(isinstance(p, Factors) for p in delta.parts)
+        self.inner = [InnerProduct(p) for p in delta.parts] if factored else []
         self.dense_only = not self.inner or delta.replacement is not None or delta.bias is not None
         # a float64 merge rounds as finely as a float64 evaluation of ΔW: evaluate it twice as precisely then
         self.compensated = compute_dtype_for(base_dtype, out_dtype) == torch.float64
@@ -307,7 +310,7 @@ class _TargetedAccumulator:
         ge = 0.0
         for part in delta.parts:
             part_g = part.abs_rows(start, stop).view(shape)
-            if self.compensated:
+            if self.compensated and isinstance(part, Factors):
                 part_d = part.rows_compensated(start, stop).view(shape)
                 extra = part_d.abs().mul_(3 * u) if extra is None else extra.add_(part_d.abs(), alpha=3 * u)
                 ge = max(ge, gamma(part.rank, torch.float64) ** 2)
@@ -664,9 +667,7 @@ def build_record(base, adapter, tv, plan, comparisons: dict, tolerance: float, c
 
 
 def _target_modules(adapter):
-    import json
-
-    targets = json.loads(adapter.config_path.read_text(encoding="utf-8")).get("target_modules")
+    targets = adapter.settings.raw.get("target_modules")
     return sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
 
 

@@ -1,5 +1,6 @@
 """Describe a model or an adapter from headers alone: tensors and parameters per layer, module kind, dtype, shard."""
 
+import math
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -33,6 +34,11 @@ def describe(source, base=None) -> dict:
     path = resolve_path(source)
     if (path if path.is_dir() else path.parent).joinpath(CONFIG_NAME).is_file():
         return describe_adapter(source, base)
+    if path.is_file() and path.suffix == ".safetensors":
+        from .kohya import is_lora_file
+
+        if is_lora_file(path):  # a kohya / diffusers LoRA file
+            return describe_adapter(source, base)
     return describe_model(source)
 
 
@@ -82,22 +88,34 @@ def describe_model(source) -> dict:
 def describe_adapter(source, base=None) -> dict:
     adapter = load_adapter(source)
     s = adapter.settings
+    if base is None and s.base_model_name_or_path and Path(s.base_model_name_or_path).expanduser().is_dir():
+        base = s.base_model_name_or_path  # the recorded base, when it is a local folder (never a download)
+    if base is not None and adapter.resolve_names is not None:
+        # kohya's flattened names and target_parameters' nesting, listed as the base's modules and parameters
+        adapter.resolve_names(adapter, Checkpoint(base))
     modules = []
     for m in adapter.modules.values():
+        if s.peft_type != "LORA":
+            modules.append(_tuner_entry(adapter, m))
+            continue
         a = adapter.tensors.entry(m.a_key).shape
         b = adapter.tensors.entry(m.b_key).shape
-        stored = a[0] * a[1] + b[0] * b[1]
+        stored = math.prod(a) + math.prod(b)
         if m.magnitude_key:  # DoRA's m: one value per output feature
             stored += adapter.tensors.entry(m.magnitude_key).numel
         modules.append({
             "module": m.module, "target": m.target, "kind": m.kind, "rank": m.r, "alpha": m.alpha,
             "scale": m.scale, "stored_parameters": stored, "dora": m.magnitude_key is not None,
-            "delta_shape": [a[1], b[0]] if m.kind == "embedding" else [b[0], a[1]],
+            "delta_shape": ([a[1], b[0]] if m.kind == "embedding" else
+                            [a[0] // m.r, b[0], a[1]] if m.kind == "experts" else
+                            [a[0] // m.r, a[1], b[0]] if m.kind == "experts_t" else [b[0], *a[1:]]),
         })
     report = {
         "kind": "adapter",
         "path": str(adapter.path),
-        "peft_type": "LORA",
+        "format": getattr(adapter, "format", "peft"),
+        "peft_type": s.peft_type,
+        "tuner": s.tuner_name,
         "peft_version": s.peft_version,
         "base_model_name_or_path": s.base_model_name_or_path,
         "use_rslora": s.use_rslora,
@@ -111,8 +129,9 @@ def describe_adapter(source, base=None) -> dict:
         "stored_parameters": adapter.stored_parameters(),
         "modules": modules,
     }
-    if base is None and s.base_model_name_or_path and Path(s.base_model_name_or_path).expanduser().is_dir():
-        base = s.base_model_name_or_path  # the recorded base, when it is a local folder (never a download)
+    if adapter.param_groups and adapter.resolve_names is not None:
+        report["notes"] = [f"{len(adapter.param_groups)} target_parameters LoRAs are named by nesting depth, not "
+                           "by parameter; give --base to resolve them."]
     if base is not None:
         base_ckpt = Checkpoint(base)
         plan = bind(adapter, base_ckpt)
@@ -125,6 +144,33 @@ def describe_adapter(source, base=None) -> dict:
         report["touched"] = touched
         report["notes"] = plan.notes
     return report
+
+
+def _tuner_entry(adapter, m) -> dict:
+    """A LoHa/LoKr/AdaLoRA/VeRA/IA³/OFT module: its own stored tensors (VeRA's shared projections counted once, in
+    stored_parameters) and what its update does."""
+    from .tuners import VERA_SHARED
+
+    own = [k for k in m.keys.values() if k not in VERA_SHARED]
+    return {
+        "module": m.module, "target": m.target, "kind": m.kind, "rank": m.r, "alpha": m.alpha, "scale": m.scale,
+        "stored_parameters": sum(adapter.tensors.entry(k).numel for k in own), "dora": False,
+        "update": TUNER_UPDATES[m.peft_type], "tensors": sorted(k.rpartition(m.module + ".")[2] for k in own),
+    }
+
+
+TUNER_UPDATES = {
+    "LOHA": "additive: ΔW = s·(w1a@w1b) ⊙ (w2a@w2b)",
+    "LOKR": "additive: ΔW = s·kron(w1, w2)",
+    "ADALORA": "additive: ΔW = B@(A ⊙ E)·α/(init_r + 1e-5)",
+    "VERA": "additive: ΔW = (λ_b ⊙ B)@(λ_d ⊙ A) with shared A, B",
+    "IA3": "multiplicative: W' = W ⊙ l (and b' = b ⊙ l outside feedforward modules)",
+    "OFT": "multiplicative: W' = W @ Rᵀ, R block-diagonal orthogonal (Cayley)",
+}
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _pct(part, whole):
@@ -163,15 +209,24 @@ def render_text(r: dict) -> str:
 
 
 def _render_adapter(r: dict) -> str:
-    variant = "PEFT LoRA with DoRA magnitudes" if r.get("use_dora") else "PEFT LoRA"
+    tuner = r.get("tuner", "LoRA")
+    variant = f"PEFT {tuner} with DoRA magnitudes" if r.get("use_dora") else f"PEFT {tuner}"
     lines = [f"adapter {r['path']} ({variant}, peft_version {r['peft_version'] or '<0.18 (not recorded)'})"]
+    if r.get("format", "peft") != "peft":
+        lines = [f"adapter {r['path']} ({r['format']} LoRA file)"]
     if r.get("use_dora"):
         lines.append("DoRA: merged weight = m ⊙ (W + ΔW) / ‖W + ΔW‖ per output feature (not additive)")
-    lines.append(
-        f"{r['lora_modules']} LoRA modules on {', '.join(r['target_modules'])}; ranks {r['ranks']}; "
-        f"scaling {'alpha/sqrt(r)' if r['use_rslora'] else 'alpha/r'} = {r['scales']}"
-    )
-    lines.append(f"stores {r['stored_tensors']} tensors, {r['stored_parameters']:,} parameters (r*(m+n) per module)")
+    if r["peft_type"] != "LORA":
+        ranks = f"ranks {r['ranks']}; " if any(k is not None for k in r["ranks"]) else ""
+        lines.append(f"{r['lora_modules']} {tuner} modules on {', '.join(r['target_modules'])}; {ranks}"
+                     f"{r['modules'][0]['update'] if r['modules'] else ''}")
+    else:
+        lines.append(
+            f"{r['lora_modules']} LoRA modules on {', '.join(r['target_modules'])}; ranks {r['ranks']}; "
+            f"scaling {'alpha/sqrt(r)' if r['use_rslora'] else 'alpha/r'} = {r['scales']}"
+        )
+    what = " (r*(m+n) per module)" if r["peft_type"] == "LORA" else ""
+    lines.append(f"stores {r['stored_tensors']} tensors, {r['stored_parameters']:,} parameters{what}")
     if r["replaced_tensors"]:
         lines.append(f"replaces {len(r['replaced_tensors'])} base tensors: {', '.join(r['replaced_tensors'])}")
     if "base_tensors" in r:
@@ -186,6 +241,7 @@ def _render_adapter(r: dict) -> str:
     lines.append(f"{'module':<48} {'kind':<9} {'r':>4} {'alpha':>7} {'scale':>8} {'stored':>10}")
     for m in r["modules"]:
         lines.append(
-            f"{m['module']:<48} {m['kind']:<9} {m['rank']:>4} {m['alpha']:>7g} {m['scale']:>8.4g} {m['stored_parameters']:>10,}"
+            f"{m['module']:<48} {m['kind']:<9} {_num(m['rank'], 'd'):>4} {_num(m['alpha'], 'g'):>7} "
+            f"{_num(m['scale'], '.4g'):>8} {m['stored_parameters']:>10,}"
         )
     return "\n".join(lines)

@@ -34,6 +34,9 @@ class Factors:
     def rank(self) -> int:
         return self.left.shape[1]
 
+    def to(self, device) -> "Factors":
+        return Factors(self.left.to(device), self.right.to(device), self.scale, self.exact_products)
+
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of s·L@R, dense, float64."""
         return (self.left[start:stop] @ self.right).mul_(self.scale)
@@ -60,6 +63,40 @@ class Factors:
         if self._abs is None:
             self._abs = (self.left.abs(), self.right.abs().mul_(abs(self.scale)))
         return self._abs[0][start:stop] @ self._abs[1]
+
+
+@dataclass
+class ExpertFactors:
+    """ΔW of a 3-D expert stack (target_parameters): per expert e, s·B_e@A_e with A (E, r, in), B (out, r, E),
+    stored (E, out, in), or (E, in, out) when `transposed`. Rows are experts; float64."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    transposed: bool
+
+    @classmethod
+    def from_lora(cls, a: torch.Tensor, b: torch.Tensor, r: int, scale: float, transposed: bool) -> "ExpertFactors":
+        experts = a.shape[0] // r
+        a64 = a.to(torch.float64).reshape(experts, r, a.shape[-1])
+        return cls(a64, b.to(torch.float64).reshape(b.shape[0], r, experts), scale, transposed)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+    def to(self, device) -> "ExpertFactors":
+        return ExpertFactors(self.a.to(device), self.b.to(device), self.scale, self.transposed)
+
+    def _product(self, a, b, start, stop):
+        pattern = "o r e, e r i -> e i o" if self.transposed else "o r e, e r i -> e o i"
+        return torch.einsum(pattern, b[:, :, start:stop], a[start:stop])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self._product(self.a, self.b, start, stop).mul_(self.scale)
+
+    def abs_rows(self, start: int, stop: int) -> torch.Tensor:
+        return self._product(self.a.abs(), self.b.abs(), start, stop).mul_(abs(self.scale))
 
 
 def _split(x: torch.Tensor):
