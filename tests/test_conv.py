@@ -97,3 +97,28 @@ def test_grouped_or_mismatched_conv_is_refused(tmp_path, resnets, capsys):
     rc = run_cli("merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m")
     assert_one_line_error(rc, capsys.readouterr().err, "groups > 1")
     assert_nothing_at(tmp_path / "m")
+
+
+def test_precision_certifies_all_five_paths_of_a_conv_lora(tmp_path, resnets):
+    base = resnets[torch.float32]
+    adapter = conv_adapter(base, tmp_path / "adapter", False)
+    assert run_cli("precision", "--base", base, "--adapter", adapter, "-o", tmp_path / "p", "--no-plots") == 0
+    study = json.loads((tmp_path / "p" / "precision_results.json").read_text())
+    assert len(study["paths"]) == 5 and all(p["verdict"] == "EQUIVALENT (certified)" for p in study["paths"])
+
+
+def test_inspect_describes_conv_modules(tmp_path, resnets):
+    from loratv.inspect import describe_adapter
+
+    base = resnets[torch.float32]
+    adapter = conv_adapter(base, tmp_path / "adapter", True)
+    report = describe_adapter(adapter, base)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    assert report["use_dora"] and {m["kind"] for m in report["modules"]} == {"conv"}
+    for m in report["modules"]:
+        a = tensors[f"base_model.model.{m['module']}.lora_A.weight"]
+        b = tensors[f"base_model.model.{m['module']}.lora_B.weight"]
+        magnitude = tensors[f"base_model.model.{m['module']}.lora_magnitude_vector"]
+        assert m["rank"] == 4 and m["delta_shape"] == [b.shape[0], *a.shape[1:]]
+        assert m["stored_parameters"] == a.numel() + b.numel() + magnitude.numel()
+    assert report["touched_tensors"] == len(report["modules"])

@@ -160,6 +160,12 @@ def test_compare_certifies_a_kohya_merge(tmp_path, capsys):
                  "--no-plots", "--json")
     record = json.loads(capsys.readouterr().out)
     assert rc == 0 and record["summary"]["verdict"] == "EQUIVALENT (certified)"
+    # precision and validate take the file as they take a PEFT adapter
+    assert run_cli("precision", "--base", base, "--adapter", kohya, "-o", tmp_path / "p", "--no-plots",
+                   "--quiet") == 0
+    study = json.loads((tmp_path / "p" / "precision_results.json").read_text())
+    assert len(study["paths"]) == 5 and all(p["verdict"] == "EQUIVALENT (certified)" for p in study["paths"])
+    assert run_cli("validate", "--base", base, "--adapter", kohya, "-o", tmp_path / "v", "--no-plots", "--quiet") == 0
 
 
 # ---------------------------------------------------------------- 3. diffusers files

@@ -134,3 +134,29 @@ def test_per_expert_checkpoint_is_refused_by_name(tmp_path, capsys):
     rc = run_cli("merge", "--base", tmp_path / "per-expert", "--adapter", adapter, "-o", tmp_path / "m")
     assert_one_line_error(rc, capsys.readouterr().err, "fused layout")
     assert_nothing_at(tmp_path / "m")
+
+
+def test_inspect_resolves_the_nesting_with_the_base(tmp_path):
+    from loratv.inspect import describe_adapter
+
+    base = build_moe("gptoss", tmp_path / "base", torch.float32)
+    adapter = moe_adapter(base, tmp_path / "adapter")
+    report = describe_adapter(adapter, base)
+    stacks = {m["module"]: m for m in report["modules"] if m["kind"] == "experts_t"}
+    assert set(stacks) == {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")}
+    assert stacks["model.layers.0.mlp.experts.gate_up_proj"]["rank"] == 3
+    assert stacks["model.layers.0.mlp.experts.down_proj"]["delta_shape"] == [4, 48, 32]  # (E, in, out), stored
+    # the adapter alone cannot name the parameters: said so, nothing guessed
+    edit = json.loads((adapter / "adapter_config.json").read_text())
+    edit["base_model_name_or_path"] = None
+    (adapter / "adapter_config.json").write_text(json.dumps(edit))
+    alone = describe_adapter(adapter)
+    assert "give --base" in alone["notes"][0] and not any("experts" in m["module"] for m in alone["modules"])
+
+
+def test_precision_certifies_all_five_paths_of_expert_stacks(tmp_path):
+    base = build_moe("gptoss", tmp_path / "base", torch.float32)
+    adapter = moe_adapter(base, tmp_path / "adapter")
+    assert run_cli("precision", "--base", base, "--adapter", adapter, "-o", tmp_path / "p", "--no-plots") == 0
+    study = json.loads((tmp_path / "p" / "precision_results.json").read_text())
+    assert len(study["paths"]) == 5 and all(p["verdict"] == "EQUIVALENT (certified)" for p in study["paths"])

@@ -254,3 +254,51 @@ def test_refusals_name_the_reason(tmp_path, bases, capsys):
     rc = run_cli("merge", "--base", base, "--adapter", bad, "-o", tmp_path / "out")
     assert_one_line_error(rc, capsys.readouterr().err, "q_proj")
     assert_nothing_at(tmp_path / "out")
+
+
+def test_pruned_adalora_merges_like_peft_with_alpha_over_init_r(tmp_path, bases):
+    """AdaLoRA's rank_pattern masks: PEFT saves the kept triplets only; the scale stays α/(init_r + 1e-5)."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    base = bases[("llama", "float32")]
+    config = AdaLoraConfig(init_r=6, target_r=4, lora_alpha=8, total_step=10, target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(load_model(base, torch.float32), config)
+        gen = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        masks = {n.removeprefix("base_model.model.").removesuffix(".default"):
+                 [True, False, True, True, False, True] if "q_proj" in n else [True, True] + [False] * 4
+                 for n, _ in model.named_parameters() if n.endswith("lora_E.default")}
+        model.peft_config["default"].rank_pattern = masks
+        model.save_pretrained(tmp_path / "adapter")
+    stored = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert stored["base_model.model.model.layers.0.self_attn.v_proj.lora_A"].shape[0] == 2  # pruned on save
+    assert run_cli("merge", "--base", base, "--adapter", tmp_path / "adapter", "-o", tmp_path / "m") == 0
+    ours = load_file(str(tmp_path / "m" / "model.safetensors"))
+    want = peft_merged_state(base, tmp_path / "adapter")
+    assert all(torch.equal(v, want[n]) for n, v in ours.items())
+    assert run_cli("compare", "--base", base, "--adapter", tmp_path / "adapter", "--finetuned", tmp_path / "m",
+                   "-o", tmp_path / "c", "--no-plots") == 0
+    record = json.loads((tmp_path / "c" / "comparison_results.json").read_text())
+    assert record["summary"]["verdict"] == "EQUIVALENT (certified)"
+    assert {t["rank"] for t in record["tensors"] if t["name"].endswith("v_proj.weight")} == {2}
+    # a mask that disagrees with the stored rank is caught
+    edit_adapter_config(tmp_path / "adapter", rank_pattern={k: [True] * 6 for k in masks})
+    rc = run_cli("merge", "--base", base, "--adapter", tmp_path / "adapter", "-o", tmp_path / "m2")
+    assert rc == 2 and not (tmp_path / "m2").exists()
+
+
+@pytest.mark.parametrize("case", ["loha", "lokr", "adalora", "vera", "ia3", "oft"])
+def test_precision_runs_the_direct_paths_and_certifies_each(tmp_path, bases, case):
+    arch, config = configs()[case]
+    base = bases[(arch, "float32")]
+    adapter = make_adapter(base, tmp_path / "adapter", config)
+    assert run_cli("precision", "--base", base, "--adapter", adapter, "-o", tmp_path / "p", "--no-plots") == 0
+    study = json.loads((tmp_path / "p" / "precision_results.json").read_text())
+    assert [p["name"] for p in study["paths"]] == ["fp32", "fp16", "bf16"]
+    assert all(p["verdict"] == "EQUIVALENT (certified)" for p in study["paths"])
+    assert "cast-first paths skipped" in study["notes"][0]

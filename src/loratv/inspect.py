@@ -90,9 +90,9 @@ def describe_adapter(source, base=None) -> dict:
     s = adapter.settings
     if base is None and s.base_model_name_or_path and Path(s.base_model_name_or_path).expanduser().is_dir():
         base = s.base_model_name_or_path  # the recorded base, when it is a local folder (never a download)
-    if base is not None and adapter.resolve_names is not None:
-        # kohya's flattened names and target_parameters' nesting, listed as the base's modules and parameters
-        adapter.resolve_names(adapter, Checkpoint(base))
+    base_ckpt = Checkpoint(base) if base is not None else None
+    # binding resolves kohya's flattened names and target_parameters' nesting, and each module's orientation
+    plan = bind(adapter, base_ckpt) if base_ckpt is not None else None
     modules = []
     for m in adapter.modules.values():
         if s.peft_type != "LORA":
@@ -132,9 +132,7 @@ def describe_adapter(source, base=None) -> dict:
     if adapter.param_groups and adapter.resolve_names is not None:
         report["notes"] = [f"{len(adapter.param_groups)} target_parameters LoRAs are named by nesting depth, not "
                            "by parameter; give --base to resolve them."]
-    if base is not None:
-        base_ckpt = Checkpoint(base)
-        plan = bind(adapter, base_ckpt)
+    if plan is not None:
         touched = sorted(plan.touched())
         report["base"] = str(base_ckpt.path)
         report["base_tensors"] = len(base_ckpt)
