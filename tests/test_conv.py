@@ -122,3 +122,45 @@ def test_inspect_describes_conv_modules(tmp_path, resnets):
         assert m["rank"] == 4 and m["delta_shape"] == [b.shape[0], *a.shape[1:]]
         assert m["stored_parameters"] == a.numel() + b.numel() + magnitude.numel()
     assert report["touched_tensors"] == len(report["modules"])
+
+
+def conv_tuner_configs():
+    import peft
+
+    ffn = "resnet.encoder.stages.0.layers.0.layer.1.convolution"  # a 3×3 conv as IA³'s feedforward case
+    return {
+        "loha": peft.LoHaConfig(r=3, alpha=5, target_modules=["convolution"]),
+        "lokr": peft.LoKrConfig(r=2, alpha=5, target_modules=["convolution"]),
+        "lokr_whole_w2": peft.LoKrConfig(r=16, alpha=5, target_modules=["convolution"]),
+        "ia3": peft.IA3Config(target_modules=["convolution", ffn], feedforward_modules=[ffn]),
+        "oft": peft.OFTConfig(r=0, oft_block_size=4, target_modules=r".*layer\.[012]\.convolution"),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(conv_tuner_configs()))
+def test_conv2d_tuners_merge_like_peft_and_are_certified(tmp_path, resnets, case, dtype):
+    from peft import get_peft_model
+
+    base = resnets[dtype]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(load_model(base, torch.float32), conv_tuner_configs()[case])
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    noise = torch.randn(p.shape, generator=gen)
+                    p.copy_(1 + 0.3 * noise if "ia3" in name else (0.1 if "oft" in name else 0.3) * noise)
+        model.save_pretrained(tmp_path / "adapter")
+    assert run_cli("merge", "--base", base, "--adapter", tmp_path / "adapter", "-o", tmp_path / "m") == 0
+    ours = load_file(str(tmp_path / "m" / "model.safetensors"))
+    want = peft_merged_state(base, tmp_path / "adapter", dtype)
+    original = load_file(str(base / "model.safetensors"))
+    assert any(not torch.equal(v, original[n]) and v.dim() == 4 and v.shape[-1] == 3 for n, v in ours.items())
+    for name, value in ours.items():
+        assert torch.equal(value, want[name]), name
+    assert run_cli("compare", "--base", base, "--adapter", tmp_path / "adapter", "--finetuned", tmp_path / "m",
+                   "-o", tmp_path / "c", "--no-plots") == 0
+    record = json.loads((tmp_path / "c" / "comparison_results.json").read_text())
+    assert record["summary"]["verdict"] == "EQUIVALENT (certified)"

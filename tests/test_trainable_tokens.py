@@ -68,3 +68,11 @@ def test_rows_that_do_not_fit_are_refused(tmp_path, capsys):
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     assert run_cli("merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m") == 2
     assert "trainable_tokens_delta" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_precision_certifies_every_path_with_token_rows(tmp_path):
+    base = build_base("starcoder2", tmp_path / "base")
+    adapter = token_adapter(base, tmp_path / "adapter", torch.float32, INDICES)
+    assert run_cli("precision", "--base", base, "--adapter", adapter, "-o", tmp_path / "p", "--no-plots") == 0
+    study = json.loads((tmp_path / "p" / "precision_results.json").read_text())
+    assert len(study["paths"]) == 5 and all(p["verdict"] == "EQUIVALENT (certified)" for p in study["paths"])

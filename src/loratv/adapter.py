@@ -468,8 +468,12 @@ def _bind_tuner(adapter, module, base, target, model_type, deltas) -> None:
 
     leaf = module.module.rsplit(".", 1)[-1]
     conv1d = adapter.settings.fan_in_fan_out or (model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_MODULES)
-    module.kind = "conv1d" if conv1d and module.peft_type not in ("LOHA", "LOKR") else "linear"
-    check_fits(adapter, module, tuple(base.entry(target).shape))
+    shape = tuple(base.entry(target).shape)
+    if len(shape) > 2:
+        module.kind = "conv"
+    else:
+        module.kind = "conv1d" if conv1d and module.peft_type not in ("LOHA", "LOKR") else "linear"
+    check_fits(adapter, module, shape)
     deltas.setdefault(target, []).append(module)
     bias = module.module + ".bias"
     if module.peft_type == "IA3" and not module.options["feedforward"] and bias in base:

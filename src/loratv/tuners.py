@@ -141,12 +141,12 @@ def _lokr(adapter, module, keys) -> TunerModule:
             found_rank = sa[1]
         else:
             raise LoratvError(f"{adapter.tensors.path}: LoKr module '{module}' has neither {full} nor {a}/{b}.")
-        if len(sides[side]) != 2:
-            raise LoratvError(f"{adapter.tensors.path}: LoKr module '{module}' has a {len(sides[side])}-D {side}; "
-                              "only Linear LoKr is merged by loratv.")
+        if len(sides[side]) not in ((2,) if side == "w1" else (2, 3, 4)):
+            raise LoratvError(f"{adapter.tensors.path}: LoKr module '{module}' has a {len(sides[side])}-D {side}.")
     r, alpha, scale = _rank_and_scale(adapter, module, found_rank)
-    (a, c), (b, d) = sides["w1"], sides["w2"]
-    return TunerModule(module, module + ".weight", "LOKR", keys, r, alpha, scale, {"delta_shape": (a * b, c * d)})
+    # kron(w1, w2) holds every product of their elements; PEFT reshapes it to the base weight
+    elements = math.prod(sides["w1"]) * math.prod(sides["w2"])
+    return TunerModule(module, module + ".weight", "LOKR", keys, r, alpha, scale, {"delta_shape": (elements,)})
 
 
 def _adalora(adapter, module, keys) -> TunerModule:
@@ -192,10 +192,13 @@ def _matches(spec, module: str) -> bool:
 def _ia3(adapter, module, keys) -> TunerModule:
     shape = _shape(adapter, keys["ia3_l"])
     feedforward = _matches(adapter.settings.raw.get("feedforward_modules"), module)
-    if len(shape) != 2 or (shape[0] != 1 if feedforward else shape[1] != 1):
+    # Linear/Conv1D: (1, in) feedforward, (out, 1) otherwise; ConvNd: (1, in or out, 1, …); check_fits checks sizes
+    linear_ok = len(shape) == 2 and (shape[0] == 1 if feedforward else shape[1] == 1)
+    conv_ok = len(shape) > 2 and shape[0] == 1 and all(k == 1 for k in shape[2:])
+    if not (linear_ok or conv_ok):
         raise LoratvError(f"{adapter.tensors.path}: IA³ vector of '{module}' has shape {list(shape)}; a "
                           f"{'feedforward' if feedforward else 'non-feedforward'} module stores "
-                          f"{'(1, in)' if feedforward else '(out, 1)'}.")
+                          f"{'(1, in)' if feedforward else '(out, 1)'} (a convolution (1, channels, 1, …)).")
     return TunerModule(module, module + ".weight", "IA3", keys, None, None, 1.0, {"feedforward": feedforward})
 
 
@@ -219,8 +222,9 @@ def check_fits(adapter, module: TunerModule, shape: tuple) -> None:
     """The module's update must have the base tensor's shape (PEFT reshapes LyCORIS deltas: the element count)."""
     file = adapter.tensors.path
     fail = None
-    if len(shape) != 2:
-        fail = f"is {len(shape)}-D; loratv merges {adapter.settings.tuner_name} into 2-D weights only"
+    conv = len(shape) > 2
+    if conv and module.peft_type not in ("LOHA", "LOKR", "IA3", "OFT") or len(shape) < 2:
+        fail = f"is {len(shape)}-D; loratv merges {adapter.settings.tuner_name} into Linear/Conv1D weights only"
     elif module.peft_type in ("LOHA", "LOKR"):
         if math.prod(module.options["delta_shape"]) != math.prod(shape):
             fail = f"has {math.prod(shape)} elements but the update has {math.prod(module.options['delta_shape'])}"
@@ -234,15 +238,21 @@ def check_fits(adapter, module: TunerModule, shape: tuple) -> None:
         if module.options["out"] != out or va[1] < inp or vb[0] < out:
             fail = f"({out} out, {inp} in) does not fit lambda_b {module.options['out']} or vera_A/B {list(va)}/{list(vb)}"
     elif module.peft_type == "IA3":
-        out, inp = shape if module.kind == "linear" else shape[::-1]
-        want = (1, inp) if module.options["feedforward"] else (out, 1)
+        if conv:  # PEFT's Conv IA³: (1, out, 1, …), or (1, in, 1, …) for feedforward (groups = 1 only)
+            ones = [1] * (len(shape) - 2)
+            want = (1, shape[1], *ones) if module.options["feedforward"] else (1, shape[0], *ones)
+        else:
+            out, inp = shape if module.kind == "linear" else shape[::-1]
+            want = (1, inp) if module.options["feedforward"] else (out, 1)
         if _shape(adapter, module.keys["ia3_l"]) != want:
             fail = f"needs an IA³ vector of shape {list(want)}"
     elif module.peft_type == "OFT":
-        if module.kind != "linear":
+        if module.kind == "conv1d":
             fail = "is a Conv1D weight (fan_in_fan_out), which OFT does not rotate in loratv"
+        elif conv and (len(shape) != 4 or shape[2] != shape[3]):
+            fail = "is not a square Conv2d kernel (PEFT's OFT assumes kernel_size[0]²)"
         else:
-            inp, o = shape[1], module.options
+            inp, o = math.prod(shape[1:]), module.options
             wanted_blocks = 1 if o["block_share"] else inp // o["block"]
             if inp % o["block"] or o["blocks"] != wanted_blocks:
                 fail = f"has {inp} inputs, which {o['blocks']} OFT blocks of size {o['block']} do not cover"
@@ -299,6 +309,8 @@ def additive_delta(adapter, module: TunerModule, shape, dtype, device, absolute=
     if kind == "LOKR":
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
         w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+        if w2.dim() == 4:  # PEFT's make_kron
+            w1 = w1.unsqueeze(2).unsqueeze(2)
         delta = torch.kron(w1, w2.contiguous()) * (abs(module.scale) if absolute else module.scale)
         return delta.reshape(shape)
     if kind == "ADALORA":
@@ -325,6 +337,8 @@ def ia3_vector(adapter, module: TunerModule, dtype, device, absolute=False) -> t
     l_vec = l_vec.abs() if absolute else l_vec
     if module.is_bias:
         return l_vec.reshape(-1)
+    if module.kind == "conv":  # _get_ia3_scaling_for_weight: (1, out, 1, …) → (out, 1, 1, …); feedforward as stored
+        return l_vec if module.options["feedforward"] else l_vec.transpose(0, 1)
     return l_vec.T if module.kind != "linear" else l_vec
 
 
@@ -360,10 +374,12 @@ def merged_value(adapter, module: TunerModule, w: torch.Tensor) -> torch.Tensor:
     """The merged tensor from `w` (the base, already in the compute dtype), as PEFT's merge computes it."""
     if module.peft_type == "IA3":
         return torch.mul(w, ia3_vector(adapter, module, w.dtype, w.device))
-    if module.peft_type == "OFT":
+    if module.peft_type == "OFT":  # Conv2d: the weight viewed as (out, in·k·k)
         rotation = oft_rotation(adapter, module, w.dtype, w.device)
-        blocks = [rotation[0 if module.options["block_share"] else i] for i in range(w.shape[1] // module.options["block"])]
-        return torch.mm(torch.block_diag(*blocks), w.t()).t()
+        flat = w.reshape(w.shape[0], -1)
+        count = flat.shape[1] // module.options["block"]
+        blocks = [rotation[0 if module.options["block_share"] else i] for i in range(count)]
+        return torch.mm(torch.block_diag(*blocks), flat.t()).t().reshape(w.shape)
     return w + additive_delta(adapter, module, tuple(w.shape), w.dtype, w.device)
 
 
@@ -377,8 +393,8 @@ def apply_rows(adapter, module: TunerModule, x: torch.Tensor, start: int, stop: 
         if key not in cache:
             cache[key] = ia3_vector(adapter, module, torch.float64, x.device, absolute)
         l_vec = cache[key]
-        if module.is_bias or (module.kind == "linear" and not module.options["feedforward"]) or (
-                module.kind != "linear" and module.options["feedforward"]):
+        if module.is_bias or (module.kind in ("linear", "conv") and not module.options["feedforward"]) or (
+                module.kind == "conv1d" and module.options["feedforward"]):
             l_vec = l_vec[start:stop]  # one factor per stored row
         return x * l_vec
     if key not in cache:
