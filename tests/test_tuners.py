@@ -302,3 +302,20 @@ def test_precision_runs_the_direct_paths_and_certifies_each(tmp_path, bases, cas
     assert [p["name"] for p in study["paths"]] == ["fp32", "fp16", "bf16"]
     assert all(p["verdict"] == "EQUIVALENT (certified)" for p in study["paths"])
     assert "cast-first paths skipped" in study["notes"][0]
+
+
+@pytest.mark.parametrize("method", ["gptq", "bitsandbytes"])
+def test_quantized_base_is_refused_with_the_reason(tmp_path, bases, capsys, method):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(bases[("llama", "float32")], base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4, "load_in_4bit": method == "bitsandbytes"}
+    (base / "config.json").write_text(json.dumps(config))
+    arch, lora = configs()["loha"]
+    adapter = make_adapter(bases[("llama", "float32")], tmp_path / "adapter", lora)
+    capsys.readouterr()
+    rc = run_cli("merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "m")
+    assert_one_line_error(rc, capsys.readouterr().err, "quantized", method)
+    assert_nothing_at(tmp_path / "m")

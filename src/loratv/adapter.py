@@ -375,9 +375,14 @@ class MergePlan:
 
 def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
     """Map every adapter tensor onto the base, resolve orientation and tied embeddings, check every shape."""
+    config = base.config or {}
+    quantized = config.get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
+        raise LoratvError(f"{base.path}: the base is quantized (quant_method {method}); an adapter trained on it saw "
+                          "dequantized weights, so no merge from the file is exact: give the unquantized base.")
     if adapter.resolve_names is not None:
         adapter.resolve_names(adapter, base)
-    config = base.config or {}
     tied = config.get("tie_word_embeddings", True)
     model_type = config.get("model_type")
     input_embedding = next((n for n in base.names() if n.endswith(INPUT_EMBEDDING_SUFFIXES)), None)
