@@ -4,7 +4,6 @@ Key mapping follows PEFT (reference §2.3): strip `base_model.model.`, split at 
 module's `.weight`; other tensors (saved biases, `modules_to_save`, saved embeddings) replace base tensors.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,10 +178,9 @@ def load_adapter(source) -> Adapter:
                 f"{folder}: holds several named adapters ({', '.join(nested)}); choose one with --adapter-name."
             )
         raise LoratvError(f"{folder}: not a PEFT adapter (no {CONFIG_NAME}).")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LoratvError(f"{config_path}: not valid JSON.") from None
+    from . import safe_json
+
+    config = safe_json.read(config_path)
     settings = parse_config(config, config_path)
     weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
     if weights is None:

@@ -108,10 +108,65 @@ def match_pattern_key(patterns: dict, module: str):
     return None
 
 
+def _strs(v):
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def _ints(v):
+    return _int(v) or (isinstance(v, list) and all(_int(x) for x in v))
+
+
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _pattern(v):  # numbers; AdaLoRA's rank_pattern holds boolean masks
+    return isinstance(v, dict) and all(
+        _number(x) or (isinstance(x, list) and all(isinstance(y, bool) for y in x)) for x in v.values())
+
+
+def _token_indices(v):
+    return _ints(v) or (isinstance(v, dict) and all(isinstance(x, list) and _ints(x) for x in v.values()))
+
+
+# PEFT's types for the fields loratv reads (None, or the field absent, always allowed): a hostile or corrupt file
+# gets one sentence here instead of a TypeError deep in the key mapping
+FIELD_TYPES = {
+    "r": (_int, "an integer"), "lora_alpha": (_number, "a number"), "alpha": (_number, "a number"),
+    "init_r": (_int, "an integer"), "target_modules": (_strs, "a string or a list of strings"),
+    "exclude_modules": (_strs, "a string or a list of strings"), "modules_to_save": (_strs, "a list of strings"),
+    "layers_to_transform": (_ints, "an integer or a list of integers"),
+    "layers_pattern": (_strs, "a string or a list of strings"), "rank_pattern": (_pattern, "a map to ranks"),
+    "alpha_pattern": (_pattern, "a map to numbers"), "target_parameters": (_strs, "a list of strings"),
+    "feedforward_modules": (_strs, "a string or a list of strings"),
+    "trainable_token_indices": (_token_indices, "a list of integers or a map to lists of integers"),
+    "peft_type": (lambda v: isinstance(v, str), "a string"), "bias": (lambda v: isinstance(v, str), "a string"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method name"),
+    "num_cayley_neumann_terms": (_int, "an integer"), "oft_block_size": (_int, "an integer"),
+}
+
+
+def check_field_types(config: dict, path) -> None:
+    for field, (ok, what) in FIELD_TYPES.items():
+        value = config.get(field)
+        if value is not None and not ok(value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "…"
+            raise LoratvError(f"{path}: {field} must be {what}, not {shown}.")
+
+
 def parse_config(config: dict, path) -> LoraSettings:
     """Validate an adapter_config.json dict; refuse by name every kind this version cannot merge exactly."""
     if not isinstance(config, dict):
         raise LoratvError(f"{path}: adapter config is not a JSON object.")
+    check_field_types(config, path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type in TUNER_FIELDS:
         return _parse_tuner_config(config, path, peft_type)
@@ -152,6 +207,8 @@ def parse_config(config: dict, path) -> LoraSettings:
         alpha_pattern = dict(config.get("alpha_pattern") or {})
     except (TypeError, ValueError):
         raise LoratvError(f"{path}: r, lora_alpha, rank_pattern or alpha_pattern has an invalid value.") from None
+    if r <= 0 or not all(_number(v) and v > 0 for v in rank_pattern.values()):
+        raise LoratvError(f"{path}: a LoRA rank (r or a rank_pattern value) is not a positive number.")
     modules_to_save = config.get("modules_to_save") or ()
     if isinstance(modules_to_save, str):
         modules_to_save = (modules_to_save,)

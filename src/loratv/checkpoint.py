@@ -3,13 +3,13 @@
 Tensors are read one at a time (or by rows, or as raw bytes); nothing is loaded until asked for.
 """
 
-import json
 import os
 import re
 from pathlib import Path
 
 import torch
 
+from . import safe_json
 from . import safetensors_format as stf
 from .errors import LoratvError
 
@@ -29,6 +29,8 @@ HUB_ALLOW_PATTERNS = [
 ]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+CONFIG_FIELD_TYPES = (("model_type", str, "a string"), ("tie_word_embeddings", bool, "true or false"),
+                      ("torch_dtype", (str, type(None)), "a dtype name"), ("dtype", (str, type(None)), "a dtype name"))
 
 
 def resolve_path(source: str | os.PathLike) -> Path:
@@ -73,13 +75,7 @@ def _inside(folder: Path, target: Path) -> bool:
 
 
 def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LoratvError(f"{path}: not valid JSON.") from None
-    except OSError as exc:
-        raise LoratvError(f"{path}: cannot be read ({exc.strerror}).") from None
+    return safe_json.read(path)
 
 
 def _index_shards(index_path: Path) -> list[Path]:
@@ -91,8 +87,8 @@ def _index_shards(index_path: Path) -> list[Path]:
     folder = index_path.parent
     shards = []
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
-            raise LoratvError(f"{index_path}: tensor '{name}' maps to an invalid shard name.")
+        if not isinstance(shard, str) or not shard or any(ord(c) < 32 for c in shard):
+            raise LoratvError(f"{index_path}: tensor {stf._short(name)} maps to an invalid shard name {stf._short(shard)}.")
         if os.path.isabs(shard) or ".." in Path(shard).parts or not _inside(folder, folder / shard):
             raise LoratvError(f"{index_path}: shard '{shard}' lies outside the model folder.")
         if shard not in shards:
@@ -215,7 +211,15 @@ class Checkpoint:
     @property
     def config(self) -> dict | None:
         path = self.root / "config.json"
-        return _read_json(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        config = _read_json(path)
+        if not isinstance(config, dict):
+            raise LoratvError(f"{path}: not a model config (a JSON object).")
+        for key, kind, what in CONFIG_FIELD_TYPES:  # the fields loratv reads decide orientation and tying
+            if key in config and not isinstance(config[key], kind):
+                raise LoratvError(f"{path}: '{key}' must be {what}, not {stf._short(config[key])}.")
+        return config
 
     def shard_of(self, name: str) -> Path:
         return self.entry(name).file
@@ -255,7 +259,7 @@ class Checkpoint:
         """Non-weight files beside the weights (configs, tokenizer, generation config, README)."""
         if not self.path.is_dir():
             return []
-        skip = {SAFETENSORS_INDEX, BIN_INDEX}
+        skip = {SAFETENSORS_INDEX, BIN_INDEX, "loratv_manifest.json"}  # the manifest describes that folder only
         out = []
         for p in sorted(self.path.iterdir()):
             if p.is_file() and not p.name.startswith(".") and p.name not in skip and not p.name.endswith(WEIGHT_SUFFIXES):

@@ -7,7 +7,7 @@ import sys
 
 from . import __version__
 from .compare import DEFAULT_TOLERANCE
-from .errors import LoratvError
+from .errors import LoratvError, one_line
 from .writer import parse_size
 
 
@@ -218,12 +218,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("inspect", help="describe a model or adapter from its headers alone")
-    p.add_argument("path", nargs="?", help="model folder/file, hub id, or adapter folder (default: the embedded example)")
+    p = sub.add_parser("inspect", help="describe a model or adapter from its headers alone (or a model from its "
+                       "config.json alone)")
+    p.add_argument("path", nargs="?", help="model folder/file, hub id, adapter folder, or a config.json (or a folder "
+                   "holding only config.json: shapes computed from the configuration) (default: the embedded example)")
     p.add_argument("--base", help="for an adapter: the base model, to count the tensors it touches")
     add_adapter_name_flag(p)
+    p.add_argument("--config-only", action="store_true", help="read only the model's config.json and compute every "
+                   "tensor's name and shape from it (starcoder2, llama, mistral, qwen2, gpt2); a hub id fetches "
+                   "config.json alone")
+    p.add_argument("--lora-targets", type=_comma_list, metavar="M1,M2,...",
+                   help="for a model: what a LoRA on these modules would touch and store (default with --lora-rank: "
+                        "q_proj,k_proj,v_proj,o_proj; 'all-linear' for every weight matrix but embeddings and head)")
+    p.add_argument("--lora-rank", type=_comma_ints, metavar="R1,R2,...",
+                   help="for a model: the LoRA ranks to count stored parameters for, r*(m+n) per module (default "
+                        "with --lora-targets: 8)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("report", help="re-render OUT/report.html, the self-contained HTML page, from the JSON records "
+                       "in an output folder of compare, validate, precision or analyze")
+    p.add_argument("folder", help="the output folder (holds comparison_results.json, precision_results.json or "
+                   "analysis_results.json)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("verify", help="re-check a folder written by merge or extract: every file against the sha256 "
+                       "in its manifest, headers, index, every tensor finite (exit 0 sound, 1 problems, 2 bad input)")
+    p.add_argument("folder", help="output folder of loratv merge or extract (holds loratv_manifest.json)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("example", help="write the embedded StarCoder2 miniature and its LoRA adapter")
     p.add_argument("-o", "--output", required=True, help="folder to create (holds base/ and adapter/)")
@@ -343,7 +367,8 @@ def cmd_precision(args) -> int:
     if unknown:
         raise LoratvError(f"--paths {unknown[0]}: choose from {', '.join(PATHS)}.")
     study = precision_study(base, adapter, args.output, paths=args.paths, keep_merged=args.keep_merged, device=args.device,
-                            plots=not args.no_plots, force=args.force, progress=not args.quiet and not args.json)
+                            plots=not args.no_plots, force=args.force, progress=not args.quiet and not args.json,
+                            command=_command_line())
     if args.json:
         sys.stdout.write(dump_json(study))
     elif not args.quiet:
@@ -406,20 +431,59 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _comma_list(text: str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give at least one name")
+    return items
+
+
+def _comma_ints(text: str) -> list:
+    try:
+        values = [int(t) for t in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"ranks must be positive: {text!r}")
+    return values
+
+
 def cmd_inspect(args) -> int:
     from .example import example_paths
     from .inspect import describe, render_text
 
+    lora = dict(lora_targets=args.lora_targets, lora_ranks=args.lora_rank)
     if args.path is None:
         paths = example_paths()
-        reports = [describe(paths["base"]), describe(paths["adapter"], base=paths["base"])]
+        reports = [describe(paths["base"], config_only=args.config_only, **lora),
+                   describe(paths["adapter"], base=paths["base"])]
     else:
-        reports = [describe(args.path, base=args.base)]
+        reports = [describe(args.path, base=args.base, config_only=args.config_only, **lora)]
     if args.json:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
     else:
         print("\n\n".join(render_text(r) for r in reports))
     return 0
+
+
+def cmd_report(args) -> int:
+    from .report.html import write_report
+
+    path = write_report(args.folder)
+    if not args.quiet:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import render, verify
+
+    report = verify(args.folder)
+    if args.json:
+        print(json.dumps(report.record(), indent=2))
+    else:
+        sys.stdout.write(render(report))
+    return 0 if report.ok else 1
 
 
 def cmd_example(args) -> int:
@@ -473,18 +537,20 @@ def run_guarded(func, *args, **kwargs) -> int:
     try:
         return func(*args, **kwargs)
     except LoratvError as exc:
-        print(f"loratv: error: {exc}", file=sys.stderr)
+        print(f"loratv: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head`: stop quietly
         sys.stdout = open(os.devnull, "w")
         return 0
     except OSError as exc:
         where = exc.filename or "output"
-        print(f"loratv: error: {where}: {exc.strerror or exc}; nothing was written.", file=sys.stderr)
+        print(f"loratv: error: {one_line(f'{where}: {exc.strerror or exc}')}; nothing was written.", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("loratv: interrupted; nothing was written.", file=sys.stderr)
+    except KeyboardInterrupt:  # outputs are complete or absent: atomic_output_dir removed the temporary one
+        print("loratv: interrupted; no partial output was left.", file=sys.stderr)
         return 130
+
+
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .outputs import atomic_output_dir
+from .outputs import atomic_output_dir, shared_cache_lock
 from .safetensors_format import SafetensorsWriter
 
 EXAMPLE_VERSION = 1
@@ -184,7 +184,9 @@ def example_paths() -> dict:
     """The cached example (written on first use): base and adapter folders."""
     root = cache_dir()
     if not (root / "base" / "model.safetensors").is_file() or not (root / "adapter" / "adapter_model.safetensors").is_file():
-        write_example(root, force=True)
+        with shared_cache_lock(root.parent):  # another process may be writing it: wait, then look again
+            if not (root / "base" / "model.safetensors").is_file() or not (root / "adapter" / "adapter_model.safetensors").is_file():
+                write_example(root, force=True)
     return {"base": root / "base", "adapter": root / "adapter"}
 
 
@@ -195,5 +197,7 @@ def example_merged(precision: str = "fp32") -> Path:
     paths = example_paths()
     merged = cache_dir() / f"merged-{precision}"
     if not (merged / "model.safetensors").is_file():
-        merge(paths["base"], paths["adapter"], merged, precision=precision, force=True)
+        with shared_cache_lock(cache_dir().parent):
+            if not (merged / "model.safetensors").is_file():
+                merge(paths["base"], paths["adapter"], merged, precision=precision, force=True)
     return merged

@@ -17,6 +17,7 @@ import torch
 from . import __version__, dtypes
 from .checkpoint import Checkpoint
 from .errors import LoratvError
+from .integrity import checkpoint_record, write_manifest
 from .outputs import atomic_output_dir
 from .prefetch import prefetched
 from .progress import progress_bar
@@ -155,7 +156,7 @@ def _f32_block(b, f, out, stats):
     torch.add(f32, nb, out=out)
     if stats is None:
         return
-    _extremes(stats, out, f32)
+    _extremes(stats, out, f32, b)
     err = _two_sum_error(f32, nb, out)
     value = out.to(torch.float64)
     rounded = int(torch.count_nonzero(err))
@@ -174,7 +175,7 @@ def _f64_block(b, f, out, stats):
     out.copy_(diff)
     if stats is None:
         return
-    _extremes(stats, diff, a)
+    _extremes(stats, diff, a, b)
     stats.sumsq += float(torch.dot(diff, diff))
     stats.inexact_subtractions += int(torch.count_nonzero(_two_sum_error(a, nb, diff)))
     if out.dtype != torch.float64:
@@ -183,18 +184,19 @@ def _f64_block(b, f, out, stats):
         stats.max_rounding_error = max(stats.max_rounding_error, float(err.max()))
 
 
-def _extremes(stats, diff, finetuned):
+def _extremes(stats, diff, finetuned, base):
     """max |T| and nonzero count; also the finiteness check, since aminmax propagates NaN."""
     low, high = torch.aminmax(diff)
     if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-        raise NonFinite(dtypes.all_finite(finetuned))
+        raise NonFinite(dtypes.all_finite(finetuned), dtypes.all_finite(base))
     stats.max_abs = max(stats.max_abs, float(-low), float(high))
     stats.nonzero += int(torch.count_nonzero(diff))
 
 
 class NonFinite(Exception):
-    def __init__(self, finetuned_finite: bool):
+    def __init__(self, finetuned_finite: bool, base_finite: bool = False):
         self.finetuned_finite = finetuned_finite
+        self.base_finite = base_finite
 
 
 def _measure(base, ft, name, stats: "TensorStats", chunks, reader) -> list | None:
@@ -211,6 +213,10 @@ def _measure(base, ft, name, stats: "TensorStats", chunks, reader) -> list | Non
         try:
             stored = _stored_difference(b, f, stats.stored_dtype, stats)
         except NonFinite as exc:
+            if exc.finetuned_finite and exc.base_finite:  # both finite: the difference overflows its storage dtype
+                storage = str(dtypes.torch_dtype_of(stats.stored_dtype)).removeprefix("torch.")
+                raise LoratvError(f"{ft.path}: tensor '{name}' differs from the base by more than {storage} can hold; "
+                                  "use --storage-dtype fp64.") from None
             where = base if exc.finetuned_finite else ft
             raise LoratvError(f"{where.path}: tensor '{name}' contains NaN or Inf, so the task vector is undefined.") from None
         pieces.append(stored if keep else None)
@@ -293,6 +299,8 @@ def extract(
             reader.close()
         report = build_report(result, base, ft, dense=dense, storage_dtype=storage_dtype)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        write_manifest(tmp, "extract", {"base": checkpoint_record(base), "finetuned": checkpoint_record(ft)},
+                       {TENSOR_FILE: writer.sha256})
     return result
 
 
@@ -305,6 +313,9 @@ def check_same_tensors(base: Checkpoint, ft: Checkpoint) -> None:
             raise LoratvError(
                 f"{ft.path}: tensor '{name}' has shape {list(ft.entry(name).shape)} but {list(base.entry(name).shape)} in the base."
             )
+        if dtypes.is_float(ft.entry(name).dtype) != dtypes.is_float(base.entry(name).dtype):
+            raise LoratvError(f"{ft.path}: tensor '{name}' is {ft.entry(name).dtype} but {base.entry(name).dtype} in the "
+                              "base; a difference between floating-point and integer values is not defined.")
     for name in ft.names():
         if name not in base:
             raise LoratvError(f"{base.path}: the base lacks tensor '{name}', which the fine-tuned model has.")

@@ -1,12 +1,15 @@
 """Describe a model or an adapter from headers alone: tensors and parameters per layer, module kind, dtype, shard."""
 
+import json
 import math
+import os
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from .adapter import CONFIG_NAME, bind, load_adapter
-from .checkpoint import Checkpoint, resolve_path
+from .checkpoint import HUB_ID, Checkpoint, resolve_path
+from .errors import LoratvError
 
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 KIND_RULES = [
@@ -30,40 +33,100 @@ def layer_of(name: str):
     return int(m.group(1)) if m else None
 
 
-def describe(source, base=None) -> dict:
-    path = resolve_path(source)
-    if (path if path.is_dir() else path.parent).joinpath(CONFIG_NAME).is_file():
-        return describe_adapter(source, base)
-    if path.is_file() and path.suffix == ".safetensors":
-        from .kohya import is_lora_file
+def describe(source, base=None, *, config_only=False, lora_targets=None, lora_ranks=None) -> dict:
+    """The report for a model, an adapter, or (config_only, or a config.json / a folder holding no weights) the
+    model a config.json describes. lora_targets/lora_ranks add, for a model, what a LoRA on those modules would
+    touch and store."""
+    if config_only or _is_config_source(source):
+        report = describe_config(source)
+    else:
+        path = resolve_path(source)
+        if (path if path.is_dir() else path.parent).joinpath(CONFIG_NAME).is_file():
+            report = describe_adapter(source, base)
+        elif path.is_file() and path.suffix == ".safetensors" and _is_lora_file(path):
+            report = describe_adapter(source, base)  # a kohya / diffusers LoRA file
+        else:
+            report = describe_model(source)
+    if lora_targets is not None or lora_ranks is not None:
+        if report["kind"] != "model":
+            raise LoratvError(f"{report['path']}: --lora-targets/--lora-rank describe a LoRA for a model; this is an "
+                              "adapter (inspect it without them).")
+        report["lora"] = lora_footprint(report, lora_targets or DEFAULT_LORA_TARGETS, lora_ranks or [8])
+    return report
 
-        if is_lora_file(path):  # a kohya / diffusers LoRA file
-            return describe_adapter(source, base)
-    return describe_model(source)
+
+def _is_lora_file(path) -> bool:
+    from .kohya import is_lora_file
+
+    return is_lora_file(path)
 
 
-def describe_model(source) -> dict:
-    ckpt = Checkpoint(source)
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _is_config_source(source) -> bool:
+    """A config.json file, or a local folder with a config.json but no weights and no adapter."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.suffix == ".json" and not path.name.endswith(".index.json") and path.name != CONFIG_NAME
+    return (path.is_dir() and (path / "config.json").is_file() and not (path / CONFIG_NAME).is_file()
+            and not any(p.is_file() for pattern in WEIGHT_FILES for p in path.glob(pattern)))
+
+
+def _tensor_table(rows) -> list:
+    """Tensors grouped by name with the layer index replaced by `*` (and by shape): one row per tensor kind."""
+    groups = {}
+    for name, shape, _ in rows:
+        pattern = LAYER.sub(lambda m: m.group(0).replace(m.group(1), "*"), name, count=1)
+        g = groups.setdefault((pattern, tuple(shape)), {"name": pattern, "shape": list(shape), "count": 0,
+                                                         "parameters": 0})
+        g["count"] += 1
+        g["parameters"] += math.prod(shape)
+    return list(groups.values())
+
+
+def _summary(rows) -> dict:
+    """Counts shared by the header and the config reports; rows are (name, shape, dtype)."""
     layers = defaultdict(lambda: {"tensors": 0, "parameters": 0})
     kinds = defaultdict(lambda: {"tensors": 0, "parameters": 0})
     dtype_counts = Counter()
-    shards = defaultdict(lambda: {"tensors": 0, "bytes": 0})
     global_tensors = []
-    for name, e in ckpt.entries.items():
+    for name, shape, dtype in rows:
+        numel = math.prod(shape)
         layer = layer_of(name)
         if layer is None:
             global_tensors.append(name)
         else:
             layers[layer]["tensors"] += 1
-            layers[layer]["parameters"] += e.numel
+            layers[layer]["parameters"] += numel
         kind = module_kind(name)
         kinds[kind]["tensors"] += 1
-        kinds[kind]["parameters"] += e.numel
-        dtype_counts[e.dtype] += 1
+        kinds[kind]["parameters"] += numel
+        if dtype is not None:
+            dtype_counts[dtype] += 1
+    per_layer = sorted({v["tensors"] for v in layers.values()})
+    return {
+        "total_tensors": len(rows),
+        "total_parameters": sum(math.prod(shape) for _, shape, _ in rows),
+        "layers": len(layers),
+        "tensors_per_layer": per_layer[0] if len(per_layer) == 1 else per_layer,
+        "global_tensors": global_tensors,
+        "dtypes": dict(dtype_counts),
+        "per_layer": {str(k): v for k, v in sorted(layers.items())},
+        "per_kind": dict(kinds),
+    }
+
+
+def describe_model(source) -> dict:
+    ckpt = Checkpoint(source)
+    shards = defaultdict(lambda: {"tensors": 0, "bytes": 0})
+    rows = []
+    for name, e in ckpt.entries.items():
+        rows.append((name, tuple(e.shape), e.dtype))
         shards[e.file.name]["tensors"] += 1
         shards[e.file.name]["bytes"] += e.nbytes
     config = ckpt.config or {}
-    per_layer = sorted({v["tensors"] for v in layers.values()})
+    summary = _summary(rows)
     tied = bool(config.get("tie_word_embeddings", True)) and not any(
         n in ckpt for n in ("lm_head.weight", "embed_out.weight")
     )
@@ -72,16 +135,137 @@ def describe_model(source) -> dict:
         "path": str(ckpt.path),
         "format": ckpt.format,
         "model_type": config.get("model_type"),
-        "total_tensors": len(ckpt),
-        "total_parameters": ckpt.total_parameters(),
-        "layers": len(layers),
-        "tensors_per_layer": per_layer[0] if len(per_layer) == 1 else per_layer,
-        "global_tensors": global_tensors,
+        "total_tensors": summary["total_tensors"],
+        "total_parameters": summary["total_parameters"],
+        "layers": summary["layers"],
+        "tensors_per_layer": summary["tensors_per_layer"],
+        "global_tensors": summary["global_tensors"],
         "tied_embeddings": tied,
-        "dtypes": dict(dtype_counts),
-        "per_layer": {str(k): v for k, v in sorted(layers.items())},
-        "per_kind": dict(kinds),
+        "dtypes": summary["dtypes"],
+        "per_layer": summary["per_layer"],
+        "per_kind": summary["per_kind"],
         "shards": dict(shards),
+        "per_tensor_kind": _tensor_table(rows),
+        "shapes": {name: list(shape) for name, shape, _ in rows},
+    }
+
+
+def _read_config(source):
+    """(path, dict) of a config.json given as the file, a folder holding it, or a hub id (config.json only)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    elif not path.exists():
+        text = str(source)
+        if not (HUB_ID.match(text) and not text.startswith((".", "/"))):
+            raise LoratvError(f"{source}: no such file or directory.")
+        path = _download_config(text)
+    if not path.is_file():
+        raise LoratvError(f"{path}: no such file (a config-only inspect reads config.json).")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LoratvError(f"{path}: not valid JSON.") from None
+    except OSError as exc:
+        raise LoratvError(f"{path}: cannot be read ({exc.strerror}).") from None
+    return path, config
+
+
+def _download_config(hub_id: str) -> Path:
+    repo_id, _, revision = hub_id.partition("@")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision or None))
+    except Exception as exc:  # the hub client raises many types; all mean "not available"
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        how = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else type(exc).__name__
+        raise LoratvError(f"{hub_id}: not a local path and its config.json could not be fetched ({how}).") from None
+
+
+def describe_config(source) -> dict:
+    """What the checkpoint a config.json describes holds, computed from the config alone (architectures.py)."""
+    from .architectures import config_dtype, config_tensors
+    from .dtypes import itemsize
+
+    path, config = _read_config(source)
+    tensors, tied = config_tensors(config, str(path))
+    dtype = config_dtype(config)
+    rows = [(name, shape, dtype) for name, shape in tensors]
+    summary = _summary(rows)
+    return {
+        "kind": "model",
+        "path": str(source) if Path(source).expanduser().is_file() else str(path),
+        "format": "config",
+        "model_type": config.get("model_type"),
+        **summary,
+        "tied_embeddings": tied,
+        "shards": {},
+        "data_bytes": summary["total_parameters"] * itemsize(dtype) if dtype else None,
+        "per_tensor_kind": _tensor_table(rows),
+        "shapes": {name: list(shape) for name, shape in tensors},
+    }
+
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lora_footprint(report: dict, targets, ranks) -> dict:
+    """What a LoRA of each rank on `targets` (PEFT's list semantics: a module named T or ending in `.T`;
+    `all-linear`: every weight matrix but the embeddings and the output head) touches and stores: one module per
+    matched weight of shape (m, n, ...), stored r·(m + n·...) parameters (lora_B (m, r) and lora_A (r, n·...);
+    Conv1D and embedding weights are stored transposed, which leaves the sum unchanged)."""
+    ranks = [int(r) for r in ranks]
+    if not ranks or any(r <= 0 for r in ranks):
+        raise LoratvError(f"--lora-rank must be positive integers, not {ranks}.")
+    targets = list(targets)
+    modules = []
+    for name, shape in report["shapes"].items():
+        if not name.endswith(".weight") or len(shape) < 2:
+            continue
+        module = name[: -len(".weight")]
+        if targets == ["all-linear"]:
+            hit = module_kind(name) not in ("embedding", "head") and len(shape) == 2
+        else:
+            hit = any(module == t or module.endswith("." + t) for t in targets)
+        if hit:
+            modules.append((module, name, shape))
+    if not modules:
+        tied = " (a tied lm_head is not a stored tensor)" if report.get("tied_embeddings") else ""
+        raise LoratvError(f"{report['path']}: --lora-targets {','.join(targets)} matches no weight matrix of this "
+                          f"model{tied}.")
+    touched = sum(math.prod(shape) for _, _, shape in modules)
+    per_target = {}
+    for module, _, shape in modules:
+        key = (module.rsplit(".", 1)[-1], tuple(shape))
+        entry = per_target.setdefault(key, {"module": key[0], "shape": list(shape), "modules": 0})
+        entry["modules"] += 1
+    sides = [shape[0] + math.prod(shape[1:]) for _, _, shape in modules]
+    per_rank = []
+    for r in ranks:
+        stored = r * sum(sides)
+        per_rank.append({
+            "rank": r,
+            "stored_parameters": stored,
+            "share_of_model": stored / report["total_parameters"],
+            "share_of_touched": stored / touched,
+        })
+    return {
+        "targets": targets,
+        "modules": len(modules),
+        "touched_tensors": len(modules),
+        "total_tensors": report["total_tensors"],
+        "touched_parameters": touched,
+        "total_parameters": report["total_parameters"],
+        "share_of_tensors": len(modules) / report["total_tensors"],
+        "share_of_parameters": touched / report["total_parameters"],
+        "per_target": [
+            {**v, "parameters_each": math.prod(v["shape"]), "stored_per_rank_each": v["shape"][0] + math.prod(v["shape"][1:])}
+            for v in per_target.values()
+        ],
+        "per_rank": per_rank,
+        "touched": [name for _, name, _ in modules],
     }
 
 
@@ -175,35 +359,103 @@ def _pct(part, whole):
     return f"{100.0 * part / whole:.2f}%" if whole else "n/a"
 
 
+def _count(n: int) -> str:
+    """1,407,616 -> 1.41 M; 3,030,371,328 -> 3.03 B."""
+    for size, unit in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "k")):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def _shape(shape) -> str:
+    return " x ".join(str(d) for d in shape)
+
+
+def _layer_runs(per_layer: dict) -> list:
+    """Consecutive layers with equal counts as (first, last, counts)."""
+    runs = []
+    for layer, v in per_layer.items():
+        layer = int(layer)
+        if runs and runs[-1][1] == layer - 1 and runs[-1][2] == v:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer, v])
+    return runs
+
+
 def render_text(r: dict) -> str:
     if r["kind"] == "adapter":
         return _render_adapter(r)
-    lines = [f"model {r['path']} ({r['format']}, model_type {r['model_type']})"]
+    config_only = r["format"] == "config"
+    if config_only:
+        lines = [f"model {r['path']} (config only: shapes from config.json, no weights read; "
+                 f"model_type {r['model_type']})"]
+    else:
+        lines = [f"model {r['path']} ({r['format']}, model_type {r['model_type']})"]
     tpl = r["tensors_per_layer"]
     if r["layers"] and isinstance(tpl, int):
         lines.append(
             f"{r['total_tensors']} tensors = {r['layers']} layers x {tpl} + {len(r['global_tensors'])} global; "
-            f"{r['total_parameters']:,} parameters"
+            f"{r['total_parameters']:,} parameters ({_count(r['total_parameters'])})"
         )
     else:
-        lines.append(f"{r['total_tensors']} tensors in {r['layers']} layers; {r['total_parameters']:,} parameters")
+        lines.append(f"{r['total_tensors']} tensors in {r['layers']} layers; {r['total_parameters']:,} parameters "
+                     f"({_count(r['total_parameters'])})")
     lines.append(f"global tensors: {', '.join(r['global_tensors'])}")
     lines.append(f"tied embeddings: {'yes' if r['tied_embeddings'] else 'no'}")
-    lines.append("dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(r["dtypes"].items())))
+    dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(r["dtypes"].items()))
+    if config_only:
+        lines.append(f"dtypes: {dtypes}; {r['data_bytes']:,} bytes of tensor data" if r["data_bytes"] is not None
+                     else "dtypes: not stated in config.json")
+    else:
+        lines.append("dtypes: " + dtypes)
     lines.append("")
     lines.append(f"{'module kind':<12} {'tensors':>8} {'parameters':>15} {'share':>8}")
     for kind, v in sorted(r["per_kind"].items(), key=lambda kv: -kv[1]["parameters"]):
         lines.append(f"{kind:<12} {v['tensors']:>8} {v['parameters']:>15,} {_pct(v['parameters'], r['total_parameters']):>8}")
+    if r.get("per_tensor_kind"):
+        width = max(len(t["name"]) for t in r["per_tensor_kind"])
+        lines.append("")
+        lines.append(f"{'tensor':<{width}} {'shape':>14} {'count':>6} {'parameters':>15} {'share':>8}")
+        for t in r["per_tensor_kind"]:
+            lines.append(f"{t['name']:<{width}} {_shape(t['shape']):>14} {t['count']:>6} {t['parameters']:>15,} "
+                         f"{_pct(t['parameters'], r['total_parameters']):>8}")
     if r["per_layer"]:
         lines.append("")
-        lines.append(f"{'layer':<6} {'tensors':>8} {'parameters':>15}")
-        for layer, v in r["per_layer"].items():
-            lines.append(f"{layer:<6} {v['tensors']:>8} {v['parameters']:>15,}")
-    lines.append("")
-    lines.append(f"{'shard':<40} {'tensors':>8} {'bytes':>15}")
-    for shard, v in r["shards"].items():
-        lines.append(f"{shard:<40} {v['tensors']:>8} {v['bytes']:>15,}")
+        lines.append(f"{'layers':<8} {'tensors':>8} {'parameters each':>16}")
+        for first, last, v in _layer_runs(r["per_layer"]):
+            label = str(first) if first == last else f"{first}-{last}"
+            lines.append(f"{label:<8} {v['tensors']:>8} {v['parameters']:>16,}")
+    if not config_only:
+        lines.append("")
+        lines.append(f"{'shard':<40} {'tensors':>8} {'bytes':>15}")
+        for shard, v in r["shards"].items():
+            lines.append(f"{shard:<40} {v['tensors']:>8} {v['bytes']:>15,}")
+    if "lora" in r:
+        lines.append("")
+        lines += _render_lora(r["lora"])
     return "\n".join(lines)
+
+
+def _render_lora(f: dict) -> list:
+    lines = [
+        f"LoRA on {', '.join(f['targets'])}: {f['modules']} modules",
+        f"touches {f['touched_tensors']} of {f['total_tensors']} tensors ({_pct(f['touched_tensors'], f['total_tensors'])}) "
+        f"and {f['touched_parameters']:,} of {f['total_parameters']:,} parameters "
+        f"({_pct(f['touched_parameters'], f['total_parameters'])})",
+        "",
+        f"{'module':<16} {'shape':>14} {'modules':>8} {'parameters each':>16}  stored per module",
+    ]
+    for t in f["per_target"]:
+        m, n = t["shape"][0], t["stored_per_rank_each"] - t["shape"][0]
+        lines.append(f"{t['module']:<16} {_shape(t['shape']):>14} {t['modules']:>8} {t['parameters_each']:>16,}  "
+                     f"r*({m} + {n}) = r*{t['stored_per_rank_each']:,}")
+    lines.append("")
+    lines.append(f"{'rank':>4} {'stored parameters':>18} {'of the model':>13} {'of the touched':>15}")
+    for p in f["per_rank"]:
+        lines.append(f"{p['rank']:>4} {p['stored_parameters']:>18,} {100 * p['share_of_model']:>12.3f}% "
+                     f"{100 * p['share_of_touched']:>14.3f}%")
+    return lines
 
 
 def _render_adapter(r: dict) -> str:

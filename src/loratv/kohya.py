@@ -9,7 +9,6 @@ diffusers: `[<component>.]<module>.lora_A.weight` / `.lora_B.weight` (or the koh
            LoraConfig in the safetensors metadata key `lora_adapter_metadata`.
 """
 
-import json
 import math
 import re
 from collections import Counter
@@ -199,10 +198,9 @@ def _metadata_configs(ckpt: Checkpoint, groups: dict) -> dict:
     if not text:
         return {}
     where = f"{file} ({METADATA_KEY})"
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        raise LoratvError(f"{file}: safetensors metadata '{METADATA_KEY}' is not valid JSON.") from None
+    from . import safe_json
+
+    data = safe_json.loads(text, file, f"safetensors metadata '{METADATA_KEY}' is not valid JSON")
     if not isinstance(data, dict):
         raise LoratvError(f"{file}: safetensors metadata '{METADATA_KEY}' is not a JSON object.")
     if any(p.get("alpha") for p in groups.values()):

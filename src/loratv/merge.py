@@ -15,6 +15,7 @@ from . import __version__, dtypes
 from .adapter import TOKEN_ROWS, bias_delta, bind, delta_rows, load_adapter, token_replacement
 from .checkpoint import Checkpoint
 from .errors import LoratvError
+from .integrity import adapter_record, checkpoint_record, write_manifest
 from .outputs import atomic_output_dir
 from .progress import progress_bar
 from .tuners import TunerModule, merged_value
@@ -125,6 +126,8 @@ def merge(
                 writer.abort()
                 raise
         _write_aux(base, tmp, precision, plan.untied)
+        write_manifest(tmp, "merge", {"base": checkpoint_record(base), "adapter": adapter_record(adapter)},
+                       writer.digests)
     result.output = Path(out)
     return result
 

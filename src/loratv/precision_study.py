@@ -54,7 +54,7 @@ def path_summary(name: str, description: str, output_dtype: str, record: dict) -
 
 
 def precision_study(base, adapter, out, *, paths=None, keep_merged=False, tolerance=DEFAULT_TOLERANCE,
-                    device="cpu", plots=True, force=False, progress=False) -> dict:
+                    device="cpu", plots=True, force=False, progress=False, command=None) -> dict:
     """Merge along each path, extract, compare. `paths` None: all five for an additive LoRA; the three direct paths
     for DoRA and the other tuners (the cast-first paths reproduce PEFT's additive LoRA merge only)."""
     from .adapter import load_adapter
@@ -97,13 +97,16 @@ def precision_study(base, adapter, out, *, paths=None, keep_merged=False, tolera
             "adapter": str(adapter),
             "paths": summaries,
             "notes": notes,
+            "command": command,
         }
         write_json(study, tmp / RESULTS_FILE)
         (tmp / REPORT_FILE).write_text(render_precision_text(study), encoding="utf-8")
         if plots:
+            from .report.html import write_report
             from .report.plots import precision_plot
 
             precision_plot(study, tmp / PLOT_FILE)
+            write_report(tmp)  # the page reads the study and each path's comparison_results.json
     return study
 
 

@@ -28,19 +28,24 @@ def write_json(record: dict, path: Path) -> None:
 
 def _write_record_files(record: dict, folder: Path, results_name: str, report_name: str, render, write_plots,
                         plots: bool) -> list:
-    """The record as strict JSON, its rendered report, and (unless plots=False) its plots, in `folder`."""
+    """The record as strict JSON, its rendered report, and (unless plots=False) its plots and report.html, in
+    `folder`."""
     folder = Path(folder)
     record = finite(record)  # the renderers see exactly what the JSON holds
     write_json(record, folder / results_name)
     (folder / report_name).write_text(render(record), encoding="utf-8")
     written = [folder / results_name, folder / report_name]
     if plots:
+        from .report.html import write_report
+
         written += write_plots(record, folder)
+        written.append(write_report(folder))  # the page goes with the plots it embeds
     return written
 
 
 def write_comparison_files(record: dict, folder: Path, *, plots: bool = True) -> list:
-    """comparison_results.json, detailed_comparison_report.txt and (unless plots=False) the four PNGs."""
+    """comparison_results.json, detailed_comparison_report.txt and (unless plots=False) the four PNGs and
+    report.html."""
     from .report.plots import write_comparison_plots
     from .report.text import render_comparison_text
 
@@ -49,7 +54,7 @@ def write_comparison_files(record: dict, folder: Path, *, plots: bool = True) ->
 
 
 def write_analysis_files(record: dict, folder: Path, *, plots: bool = True) -> list:
-    """analysis_results.json, analysis_report.md and (unless plots=False) the analysis PNGs."""
+    """analysis_results.json, analysis_report.md and (unless plots=False) the analysis PNGs and report.html."""
     from .analyze import REPORT_NAME, RESULTS_NAME
     from .report.analysis_plots import write_analysis_plots
     from .report.analysis_text import render_analysis_markdown

@@ -4,8 +4,6 @@ Both give, per base tensor, rows of T and the facts the rounding bound needs: th
 stored T was itself rounded.
 """
 
-import json
-
 import torch
 
 from .checkpoint import Checkpoint, resolve_path
@@ -30,10 +28,9 @@ class StoredTaskVector:
         self.recorded_base = None
         report = file.parent / REPORT_FILE
         if report.is_file():
-            try:
-                data = json.loads(report.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise LoratvError(f"{report}: not valid JSON.") from None
+            from . import safe_json
+
+            data = safe_json.read(report)
             if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("tensors"), list):
                 raise LoratvError(f"{report}: not a loratv task-vector record (schema '{SCHEMA}').")
             if data.get("file", TENSOR_FILE) == file.name:

@@ -83,6 +83,7 @@ class ShardedWriter:
         self._writer = None
         self._file = None
         self._closing = []
+        self.digests = {}  # shard file name -> sha256, after close()
 
     def begin(self, name: str) -> OutTensor:
         file, spec = self._order[self._pos]
@@ -91,7 +92,8 @@ class ShardedWriter:
         if file != self._file:
             self._finish_file()
             group = next(g for f, g in self.shards if f == file)
-            self._writer = SafetensorsWriter(self.folder / file, [(t.name, t.shape) for t in group], self.metadata)
+            self._writer = SafetensorsWriter(self.folder / file, [(t.name, t.shape) for t in group], self.metadata,
+                                             plan=[(t.name, t.dtype, t.shape) for t in group])
             self._file = file
         self._writer.begin(spec.name, spec.dtype, spec.shape)
         return spec
@@ -118,6 +120,7 @@ class ShardedWriter:
         self._finish_file()
         for closing in self._closing:
             closing.wait()
+            self.digests[closing.path.name] = closing.sha256
         self._closing = []
         if len(self.shards) > 1:
             index = {

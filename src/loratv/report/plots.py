@@ -99,6 +99,7 @@ def _cosine_figure(record):
         left.set_yscale("log")
         right.hist(shown, bins=_log_bins(shown), color=COLOURS["shared"])
         right.set_xscale("log")
+        right.tick_params(axis="x", which="both", labelrotation=35)  # within one decade minor ticks get labels too
         left.legend(title="module kind", loc="upper left", bbox_to_anchor=(0, -0.12),
                     ncol=min(4, len(kinds)), fontsize=7, frameon=False)
     else:
@@ -218,6 +219,9 @@ def _precision_figure(record):
     for c, heights in parts.items():
         left.bar(x, heights, bottom=bottom, color=COLOURS[c], label=c, width=0.6)
         bottom += heights
+    if paths:  # totals on top, with headroom so neither they nor the legend sit on the bars
+        left.bar_label(left.containers[-1], labels=[f"{int(b):,}" for b in bottom], fontsize=7, padding=2)
+        left.set_ylim(0, max(1.0, float(bottom.max())) * 1.18)
     left.set(ylabel="changed tensors (count)", title="Changed tensors per merge path")
     width = 0.38
     bars = [right.bar(x - width / 2, vanished, width, color=COLOURS["vanished"], label="vanished elements (count)"),
@@ -225,12 +229,14 @@ def _precision_figure(record):
     right.bar_label(bars[0], labels=[f"{v:,}" for v in vanished], fontsize=7, padding=2)
     right.bar_label(bars[1], labels=[f"{u:.3g}" for u in ulps], fontsize=7, padding=2)
     right.set_yscale("symlog", linthresh=1)  # symlog: zero stays drawable, large counts stay readable
+    right.set_ylim(0, max([1.0, *vanished, *ulps]) * 6)  # room for the bar labels above the tallest bar
     right.set(ylabel="elements (count) / error (ulps), symlog scale", title="Lost updates and worst error")
     for ax in (left, right):
         ax.set_xticks(x, names, rotation=20, ha="right", rotation_mode="anchor")
         ax.set_xlabel("merge path")
-    left.legend(frameon=False)
-    right.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: bar labels need the top
+    # below the axes: the bars and their labels need the whole plot area
+    left.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
+    right.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     if not paths:
         _empty(left, "no paths")
     fig.tight_layout()
