@@ -222,6 +222,14 @@ def test_fuzz_model_safetensors(tiny, tmp_path_factory, data):
     shutil.rmtree(work)
 
 
+def _mutate_json_file(data, path, text: str) -> None:
+    """Write `text` to `path` with either a JSON-aware edit or raw byte damage, as hypothesis chooses."""
+    if data.draw(st.booleans()):
+        path.write_text(data.draw(json_edit(text)))
+    else:
+        path.write_bytes(data.draw(byte_mutation(text.encode(), len(text))))
+
+
 @FUZZ
 @given(data=st.data())
 def test_fuzz_index(tiny, tmp_path_factory, data):
@@ -232,10 +240,7 @@ def test_fuzz_index(tiny, tmp_path_factory, data):
     shutil.copytree(tiny["sharded"], folder)
     index = folder / "model.safetensors.index.json"
     text = index.read_text()
-    if data.draw(st.booleans()):
-        index.write_text(data.draw(json_edit(text)))
-    else:
-        index.write_bytes(data.draw(byte_mutation(text.encode(), len(text))))
+    _mutate_json_file(data, index, text)
     out = work / "tv"
     rc, stdout, err = run_guarded_case(["extract", "--base", tiny["base"], "--finetuned", folder, "-o", out, "--quiet"])
     if rc == 2:
@@ -300,10 +305,7 @@ def test_fuzz_adapter_config(tiny, tmp_path_factory, data):
     _merge_inputs(tiny, work)
     config = work / "adapter" / "adapter_config.json"
     text = json.dumps(ADAPTER_CONFIG)
-    if data.draw(st.booleans()):
-        config.write_text(data.draw(json_edit(text)))
-    else:
-        config.write_bytes(data.draw(byte_mutation(text.encode(), len(text))))
+    _mutate_json_file(data, config, text)
     out = _merge_case(tiny, work, tally)
     if out is not None:
         try:
@@ -325,10 +327,7 @@ def test_fuzz_model_config(tiny, tmp_path_factory, data):
     _merge_inputs(tiny, work)
     config = work / "base" / "config.json"
     text = json.dumps(CONFIG)
-    if data.draw(st.booleans()):
-        config.write_text(data.draw(json_edit(text)))
-    else:
-        config.write_bytes(data.draw(byte_mutation(text.encode(), len(text))))
+    _mutate_json_file(data, config, text)
     out = _merge_case(tiny, work, tally)
     if out is not None:
         assert tensors_equal(load_folder(out), load_folder(tiny["reference_merge"]))

@@ -210,9 +210,9 @@ def _map_keys(adapter: Adapter) -> None:
             adapter.saved_layers.add(f"{module}.{param}")
 
 
-def _param_owner(adapter: Adapter, module: str):
-    """For target_parameters: the module path with its ParamWrapper nesting (`.base_layer` per extra parameter) kept,
-    when the unwrapped owner matches a target parameter's module part; else None (a plain LoRA module)."""
+def _register_param_owner(adapter: Adapter, module: str) -> None:
+    """For target_parameters: record the module path with its ParamWrapper nesting (`.base_layer` per extra
+    parameter) when the unwrapped owner matches a target parameter's module part (else it is a plain LoRA module)."""
     owner = module
     while owner.endswith(".base_layer"):
         owner = owner[: -len(".base_layer")]
@@ -221,8 +221,7 @@ def _param_owner(adapter: Adapter, module: str):
         if owner == target_module or owner.endswith("." + target_module) or not target_module:
             adapter.param_groups.setdefault(module, None)
             adapter.resolve_names = _resolve_target_parameters
-            return module
-    return None
+            return
 
 
 def _resolve_target_parameters(adapter: Adapter, base: Checkpoint) -> None:
@@ -246,7 +245,8 @@ def _resolve_target_parameters(adapter: Adapter, base: Checkpoint) -> None:
         for depth, nested in sorted(nests):
             a_key, b_key = adapter.param_groups[nested]
             a, b = adapter.tensors.entry(a_key).shape, adapter.tensors.entry(b_key).shape
-            fitting = [c for c in candidates if _param_fit(a, b, base.entry(c).shape, base.config) is not None]
+            kinds = {c: _param_fit(a, b, base.entry(c).shape, base.config) for c in candidates}
+            fitting = [c for c in candidates if kinds[c] is not None]
             if not fitting:
                 raise LoratvError(f"{adapter.tensors.path}: the target_parameters LoRA '{nested}' (A {list(a)}, B "
                                   f"{list(b)}) fits no parameter of '{owner}' in {base.path}.")
@@ -260,7 +260,7 @@ def _resolve_target_parameters(adapter: Adapter, base: Checkpoint) -> None:
                 raise LoratvError(f"{adapter.config_path}: parameter '{name}' has rank {r} in the file but "
                                   f"{configured} by the config's r/rank_pattern.")
             alpha = adapter.settings.alpha_for(name)
-            adapter.modules[name] = LoraModule(name, name, _param_fit(a, b, shape, base.config), a_key, b_key, r,
+            adapter.modules[name] = LoraModule(name, name, kinds[name], a_key, b_key, r,
                                                alpha, adapter.settings.scale(r, alpha))
     adapter.resolve_names = None
 
@@ -307,8 +307,8 @@ def _map_lora_keys(adapter: Adapter) -> None:
             }.get(part)
             if role is None:
                 raise LoratvError(f"{file}: tensor '{key}' is not a LoRA tensor loratv knows (lora_{part}).")
-            if adapter.settings.raw.get("target_parameters") and _param_owner(adapter, module) is not None:
-                module = _param_owner(adapter, module)  # `<owner>(.base_layer)*`: resolved against the base
+            if adapter.settings.raw.get("target_parameters"):
+                _register_param_owner(adapter, module)  # `<owner>(.base_layer)*`: resolved against the base later
             factors.setdefault(module, {})[role] = key
         else:
             adapter.replacements[name] = key

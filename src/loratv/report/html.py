@@ -248,6 +248,11 @@ def _raw(x) -> str:
     return "" if x is None else repr(float(x)) if isinstance(x, float) else str(x)
 
 
+def _field(row: dict, key: str, fmt) -> str:
+    """The numeric cell of row[key], shown through `fmt`."""
+    return _num_cell(row.get(key), fmt(row.get(key)))
+
+
 def _num_cell(x, shown: str) -> str:
     """A right-aligned cell that sorts on its exact value and shows it on hover."""
     raw = _raw(x)
@@ -522,13 +527,13 @@ def tensor_table(rec: dict, prefix: str, table_id: str) -> str:
             f'<td class="name"><code>{_e(t["name"])}</code></td>',
             _cat_cell(t["category"]),
             f"<td>{dtype}</td>",
-            _num_cell(t.get("parameters"), integer(t.get("parameters"))),
-            _num_cell(t.get("cosine"), cos(t.get("cosine"))),
-            _num_cell(t.get("max_abs_diff"), sci(t.get("max_abs_diff"))),
-            _num_cell(t.get("certificate_ratio"), sci(t.get("certificate_ratio"))),
-            _num_cell(t.get("max_error_ulps"), sci(t.get("max_error_ulps"))),
-            _num_cell(t.get("task_vector_norm"), sci(t.get("task_vector_norm"))),
-            _num_cell(t.get("lora_delta_norm"), sci(t.get("lora_delta_norm"))),
+            _field(t, "parameters", integer),
+            _field(t, "cosine", cos),
+            _field(t, "max_abs_diff", sci),
+            _field(t, "certificate_ratio", sci),
+            _field(t, "max_error_ulps", sci),
+            _field(t, "task_vector_norm", sci),
+            _field(t, "lora_delta_norm", sci),
         ]))
     counts = Counter(t["category"] for t in rec["tensors"])
     example = next((t["name"] for t in rec["tensors"] if t["layer"] is not None), "weight")
@@ -733,14 +738,14 @@ def _analysis_table(rec: dict) -> str:
         rank_text = DASH if rank is None else ("≥ " if sp.get("numerical_rank_is_lower_bound") else "") + f"{rank:,}"
         rows.append((f"an-t{i}", t["category"], [
             _num_cell(i, str(i)), f'<td class="name"><code>{_e(t["name"])}</code></td>', _cat_cell(t["category"]),
-            _num_cell(t.get("adapter_rank"), integer(t.get("adapter_rank"))),
+            _field(t, "adapter_rank", integer),
             _num_cell(rank, rank_text),
-            _num_cell(sp.get("stable_rank"), sci(sp.get("stable_rank"))),
-            _num_cell(sp.get("energy_in_top_r"), cos(sp.get("energy_in_top_r"))),
-            _num_cell(sp.get("column_space_max_angle_deg"), sci(sp.get("column_space_max_angle_deg"))),
-            _num_cell(t.get("cosine"), cos(t.get("cosine"))),
-            _num_cell(t.get("relative_residual"), sci(t.get("relative_residual"))),
-            _num_cell(t.get("max_residual_ulps"), sci(t.get("max_residual_ulps"))),
+            _field(sp, "stable_rank", sci),
+            _field(sp, "energy_in_top_r", cos),
+            _field(sp, "column_space_max_angle_deg", sci),
+            _field(t, "cosine", cos),
+            _field(t, "relative_residual", sci),
+            _field(t, "max_residual_ulps", sci),
         ]))
     counts = Counter(t["category"] for t in rec["tensors"])
     cats = {c: counts.get(c, 0) for c in ANALYSIS_CATEGORIES}
