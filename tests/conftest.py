@@ -45,3 +45,21 @@ def example_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("example") / "ex"
     assert main(["example", "-o", str(out)]) == 0
     return out
+
+
+BROWSER_TESTS = "tests/test_report_browser.py"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line when the browser tests were skipped, with the exact reason and how to run them: with `-q` a skip is
+    otherwise only an `s` in the progress line, and report.html would go untested in a real browser unnoticed."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if str(getattr(r, "nodeid", "")).replace("\\", "/").split("::")[0].endswith("test_report_browser.py")]
+    if not skipped:
+        return
+    longrepr = skipped[0].longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    reason = reason.removeprefix("Skipped: ").removeprefix("browser test: ")
+    terminalreporter.write_line(
+        f"loratv: {len(skipped)} browser tests of report.html skipped: {reason}; then run "
+        f"`python -m pytest {BROWSER_TESTS}` (docs/report.md).", yellow=True, bold=True)

@@ -61,6 +61,13 @@ def run_cli(capsys, *argv):
     return rc, cap.out, cap.err
 
 
+def run_json(capsys, *argv) -> dict:
+    """loratv.cli.main in-process with --json: the record it printed (exit code 0 asserted)."""
+    rc, out, err = run_cli(capsys, *argv, "--json")
+    assert rc == 0, err
+    return json.loads(out)
+
+
 def run_subprocess(argv, cwd, script=None, timeout=120):
     """`python -m loratv.cli ...` (or `python SCRIPT ...`) in a fresh interpreter: CompletedProcess."""
     head = [sys.executable, str(script)] if script else [sys.executable, "-m", "loratv.cli"]
@@ -97,6 +104,15 @@ def tree_digest(folder: Path) -> dict:
 
 
 # ---- writing inputs -----------------------------------------------------------------------------------------
+
+
+def write_model(folder: Path, tensors: dict) -> Path:
+    """A model folder holding `tensors` (NumPy arrays) as model.safetensors, written by safetensors itself."""
+    from safetensors.numpy import save_file as save_numpy
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_numpy(tensors, str(folder / "model.safetensors"))
+    return folder
 
 
 def write_raw_safetensors(path: Path, header, data: bytes = b"", header_len: int | None = None) -> Path:

@@ -155,23 +155,50 @@ class Page(HTMLParser):
 
 # ---------------------------------------------------------------- the browser
 
+APT_INSTALL = "apt-get install chromium chromium-driver"
+
+
+def _executable(env: str, names) -> tuple:
+    """(path, None) when found; (None, why) when not: $env names a missing file, or no name is on the PATH."""
+    given = os.environ.get(env)
+    if given:
+        if os.path.isfile(given) and os.access(given, os.X_OK):
+            return given, None
+        return None, f"${env}={given} is not an executable file"
+    found = next((shutil.which(n) for n in names if shutil.which(n)), None)
+    return (found, None) if found else (None, f"{names[0]} is not installed (not on the PATH)")
+
+
+def chromium_status():
+    """((browser, driver) paths, None) when the browser test can run, else (None, the exact reason in one line)."""
+    problems = []
+    if importlib.util.find_spec("selenium") is None:
+        problems.append("selenium is not installed (pip install -e '.[test]')")
+    browser, why_browser = _executable("LORATV_CHROMIUM", ("chromium", "chromium-browser", "google-chrome"))
+    driver, why_driver = _executable("LORATV_CHROMEDRIVER", ("chromedriver",))
+    missing = [w for w in (why_browser, why_driver) if w]
+    if missing:
+        present = ""
+        if len(missing) == 1:
+            present = f" (chromium is, at {browser})" if browser else f" (chromedriver is, at {driver})"
+        problems.append(" and ".join(missing) + present + f"; install with `{APT_INSTALL}`")
+    if problems:
+        return None, "; ".join(problems)
+    return (browser, driver), None
+
+
 def find_chromium():
     """(browser, driver) paths from $LORATV_CHROMIUM / $LORATV_CHROMEDRIVER or the PATH, else None."""
-    browser = os.environ.get("LORATV_CHROMIUM") or next(
-        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-    driver = os.environ.get("LORATV_CHROMEDRIVER") or shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
+    return chromium_status()[0]
 
 
 def require_chromium():
-    """Skip without a browser, unless in CI ($CI set), where a missing browser is a failure."""
-    found = find_chromium() if importlib.util.find_spec("selenium") else None
+    """Skip without a browser, saying exactly what is missing, unless in CI ($CI set), where it is a failure."""
+    found, reason = chromium_status()
     if found is None:
-        message = ("no chromium + chromedriver (apt-get install chromium chromium-driver) or no selenium "
-                   "(pip install -e '.[test]')")
         if os.environ.get("CI"):
-            pytest.fail(f"CI is set but the browser test cannot run: {message}")
-        pytest.skip(message)
+            pytest.fail(f"CI is set but the browser test cannot run: {reason}")
+        pytest.skip(f"browser test: {reason}")
     return found
 
 

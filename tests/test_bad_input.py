@@ -183,6 +183,33 @@ def test_inf_produced_by_the_merge_in_a_fresh_interpreter(ex, tmp_path):
     assert_nothing_at(out)
 
 
+def test_inf_in_the_base_names_the_base_shard(capsys, ex, tmp_path):
+    """A non-finite base value in a targeted tensor is blamed on the base file that holds it, not on an overflow."""
+    name = "model.layers.3.self_attn.k_proj.weight"
+    file = ex["base"] / "model.safetensors"
+    tensors = load_file(file)
+    tensors[name] = tensors[name].clone()
+    tensors[name][2, 1] = float("inf")
+    save_file(tensors, file, metadata={"format": "pt"})
+    for precision in ("auto", "fp16"):
+        out = tmp_path / f"out-{precision}"
+        line = merge_fails(capsys, ex, out, f"{file}: base tensor '{name}' contains NaN or Inf",
+                           extra=("--precision", precision))
+        assert "overflow" not in line, line
+        assert "adapter" not in line, line
+
+
+def test_overflow_of_finite_inputs_names_the_inputs_and_the_dtype(capsys, ex, tmp_path):
+    """Finite base and adapter whose product exceeds fp16's 65504: the inputs are cleared and the dtype named."""
+    key = f"{Q0}.lora_B.weight"
+    rewrite_adapter(ex["adapter"], lambda t: t.update({key: t[key] * 1e8}))
+    line = merge_fails(capsys, ex, tmp_path / "out", "model.layers.0.self_attn.q_proj.weight",
+                       "overflows float16", str(ex["base"] / "model.safetensors"),
+                       str(ex["adapter"] / "adapter_model.safetensors"), "are finite", "--precision fp32",
+                       extra=("--precision", "fp16"))
+    assert "contains NaN" not in line, line
+
+
 def test_the_same_adapter_merges_in_fp32(capsys, ex, tmp_path):
     """Control for the Inf case: the huge lora_B is finite in fp32, so only the fp16 cast overflows."""
     key = f"{Q0}.lora_B.weight"

@@ -50,7 +50,9 @@ def test_folder_with_model_safetensors(example, oracle):
     assert ckpt.format == "safetensors" and ckpt.index_file is None
     assert ckpt.files == [example["base"] / "model.safetensors"]
     assert ckpt.config["model_type"] == "starcoder2"
-    assert [p.name for p in ckpt.aux_files()] == ["config.json", "generation_config.json"]
+    assert [p.name for p in ckpt.aux_files()] == ["config.json", "generation_config.json", "merges.txt",
+                                                  "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+                                                  "vocab.json"]
     assert_agrees(ckpt, oracle)
 
 

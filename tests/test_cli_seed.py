@@ -5,6 +5,7 @@ import runpy
 import sys
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -40,10 +41,17 @@ def reference(example, tmp_path_factory):
 
 
 def test_merge_lora_script_defaults(reference, tmp_path):
-    """No flags: the embedded example, fp32, written to merged_model_fp32 in the working directory."""
+    """No flags: the embedded example, fp32, written to merged_model (the seed's documented default) in the working
+    directory; one line each says which base, adapter and device were used."""
     proc = run_subprocess([], cwd=tmp_path, script=MERGE)
     assert proc.returncode == 0, proc.stderr
-    out = tmp_path / "merged_model_fp32"
+    said = proc.stdout.splitlines()
+    assert any(line.startswith("base model: the embedded StarCoder2 miniature") and
+               "--base_model bigcode/starcoder2-3b downloads the real one" in line for line in said), said
+    assert any(line.startswith("LoRA adapter: the embedded example's") for line in said), said  # no checkpoint-40000/ here
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert any(line.startswith(f"device: {device} (") for line in said), said
+    out = tmp_path / "merged_model"
     assert tensors_equal(load_file(out / "model.safetensors"), load_file(reference / "merge-fp32" / "model.safetensors"))
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 

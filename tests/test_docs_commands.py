@@ -74,6 +74,35 @@ def parse_blocks(path: Path):
 
 
 BLOCKS = [b for doc in DOCS if doc.is_file() for b in parse_blocks(doc)]
+OUTPUT_FLAGS = ("-o", "--output", "--output_dir")
+
+
+def readme_outputs(text: str | None = None) -> set:
+    """The output paths that the README's "Set up and run" commands write. A reader runs those first, in the same
+    folder, so a runnable block must not write one of them without --force (it would fail with "already exists")."""
+    import shlex
+
+    text = (REPO / "README.md").read_text(encoding="utf-8") if text is None else text
+    section = re.search(r"^## Set up and run\n(.*?)(?=^## )", text, re.S | re.M)
+    text = section.group(1) if section else text
+    spans = re.findall(r"`([^`\n]+)`", text) + [line for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                                                  for line in block.splitlines()]
+    outputs = set()
+    for span in spans:
+        for part in re.split(r"&&|;|\|\|?", span):
+            try:
+                argv = shlex.split(part)
+            except ValueError:
+                continue
+            if not argv or not (argv[0] == "loratv" or (argv[0] == "python" and argv[1:2] and argv[1].endswith(".py"))):
+                continue
+            for flag, value in zip(argv, argv[1:]):
+                if flag in OUTPUT_FLAGS and not re.fullmatch(r"[A-Z_]+", value):  # OUT, DIR: placeholders
+                    outputs.add(value.rstrip("/"))
+    return outputs
+
+
+README_OUTPUTS = sorted(readme_outputs())
 
 
 def matches_in_order(expected, actual_lines):
@@ -96,6 +125,8 @@ def _run(block, example_root: Path):
     folder = Path(tempfile.mkdtemp(prefix="loratv-doc-"))
     try:
         shutil.copytree(example_root, folder / "ex")
+        for output in README_OUTPUTS:  # what the README's first commands left: a block must not clash with it
+            (folder / output).mkdir(parents=True, exist_ok=True)
         os.symlink(REPO / "examples", folder / "examples")
         for script in SEED_SCRIPTS:
             os.symlink(REPO / script, folder / script)
@@ -148,3 +179,49 @@ def test_the_output_matcher():
     assert matches_in_order(["a", "...", "c"], ["a", "b", "c"]) == []
     assert matches_in_order(["c", "a"], ["a", "b", "c"]) == ["a"]
     assert matches_in_order(["x"], ["a"]) == ["x"]
+
+
+def test_the_readme_outputs_are_found():
+    """The blocks run beside the README's outputs; this proves the parser finds them (else the check is empty)."""
+    assert {"validation_results", "precision_results"} <= set(README_OUTPUTS), README_OUTPUTS
+    sample = "## Set up and run\n```bash\nloratv validate -o first --force && loratv merge -o OUT\n```\n## Next\n`loratv x -o later`"
+    assert readme_outputs(sample) == {"first"}
+
+
+def test_no_reference_outside_the_repository():
+    """A clone stands on its own: no document or source file points into a sibling folder such as ../shared."""
+    files = DOCS + sorted((REPO / "src").rglob("*.py")) + sorted((REPO / "examples").rglob("*.py"))
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert "../shared" not in text, f"{path.relative_to(REPO)} refers to ../shared"
+        links = re.findall(r"\]\(([^)#\s]+)", text) if path.suffix == ".md" else []
+        for target in links:  # relative Markdown links resolve inside the repo
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            resolved = (path.parent / target).resolve()
+            assert REPO in resolved.parents or resolved == REPO, f"{path.relative_to(REPO)} links outside: {target}"
+            assert resolved.exists(), f"{path.relative_to(REPO)} links to a missing file: {target}"
+
+
+EXAMPLE_SCRIPT = REPO / "examples" / "check_cast_artifacts.py"
+
+
+@pytest.mark.parametrize("blocked", ["safetensors", "torch"])
+def test_example_script_needs_only_torch(blocked, tmp_path, example_dir):
+    """After `pip install -e .` (no safetensors): the script runs; without torch: one line, no traceback."""
+    import sys
+
+    from loratv.example import example_merged
+
+    runner = (f"import sys; sys.modules[{blocked!r}] = None; sys.argv = sys.argv[1:]; import runpy; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", runner, str(EXAMPLE_SCRIPT), str(example_dir / "base"),
+                           str(example_dir / "adapter"), str(example_merged("fp32"))],
+                          capture_output=True, text=True, timeout=120)
+    if blocked == "safetensors":
+        assert proc.returncode == 0, proc.stderr
+        assert "363 of 363 untargeted tensors are the base cast to float32, bit for bit" in proc.stdout
+    else:
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            "check_cast_artifacts.py: needs torch; install it with `pip install torch` (or `pip install -e .`)."]

@@ -1,6 +1,7 @@
 """`adapter_config.json` semantics: which adapters loratv merges, and each module's rank, alpha and scaling.
 
-Everything here follows PEFT (see ../shared/reference/peft-lora-format.md §1, §3.1, §3.4, §4.1). Where PEFT would
+Everything here follows PEFT (summarised in docs/peft-format.md §1 and §3, from PEFT's LoraConfig in
+src/peft/tuners/lora/config.py and get_pattern_key in src/peft/utils/other.py). Where PEFT would
 silently do something else (drop unknown keys, re-run an SVD), loratv refuses instead.
 """
 

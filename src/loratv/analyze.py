@@ -30,6 +30,7 @@ from .moments import QUANTILES, Moments, quantiles, ulp_histogram
 from .lowrank import Factors
 from .precision import merge_error_bound, ulp, unit_roundoff
 from .progress import progress_bar
+from .hub import available_locally
 from .spectrum import effective_rank, exact_spectrum, lora_spectrum, principal_angles, randomized_spectrum, stable_rank
 from .task_vector_input import open_task_vector, read_difference
 
@@ -269,9 +270,9 @@ def _open_inputs(base, adapter, lora_deltas, task_vector, finetuned):
     if (adapter is None) == (lora_deltas is None):
         raise LoratvError("analyze needs the LoRA side as one of --adapter (with --base) or --lora-deltas.")
     deltas_ckpt = DeltaFromFile(lora_deltas) if lora_deltas is not None else None
-    if base is None:  # the base named by the inputs' own records, when it is still there
+    if base is None:  # the base named by the inputs' own records, when it is still here (never a download)
         for recorded in (getattr(deltas_ckpt, "recorded_base", None), _tv_recorded_base(task_vector)):
-            if recorded and Path(recorded).exists():
+            if available_locally(recorded):
                 base = recorded
                 notes.append(f"base taken from the inputs' records: {recorded}")
                 break

@@ -4,12 +4,11 @@ Tensors are read one at a time (or by rows, or as raw bytes); nothing is loaded 
 """
 
 import os
-import re
 from pathlib import Path
 
 import torch
 
-from . import safe_json
+from . import hub, safe_json
 from . import safetensors_format as stf
 from .errors import LoratvError
 
@@ -17,46 +16,29 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-# files a hub download fetches: weights in safetensors form, configs, tokenizers
-HUB_ALLOW_PATTERNS = [
-    "*.safetensors",
-    "*.json",
-    "tokenizer*",
-    "*.model",
-    "*.tiktoken",
-    "merges.txt",
-    "vocab.txt",
-]
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 CONFIG_FIELD_TYPES = (("model_type", str, "a string"), ("tie_word_embeddings", bool, "true or false"),
                       ("torch_dtype", (str, type(None)), "a dtype name"), ("dtype", (str, type(None)), "a dtype name"))
 
 
 def resolve_path(source: str | os.PathLike) -> Path:
-    """A local path as given, or a hub id `org/name[@revision]` resolved through the Hugging Face cache."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    text = str(source)
-    if HUB_ID.match(text) and not text.startswith((".", "/")):
-        return _download(text)
-    raise LoratvError(f"{source}: no such file or directory.")
+    """A local path as given, or a hub id `org/name[@revision]` resolved through the Hugging Face cache.
+
+    Args:
+        source: a model folder, a weights file, or a hub id.
+
+    Returns:
+        The existing local path (for a hub id, its snapshot folder).
+
+    Raises:
+        LoratvError: a source that looks like a local path and does not exist (the hub is not asked), or a hub
+            download that failed, with its cause in words (hub.failure_reason).
+    """
+    return hub.resolve(source, _download)
 
 
 def _download(hub_id: str) -> Path:
-    repo_id, _, revision = hub_id.partition("@")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise LoratvError(f"{hub_id}: huggingface_hub is not installed, so hub ids cannot be resolved.") from None
-    try:
-        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_ALLOW_PATTERNS)
-    except Exception as exc:  # the hub client raises many types; all mean "not available"
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        how = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else type(exc).__name__
-        raise LoratvError(f"{hub_id}: not a local path and the hub download failed ({how}).") from None
-    return Path(folder)
+    return hub.snapshot(hub_id, hub.MODEL_FILE_PATTERNS)
 
 
 def _allowed_root(folder: Path) -> str:

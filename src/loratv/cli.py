@@ -126,11 +126,13 @@ def add_to_lora_arguments(p):
     from .to_lora import DEFAULT_RANK
 
     p.add_argument("--base", help="base model (needed with --finetuned; with --task-vector, to write full values of "
-                   "tensors a LoRA cannot hold and to recognise cast artifacts)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--finetuned", help="fine-tuned model; the task vector is computed on the fly")
+                   "tensors a LoRA cannot hold and to recognise cast artifacts) (default, with no model argument: the "
+                   "embedded example)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--finetuned", help="fine-tuned model; the task vector is computed on the fly (default, with "
+                        "no model argument: the embedded example merged in fp32)")
     source.add_argument("--task-vector", help="task vector folder (or .safetensors file) written by `loratv extract`")
-    p.add_argument("-o", "--output", required=True, help="adapter folder to write")
+    p.add_argument("-o", "--output", default="to_lora_adapter", help="adapter folder to write (default: to_lora_adapter)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--rank", type=int, help=f"the same rank for every module (default: {DEFAULT_RANK})")
     how.add_argument("--energy", type=float, help="per module, the smallest rank keeping this fraction of ‖T‖²_F, e.g. 0.99")
@@ -151,10 +153,12 @@ def add_to_lora_arguments(p):
 
 
 def add_convert_arguments(p):
-    p.add_argument("adapter", help="the LoRA to convert: a PEFT adapter folder, or a kohya / diffusers .safetensors file")
-    p.add_argument("-o", "--output", required=True,
-                   help="adapter folder to write (--to peft) or .safetensors file (--to kohya)")
-    p.add_argument("--to", required=True, choices=["peft", "kohya"], help="the format to write")
+    p.add_argument("adapter", nargs="?", help="the LoRA to convert: a PEFT adapter folder, or a kohya / diffusers "
+                   ".safetensors file (default: the embedded example's PEFT adapter, converted to kohya)")
+    p.add_argument("-o", "--output", help="adapter folder to write (--to peft) or .safetensors file (--to kohya) "
+                   "(default: converted_adapter.safetensors, or converted_adapter for --to peft)")
+    p.add_argument("--to", choices=["peft", "kohya"], help="the format to write (required with ADAPTER; default with "
+                   "no ADAPTER: kohya)")
     p.add_argument("--base", help="base model: maps kohya's flattened module names back (required for kohya files) "
                    "and checks every module's shape")
     add_adapter_name_flag(p)
@@ -218,6 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(p)
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("summarize", help="summarize a task vector with no adapter: tensors and parameters changed and "
+                       "stored, storage, norms per layer and module kind, sparsity, largest changes (--spectrum: ranks)")
+    p.add_argument("task_vector", nargs="?", metavar="TASK_VECTOR",
+                   help="task vector folder (or .safetensors file) written by `loratv extract` (default, with no "
+                        "--finetuned: the embedded example's fp32 merge minus its base, computed)")
+    p.add_argument("--base", help="base model: with TASK_VECTOR, adds relative changes ‖T‖/‖W‖, the model's totals "
+                   "and the rounding floor of --spectrum; required with --finetuned")
+    p.add_argument("--finetuned", help="fine-tuned model; the task vector is computed on the fly, streaming")
+    p.add_argument("--spectrum", action="store_true", help="for each changed matrix: leading singular values, "
+                   "numerical rank (threshold stated), stable and effective rank")
+    p.add_argument("--top", type=int, default=10, help="how many of the largest changes to list (default: 10)")
+    p.add_argument("-o", "--output", help="write OUT/task_vector_summary.json and .txt (default: write nothing)")
+    p.add_argument("--json", action="store_true", help="print the summary record (JSON) instead of the text")
+    add_output_flags(p)
+    p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("diff", help="compare a base and a fine-tuned model with no adapter: every tensor unchanged, "
+                       "cast-artifact or changed, with max |Δ|, relative change and ulps")
+    p.add_argument("--base", help="base model (default: the embedded example's base)")
+    p.add_argument("--finetuned", help="fine-tuned model (default: the embedded example merged in fp16)")
+    p.add_argument("--top", type=int, default=10, help="how many of the largest changes to list (default: 10)")
+    p.add_argument("-o", "--output", help="write OUT/parameter_changes.json and .txt (default: write nothing)")
+    p.add_argument("--json", action="store_true", help="print the record (JSON) instead of the text")
+    add_output_flags(p)
+    p.set_defaults(func=cmd_diff)
+
     p = sub.add_parser("inspect", help="describe a model or adapter from its headers alone (or a model from its "
                        "config.json alone)")
     p.add_argument("path", nargs="?", help="model folder/file, hub id, adapter folder, or a config.json (or a folder "
@@ -233,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=_comma_ints, metavar="R1,R2,...",
                    help="for a model: the LoRA ranks to count stored parameters for, r*(m+n) per module (default "
                         "with --lora-targets: 8)")
+    p.add_argument("--keys", action="store_true", help="for an adapter: dump every stored key (shape, dtype, numel) "
+                   "and per module its rank, alpha, applied scaling, orientation and (with --base) the base tensor")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_inspect)
 
@@ -248,6 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="output folder of loratv merge or extract (holds loratv_manifest.json)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("structure", help="the architecture picture: a layers x module-kinds grid of the model's "
+                       "tensors, each marked by whether the adapter targets it and the task vector changes it")
+    p.add_argument("model", nargs="?", help="the base model: folder, .safetensors/.bin file or hub id (default, with "
+                   "no other argument: the embedded example with its adapter and its fp32 merge)")
+    p.add_argument("--adapter", help="PEFT (or kohya/diffusers) LoRA adapter: its targets, from the headers")
+    add_adapter_name_flag(p)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--task-vector", help="task vector folder (or .safetensors file) written by `loratv extract`: "
+                        "its changed tensors, from task_vector.json")
+    source.add_argument("--finetuned", help="fine-tuned model: every tensor compared with the base, streamed")
+    p.add_argument("-o", "--output", default="model_structure", help="output folder for model_structure.png, .html "
+                   "and .json (default: model_structure)")
+    p.add_argument("--json", action="store_true", help="print the structure record (JSON) instead of the summary")
+    add_output_flags(p)
+    p.set_defaults(func=cmd_structure)
 
     p = sub.add_parser("example", help="write the embedded StarCoder2 miniature and its LoRA adapter")
     p.add_argument("-o", "--output", required=True, help="folder to create (holds base/ and adapter/)")
@@ -293,7 +341,7 @@ def cmd_extract(args) -> int:
                      force=args.force, progress=not args.quiet)
     if not args.quiet:
         print(result.summary())
-        print(f"wrote {args.output}/task_vector.safetensors and {args.output}/task_vector.json")
+        print(f"wrote {os.path.join(args.output, 'task_vector.safetensors')} and {os.path.join(args.output, 'task_vector.json')}")
     return 0
 
 
@@ -304,6 +352,11 @@ def _command_line() -> str:
     program = os.path.basename(sys.argv[0])
     head = f"python {program}" if program in SEED_SCRIPTS else "loratv"
     return f"{head} {shlex.join(sys.argv[1:])}"
+
+
+def _folder(path) -> str:
+    """A folder as printed: its name with one trailing slash, however it was typed."""
+    return str(path).rstrip("/") + "/"
 
 
 def _verdict_exit(record) -> int:
@@ -329,7 +382,7 @@ def cmd_compare(args) -> int:
                          device=args.device, deltas_path=tmp / DELTAS_FILE, progress=not args.quiet and not args.json,
                          command=_command_line())
         write_comparison_files(record, tmp, plots=not args.no_plots)
-    _print_record(args, record, f"wrote {args.output}/")
+    _print_record(args, record, f"wrote {_folder(args.output)}")
     return _verdict_exit(record)
 
 
@@ -352,7 +405,7 @@ def cmd_validate(args) -> int:
     record = validate(base, adapter, args.output, precision=args.precision, tolerance=args.tolerance,
                       device=args.device, plots=not args.no_plots, force=args.force,
                       progress=not args.quiet and not args.json, command=_command_line())
-    _print_record(args, record, f"wrote {args.output}/ (merged model, task vector, comparison report and plots)")
+    _print_record(args, record, f"wrote {_folder(args.output)} (merged model, task vector, comparison report and plots)")
     return _verdict_exit(record)
 
 
@@ -373,7 +426,7 @@ def cmd_precision(args) -> int:
         sys.stdout.write(dump_json(study))
     elif not args.quiet:
         print(render_precision_text(study), end="")
-        print(f"wrote {args.output}/")
+        print(f"wrote {_folder(args.output)}")
     return 0
 
 
@@ -395,7 +448,7 @@ def cmd_analyze(args) -> int:
         sys.stdout.write(dump_json(record))
     elif not args.quiet:
         print(render_analysis_summary(record, verbose=args.verbose), end="")
-        print(f"wrote {args.output}/ (analysis_report.md, analysis_results.json" + ("" if args.no_plots else ", plots") + ")")
+        print(f"wrote {_folder(args.output)} (analysis_report.md, analysis_results.json" + ("" if args.no_plots else ", plots") + ")")
     return 0
 
 
@@ -404,6 +457,12 @@ def cmd_to_lora(args) -> int:
     from .results import dump_json
     from .to_lora import FIDELITY_FILE, Criterion, to_lora
 
+    if args.base is None and args.finetuned is None and args.task_vector is None:  # the README's promise: the example
+        from .example import example_merged, example_paths
+
+        args.base, args.finetuned = example_paths()["base"], example_merged("fp32")
+    elif args.finetuned is None and args.task_vector is None:
+        raise LoratvError("to-lora needs --finetuned or --task-vector (or no model argument, for the embedded example).")
     criterion = Criterion(rank=args.rank, energy=args.energy, max_error=args.max_error, max_rank=args.max_rank)
     record = to_lora(args.output, base=args.base, finetuned=args.finetuned, task_vector=args.task_vector,
                      criterion=criterion, include=args.include, exclude=args.exclude,
@@ -414,13 +473,21 @@ def cmd_to_lora(args) -> int:
         sys.stdout.write(dump_json(record))
     elif not args.quiet:
         print(render_to_lora_text(record), end="")
-        print(f"wrote {args.output}/ (PEFT adapter and {FIDELITY_FILE})")
+        print(f"wrote {_folder(args.output)} (PEFT adapter and {FIDELITY_FILE})")
     return 0
 
 
 def cmd_convert(args) -> int:
     from .convert import convert
 
+    if args.adapter is None:  # the README's promise: no model argument converts the example's PEFT adapter
+        from .example import example_paths
+
+        args.adapter, args.to = example_paths()["adapter"], args.to or "kohya"
+    elif args.to is None:
+        raise LoratvError("convert ADAPTER needs --to peft or --to kohya.")
+    if args.output is None:
+        args.output = "converted_adapter" + (".safetensors" if args.to == "kohya" else "")
     record = convert(args.adapter, args.output, to=args.to, base=args.base, force=args.force)
     if args.json:
         print(json.dumps(record, indent=2))
@@ -452,6 +519,8 @@ def cmd_inspect(args) -> int:
     from .example import example_paths
     from .inspect import describe, render_text
 
+    if getattr(args, "keys", False):
+        return cmd_inspect_keys(args)
     lora = dict(lora_targets=args.lora_targets, lora_ranks=args.lora_rank)
     if args.path is None:
         paths = example_paths()
@@ -463,6 +532,95 @@ def cmd_inspect(args) -> int:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
     else:
         print("\n\n".join(render_text(r) for r in reports))
+    return 0
+
+
+def cmd_structure(args) -> int:
+    from .example import example_merged, example_paths
+    from .results import dump_json
+    from .structure import render_summary, write_structure
+
+    model, adapter, task_vector, finetuned = args.model, args.adapter, args.task_vector, args.finetuned
+    if all(x is None for x in (model, adapter, task_vector, finetuned)):
+        paths = example_paths()
+        model, adapter, finetuned = paths["base"], paths["adapter"], example_merged("fp32")
+    elif model is None:
+        raise LoratvError("structure needs the MODEL (or no arguments at all, for the embedded example).")
+    record = write_structure(args.output, model, adapter=adapter, task_vector=task_vector, finetuned=finetuned,
+                             force=args.force, progress=not args.quiet and not args.json)
+    if args.json:
+        sys.stdout.write(dump_json(record))
+    elif not args.quiet:
+        print(render_summary(record))
+        print(f"wrote {_folder(args.output)} (model_structure.png, model_structure.html, model_structure.json)")
+    return 0
+
+
+def cmd_inspect_keys(args) -> int:
+    from .adapter_keys import describe_adapter_keys, render_keys_text
+    from .example import example_paths
+
+    if args.config_only or args.lora_targets is not None or args.lora_rank is not None:
+        raise LoratvError("--keys dumps an adapter's stored keys; it does not combine with --config-only, "
+                          "--lora-targets or --lora-rank.")
+    path, base = args.path, args.base
+    if path is None:
+        paths = example_paths()
+        path, base = paths["adapter"], base or paths["base"]
+    report = describe_adapter_keys(path, base)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_keys_text(report))
+    return 0
+
+
+def cmd_summarize(args) -> int:
+    from .example import example_merged, example_paths
+    from .report.changes_text import render_summary_text
+    from .results import dump_json
+    from .task_vector_summary import RESULTS_FILE, summarize_task_vector, write_summary
+
+    base, task_vector, finetuned = args.base, args.task_vector, args.finetuned
+    if base is None and task_vector is None and finetuned is None:
+        base, finetuned = example_paths()["base"], example_merged("fp32")
+    kwargs = dict(task_vector=task_vector, base=base, finetuned=finetuned, spectrum=args.spectrum, top=args.top,
+                  command=_command_line())
+    if args.output:
+        record = write_summary(args.output, force=args.force, **kwargs)
+    else:
+        record = summarize_task_vector(**kwargs)
+    if args.json:
+        sys.stdout.write(dump_json(record))
+    elif not args.quiet:
+        print(render_summary_text(record), end="")
+        if args.output:
+            print(f"wrote {os.path.join(args.output, RESULTS_FILE)} and the text report beside it")
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from .example import example_merged, example_paths
+    from .model_diff import RESULTS_FILE, diff_models, write_diff
+    from .report.changes_text import render_diff_text
+    from .results import dump_json
+
+    if args.base is None and args.finetuned is None:
+        base, finetuned = example_paths()["base"], example_merged("fp16")
+    elif args.base is None or args.finetuned is None:
+        raise LoratvError("diff needs both --base and --finetuned (or neither, for the embedded example).")
+    else:
+        base, finetuned = args.base, args.finetuned
+    if args.output:
+        record = write_diff(args.output, base, finetuned, force=args.force, top=args.top, command=_command_line())
+    else:
+        record = diff_models(base, finetuned, top=args.top, command=_command_line())
+    if args.json:
+        sys.stdout.write(dump_json(record))
+    elif not args.quiet:
+        print(render_diff_text(record), end="")
+        if args.output:
+            print(f"wrote {os.path.join(args.output, RESULTS_FILE)} and the text report beside it")
     return 0
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .example_tokenizer import write_tokenizer_files
 from .outputs import atomic_output_dir, shared_cache_lock
 from .safetensors_format import SafetensorsWriter
 
-EXAMPLE_VERSION = 1
+EXAMPLE_VERSION = 2  # 2: tokenizer files in base/ and adapter/
 SEED = 20240229  # StarCoder2's release date
 HIDDEN = 64
 INTERMEDIATE = 256
@@ -113,6 +114,7 @@ def write_base(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(CONFIG, indent=2, sort_keys=True) + "\n")
     generation = {"bos_token_id": 0, "eos_token_id": 0}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_tokenizer_files(folder, VOCAB, CONFIG["max_position_embeddings"])
 
 
 def adapter_config() -> dict:
@@ -161,6 +163,7 @@ def write_adapter(folder: Path) -> None:
         writer.add(name, tensor)
     writer.close()
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config(), indent=2, sort_keys=True) + "\n")
+    write_tokenizer_files(folder, VOCAB, CONFIG["max_position_embeddings"])  # a trainer's checkpoint folder saves the tokenizer beside the adapter
 
 
 def cache_dir() -> Path:
@@ -171,7 +174,10 @@ def cache_dir() -> Path:
 
 
 def write_example(out, *, force: bool = False) -> Path:
-    """`loratv example -o DIR`: DIR/base (the model) and DIR/adapter (the LoRA)."""
+    """`loratv example -o DIR`: DIR/base (the model) and DIR/adapter (the LoRA), each with the tokenizer files.
+
+    DIR/adapter is byte for byte the repository's checkpoint-40000/, the seed study's example checkpoint.
+    """
     with atomic_output_dir(out, force=force) as tmp:
         (tmp / "base").mkdir()
         (tmp / "adapter").mkdir()

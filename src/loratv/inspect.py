@@ -2,13 +2,13 @@
 
 import json
 import math
-import os
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from .adapter import CONFIG_NAME, bind, load_adapter
-from .checkpoint import HUB_ID, Checkpoint, resolve_path
+from . import hub
+from .checkpoint import Checkpoint, resolve_path
 from .errors import LoratvError
 
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -156,10 +156,7 @@ def _read_config(source):
     if path.is_dir():
         path = path / "config.json"
     elif not path.exists():
-        text = str(source)
-        if not (HUB_ID.match(text) and not text.startswith((".", "/"))):
-            raise LoratvError(f"{source}: no such file or directory.")
-        path = _download_config(text)
+        path = hub.resolve(source, _download_config)
     if not path.is_file():
         raise LoratvError(f"{path}: no such file (a config-only inspect reads config.json).")
     try:
@@ -173,15 +170,7 @@ def _read_config(source):
 
 
 def _download_config(hub_id: str) -> Path:
-    repo_id, _, revision = hub_id.partition("@")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(repo_id, "config.json", revision=revision or None))
-    except Exception as exc:  # the hub client raises many types; all mean "not available"
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        how = "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else type(exc).__name__
-        raise LoratvError(f"{hub_id}: not a local path and its config.json could not be fetched ({how}).") from None
+    return hub.single_file(hub_id, "config.json")
 
 
 def describe_config(source) -> dict:

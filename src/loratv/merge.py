@@ -150,7 +150,7 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_bas
         if origin == "adapter":
             tied_dtype = base.entry(_tie_anchor(base, plan, name)).torch_dtype
             value = adapter.factor(key).to(tied_dtype).to(out_dtype)
-            _write_checked(writer, value, name)
+            _write_checked(writer, value, name, _Sources(None, None, adapter, [key]))
             result.added.append(name)
             return
         source_name = key
@@ -169,7 +169,8 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_bas
         return
     if not touched:
         for start, stop in row_chunks(entry.shape, 4):
-            _write_checked(writer, base.read_rows(source_name, start, stop).to(out_dtype), name)
+            _write_checked(writer, base.read_rows(source_name, start, stop).to(out_dtype), name,
+                           _Sources(base, source_name, None, []))
         result.cast += 1
         return
 
@@ -180,12 +181,17 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_bas
         replaced_full = token_replacement(adapter, base, name)
     else:
         replaced_full = adapter.factor(replacement) if replacement else None
+    # where a non-finite merged value can come from: the base tensor (unless replaced whole) and the adapter keys
+    sources = _Sources(base if replaced_full is None or replacement == TOKEN_ROWS else None, source_name, adapter,
+                       _adapter_keys(modules, bias_module, replacement))
     if any(isinstance(m, TunerModule) for m in modules):
-        _write_tuner(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first)
+        _write_tuner(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first,
+                     sources)
         result.merged.append(name)
         return
     if any(m.magnitude_key for m in modules):
-        _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first)
+        _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first,
+                    sources)
         result.merged.append(name)
         if replacement:
             result.replaced.append(name)
@@ -202,21 +208,21 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_bas
                 w += delta_rows(adapter, module, start, stop, compute, dev, factor_dtype=out_dtype).to(out_dtype)
             if bias_module is not None:
                 w += rows_of(bias_delta(adapter, bias_module, compute, dev), start, stop).to(out_dtype)
-            _write_checked(writer, w.cpu(), name)
+            _write_checked(writer, w.cpu(), name, sources)
             continue
         w = w.to(device=dev, dtype=compute)
         for module in modules:
             w += delta_rows(adapter, module, start, stop, compute, dev)
         if bias_module is not None:
             w += rows_of(bias_delta(adapter, bias_module, compute, dev), start, stop)
-        _write_checked(writer, w.to(out_dtype).cpu(), name)
+        _write_checked(writer, w.to(out_dtype).cpu(), name, sources)
     if modules or bias_module is not None:
         result.merged.append(name)
     if replacement:
         result.replaced.append(name)
 
 
-def _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first):
+def _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first, sources):
     """A DoRA module's tensor, whole (its norms run along the input axis, which for Conv1D and Embedding crosses rows),
     computed as PEFT does in the compute dtype and rounded once."""
     from .adapter import dora_merge
@@ -232,10 +238,10 @@ def _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, comp
     delta = delta_rows(adapter, module, 0, entry.shape[0], compute, dev)
     magnitude = adapter.factor(module.magnitude_key).to(device=dev, dtype=compute)
     merged = dora_merge(w, delta, magnitude, module.kind)
-    _write_checked(writer, merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu(), spec.name)
+    _write_checked(writer, merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu(), spec.name, sources)
 
 
-def _write_tuner(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first):
+def _write_tuner(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first, sources):
     """A LoHa/LoKr/AdaLoRA/VeRA/IA³/OFT module's tensor, whole, in PEFT's order of operations in the compute dtype,
     rounded once to the output dtype (PEFT's merge adds or multiplies in the promoted dtype, then stores)."""
     name = adapter.settings.tuner_name
@@ -246,14 +252,65 @@ def _write_tuner(spec, entry, base, adapter, modules, replaced_full, writer, com
         raise LoratvError(f"{adapter.config_path}: --cast-base-first is defined for LoRA only, not {name}.")
     w = base.read(entry.name).to(device=dev, dtype=compute)
     merged = merged_value(adapter, modules[0], w)
-    _write_checked(writer, merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu(), spec.name)
+    _write_checked(writer, merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu(), spec.name, sources)
 
 
-def _write_checked(writer, tensor: torch.Tensor, name: str):
+@dataclass
+class _Sources:
+    """The inputs of one merged tensor, to name the one that holds a NaN or Inf (or to clear them all)."""
+
+    base: Checkpoint | None  # None when the base tensor does not enter the value (replaced whole)
+    base_name: str | None
+    adapter: object | None  # an adapter.Adapter
+    adapter_keys: list
+
+
+def _adapter_keys(modules, bias_module, replacement) -> list:
+    """Every adapter tensor a merged tensor reads: LoRA factors, bias, magnitude, tuner tensors, a saved copy."""
+    keys = []
+    for m in modules:
+        if isinstance(m, TunerModule):
+            keys.extend(k for k in m.keys.values() if isinstance(k, str))
+        else:
+            keys.extend(k for k in (m.a_key, m.b_key, m.bias_key, m.magnitude_key) if k)
+    if bias_module is not None and bias_module.bias_key:
+        keys.append(bias_module.bias_key)
+    if replacement and replacement != TOKEN_ROWS:
+        keys.append(replacement)
+    return keys
+
+
+def _nonfinite_error(name: str, dtype: torch.dtype, sources: _Sources | None) -> LoratvError:
+    """Why merged tensor `name` holds a NaN or Inf: the input file that holds one, or, when every input is finite,
+    an overflow of the output dtype. Inputs are re-read only on this failure path."""
+    if sources is not None and sources.base is not None and sources.base_name in sources.base:
+        entry = sources.base.entry(sources.base_name)
+        for start, stop in row_chunks(entry.shape, entry.element_size):
+            if not dtypes.all_finite(sources.base.read_rows(sources.base_name, start, stop)):
+                return LoratvError(f"{entry.file}: base tensor '{sources.base_name}' contains NaN or Inf, so the "
+                                   f"merged tensor '{name}' is undefined; nothing was written.")
+    where = []
+    if sources is not None and sources.adapter is not None:
+        files = []
+        for key in sources.adapter_keys:
+            sources.adapter.factor(key)  # raises, naming the adapter file, for a non-finite factor
+            file = str(sources.adapter.tensors.entry(key).file)
+            if file not in files:
+                files.append(file)
+        where += files
+    if sources is not None and sources.base is not None and sources.base_name in sources.base:
+        where.insert(0, str(sources.base.entry(sources.base_name).file))
+    shown = str(dtype).removeprefix("torch.")
+    inputs = f"its inputs ({', '.join(where)}) are finite" if where else "its inputs are finite"
+    return LoratvError(f"merged tensor '{name}' overflows {shown} to Inf: {inputs}, but the merged value exceeds the largest "
+                       f"{shown} number ({torch.finfo(dtype).max:.5g}); merge with --precision fp32 or bf16 (nothing "
+                       "was written).")
+
+
+def _write_checked(writer, tensor: torch.Tensor, name: str, sources: _Sources | None = None):
+    """Write one merged chunk, refusing a NaN or Inf with the input that holds it (or the overflow) named."""
     if not dtypes.all_finite(tensor):
-        raise LoratvError(
-            f"merged tensor '{name}' contains NaN or Inf (an overflow in the output dtype, or a non-finite input); nothing was written."
-        )
+        raise _nonfinite_error(name, tensor.dtype, sources)
     from .safetensors_format import tensor_to_bytes
 
     writer.write(tensor_to_bytes(tensor))

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -205,12 +206,62 @@ def _write_failure(out, exc: BaseException, tmp: Path):
     return None
 
 
+def make_parents(out, out_real: Path) -> list[Path]:
+    """Create the missing folders above an output, saying so in one line on stderr (as `mkdir -p` would, but not
+    silently: a typo in -o should be visible), and return them, deepest first, so a failed run can remove them.
+
+    Args:
+        out: the output path as the user gave it (shown in the note).
+        out_real: its resolved form.
+
+    Returns:
+        The folders created, deepest first (empty when the parent already existed).
+
+    Raises:
+        LoratvError: a parent cannot be created (a file in the way, no permission, a read-only file system).
+    """
+    parent = out_real.parent
+    missing = []
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    if not missing:
+        return []
+    shown = Path(out).expanduser().parent
+    try:
+        out_real.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LoratvError(f"{out}: its parent folder {shown} cannot be created ({exc.strerror or exc}); nothing was "
+                          "written.") from None
+    print(f"loratv: note: created missing parent folder {shown}", file=sys.stderr)
+    return missing
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Undo make_parents after a failed run: remove the folders it made, deepest first, if still empty."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 @contextmanager
 def _atomic(out, inputs, force: bool, tmp_name, check):
     out_real = _real(out)
     _refuse_overlap(out, out_real, inputs)
     check(out_real)
-    out_real.parent.mkdir(parents=True, exist_ok=True)
+    created = make_parents(out, out_real)
+    try:
+        with _locked_atomic(out, out_real, tmp_name, check) as tmp:
+            yield tmp
+    except BaseException:
+        _remove_created(created)
+        raise
+
+
+@contextmanager
+def _locked_atomic(out, out_real: Path, tmp_name, check):
     with _output_lock(out_real, out) as locked:
         check(out_real)  # again under the lock: another run may have finished it meanwhile
         _remove_stale(out_real, locked)

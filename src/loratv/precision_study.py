@@ -118,19 +118,19 @@ def compare_task_vector_pair(fp16_dir, fp32_dir, base=None) -> dict:
     merge rounded to fp16" when base + T16 == fp16(base + T32), bit for bit.
     """
     import math
-    from pathlib import Path
 
     import torch
 
     from .checkpoint import Checkpoint
     from .errors import LoratvError
     from .precision import cast_difference
+    from .hub import available_locally
     from .task_vector_input import StoredTaskVector
 
     half, full = StoredTaskVector(fp16_dir), StoredTaskVector(fp32_dir)
     base_source = base or half.recorded_base
     base_ckpt = None
-    if base_source is not None and (base is not None or Path(str(base_source)).exists()):
+    if base_source is not None and (base is not None or available_locally(base_source)):
         base_ckpt = Checkpoint(base_source, label=f"base {base_source}")
         half.check_against(base_ckpt)
         full.check_against(base_ckpt)
@@ -188,7 +188,8 @@ def _changed_names(tv) -> list:
     return [n for n in tv.tensors.names() if bool(torch.count_nonzero(tv.tensors.read(n)))]
 
 
-def render_pair_text(pair: dict) -> str:
+def render_pair_text(pair: dict, storage_flag: str = "loratv extract --storage-dtype fp64") -> str:
+    """The quick precision test as text; `storage_flag` is how the reader's front end re-extracts exactly."""
     lines = [
         f"fp16 task vector {pair['fp16_dir']}: {pair['fp16_changed_tensors']} tensors changed",
         f"fp32 task vector {pair['fp32_dir']}: {pair['fp32_changed_tensors']} tensors changed",
@@ -215,6 +216,6 @@ def render_pair_text(pair: dict) -> str:
         if pair["shared_undecided"]:
             lines.append(
                 f"  {pair['shared_undecided']} undecided: their task vectors were rounded when stored (float32 could not "
-                "hold the exact difference); extract with --storage-dtype fp64 to decide them"
+                f"hold the exact difference); re-extract with `{storage_flag}` to decide them"
             )
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """PEFT tuners other than LoRA whose merge is computable from the adapter file: LoHa, LoKr, AdaLoRA, VeRA, IA³, OFT.
 
-Formulas and key layouts: ../shared/reference/peft-lora-format.md §5. Each module's merged weight is computed whole,
+Formulas and key layouts: docs/peft-format.md §4 (from each tuner's layer.py in huggingface/peft's
+src/peft/tuners/). Each module's merged weight is computed whole,
 in PEFT's order of operations, so the merge is bit-identical to merge_and_unload. For compare the same expression is
 evaluated in float64 and on absolute values (docs/math.md §12): a program of +, × and division by a constant that
 rounds at most N times along any path from an input to an output satisfies |computed − exact| ≤ γ_N(u)·(the program

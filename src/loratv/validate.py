@@ -9,19 +9,6 @@ from .outputs import atomic_output_dir
 from .results import write_comparison_files
 
 
-def is_validation_output(folder) -> bool:
-    """Whether `folder` holds a previous `loratv validate` output (which final_validation.py may replace)."""
-    import json
-
-    results = Path(folder) / "comparison_results.json"
-    try:
-        return json.loads(results.read_text(encoding="utf-8")).get("schema") == "loratv.comparison" and any(
-            Path(folder).glob("merged_model_*")
-        )
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def validate(
     base,
     adapter,

@@ -133,15 +133,23 @@ def _spectra_figure(record):
         if relative:
             ax.axhline(1.0, color="#000000", linestyle=":", linewidth=1, label="rounding-noise floor φ")
         ax.set(title=kind, xlabel="index i", ylabel="σ_i(T) / φ (log)" if relative else "σ_i(T) / σ_1 (log)")
-        ax.legend(fontsize=6, frameon=False, loc="upper right")
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
     if not rows:
         _empty(axes.flat[0], "no spectra (run analyze --spectrum)")
     more = f" (first {MAX_PANELS} of {len(kinds)} kinds)" if len(kinds) > MAX_PANELS else ""
     fig.suptitle(f"Leading singular values of the task vector per tensor, coloured by layer (viridis: first → last){more}")
-    fig.tight_layout()
-    return fig, {"panels": len(shown), "lines": lines}
+    # one legend for the figure, below the panels: inside an axes it covered the floor line or the spectra it names
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    legend = None
+    if handles:
+        legend = fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles),
+                            fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight() if handles else 0, 1, 1))
+    return fig, {"panels": len(shown), "lines": lines, "legend": legend}
 
 
 def _rank_figure(record):

@@ -28,7 +28,10 @@ def _summary_lines(record) -> list[str]:
     ]
     if s["max_residual_ulps"] is not None:
         lines.append(f"Largest |T − ΔW|: {_g(s['max_residual_ulps'])} ulps of the stored weight.")
-    if record.get("spectrum"):
+    if record.get("spectrum") and record["inputs"].get("base") is None:
+        lines.append(f"Spectra of {s['spectra']} two-dimensional tensors: singular values only; numerical ranks need "
+                     "the base model's rounding-noise floor (pass the base).")
+    elif record.get("spectrum"):
         lines.append(
             f"Spectra of {s['spectra']} two-dimensional tensors: numerical rank above the rounding-noise floor equals "
             f"the adapter's r for {s['numerical_rank_equals_adapter_rank']} of {s['with_adapter_rank']} targeted "

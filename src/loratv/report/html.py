@@ -893,6 +893,29 @@ def _title(records: Records) -> str:
     return "loratv report: analysis"
 
 
+def page_head(title_html: str, extra_css: str = "") -> str:
+    """A self-contained page's opening up to </head>: the CSP that forbids any network load, and the report's CSS.
+
+    Args:
+        title_html: the page title, already escaped.
+        extra_css: CSS added after the report's own.
+
+    Returns:
+        The HTML text from <!DOCTYPE html> to </head>.
+    """
+    css = CSS + ("\n" + extra_css if extra_css else "")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="loratv {_e(__version__)}">
+<title>{title_html}</title>
+<style>{css}</style>
+</head>"""
+
+
 def render_report(records: Records, images: dict) -> str:
     """The whole page, from the records and the PNG bytes (file name -> bytes) alone."""
     sections = []
@@ -909,16 +932,7 @@ def render_report(records: Records, images: dict) -> str:
     sources += [f"{name}/{COMPARISON_FILE}" for name in records.paths]
     body = "\n".join(f"<section aria-labelledby=\"{_e(ident)}\">{content}</section>" for ident, _, content in sections)
     title = _title(records)
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="loratv {_e(__version__)}">
-<title>{_e(title)}</title>
-<style>{CSS}</style>
-</head>
+    return f"""{page_head(_e(title))}
 <body>
 <header>
 <h1>{_e(title)}</h1>

@@ -58,6 +58,78 @@ def _label_ticks(ax, axis: str, labels) -> None:
         ax.set_yticks(positions, shown, fontsize=size)
 
 
+# mantissas of log-axis ticks, finest first: the finest set that needs at most LOG_TICKS ticks is used
+LOG_MANTISSAS = ((1, 1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8, 9), (1, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8),
+                 (1, 2, 3, 4, 5, 6, 8), (1, 2, 5), (1, 3), (1,))
+LOG_TICKS = 8
+
+
+def _tick_text(value: float) -> str:
+    """m×10^e in mathtext (10^e alone for a power of ten), as matplotlib's own log labels look."""
+    exponent = math.floor(math.log10(value) + 1e-9)
+    mantissa = round(value / 10.0 ** exponent, 6)
+    if mantissa >= 10:
+        mantissa, exponent = round(mantissa / 10, 6), exponent + 1
+    power = f"10^{{{exponent}}}"
+    return f"${power}$" if mantissa == 1 else f"${mantissa:g}\\times{power}$"
+
+
+def log_ticks_covering(lo: float, hi: float) -> list[float]:
+    """Ticks m·10^e for a log axis whose first is ≤ lo and last ≥ hi, so that the labels span the data.
+
+    Matplotlib's default log axis labels only decades (plus minor ticks within about one decade), so data from
+    6.9e-7 to 1.4e-6 show one label, 1e-6, and the reader cannot tell how far the points reach.
+
+    Args:
+        lo: the smallest value drawn (> 0).
+        hi: the largest value drawn (≥ lo).
+
+    Returns:
+        Increasing tick values, at most LOG_TICKS of them where the range allows (whole decades beyond that).
+    """
+    lo, hi = float(lo), float(hi)
+    if not (lo > 0 and math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"log ticks need positive finite bounds, not {lo}, {hi}")
+    hi = max(hi, lo)
+    first, last = math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1
+    for mantissas in LOG_MANTISSAS:
+        values = sorted({round(m * 10.0 ** e, 12 - e) for e in range(first, last + 1) for m in mantissas})
+        below = max(v for v in values if v <= lo * (1 + 1e-12))
+        above = min(v for v in values if v >= hi * (1 - 1e-12))
+        ticks = [v for v in values if below <= v <= above]
+        if len(ticks) <= LOG_TICKS:
+            return ticks if len(ticks) > 1 else [below / 10, above] if below == above else ticks
+    # many decades: every step-th power of ten, the last one at or above hi
+    e0, e1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    step = max(1, math.ceil((e1 - e0) / (LOG_TICKS - 1)))
+    return [10.0 ** (e0 + k * step) for k in range(math.ceil((e1 - e0) / step) + 1)]
+
+
+def cover_log_axis(ax, axis: str, values) -> list[float]:
+    """Put a log axis's limits at ticks just outside the data, every tick labelled, no unlabelled minor ticks.
+
+    Args:
+        ax: the matplotlib axes.
+        axis: "x" or "y".
+        values: the values drawn along that axis (positive).
+
+    Returns:
+        The ticks set, first ≤ min(values) and last ≥ max(values).
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    values = np.asarray(values, dtype=float)
+    ticks = log_ticks_covering(float(values.min()), float(values.max()))
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_major_formatter(FuncFormatter(lambda v, _pos: _tick_text(v) if v > 0 else ""))
+    target.set_minor_locator(NullLocator())
+    pad = (ticks[-1] / ticks[0]) ** 0.03  # a little room beyond the end ticks, so no marker is cut in half
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(ticks[0] / pad, ticks[-1] * pad)
+    return ticks
+
+
 def _empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#555555")
 
@@ -66,7 +138,9 @@ def _log_bins(values, n: int = 40):
     lo, hi = min(values), max(values)
     if lo == hi:  # one value: a decade either side so the bar has width
         lo, hi = lo / 10, hi * 10
-    return np.logspace(math.log10(lo), math.log10(hi), n + 1)
+    edges = np.logspace(math.log10(lo), math.log10(hi), n + 1)
+    edges[0], edges[-1] = lo, hi  # 10**log10(x) can round past x and drop the extreme values from the histogram
+    return edges
 
 
 def _grid(tensors):
@@ -95,18 +169,19 @@ def _cosine_figure(record):
     left.set(xlabel="tensor index in base order", ylabel=floor_label,
              title=f"Task vector vs LoRA delta: 1 − cosine per shared tensor ({len(points)})")
     right.set(xlabel=floor_label, ylabel="shared tensors (count)", title="Distribution of 1 − cosine")
+    ticks = []
     if points:
-        left.set_yscale("log")
+        ticks = cover_log_axis(left, "y", shown)  # the labels must reach the data's min and max
         right.hist(shown, bins=_log_bins(shown), color=COLOURS["shared"])
-        right.set_xscale("log")
-        right.tick_params(axis="x", which="both", labelrotation=35)  # within one decade minor ticks get labels too
+        cover_log_axis(right, "x", shown)
+        right.tick_params(axis="x", which="both", labelrotation=35)
         left.legend(title="module kind", loc="upper left", bbox_to_anchor=(0, -0.12),
                     ncol=min(4, len(kinds)), fontsize=7, frameon=False)
     else:
         _empty(left, "no shared tensors")
         _empty(right, "no shared tensors")
     fig.tight_layout()
-    return fig, {"points": len(points), "kinds": kinds, "clipped": int((gaps <= FLOOR).sum())}
+    return fig, {"points": len(points), "kinds": kinds, "clipped": int((gaps <= FLOOR).sum()), "ticks": ticks}
 
 
 def _norm_figure(record):
