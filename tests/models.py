@@ -99,24 +99,26 @@ def build_adapter(base: Path, folder: Path, seed: int = 1, dtype=None, save_kwar
     return Path(folder)
 
 
-def peft_model(base, adapter, dtype=None):
-    """The unmerged PeftModel (the reference forward pass)."""
+def peft_model(base, adapter, dtype=None, autocast_adapter_dtype: bool = True):
+    """The unmerged PeftModel (the reference forward pass); autocast_adapter_dtype is PEFT's own parameter (True:
+    a 16-bit model's adapter is upcast to fp32, False: it stays in the model's dtype)."""
     import warnings
 
     from peft import PeftModel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return PeftModel.from_pretrained(load_model(base, dtype), adapter).eval()
+        return PeftModel.from_pretrained(load_model(base, dtype), adapter,
+                                         autocast_adapter_dtype=autocast_adapter_dtype).eval()
 
 
-def peft_merged_state(base, adapter, dtype=None) -> dict:
-    """Oracle: PEFT's own merge_and_unload (default, unsafe merge) state dict."""
+def peft_merged_state(base, adapter, dtype=None, autocast_adapter_dtype: bool = True) -> dict:
+    """Oracle: PEFT's own merge_and_unload (default, unsafe merge) state dict, the model loaded in `dtype`."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        merged = peft_model(base, adapter, dtype).merge_and_unload()
+        merged = peft_model(base, adapter, dtype, autocast_adapter_dtype).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 

@@ -15,6 +15,7 @@ import torch
 
 from helpers_io import run_cli
 from loratv.architectures import config_tensors
+from loratv.errors import LoratvError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "configs"
@@ -177,15 +178,16 @@ def test_lora_footprint_of_starcoder2_3b(capsys):
 
 
 def test_refusals(capsys, tmp_path):
-    config = tmp_path / "mixtral.json"
-    config.write_text(json.dumps({"model_type": "mixtral", "hidden_size": 8}))
+    # any model_type transformers knows is inspected (tests/test_meta_model.py); others are refused by name
+    config = tmp_path / "custom.json"
+    config.write_text(json.dumps({"model_type": "my-custom-lm", "hidden_size": 8}))
     rc, out, err = run_cli(capsys, "inspect", config)
-    assert rc == 2 and "mixtral" in err and "starcoder2" in err and len(err.splitlines()) == 1
+    assert rc == 2 and "my-custom-lm" in err and str(config) in err and len(err.splitlines()) == 1
 
-    missing = tmp_path / "missing.json"
-    missing.write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2}))
-    rc, out, err = run_cli(capsys, "inspect", missing)
-    assert rc == 2 and "'intermediate_size'" in err and str(missing) in err
+    # the hand-written rules still require their shape keys (transformers would take its class defaults)
+    missing = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2}
+    with pytest.raises(LoratvError, match="'intermediate_size'"):
+        config_tensors(missing, "missing.json")
 
     rc, out, err = run_cli(capsys, "inspect", CONFIGS / "llama-3-8b.json", "--lora-targets", "c_attn")
     assert rc == 2 and "matches no weight matrix" in err

@@ -45,6 +45,8 @@ class LoraModule:
     scale: float
     bias_key: str | None = None  # lora_B.bias, added (times scale) to the module's bias
     magnitude_key: str | None = None  # DoRA: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, norms along the input axis
+    # layouts.Piece: the base stores this module's (fused, in-memory) parameter in pieces; ΔW is this piece's slice
+    piece: object = None
 
 
 @dataclass
@@ -63,6 +65,8 @@ class Adapter:
     resolve_names: object = None
     # target_parameters: `<owner>(.base_layer)*` -> (A key, B key), each the LoRA of one raw parameter of the owner
     param_groups: dict = field(default_factory=dict)
+    # delta_rows: the whole s·B@A of the module being merged, kept across its row chunks (see delta_rows)
+    products: dict = field(default_factory=dict, repr=False)
 
     @property
     def source(self) -> str:
@@ -210,12 +214,32 @@ def _map_keys(adapter: Adapter) -> None:
             adapter.saved_layers.add(f"{module}.{param}")
 
 
+def _targeted_module(raw: dict, name: str) -> bool:
+    """Whether `target_modules` names module `name` (PEFT's check_target_module_exists: a string is a full-match
+    regex, a list matches the name or a dotted suffix of it)."""
+    import re
+
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):
+        try:
+            return re.fullmatch(targets, name) is not None
+        except re.error:
+            return False
+    return any(name == t or name.endswith("." + t) for t in targets or ())
+
+
 def _register_param_owner(adapter: Adapter, module: str) -> None:
     """For target_parameters: record the module path with its ParamWrapper nesting (`.base_layer` per extra
-    parameter) when the unwrapped owner matches a target parameter's module part (else it is a plain LoRA module)."""
+    parameter) when it is a ParamWrapper: nested, or not a target_modules LoRA and its owner can hold a target.
+
+    PEFT's _inject_parameters matches `<owner>.<param>` against each target exactly or by a dotted suffix, so a
+    bare target (`gate_up_proj`, as PEFT's all-linear conversion writes for transformers-5 MoE models) fits any
+    owner; which modules are plain LoRA modules then follows from target_modules, as PEFT injected those first."""
     owner = module
     while owner.endswith(".base_layer"):
         owner = owner[: -len(".base_layer")]
+    if owner == module and _targeted_module(adapter.settings.raw, module):
+        return  # a LoRA on the module's weight (target_modules), not on a raw parameter
     for target in adapter.settings.raw["target_parameters"]:
         target_module = target.rpartition(".")[0]
         if owner == target_module or owner.endswith("." + target_module) or not target_module:
@@ -239,9 +263,13 @@ def _resolve_target_parameters(adapter: Adapter, base: Checkpoint) -> None:
         candidates = sorted(n for n in base.names() if n.rpartition(".")[0] == owner and any(
             n == t or n.endswith("." + t) for t in targets))
         if not candidates:
-            raise LoratvError(f"{base.path}: stores no parameter of '{owner}' named by target_parameters {targets} "
-                              f"(a checkpoint that stores experts one by one, '{owner}.0.w1.weight', is not the "
-                              "fused layout the adapter was trained on).")
+            from .layouts import per_expert_example
+
+            example = per_expert_example(base, owner)
+            one_by_one = (f" (it stores the experts one by one, '{example}': not the fused layout the adapter was "
+                          "trained on)") if example else ""
+            raise LoratvError(f"{base.path}: stores no parameter of '{owner}' named by target_parameters "
+                              f"{targets}{one_by_one}.")
         for depth, nested in sorted(nests):
             a_key, b_key = adapter.param_groups[nested]
             a, b = adapter.tensors.entry(a_key).shape, adapter.tensors.entry(b_key).shape
@@ -282,6 +310,19 @@ def _param_fit(a, b, shape, config):
     return {swapped: "experts", transposed: "experts_t"}.get(tuple(shape))
 
 
+# LoRA variants whose saved extra tensors only shape training: (config field, key infix). PEFT's merge_unsafe of
+# VeloraLinearVariant and MontecloraLinearVariant (peft/tuners/lora/variants.py) adds the plain Linear get_delta_weight,
+# s·B@A; VeLoRA's `lora_velora_embed` (its activation-compression projection) and MonteCLoRA's
+# `lora_monteclora_sampler.*` (its Monte Carlo perturbation of A during training) are never read by the merge.
+TRAINING_ONLY_TENSORS = (("velora_config", ".lora_velora_embed"), ("monteclora_config", ".lora_monteclora_sampler."))
+
+
+def _training_only(adapter: Adapter, name: str) -> bool:
+    """Whether adapter tensor `name` is a training-time tensor of a LoRA variant the config enables."""
+    raw = adapter.settings.raw
+    return any(raw.get(field) and infix in name for field, infix in TRAINING_ONLY_TENSORS)
+
+
 def _map_lora_keys(adapter: Adapter) -> None:
     file = adapter.tensors.path
     factors: dict[str, dict] = {}
@@ -297,6 +338,8 @@ def _map_lora_keys(adapter: Adapter) -> None:
         if name.endswith(".token_adapter.trainable_tokens_delta"):
             module = name[: -len(".token_adapter.trainable_tokens_delta")]
             adapter.token_rows[module + ".weight"] = (key, _token_indices(adapter, module, key))
+            continue
+        if _training_only(adapter, name):
             continue
         if ".lora_" in name:
             module, _, part = name.rpartition(".lora_")
@@ -331,6 +374,12 @@ def _map_lora_keys(adapter: Adapter) -> None:
             raise LoratvError(f"{file}: module '{module}' has LoRA factors of shapes {list(a_shape)} and "
                               f"{list(b_shape)}, which are neither a Linear/Conv1D/Embedding nor a ConvNd LoRA.")
         r = a_shape[0]
+        if conv and b_shape[1] != r and b_shape[1] and r % b_shape[1] == 0:
+            # PEFT builds lora_B with the base's groups, (out, r/groups, 1, …), and its _ConvNd.merge raises
+            # NotImplementedError for groups > 1: say so before any rank check would blame the ranks
+            raise LoratvError(f"{file}: module '{module}' is a LoRA on a grouped convolution (groups = "
+                              f"{r // b_shape[1]}: lora_B stores {b_shape[1]} of rank {r} per group); PEFT refuses to "
+                              "merge LoRA on groups > 1 convolutions, and so does loratv.")
         if b_shape[1] != r:
             raise LoratvError(f"{file}: module '{module}': lora_A has rank {r} but lora_B has {b_shape[1]} columns.")
         if module in adapter.param_groups:
@@ -379,6 +428,12 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
         method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
         raise LoratvError(f"{base.path}: the base is quantized (quant_method {method}); an adapter trained on it saw "
                           "dequantized weights, so no merge from the file is exact: give the unquantized base.")
+    if adapter.resolve_names in (None, _resolve_target_parameters):  # names final: the base's layout may differ
+        from .layouts import layout_for
+
+        layout = layout_for(adapter, base)
+        if layout is not None:  # transformers-5 in-memory names on an on-disk checkpoint
+            return layout.bind(adapter, bind)
     if adapter.resolve_names is not None:
         adapter.resolve_names(adapter, base)
     tied = config.get("tie_word_embeddings", True)
@@ -402,6 +457,9 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
         if partner is not None:
             notes.append(f"{target} is tied to {partner}: its LoRA delta is merged into {partner}, which stays tied.")
             target = partner
+        copies = 1
+        if target not in base and adapter.settings.peft_type == "LORA":
+            target, copies = _multihead_attention_target(adapter, module, base, target)
         if target not in base:
             raise LoratvError(
                 f"{adapter.tensors.path}: module '{module.module}' targets '{module.target}', which the base model {base.path} lacks."
@@ -413,7 +471,7 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
             deltas.setdefault(target, []).append(module)
             continue
         module.kind = _orientation(module, adapter, base.entry(target).shape, model_type)
-        deltas.setdefault(target, []).append(module)
+        deltas.setdefault(target, []).extend([module] * copies)
         if module.magnitude_key is not None:
             _check_magnitude(adapter, module, base.entry(target).shape)
         if module.bias_key:
@@ -464,23 +522,90 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
     return MergePlan(deltas, replacements, adapter.bias_additions(), new_tensors, untied, notes)
 
 
+def _multihead_attention_target(adapter: Adapter, module: LoraModule, base: Checkpoint, target: str):
+    """Where a LoRA on an `nn.MultiheadAttention` lands, as PEFT's lora.MultiheadAttention merges it.
+
+    PEFT (peft/tuners/lora/layer.py, MultiheadAttention) adapts the fused `in_proj_weight` with the module's own
+    factors (`<mha>.lora_A/B`, B of 3·embed rows) and `out_proj` with a nested Linear LoRA saved as
+    `<mha>.base_layer.out_proj.lora_A/B`. Its `merge` adds the out_proj delta to the weight and then calls
+    `out_proj.merge`, which adds it again; its forward merges the same way, so the model PEFT trains and serves holds
+    W_out + ΔW + ΔW, and merge_and_unload writes exactly that. loratv adds the out_proj delta twice, in that order.
+
+    Args:
+        adapter: the adapter.
+        module: a LoRA module whose `<module>.weight` the base lacks.
+        base: the base checkpoint.
+        target: the base tensor name tried so far.
+
+    Returns:
+        (base tensor name, how many times the delta is added): the input `target` and 1 when the module is not on a
+        MultiheadAttention.
+
+    Raises:
+        LoratvError: DoRA or lora_bias on a MultiheadAttention (PEFT builds neither there).
+    """
+    name = module.module
+    if name.endswith(".base_layer.out_proj"):
+        owner = name[: -len(".base_layer.out_proj")]
+        found, copies = owner + ".out_proj.weight", 2
+    else:
+        owner, found, copies = name, name + ".in_proj_weight", 1
+    if owner + ".in_proj_weight" not in base or found not in base:
+        return target, 1
+    if module.magnitude_key is not None or module.bias_key is not None:
+        raise LoratvError(f"{adapter.tensors.path}: module '{name}' is on the MultiheadAttention '{owner}' with DoRA or "
+                          "lora_bias, which PEFT's MultiheadAttention LoRA does not build; loratv does not merge it.")
+    return found, copies
+
+
 def _bind_tuner(adapter, module, base, target, model_type, deltas) -> None:
     """A LoHa/LoKr/AdaLoRA/VeRA/IA³/OFT module: orientation from fan_in_fan_out (PEFT forces it for Conv1D), shapes
     checked; IA³ also scales the bias of a non-feedforward module."""
     from .tuners import check_fits, ia3_bias_module
 
-    leaf = module.module.rsplit(".", 1)[-1]
-    conv1d = adapter.settings.fan_in_fan_out or (model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_MODULES)
     shape = tuple(base.entry(target).shape)
     if len(shape) > 2:
         module.kind = "conv"
+    elif module.peft_type in ("LOHA", "LOKR"):
+        module.kind = "linear"  # PEFT reshapes their delta to the stored weight whatever its layout
     else:
-        module.kind = "conv1d" if conv1d and module.peft_type not in ("LOHA", "LOKR") else "linear"
+        module.kind = _tuner_orientation(adapter, module, shape, model_type)
     check_fits(adapter, module, shape)
     deltas.setdefault(target, []).append(module)
     bias = module.module + ".bias"
     if module.peft_type == "IA3" and not module.options["feedforward"] and bias in base:
         deltas.setdefault(bias, []).append(ia3_bias_module(module))
+
+
+def _tuner_orientation(adapter, module, shape, model_type) -> str:
+    """"linear" (out, in) or "conv1d" (in, out) for an AdaLoRA/VeRA/IA³/OFT module on a 2-D weight, layer by layer.
+
+    The saved `fan_in_fan_out` cannot decide: PEFT switches it per layer while it builds the model (ia3/model.py
+    `_create_new_module`: True for a Conv1D, False for a Linear) and saves the value the last layer left, so a model
+    mixing Conv1D and Linear layers (GPT-2's `c_attn` and its `lm_head`/`score` head) saves one flag for both kinds.
+    So: GPT-2-family Conv1D modules are Conv1D; otherwise the orientation the adapter's shapes fit; only when both fit
+    (a square weight) does the flag decide, outside the GPT-2 family.
+    """
+    from .tuners import check_fits
+
+    leaf = module.module.rsplit(".", 1)[-1]
+    if model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_MODULES:
+        return "conv1d"
+    fitting = []
+    for kind in ("linear", "conv1d"):
+        # OFT refuses Conv1D outright; its fit is that of the transposed weight, so a refusal stays a refusal
+        oft_conv1d = kind == "conv1d" and module.peft_type == "OFT"
+        module.kind = "linear" if oft_conv1d else kind
+        try:
+            check_fits(adapter, module, shape[::-1] if oft_conv1d else shape)
+            fitting.append(kind)
+        except LoratvError:
+            pass
+    if len(fitting) == 1:
+        return fitting[0]
+    if model_type in CONV1D_MODEL_TYPES:
+        return "linear"
+    return "conv1d" if adapter.settings.fan_in_fan_out else "linear"  # none fits: check_fits says why
 
 
 def refuse_non_lora(adapter: "Adapter", command: str) -> None:
@@ -566,25 +691,60 @@ def _orientation(module: LoraModule, adapter: Adapter, shape, model_type) -> str
 
 
 def delta_rows(adapter: Adapter, module: LoraModule, start: int, stop: int, dtype, device, factor_dtype=None) -> torch.Tensor:
-    """Rows [start, stop) of ΔW in the stored orientation of the base tensor, computed as PEFT does: (B@A)·s.
+    """Rows [start, stop) of ΔW in the stored orientation of the base tensor, computed as PEFT does.
 
-    `factor_dtype` first rounds the factors to that dtype, as loading the adapter into a model of that dtype does.
+    PEFT's get_delta_weight (peft/tuners/lora/layer.py: Linear, Embedding, _ConvNd) evaluates `B @ A` whole and then
+    transposes it for Conv1D (fan_in_fan_out) and Embedding. The BLAS picks its kernel, and with it the order in which
+    each length-r dot product is summed, from the operands' shapes and layout: `Aᵀ @ Bᵀ`, or `B @ A` on a block of
+    rows or columns, is not bit-identical to the whole `B @ A` (measured with MKL: narrow embeddings differ in up to
+    half their elements, and row or column blocks whose size leaves a small remainder differ too). So the product is
+    formed whole, in PEFT's operand order, once per module and dtype; row chunks are views of it, and it is dropped
+    when its last row has been handed out (the merge reads every tensor to its end). Memory: one tensor the size of
+    the base tensor, in `dtype`.
+
+    Args:
+        adapter: the adapter holding the factors.
+        module: the LoRA module (its `kind` already resolved by `bind`).
+        start: first stored row.
+        stop: one past the last stored row.
+        dtype: the dtype the product is computed in.
+        device: the device it is computed on.
+        factor_dtype: when given, the factors are first rounded to it, as loading the adapter into a model of that
+            dtype does.
+
+    Returns:
+        The rows (a view of a cached tensor for Linear/Conv1D/Embedding: read it, do not modify it).
     """
+    if getattr(module, "piece", None) is not None:  # one on-disk piece of a fused parameter (layouts.py)
+        from .layouts import piece_rows
+
+        return piece_rows(adapter, module, start, stop, dtype, device, factor_dtype)
+    if module.kind in ("experts", "experts_t"):  # rows are experts: one GEMM per expert, the same alone or batched
+        a, b = _factors(adapter, module, dtype, device, factor_dtype)
+        return expert_delta(a, b, module.r, module.scale, module.kind, start, stop)
+    key = (module.module, module.a_key, module.kind, dtype, str(device), factor_dtype)
+    product = adapter.products.get(key)
+    if product is None:
+        a, b = _factors(adapter, module, dtype, device, factor_dtype)
+        if module.kind == "conv":
+            product = conv_delta(a, b, module.scale)
+        else:  # `* s` in place after the product: the same rounding as PEFT's `* scaling`, one allocation fewer
+            product = (b @ a).mul_(module.scale)
+            if module.kind != "linear":  # conv1d, stored (in, out), and embedding (V, D): ΔW = (s·B@A)ᵀ
+                product = product.T
+        adapter.products[key] = product
+    if stop >= product.shape[0]:
+        adapter.products.pop(key, None)
+    return product[start:stop]
+
+
+def _factors(adapter: Adapter, module: LoraModule, dtype, device, factor_dtype):
+    """(A, B) in `dtype` on `device`, rounded to `factor_dtype` first when given."""
     a = adapter.factor(module.a_key)
     b = adapter.factor(module.b_key)
     if factor_dtype is not None:
         a, b = a.to(factor_dtype), b.to(factor_dtype)
-    a = a.to(device=device, dtype=dtype)
-    b = b.to(device=device, dtype=dtype)
-    if module.kind == "conv":
-        return conv_delta(a, b, module.scale)[start:stop]
-    if module.kind in ("experts", "experts_t"):  # rows are experts: PEFT's ParamWrapper einsum on a slice of them
-        return expert_delta(a, b, module.r, module.scale, module.kind, start, stop)
-    if module.kind == "linear":
-        product = b[start:stop] @ a
-    else:  # conv1d, stored (in, out), and embedding, ΔW = (B_e @ A_e)ᵀ·s: rows are input features / token ids
-        product = a[:, start:stop].T @ b.T
-    return product.mul_(module.scale)  # in place: the same rounding as `* s`, one allocation fewer
+    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
 
 
 def expert_delta(a, b, r: int, scale: float, kind: str, start: int, stop: int) -> torch.Tensor:

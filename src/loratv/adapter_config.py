@@ -52,7 +52,9 @@ OTHER_TUNERS = {
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # (config field, value that is harmless, why a merge from the file alone is impossible or not yet supported)
 REFUSED_FIELDS = [
-    ("use_bdlora", None, "block-diagonal LoRA (use_bdlora) is not supported yet"),
+    ("use_bdlora", None, "block-diagonal LoRA (BD-LoRA, use_bdlora) is not merged by loratv: its lora_A or lora_B "
+                         "stores only the diagonal blocks, which PEFT's BdLoraLinearVariant expands with block_diag "
+                         "and whose delta it rounds to the base dtype before adding; loratv does not rebuild either"),
     ("alora_invocation_tokens", None, "aLoRA adapters cannot be merged (PEFT refuses too)"),
     ("arrow_config", None, "Arrow routing adapters cannot be merged"),
     ("kasa_config", None, "KaSA truncates the base weight by SVD, so the merge needs more than the adapter file"),

@@ -79,7 +79,7 @@ def describe_adapter_keys(source, base=None) -> dict:
     """
     from pathlib import Path
 
-    from .adapter import bind, load_adapter
+    from .adapter import OUTPUT_EMBEDDING_NAMES, bind, load_adapter
 
     report = describe_adapter(source, base)  # the summary inspect prints, and the same recorded-base default
     adapter = load_adapter(source)
@@ -119,11 +119,20 @@ def describe_adapter_keys(source, base=None) -> dict:
             "target": m.target,
         }
         if base_ckpt is not None:
-            target = next((n for n, ms in plan.deltas.items() if m in ms), m.target)
+            # a module's delta may land under another name: a tied partner, or transformers' on-disk name or
+            # pieces (layouts.py: the plan holds one copy of the module per piece)
+            hits = [n for n, ms in plan.deltas.items()
+                    if any(x is m or (getattr(x, "piece", None) is not None and x.module == m.module) for x in ms)]
+            target = hits[0] if hits else m.target
             e = base_ckpt.entry(target)
             entry["base_tensor"] = {"name": target, "shape": list(e.shape), "dtype": e.dtype, "numel": e.numel}
-            if target != m.target:
+            if len(hits) > 1:
+                entry["base_tensor"]["note"] = (f"{m.target} is stored in {len(hits)} pieces on disk "
+                                                f"(transformers' layout): {hits[0]}, …, {hits[-1]}")
+            elif target != m.target and m.target.endswith(OUTPUT_EMBEDDING_NAMES):
                 entry["base_tensor"]["note"] = f"{m.target} is tied to {target}"
+            elif target != m.target:
+                entry["base_tensor"]["note"] = f"{m.target} is stored as {target} on disk (transformers' layout)"
         modules.append({**summary.get(m.module, {}), **entry})
     for nested, pair in adapter.param_groups.items():  # target_parameters left unresolved (no base)
         for role, key in zip(("lora_A", "lora_B"), pair or ()):

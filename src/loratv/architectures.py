@@ -2,9 +2,11 @@
 
 One function per architecture family writes the state dict that transformers' `*ForCausalLM` saves for that
 config: the same names in the same order, the same shapes, buffers left out (none of these families has a
-persistent one) and a tied `lm_head` left out (save_pretrained stores only the embedding). Missing optional keys
-take the defaults of the family's transformers config class, written out here because loratv never imports
-transformers at run time; the shape-defining keys are required. tests/test_architectures.py checks every family
+persistent one) and a tied `lm_head` left out (save_pretrained stores only the embedding). With transformers
+installed, meta_model.py answers for every architecture instead; these formulas are what explains the figures of
+docs/starcoder2-architecture.md, and the fallback without transformers (tests/test_meta_model.py checks that both
+agree on the configs the docs quote). Missing optional keys take the defaults of the family's transformers config
+class, written out here; the shape-defining keys are required. tests/test_architectures.py checks every family
 against transformers instantiating the same config on the meta device, and against models saved by transformers.
 """
 

@@ -56,8 +56,14 @@ def add_merge_arguments(p):
     p.add_argument("--max-shard-size", type=_size, default=None,
                    help="split output shards at this many bytes, e.g. 5GB (default: keep the base's shard layout)")
     p.add_argument("--cast-base-first", action="store_true",
-                   help="reproduce PEFT on a model loaded in --precision: base and adapter rounded to it, the delta "
-                        "rounded to it, the sum rounded in it (rounds up to three times; for precision studies)")
+                   help="reproduce PEFT's merge_and_unload on a model loaded in --precision d (default settings): the "
+                        "base rounded to d, the adapter kept in fp32, each delta computed in fp32 and added in place "
+                        "(sum in fp32, rounded to d; an embedding's delta is rounded to d first): rounds twice or "
+                        "three times; for precision studies")
+    p.add_argument("--no-autocast-adapter-dtype", action="store_true",
+                   help="with --cast-base-first: PEFT with autocast_adapter_dtype=False instead, the adapter's "
+                        "factors rounded to d too, the delta computed from them in fp32 (PEFT's CPU arithmetic) and "
+                        "rounded to d, the sum rounded in d")
     add_output_flags(p)
 
 
@@ -198,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_and_adapter(p)
     p.add_argument("-o", "--output", default="precision_results", help="output folder (default: precision_results)")
     p.add_argument("--paths", nargs="+", default=None, metavar="PATH",
-                   help="merge paths to run (default: fp32 fp16 bf16 fp16-cast-first bf16-cast-first; "
-                        "without the cast-first paths for DoRA and non-LoRA tuners)")
+                   help="merge paths to run, of fp32 fp16 bf16 fp16-cast-first bf16-cast-first fp16-cast-all "
+                        "bf16-cast-all (cast-first: PEFT on a model loaded in fp16/bf16, adapter kept in fp32; "
+                        "cast-all: the same with autocast_adapter_dtype=False, adapter rounded too). Default: the "
+                        "first five; for DoRA and non-LoRA tuners the first three")
     p.add_argument("--keep-merged", action="store_true", help="keep each path's merged model (deleted after extraction by default)")
     add_device_flag(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plot")
@@ -255,11 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="for an adapter: the base model, to count the tensors it touches")
     add_adapter_name_flag(p)
     p.add_argument("--config-only", action="store_true", help="read only the model's config.json and compute every "
-                   "tensor's name and shape from it (starcoder2, llama, mistral, qwen2, gpt2); a hub id fetches "
-                   "config.json alone")
+                   "saved tensor's name, shape and dtype from it (any architecture transformers knows, built on the "
+                   "meta device; without the loratv[transformers] extra: starcoder2, llama, mistral, qwen2, gpt2); "
+                   "a hub id fetches config.json alone")
     p.add_argument("--lora-targets", type=_comma_list, metavar="M1,M2,...",
                    help="for a model: what a LoRA on these modules would touch and store (default with --lora-rank: "
-                        "q_proj,k_proj,v_proj,o_proj; 'all-linear' for every weight matrix but embeddings and head)")
+                        "q_proj,k_proj,v_proj,o_proj, or PEFT's defaults for a model type outside the five "
+                        "hand-written families; 'all-linear' for every linear weight but embeddings and head)")
     p.add_argument("--lora-rank", type=_comma_ints, metavar="R1,R2,...",
                    help="for a model: the LoRA ranks to count stored parameters for, r*(m+n) per module (default "
                         "with --lora-targets: 8)")
@@ -319,6 +329,7 @@ def cmd_merge(args) -> int:
     out = args.output or f"merged_model_{args.precision}"
     result = merge(base, adapter, out, precision=args.precision, compute_dtype=args.compute_dtype, device=args.device,
                    max_shard_size=args.max_shard_size, cast_base_first=getattr(args, "cast_base_first", False),
+                   autocast_adapter_dtype=not getattr(args, "no_autocast_adapter_dtype", False),
                    force=args.force, progress=not args.quiet)
     if not args.quiet:
         for note in result.notes:

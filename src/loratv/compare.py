@@ -21,6 +21,7 @@ from .dora import DoraTerms, dora_terms
 from .errors import LoratvError
 from .inspect import LAYER
 from .lowrank import ExpertFactors, Factors, InnerProduct, norm_sq
+from .layouts import piece_factors
 from .merge import resolve_device
 from .precision import FLOAT_DTYPES, compute_dtype_for, gamma, merge_error_bound, ulp, unit_roundoff
 from .progress import progress_bar
@@ -99,6 +100,7 @@ class TensorComparison:
     max_abs_diff: float = 0.0
     certificate_ratio: float | None = None
     worst_element: list | None = None
+    worst_element_diff: float | None = None  # |T − ΔW| at worst_element
     max_error_ulps: float | None = None
     changed_elements: int = 0
     vanished_elements: int = 0
@@ -148,6 +150,7 @@ class TensorComparison:
             "relative_frobenius_error": math.sqrt(self.diff_sumsq) / t_norm if self.targeted and t_norm > 0 else None,
             "certificate_ratio": self.certificate_ratio,
             "worst_element": self.worst_element,
+            "worst_element_diff": self.worst_element_diff,
             "max_error_ulps": self.max_error_ulps,
             "changed_elements": self.changed_elements,
             "vanished_elements": self.vanished_elements if self.targeted else None,
@@ -162,6 +165,7 @@ def expected_delta(adapter, plan, base: Checkpoint, name: str, compute: torch.dt
     if any(isinstance(m, TunerModule) for m in modules):
         return _tuner_delta(adapter, plan, base, name, modules)
     parts = [
+        piece_factors(adapter, m) if getattr(m, "piece", None) is not None else  # an on-disk piece of a fused parameter
         ExpertFactors.from_lora(adapter.factor(m.a_key), adapter.factor(m.b_key), m.r, m.scale, m.kind == "experts_t")
         if m.kind in ("experts", "experts_t") else
         Factors.from_lora(adapter.factor(m.a_key).flatten(1), adapter.factor(m.b_key).flatten(1), m.scale,
@@ -220,6 +224,7 @@ class _TargetedAccumulator:
         self.ratio = 0.0
         self.ulps = 0.0
         self.worst = None
+        self.worst_diff = None
 
     def add_rows(self, w_rows: torch.Tensor, raw_rows: torch.Tensor | None, start: int, stop: int, tv) -> torch.Tensor:
         """Rows [start, stop) of the base and of the task vector input as read (None: T = 0); returns the rows of
@@ -283,7 +288,9 @@ class _TargetedAccumulator:
         ratio = torch.add(evaluation_error, diff, alpha=DIFF_MARGIN).div_(bound).reshape(-1)
         block_max = float(ratio.max())
         if block_max > self.ratio or self.worst is None:  # argmax is slow: only where the maximum moves
-            self.ratio, self.worst = max(self.ratio, block_max), start * _row_length(s.shape) + int(torch.argmax(ratio))
+            at = int(torch.argmax(ratio))
+            self.ratio, self.worst = max(self.ratio, block_max), start * _row_length(s.shape) + at
+            self.worst_diff = float(diff.reshape(-1)[at])
         # in ulps of the weight being updated (near cancellation, ulps of a tiny M would say nothing)
         self.ulps = max(self.ulps, float(diff.div(torch.maximum(ulp_m, ulp(w_eff, out_dtype), out=ulp_m)).max()))
         flat_diff = diff.reshape(-1)
@@ -340,6 +347,7 @@ class _TargetedAccumulator:
         s.certificate_ratio = self.ratio
         s.max_error_ulps = self.ulps
         s.worst_element = list(_unravel(self.worst, s.shape)) if self.worst is not None else None
+        s.worst_element_diff = self.worst_diff
 
 
 def _stored_ulp(m: torch.Tensor, t_error: torch.Tensor, out_dtype) -> torch.Tensor:

@@ -51,7 +51,8 @@ def describe(source, base=None, *, config_only=False, lora_targets=None, lora_ra
         if report["kind"] != "model":
             raise LoratvError(f"{report['path']}: --lora-targets/--lora-rank describe a LoRA for a model; this is an "
                               "adapter (inspect it without them).")
-        report["lora"] = lora_footprint(report, lora_targets or DEFAULT_LORA_TARGETS, lora_ranks or [8])
+        targets = lora_targets or default_lora_targets(report.get("model_type"))
+        report["lora"] = lora_footprint(report, targets, lora_ranks or [8])
     return report
 
 
@@ -174,50 +175,101 @@ def _download_config(hub_id: str) -> Path:
 
 
 def describe_config(source) -> dict:
-    """What the checkpoint a config.json describes holds, computed from the config alone (architectures.py)."""
-    from .architectures import config_dtype, config_tensors
+    """What the checkpoint a config.json describes holds, computed from the config alone.
+
+    The model is built by transformers on the meta device and read as save_pretrained would write it
+    (meta_model.py); without transformers, the hand-written families of architectures.py answer.
+
+    Args:
+        source: a config.json, a folder holding one, or a hub id (config.json alone is fetched).
+
+    Returns:
+        The model report (format "config"): the saved tensors' names, shapes and dtypes, tied copies, the
+        transformers class and where the inventory came from (`inventory_source`).
+
+    Raises:
+        LoratvError: an unreadable config, an unknown architecture, or transformers missing for a family loratv has
+            no formulas for (the sentence names the `loratv[transformers]` extra).
+    """
     from .dtypes import itemsize
+    from .meta_model import config_inventory
 
     path, config = _read_config(source)
-    tensors, tied = config_tensors(config, str(path))
-    dtype = config_dtype(config)
-    rows = [(name, shape, dtype) for name, shape in tensors]
+    inventory, inventory_source = config_inventory(config, str(path))
+    rows = inventory.tensors
     summary = _summary(rows)
+    model_type = config.get("model_type")
+    known = all(dtype is not None for _, _, dtype in rows)
     return {
         "kind": "model",
         "path": str(source) if Path(source).expanduser().is_file() else str(path),
         "format": "config",
-        "model_type": config.get("model_type"),
+        "model_type": model_type,
+        "model_class": inventory.model_class or None,
+        "inventory_source": inventory_source,
         **summary,
-        "tied_embeddings": tied,
+        "tied_embeddings": bool(inventory.tied),
+        "tied_tensors": inventory.tied,
+        "head_tensors": inventory.head,
+        "linear_tensors": inventory.linear,
+        "memory_names": inventory.memory_names,
         "shards": {},
-        "data_bytes": summary["total_parameters"] * itemsize(dtype) if dtype else None,
+        "data_bytes": sum(math.prod(shape) * itemsize(dtype) for _, shape, dtype in rows) if known else None,
         "per_tensor_kind": _tensor_table(rows),
-        "shapes": {name: list(shape) for name, shape in tensors},
+        "shapes": {name: list(shape) for name, shape, _ in rows},
+        "tensor_dtypes": {name: dtype for name, _, dtype in rows},
+        "default_lora_targets": default_lora_targets(model_type),
+        "notes": inventory.notes,
     }
 
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+def default_lora_targets(model_type) -> list:
+    """The targets of --lora-rank without --lora-targets.
+
+    Args:
+        model_type: config.json's model_type (None when unknown).
+
+    Returns:
+        q/k/v/o for the hand-written families (the seed study's LoRA, docs/starcoder2-architecture.md's figures)
+        and for model types PEFT has no default for (or without PEFT); else PEFT's default targets for the type
+        (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, e.g. q and v for t5).
+    """
+    from .architectures import FAMILIES
+    from .meta_model import peft_default_targets
+
+    if model_type in FAMILIES:
+        return list(DEFAULT_LORA_TARGETS)
+    return peft_default_targets(model_type) or list(DEFAULT_LORA_TARGETS)
+
+
 def lora_footprint(report: dict, targets, ranks) -> dict:
     """What a LoRA of each rank on `targets` (PEFT's list semantics: a module named T or ending in `.T`;
-    `all-linear`: every weight matrix but the embeddings and the output head) touches and stores: one module per
-    matched weight of shape (m, n, ...), stored r·(m + n·...) parameters (lora_B (m, r) and lora_A (r, n·...);
-    Conv1D and embedding weights are stored transposed, which leaves the sum unchanged)."""
+    `all-linear`: PEFT's rule, the nn.Linear / Conv1D weights but the output embedding's, where the report has them
+    from transformers (`linear_tensors`), else every 2-D weight but the embeddings and the output head) touches and
+    stores: one module per matched weight of shape (m, n, ...), stored r·(m + n·...) parameters (lora_B (m, r) and
+    lora_A (r, n·...); Conv1D and embedding weights are stored transposed, which leaves the sum unchanged)."""
     ranks = [int(r) for r in ranks]
     if not ranks or any(r <= 0 for r in ranks):
         raise LoratvError(f"--lora-rank must be positive integers, not {ranks}.")
     targets = list(targets)
+    linear = set(report.get("linear_tensors") or ())
+    # PEFT matches targets against the model in memory, which transformers may name otherwise than the file
+    memory_names = report.get("memory_names") or {}
     modules = []
     for name, shape in report["shapes"].items():
         if not name.endswith(".weight") or len(shape) < 2:
             continue
         module = name[: -len(".weight")]
-        if targets == ["all-linear"]:
+        if targets == ["all-linear"] and report.get("linear_tensors") is not None:
+            hit = name in linear  # from transformers' modules: nn.Linear / Conv1D weights, not the output embedding
+        elif targets == ["all-linear"]:
             hit = module_kind(name) not in ("embedding", "head") and len(shape) == 2
         else:
-            hit = any(module == t or module.endswith("." + t) for t in targets)
+            names = {module, memory_names.get(name, name).removesuffix(".weight")}
+            hit = any(m == t or m.endswith("." + t) for m in names for t in targets)
         if hit:
             modules.append((module, name, shape))
     if not modules:
@@ -420,6 +472,9 @@ def render_text(r: dict) -> str:
         lines.append(f"{'shard':<40} {'tensors':>8} {'bytes':>15}")
         for shard, v in r["shards"].items():
             lines.append(f"{shard:<40} {v['tensors']:>8} {v['bytes']:>15,}")
+    if config_only and r.get("notes"):
+        lines.append("")
+        lines += [f"note: {note}" for note in r["notes"]]
     if "lora" in r:
         lines.append("")
         lines += _render_lora(r["lora"])

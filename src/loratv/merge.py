@@ -1,7 +1,8 @@
 """Merge a LoRA adapter into a base model, streaming: M = cast_out(compute(W) + ΔW), one rounding per element.
 
-Untouched tensors are copied byte for byte (or cast, when --precision changes their dtype); nothing but one
-tensor chunk is ever in memory.
+Untouched tensors are copied byte for byte (or cast, when --precision changes their dtype) one chunk at a time; a
+targeted tensor is merged by row chunks against its module's s·B@A, which is formed whole as PEFT forms it (so that
+the result is PEFT's bit for bit; adapter.delta_rows): memory is one targeted tensor's delta plus two chunks.
 """
 
 import json
@@ -72,15 +73,43 @@ def merge(
     device: str = "cpu",
     max_shard_size: int | None = None,
     cast_base_first: bool = False,
+    autocast_adapter_dtype: bool = True,
     force: bool = False,
     progress: bool = False,
 ) -> MergeResult:
-    """Merge; `cast_base_first` instead reproduces PEFT on a model loaded in the output dtype: base and factors
-    rounded to it, ΔW computed in fp32 and rounded to it, the sum rounded in it (PEFT's CPU path)."""
+    """Merge an adapter into a base model, streaming, one rounding per element (or PEFT's roundings, see below).
+
+    Args:
+        base_source: base model (folder, file or hub id).
+        adapter_source: PEFT adapter folder or single LoRA file.
+        out: output folder (written beside its final path, renamed into place when complete).
+        precision: dtype of floating-point outputs ("auto" keeps each tensor's).
+        compute_dtype: dtype of base + ΔW before the one cast to the output dtype.
+        device: where ΔW and the sums are computed.
+        max_shard_size: split shards at this many bytes (None: the base's layout).
+        cast_base_first: reproduce PEFT's merge_and_unload on a model loaded in the output dtype d (docs/math.md
+            §6): the base rounded to d first, then each module's ΔW added into the d weight in place.
+        autocast_adapter_dtype: with cast_base_first, PEFT's parameter of that name. True (PEFT's default): the
+            factors stay fp32, ΔW is computed in `compute_dtype` and added by `W_d += ΔW` (the sum in fp32, rounded to
+            d; an Embedding's or ParamWrapper's ΔW is rounded to d before the add, as PEFT does). False: the factors
+            are rounded to d, ΔW computed from them in fp32 and rounded to d, the sum rounded in d (PEFT's CPU path).
+        force: replace an existing output folder.
+        progress: show a progress bar.
+
+    Returns:
+        What was merged, replaced, added, copied and cast.
+
+    Raises:
+        LoratvError: bad flags or input (unreadable, mismatched, non-finite), or autocast_adapter_dtype=False
+            without cast_base_first.
+    """
     if precision not in PRECISIONS:
         raise LoratvError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}.")
     if compute_dtype not in COMPUTE_DTYPES:
         raise LoratvError(f"--compute-dtype {compute_dtype}: choose one of {', '.join(COMPUTE_DTYPES)}.")
+    if not autocast_adapter_dtype and not cast_base_first:
+        raise LoratvError("--no-autocast-adapter-dtype only applies with --cast-base-first (a direct merge never "
+                          "rounds the adapter).")
     dev = resolve_device(device)
     compute = dtypes.PRECISION_NAMES[compute_dtype]
     base = Checkpoint(base_source, label=f"base {base_source}")
@@ -109,6 +138,9 @@ def merge(
         "compute_dtype": compute_dtype,
         "cast_base_first": str(cast_base_first).lower(),
     }
+    if cast_base_first:
+        metadata["autocast_adapter_dtype"] = str(autocast_adapter_dtype).lower()
+    cast_first = ("autocast" if autocast_adapter_dtype else "cast-all") if cast_base_first else None
     result = MergeResult(output=Path(out), total_tensors=len(specs), notes=list(plan.notes))
     total_bytes = sum(s.nbytes for s in specs)
     with atomic_output_dir(out, [base.path, adapter.path], force=force) as tmp:
@@ -118,7 +150,7 @@ def merge(
                 for file, group in shards:
                     for spec in group:
                         writer.begin(spec.name)
-                        _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_base_first)
+                        _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_first)
                         writer.end()
                         bar.update(spec.nbytes)
                 writer.close()
@@ -142,7 +174,9 @@ def _tie_anchor(base, plan, new_name) -> str:
     return next(n for n in base.names() if n.endswith(INPUT_EMBEDDING_SUFFIXES))
 
 
-def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_base_first=False):
+def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_first=None):
+    """One output tensor; `cast_first` None (direct merge), "autocast" or "cast-all" (PEFT on a d model)."""
+    cast_base_first = cast_first is not None
     name = spec.name
     out_dtype = dtypes.torch_dtype_of(spec.dtype)
     if name in plan.new_tensors:
@@ -205,9 +239,10 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_bas
         if cast_base_first:
             w = w.to(device=dev, dtype=out_dtype)
             for module in modules:
-                w += delta_rows(adapter, module, start, stop, compute, dev, factor_dtype=out_dtype).to(out_dtype)
+                # in place, as PEFT's merge: a float32 ΔW into a 16-bit weight sums in float32, then rounds to it
+                w += _cast_first_delta(adapter, module, start, stop, compute, dev, out_dtype, cast_first)
             if bias_module is not None:
-                w += rows_of(bias_delta(adapter, bias_module, compute, dev), start, stop).to(out_dtype)
+                w += rows_of(_cast_first_bias(adapter, bias_module, compute, dev, out_dtype, cast_first), start, stop)
             _write_checked(writer, w.cpu(), name, sources)
             continue
         w = w.to(device=dev, dtype=compute)
@@ -220,6 +255,30 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_bas
         result.merged.append(name)
     if replacement:
         result.replaced.append(name)
+
+
+def _rounds_delta_to_weight_dtype(module) -> bool:
+    """Whether PEFT rounds this module's ΔW to the weight's dtype before adding it: Embedding.merge does
+    (`get_delta_weight(...).to(orig_dtype)`), and so does ParamWrapper.get_delta_weight (target_parameters modules,
+    named by the parameter itself); Linear, Conv1D and ConvNd add their ΔW as computed."""
+    return module.kind in ("embedding", "experts", "experts_t") or module.module == module.target
+
+
+def _cast_first_delta(adapter, module, start, stop, compute, dev, out_dtype, cast_first) -> torch.Tensor:
+    """Rows of the ΔW that PEFT adds into a weight loaded in `out_dtype` (peft/tuners/lora/layer.py, merge and
+    get_delta_weight)."""
+    if cast_first == "cast-all":  # autocast_adapter_dtype=False: factors held in d, ΔW in fp32 on CPU, rounded to d
+        return delta_rows(adapter, module, start, stop, compute, dev, factor_dtype=out_dtype).to(out_dtype)
+    delta = delta_rows(adapter, module, start, stop, compute, dev)  # factors upcast to fp32: exact
+    return delta.to(out_dtype) if _rounds_delta_to_weight_dtype(module) else delta
+
+
+def _cast_first_bias(adapter, module, compute, dev, out_dtype, cast_first) -> torch.Tensor:
+    """s·lora_B.bias as PEFT adds it to a bias loaded in `out_dtype`: `lora_B.bias * scaling`, in the adapter's
+    dtype (fp32 under autocast; d, from the bias rounded to d, without it)."""
+    if cast_first == "cast-all":
+        return adapter.factor(module.bias_key).to(device=dev, dtype=out_dtype) * module.scale
+    return bias_delta(adapter, module, compute, dev)
 
 
 def _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first, sources):

@@ -61,35 +61,60 @@ def merge_error_bound(
 ) -> torch.Tensor:
     """Per element, the largest |M − (W + ΔW)| any standard merge path can leave (docs/math.md §6), float64.
 
-    w: the base value the delta is added to; m: the merged value as stored (exact in out_dtype); g: Σ |s|·(|L|@|R|)
-    over the LoRA modules (plus |s·bias|), the scale of the delta's evaluation error; `additions` deltas are added
-    one after another; k: the longest dot product plus the multiply by s plus one (the largest r + 2); ulp_m:
-    ulp(m, out_dtype) if the caller has it.
-    Paths: "direct" (delta and sum in the compute dtype c, one cast to the output dtype d, as loratv and PEFT on an
-    fp32 model do) and, when d is narrower than c, "cast first" (base cast to d, delta rounded to d, sum in d, as
-    PEFT does on a model loaded in d). The bound is the larger of the two.
+    Paths, with c the compute dtype and d the output dtype: "direct" (ΔW and the sum in c, one cast to d: loratv, and
+    PEFT on an fp32 model); and, when d is narrower than c, PEFT's merge_and_unload on a model loaded in d with
+    the base rounded to d first, either "autocast" (PEFT's default autocast_adapter_dtype=True: ΔW in fp32, each
+    `W_d += ΔW` summed in fp32 and rounded to d, ΔW rounded to d first for an Embedding or ParamWrapper) or
+    "cast all" (autocast_adapter_dtype=False: factors rounded to d, ΔW rounded to d, the sum rounded in d). The bound
+    is the largest of them, so it certifies a merge made by any.
+
+    Args:
+        w: the base value the deltas are added to (float64).
+        m: the merged value as stored (exact in out_dtype, float64).
+        g: Σ |s|·(|L|@|R|) over the LoRA modules (plus |s·bias|): the scale of ΔW's evaluation error.
+        additions: how many deltas are added one after another (0: a plain cast).
+        k: the longest dot product plus the multiply by s plus one (the largest r + 2).
+        base_dtype: the base tensor's dtype b.
+        out_dtype: the merged tensor's dtype d.
+        ulp_m: ulp(m, out_dtype), if the caller has it.
+
+    Returns:
+        The bound per element, float64, shaped like m.
     """
     c = compute_dtype_for(base_dtype, out_dtype)
     d = out_dtype
+    f32 = torch.float32
     if ulp_m is None:
         ulp_m = ulp(m, d)
     sum_roundings = additions - (1 if c == d else 0)
-    cast_first_path = unit_roundoff(d) > unit_roundoff(c) and not math.isinf(gamma(k + 2, d))
+    narrow = unit_roundoff(d) > unit_roundoff(c)  # loading the model in d first makes a different merge
+    cast_all_path = narrow and not math.isinf(gamma(k + 2, d))
     upper = None
-    if sum_roundings > 0 or (cast_first_path and additions > 1):
+    if sum_roundings > 0 or (narrow and additions > 0):
         # ≥ |every partial sum|
         upper = torch.maximum(m.abs().add_(ulp_m), w.abs().mul_(1 + 2 * unit_roundoff(d)).add_(g, alpha=2))
     direct = torch.add(ulp_m, g, alpha=gamma(k, c) / 0.5).mul_(0.5)
     if sum_roundings > 0:
         direct.add_(ulp(upper, c), alpha=0.5 * sum_roundings)
-    if not cast_first_path:
-        return direct  # no cast-first path, or a rank so large its worst case bounds nothing
-    cast_first = torch.add(ulp_m, g, alpha=gamma(k + 2, d) / 0.5).mul_(0.5)
-    if base_dtype != d:
-        cast_first.add_(ulp(w, d), alpha=0.5)
+    if not narrow:
+        return direct
+    cast_w = ulp(w, d).mul_(0.5) if base_dtype != d else torch.zeros_like(ulp_m)
+    # autocast: [b≠d]·½ulp_d(W') + ½ulp_d(M) + (n−1)·½ulp_d(U) + n·½ulp_32(U) + γ_k(u_32)·G + n·½ulp_d((1+γ_k)·G)
+    g32 = gamma(k, f32)
+    autocast = torch.add(ulp_m, g, alpha=g32 / 0.5).mul_(0.5).add_(cast_w)
+    if additions > 0:
+        autocast.add_(ulp(upper, f32), alpha=0.5 * additions)
+        # the rounding of ΔW to d that Embedding and ParamWrapper do; taken for every addition (≤ u_d·G each)
+        autocast.add_(ulp(g * (1 + g32), d), alpha=0.5 * additions)
     if additions > 1:
-        cast_first.add_(ulp(upper, d), alpha=0.5 * (additions - 1))
-    return torch.maximum(direct, cast_first)
+        autocast.add_(ulp(upper, d), alpha=0.5 * (additions - 1))
+    bound = torch.maximum(direct, autocast)
+    if not cast_all_path:
+        return bound  # a rank so large the cast-all worst case bounds nothing: that path cannot certify
+    cast_all = torch.add(ulp_m, g, alpha=gamma(k + 2, d) / 0.5).mul_(0.5).add_(cast_w)
+    if additions > 1:
+        cast_all.add_(ulp(upper, d), alpha=0.5 * (additions - 1))
+    return torch.maximum(bound, cast_all)
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

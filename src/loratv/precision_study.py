@@ -1,7 +1,8 @@
 """`loratv precision`: the same adapter merged along every common dtype path, each extracted and compared.
 
-Paths: fp32, fp16 and bf16 outputs computed in fp32 with one rounding (loratv), and fp16/bf16 "cast first" (the
-base and adapter loaded in 16 bits and merged there, as PEFT users do). Per path: tensors changed (real, cast
+Paths: fp32, fp16 and bf16 outputs computed in fp32 with one rounding (loratv); fp16/bf16 "cast first" (PEFT's
+merge_and_unload on a model loaded in 16 bits, with its default fp32 adapter); and, by name only, fp16/bf16 "cast all"
+(the same with autocast_adapter_dtype=False: the adapter rounded to 16 bits too). Per path: tensors changed (real, cast
 artifact, unexplained), updates that vanished in rounding, effective-versus-intended cosine, largest error in ulps.
 """
 
@@ -19,13 +20,23 @@ SCHEMA_VERSION = 1
 RESULTS_FILE = "precision_results.json"
 REPORT_FILE = "precision_report.txt"
 PLOT_FILE = "precision_comparison.png"
+# name -> (output precision, PEFT-on-a-16-bit-model mode or None for loratv's direct merge, description); the mode
+# is merge()'s cast_base_first with autocast_adapter_dtype True ("autocast") or False ("cast-all")
 PATHS = {
-    "fp32": ("fp32", False, "fp32 output, sum in fp32, one rounding"),
-    "fp16": ("fp16", False, "fp16 output, sum in fp32, rounded once to fp16"),
-    "bf16": ("bf16", False, "bf16 output, sum in fp32, rounded once to bf16"),
-    "fp16-cast-first": ("fp16", True, "base and adapter loaded in fp16, ΔW rounded to fp16, sum in fp16 (PEFT on an fp16 model)"),
-    "bf16-cast-first": ("bf16", True, "base and adapter loaded in bf16, ΔW rounded to bf16, sum in bf16 (PEFT on a bf16 model)"),
+    "fp32": ("fp32", None, "fp32 output, sum in fp32, one rounding"),
+    "fp16": ("fp16", None, "fp16 output, sum in fp32, rounded once to fp16"),
+    "bf16": ("bf16", None, "bf16 output, sum in fp32, rounded once to bf16"),
+    "fp16-cast-first": ("fp16", "autocast", "base loaded in fp16, adapter kept in fp32, ΔW in fp32, sum in fp32 "
+                        "rounded to fp16 (PEFT on an fp16 model, default autocast_adapter_dtype=True)"),
+    "bf16-cast-first": ("bf16", "autocast", "base loaded in bf16, adapter kept in fp32, ΔW in fp32, sum in fp32 "
+                        "rounded to bf16 (PEFT on a bf16 model, default autocast_adapter_dtype=True)"),
+    "fp16-cast-all": ("fp16", "cast-all", "base and adapter loaded in fp16, ΔW rounded to fp16, sum in fp16 "
+                      "(PEFT on an fp16 model with autocast_adapter_dtype=False)"),
+    "bf16-cast-all": ("bf16", "cast-all", "base and adapter loaded in bf16, ΔW rounded to bf16, sum in bf16 "
+                      "(PEFT on a bf16 model with autocast_adapter_dtype=False)"),
 }
+# run when --paths is not given: the cast-all paths are PEFT's opt-out, asked for by name
+DEFAULT_PATHS = ("fp32", "fp16", "bf16", "fp16-cast-first", "bf16-cast-first")
 
 
 def path_summary(name: str, description: str, output_dtype: str, record: dict) -> dict:
@@ -55,8 +66,8 @@ def path_summary(name: str, description: str, output_dtype: str, record: dict) -
 
 def precision_study(base, adapter, out, *, paths=None, keep_merged=False, tolerance=DEFAULT_TOLERANCE,
                     device="cpu", plots=True, force=False, progress=False, command=None) -> dict:
-    """Merge along each path, extract, compare. `paths` None: all five for an additive LoRA; the three direct paths
-    for DoRA and the other tuners (the cast-first paths reproduce PEFT's additive LoRA merge only)."""
+    """Merge along each path, extract, compare. `paths` None: DEFAULT_PATHS for an additive LoRA; the three direct
+    paths for DoRA and the other tuners (the cast-first and cast-all paths reproduce PEFT's additive LoRA merge only)."""
     from .adapter import load_adapter
     from .errors import LoratvError
     from .report.text import render_precision_text
@@ -66,7 +77,7 @@ def precision_study(base, adapter, out, *, paths=None, keep_merged=False, tolera
     notes = []
     kind = "DoRA" if loaded.settings.use_dora else loaded.settings.tuner_name
     if paths is None:
-        paths = [p for p in PATHS if additive_lora or not PATHS[p][1]]
+        paths = [p for p in DEFAULT_PATHS if additive_lora or not PATHS[p][1]]
         if not additive_lora:
             notes.append(f"cast-first paths skipped: they reproduce PEFT's additive LoRA merge, not {kind}.")
     elif not additive_lora and any(PATHS[p][1] for p in paths):
@@ -79,8 +90,8 @@ def precision_study(base, adapter, out, *, paths=None, keep_merged=False, tolera
             folder = tmp / name
             folder.mkdir()
             merged = folder / "merged_model"
-            merge(base, adapter, merged, precision=precision, cast_base_first=cast_first, device=device,
-                  progress=progress)
+            merge(base, adapter, merged, precision=precision, cast_base_first=cast_first is not None,
+                  autocast_adapter_dtype=cast_first != "cast-all", device=device, progress=progress)
             extract(base, merged, folder / "task_vectors", progress=progress)
             # compared with the merged model itself: T exact in float64, even where the stored T rounds
             record = compare(base, adapter, finetuned=merged, tolerance=tolerance, device=device, progress=progress)

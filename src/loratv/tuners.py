@@ -73,6 +73,10 @@ def map_tuner_keys(adapter) -> None:
         if ".modules_to_save." in name or ".original_module." in name:
             continue
         role = next((p for p in params if name.endswith("." + p)), None)
+        if peft_type == "OFT" and ".oft_embedding_R" in name:
+            raise LoratvError(f"{file}: tensor '{key}' is OFT on an Embedding layer (oft_embedding_R), which loratv "
+                              "does not merge: PEFT's OFT Embedding rotates the embedding dimension of every row "
+                              "(W @ R), a layout loratv's OFT merge and its rounding bound do not cover.")
         if role is not None:
             groups.setdefault(name[: -len(role) - 1], {})[role] = key
         elif FOREIGN.search(name):

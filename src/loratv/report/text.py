@@ -158,6 +158,43 @@ def _dtype_name(code) -> str:
     return DTYPE_NAMES.get(code, str(code).lower())
 
 
+def worst_tensor_lines(record: dict, limit: int = 5) -> list:
+    """Where a NOT EQUIVALENT verdict comes from, for the printed summary: the targeted tensors whose certificate
+    ratio exceeds 1, largest first, each with the element where the ratio peaks, |T − ΔW| there and the ratio; then
+    the unexplained tensors with their largest change.
+
+    Args:
+        record: a comparison record (schema `loratv.comparison`).
+        limit: how many tensors of each kind to name.
+
+    Returns:
+        Lines to print (empty when nothing exceeds its bound and nothing is unexplained).
+    """
+    tensors = record.get("tensors") or []
+    over = sorted((t for t in tensors if t.get("targeted") and (t.get("certificate_ratio") or 0) > 1),
+                  key=lambda t: -t["certificate_ratio"])
+    unexplained = sorted((t for t in tensors if t.get("category") == "unexplained"),
+                         key=lambda t: -(t.get("max_abs_task_vector") or 0))
+    lines = []
+    if over:
+        lines.append(f"Tensors beyond their rounding bound ({len(over)}; worst first):")
+        for t in over[:limit]:
+            where = t.get("worst_element")
+            diff = t.get("worst_element_diff")
+            at = f" at element {where}" if where is not None else ""
+            there = f": |T − ΔW| = {diff:.3e}" if diff is not None else f": max |T − ΔW| = {t['max_abs_diff']:.3e}"
+            lines.append(f"  {t['name']}{at}{there}, {t['certificate_ratio']:.3g}× the rounding bound")
+        if len(over) > limit:
+            lines.append(f"  … and {len(over) - limit} more")
+    if unexplained:
+        lines.append(f"Unexplained changes in untargeted tensors ({len(unexplained)}; largest first):")
+        for t in unexplained[:limit]:
+            lines.append(f"  {t['name']}: max |T| = {t.get('max_abs_task_vector') or 0:.3e}")
+        if len(unexplained) > limit:
+            lines.append(f"  … and {len(unexplained) - limit} more")
+    return lines
+
+
 def render_seed_summary(record: dict) -> str:
     """The short summary `loratv validate` prints, in the seed script's wording, plus what tv-only tensors are."""
     s = record["summary"]
@@ -172,6 +209,8 @@ def render_seed_summary(record: dict) -> str:
         f"{s.get('perfect_matches', 0)} of {shared}",
         f"Verdict: {s['verdict']}",
     ]
+    if s["verdict"] == "NOT EQUIVALENT":
+        lines += worst_tensor_lines(record)
     tv_only = counts.get("tv-only", 0)
     if tv_only > 0:
         cast, unexplained = counts.get("cast-artifact", 0), counts.get("unexplained", 0)
