@@ -312,17 +312,14 @@ def layout_for(adapter, base):
 def _build(base, model_type: str):
     """transformers' conversion rules for the base's architecture, applied to every on-disk name as loading does;
     None when the library has none that rename or fuse anything here."""
-    import transformers
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(base.root))  # config.json only; no remote code
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
-        with torch.device("meta"):  # the module tree and shapes, no memory: what from_pretrained builds first
-            model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
-    except Exception:  # an architecture this transformers does not know: no rules to apply
+    from .meta_model import build_meta_model
+
+    try:  # the module tree and shapes, no memory: what from_pretrained builds first (meta_model.py)
+        model = build_meta_model(base.config or {}, str(base.root / "config.json"))[0]
+    except LoratvError:  # an architecture this transformers does not know or cannot build: no rules to apply
         return None
     conversions = get_model_conversion_mapping(model)
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]

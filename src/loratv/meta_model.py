@@ -101,6 +101,41 @@ def saved_inventory(config: dict, where: str) -> Inventory:
         TransformersMissing: transformers is not installed.
         LoratvError: an unknown model_type, or a config transformers cannot build (one sentence, naming `where`).
     """
+    model, notes, dtype = build_meta_model(config, where)
+    try:
+        state, tied, memory = _saved_state_dict(model, dtype)
+    except Exception as exc:  # a save-time conversion this model's meta tensors do not support
+        raise LoratvError(f"{where}: transformers cannot write {type(model).__name__}'s state dict in its saved "
+                          f"layout ({_reason(exc)}).") from None
+    head = _head_names(model, state)
+    linear_memory = _linear_weights(model)
+    linear = [name for name in state if memory.get(name) in linear_memory]
+    tensors = []
+    for name, tensor in state.items():
+        floating = tensor.dtype.is_floating_point
+        # a floating-point tensor's dtype is the config's (or the fp32 plan's); unstated, the checkpoint decides
+        known = dtype is not None or not floating
+        tensors.append((name, tuple(tensor.shape), safetensors_dtype(tensor.dtype) if known else None))
+    renamed = {saved: in_memory for saved, in_memory in memory.items() if in_memory and in_memory != saved}
+    return Inventory(tensors=tensors, tied=tied, head=head, linear=linear, memory_names=renamed,
+                     model_class=type(model).__name__, notes=notes)
+
+
+def build_meta_model(config: dict, where: str):
+    """The model transformers builds from a config.json, on the meta device: its module tree, names, shapes and
+    dtypes, with no storage, no download and no remote code.
+
+    Args:
+        config: the parsed config.json.
+        where: the config file, named in errors.
+
+    Returns:
+        (model, notes about the class chosen, the dtype config.json states or None).
+
+    Raises:
+        TransformersMissing: transformers (5 or later) is not installed.
+        LoratvError: an unknown model_type, or a config transformers cannot build (one sentence, naming `where`).
+    """
     transformers = import_transformers(where)
     import torch
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -128,23 +163,7 @@ def saved_inventory(config: dict, where: str) -> Inventory:
     except Exception as exc:
         raise LoratvError(f"{where}: transformers cannot build {cls.__name__} from this config "
                           f"({_reason(exc)}).") from None
-    try:
-        state, tied, memory = _saved_state_dict(model, dtype)
-    except Exception as exc:  # a save-time conversion this model's meta tensors do not support
-        raise LoratvError(f"{where}: transformers cannot write {cls.__name__}'s state dict in its saved layout "
-                          f"({_reason(exc)}).") from None
-    head = _head_names(model, state)
-    linear_memory = _linear_weights(model)
-    linear = [name for name in state if memory.get(name) in linear_memory]
-    tensors = []
-    for name, tensor in state.items():
-        floating = tensor.dtype.is_floating_point
-        # a floating-point tensor's dtype is the config's (or the fp32 plan's); unstated, the checkpoint decides
-        known = dtype is not None or not floating
-        tensors.append((name, tuple(tensor.shape), safetensors_dtype(tensor.dtype) if known else None))
-    renamed = {saved: in_memory for saved, in_memory in memory.items() if in_memory and in_memory != saved}
-    return Inventory(tensors=tensors, tied=tied, head=head, linear=linear, memory_names=renamed,
-                     model_class=cls.__name__, notes=notes)
+    return model, notes, dtype
 
 
 def stated_dtype(config: dict):
