@@ -339,15 +339,9 @@ def cmd_merge(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from .example import example_merged, example_paths
     from .extract import extract
 
-    if args.base is None and args.finetuned is None:
-        base, finetuned = example_paths()["base"], example_merged("fp32")
-    elif args.base is None or args.finetuned is None:
-        raise LoratvError("extract needs both --base and --finetuned (or neither, for the embedded example).")
-    else:
-        base, finetuned = args.base, args.finetuned
+    base, finetuned = _base_and_finetuned(args, "extract", "fp32")
     result = extract(base, finetuned, args.output, dense=args.dense, storage_dtype=args.storage_dtype,
                      force=args.force, progress=not args.quiet)
     if not args.quiet:
@@ -611,17 +605,11 @@ def cmd_summarize(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    from .example import example_merged, example_paths
     from .model_diff import RESULTS_FILE, diff_models, write_diff
     from .report.changes_text import render_diff_text
     from .results import dump_json
 
-    if args.base is None and args.finetuned is None:
-        base, finetuned = example_paths()["base"], example_merged("fp16")
-    elif args.base is None or args.finetuned is None:
-        raise LoratvError("diff needs both --base and --finetuned (or neither, for the embedded example).")
-    else:
-        base, finetuned = args.base, args.finetuned
+    base, finetuned = _base_and_finetuned(args, "diff", "fp16")
     if args.output:
         record = write_diff(args.output, base, finetuned, force=args.force, top=args.top, command=_command_line())
     else:
@@ -661,6 +649,17 @@ def cmd_example(args) -> int:
     out = write_example(args.output, force=args.force)
     print(f"wrote {out}/base (StarCoder2 miniature, 483 tensors) and {out}/adapter (LoRA r=8 on q/k/v/o)")
     return 0
+
+
+def _base_and_finetuned(args, command: str, example_precision: str):
+    """--base and --finetuned as given, or neither: the example's base and its merge at `example_precision`."""
+    if args.base is None and args.finetuned is None:
+        from .example import example_merged, example_paths
+
+        return example_paths()["base"], example_merged(example_precision)
+    if args.base is None or args.finetuned is None:
+        raise LoratvError(f"{command} needs both --base and --finetuned (or neither, for the embedded example).")
+    return args.base, args.finetuned
 
 
 def _example_pair(first, second, second_name, example_paths):

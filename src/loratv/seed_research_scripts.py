@@ -19,7 +19,15 @@ from pathlib import Path
 
 from .cli import cmd_diff, cmd_inspect_keys, cmd_structure, cmd_summarize
 from .errors import LoratvError
-from .seed_scripts import REAL_BASE_MODEL, default_adapter, default_base, replace_previous, run_seed, say
+from .seed_scripts import (
+    REAL_BASE_MODEL,
+    add_seed_output_flags,
+    default_adapter,
+    default_base,
+    replace_previous,
+    run_seed,
+    say,
+)
 
 WORKFLOW_TASK_VECTOR = "task_vectors_fp32/"
 WORKFLOW_FP16_MERGE = "merged_model_fp16/"
@@ -30,9 +38,7 @@ def _add_output(p: argparse.ArgumentParser, default_name: str) -> None:
                    "default: print only)")
     p.add_argument("--json", action="store_true", help="print the record (JSON) instead of the text")
     p.add_argument("--top", type=int, default=10, help="how many of the largest changes to list (default: 10)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder (a previous output of "
-                   "this script is replaced without it)")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_seed_output_flags(p, progress_bar=False)
 
 
 # ---- analyze_task_vectors.py and analyze_task_vector_structure.py -------------------------------------------
@@ -166,9 +172,7 @@ def visualize_model_structure_parser() -> argparse.ArgumentParser:
                    "a task vector; default without either: the embedded example merged in fp32)")
     p.add_argument("--output_dir", default="model_structure", help="output folder (default: model_structure)")
     p.add_argument("--json", action="store_true", help="print the structure record (JSON) instead of the summary")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder (a previous output of "
-                   "this script is replaced without it)")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_seed_output_flags(p)  # structure reads tensors with a progress bar
     return p
 
 

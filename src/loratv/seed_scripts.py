@@ -175,10 +175,11 @@ def add_seed_models(p: argparse.ArgumentParser) -> None:
                    "else the embedded example's adapter, which is the same)")
 
 
-def add_seed_output_flags(p: argparse.ArgumentParser) -> None:
+def add_seed_output_flags(p: argparse.ArgumentParser, progress_bar: bool = True) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output folder (a previous output of "
                    "this script is replaced without it)")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors" + ("; no progress bar" if progress_bar else ""))
 
 
 # ---- merge_lora.py ------------------------------------------------------------------------------------------

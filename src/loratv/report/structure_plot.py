@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .plots import COLOURS, DPI, STYLE  # noqa: E402
+from .plots import COLOURS, _render  # noqa: E402
 
 STATE_COLOURS = {"both": COLOURS["shared"], "adapter-only": COLOURS["adapter-only"],
                  "task-vector-only": COLOURS["unexplained"], "cast-artifact": COLOURS["cast-artifact"],
@@ -171,10 +171,4 @@ def structure_plot(record: dict, path) -> dict:
     Returns:
         {"rows", "columns", "row_labels", "column_labels", "cells": {state: count}}.
     """
-    with plt.rc_context(STYLE):
-        fig, info = _structure_figure(record)
-        try:
-            fig.savefig(Path(path), dpi=DPI, bbox_inches="tight")
-        finally:
-            plt.close(fig)
-    return info
+    return _render(_structure_figure, record, path)
