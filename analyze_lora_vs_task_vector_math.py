@@ -8,7 +8,7 @@ Flags: --lora_file --task_vector_file --base_model --output_dir --verbose --no_p
 
 import sys
 
-from loratv.seed_scripts import analyze_main
+from loratv.cli.seed_scripts import analyze_main
 
 if __name__ == "__main__":
     sys.exit(analyze_main())

@@ -6,7 +6,7 @@ Everything it does lives in loratv.seed_research_scripts and the library; this f
 
 import sys
 
-from loratv.seed_research_scripts import analyze_task_vector_structure_main
+from loratv.cli.seed_research_scripts import analyze_task_vector_structure_main
 
 if __name__ == "__main__":
     sys.exit(analyze_task_vector_structure_main())

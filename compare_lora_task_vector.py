@@ -8,7 +8,7 @@ Flags: --base_model --lora_path --task_vector_path --output_dir --tolerance --de
 
 import sys
 
-from loratv.seed_scripts import compare_main
+from loratv.cli.seed_scripts import compare_main
 
 if __name__ == "__main__":
     sys.exit(compare_main())

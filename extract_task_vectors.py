@@ -7,7 +7,7 @@ Flags: --base_model --finetuned_model --output_dir --device --trust_remote_code 
 
 import sys
 
-from loratv.seed_scripts import extract_task_vectors_main
+from loratv.cli.seed_scripts import extract_task_vectors_main
 
 if __name__ == "__main__":
     sys.exit(extract_task_vectors_main())

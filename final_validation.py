@@ -7,7 +7,7 @@ Exit 0 equivalent, 1 not, 2 bad input.
 
 import sys
 
-from loratv.seed_scripts import final_validation_main
+from loratv.cli.seed_scripts import final_validation_main
 
 if __name__ == "__main__":
     sys.exit(final_validation_main())

@@ -6,7 +6,7 @@ Everything it does lives in loratv.seed_research_scripts and the library; this f
 
 import sys
 
-from loratv.seed_research_scripts import investigate_parameter_changes_main
+from loratv.cli.seed_research_scripts import investigate_parameter_changes_main
 
 if __name__ == "__main__":
     sys.exit(investigate_parameter_changes_main())

@@ -6,7 +6,7 @@ Flags: --base_model --lora_path --output_dir --precision {fp16,fp32,bf16} --devi
 
 import sys
 
-from loratv.seed_scripts import merge_lora_main
+from loratv.cli.seed_scripts import merge_lora_main
 
 if __name__ == "__main__":
     sys.exit(merge_lora_main())

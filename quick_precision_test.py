@@ -7,7 +7,7 @@ Flags: --fp16_dir --fp32_dir --base_model --json (see --help).
 
 import sys
 
-from loratv.seed_scripts import quick_precision_main
+from loratv.cli.seed_scripts import quick_precision_main
 
 if __name__ == "__main__":
     sys.exit(quick_precision_main())

@@ -40,7 +40,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def example_dir(tmp_path_factory):
     """`loratv example -o DIR` run once per session: DIR/base and DIR/adapter. Read only."""
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     out = tmp_path_factory.mktemp("example") / "ex"
     assert main(["example", "-o", str(out)]) == 0

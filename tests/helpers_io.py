@@ -32,7 +32,7 @@ def loratv_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def example(loratv_cache):
     """The cached embedded example: {"base": folder, "adapter": folder}. Read only."""
-    from loratv.example import example_paths
+    from loratv.example.builder import example_paths
 
     return example_paths()
 
@@ -53,7 +53,7 @@ def ex(example, tmp_path):
 
 def run_cli(capsys, *argv):
     """loratv.cli.main in-process: (exit code, stdout, stderr)."""
-    from loratv import cli
+    from loratv.cli import app as cli
 
     capsys.readouterr()
     rc = cli.main([str(a) for a in argv])

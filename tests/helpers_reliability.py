@@ -98,7 +98,7 @@ def reset_peak_rss() -> bool:
 def run_guarded_case(argv, *, seconds: float = 30, max_rss_growth: int = 256 << 20):
     """`loratv.cli.main(argv)` in-process: (rc, stdout, stderr). Any escaping exception, a run longer than `seconds`
     or a peak RSS more than `max_rss_growth` above the starting RSS fails the test."""
-    from loratv import cli
+    from loratv.cli import app as cli
 
     out, err = io.StringIO(), io.StringIO()
 

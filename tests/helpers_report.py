@@ -66,7 +66,7 @@ def write_layered_model(root: Path, layers: int = 80, hidden: int = 16, rank: in
 def _validated_once(tmp_path_factory, name: str, argv) -> Path:
     """`loratv validate ARGV -o BASETEMP/NAME`, run once per session whichever test module asks first (a fixture
     imported into two modules would be two fixtures); the folder is read only."""
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     out = tmp_path_factory.getbasetemp() / name / "validation_results"
     if not (out / "report.html").is_file():

@@ -193,7 +193,7 @@ def header_shapes(file) -> dict:
 
 def loratv(*argv) -> None:
     """Run the CLI in-process (quiet) and require success."""
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     argv = [str(a) for a in argv]
     if argv[0] in ("merge", "extract"):

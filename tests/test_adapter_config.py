@@ -5,7 +5,7 @@ import math
 import pytest
 from peft.utils.other import get_pattern_key
 
-from loratv.adapter_config import match_pattern_key, parse_config
+from loratv.adapters.config import match_pattern_key, parse_config
 from loratv.errors import LoratvError
 
 MODULES = [

@@ -29,7 +29,7 @@ def half_adapter(base, folder, dtype):
 @pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.bfloat16], ids=["fp16-adapter", "bf16-adapter"])
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["fp32-base", "bf16-base"])
 def test_half_precision_adapters_merge_like_peft(tmp_path, adapter_dtype, base_dtype):
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     trained_on = build_base("llama", tmp_path / "trained_on", dtype=adapter_dtype)
     adapter = half_adapter(trained_on, tmp_path / "adapter", adapter_dtype)

@@ -14,7 +14,7 @@ from helpers_io import REPO, example, loratv_cache, run_subprocess  # noqa: F401
 
 
 def run_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv] + ["--quiet"])
 
@@ -156,7 +156,7 @@ def test_report_files(fp32_record):
 
 
 def test_seed_script_and_verbose(example, merged, tmp_path, capsys):  # noqa: F811
-    from loratv.seed_scripts import analyze_main
+    from loratv.cli.seed_scripts import analyze_main
 
     out = tmp_path / "seed"
     assert analyze_main(["--lora_file", str(merged["fp32"]["cmp"] / "lora_deltas.safetensors"), "--task_vector_file",
@@ -174,7 +174,7 @@ def test_seed_script_and_verbose(example, merged, tmp_path, capsys):  # noqa: F8
     (["--task-vector", "TV"], "needs the LoRA side"),
 ])
 def test_bad_input_exits_2_without_output(example, merged, tmp_path, capsys, argv, message):  # noqa: F811
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     argv = [str(example["adapter"]) if a == "ADAPTER" else str(merged["fp32"]["tv"]) if a == "TV" else a for a in argv]
     out = tmp_path / "out"
@@ -200,7 +200,7 @@ def test_root_seed_script_runs_on_the_example_and_refuses_half_its_inputs(tmp_pa
 def test_row_blocks_change_nothing(example, merged, monkeypatch, source):  # noqa: F811
     """Large tensors go through in row blocks: with blocks of 15 rows every count, floor and moment must be what one
     block per tensor gives (the example's tensors otherwise fit one block)."""
-    import loratv.analyze as analyze_module
+    import loratv.ops.analyze as analyze_module
 
     inputs = {"finetuned": merged["fp32"]["merged"]} if source == "finetuned" else {"task_vector": merged["fp32"]["tv"]}
     record = analyze_module.analyze(base=example["base"], adapter=example["adapter"], **inputs)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers_io import run_cli
-from loratv.architectures import config_tensors
+from loratv.models.architectures import config_tensors
 from loratv.errors import LoratvError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ ADAPTERS = {
 
 
 def run_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv] + ["--quiet"])
 
@@ -93,10 +93,10 @@ def test_cast_first_is_peft_on_a_16_bit_model_bit_for_bit_and_certified(tmp_path
 def _beyond_bound(base, adapter, name, merged, w):
     """`merged` with its first element moved, away from ΔW, to 3 ulps past the largest value the rounding bound
     (precision.merge_error_bound, every merge path) allows there."""
-    from loratv.adapter import bind, load_adapter
-    from loratv.checkpoint import Checkpoint
-    from loratv.compare import expected_delta
-    from loratv.precision import merge_error_bound
+    from loratv.adapters.adapter import bind, load_adapter
+    from loratv.io.checkpoint import Checkpoint
+    from loratv.ops.compare import expected_delta
+    from loratv.numerics.precision import merge_error_bound
 
     ckpt, loaded = Checkpoint(base), load_adapter(adapter)
     delta = expected_delta(loaded, bind(loaded, ckpt), ckpt, name)
@@ -147,7 +147,7 @@ def test_the_two_paths_differ_and_bf16_base_autocast_is_the_direct_merge(tmp_pat
 def test_precision_paths_are_the_two_peft_merges(tmp_path, pairs, capsys):
     """`precision --paths fp16-cast-first fp16-cast-all` merges as PEFT does with and without autocast_adapter_dtype,
     and certifies both; the default paths leave cast-all out."""
-    from loratv.precision_study import DEFAULT_PATHS, PATHS
+    from loratv.ops.precision_study import DEFAULT_PATHS, PATHS
 
     assert set(PATHS) - set(DEFAULT_PATHS) == {"fp16-cast-all", "bf16-cast-all"}
     base, adapter = pairs["gpt2"]

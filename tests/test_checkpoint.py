@@ -20,9 +20,9 @@ from helpers_io import (  # noqa: F401 - fixtures are found by name
     shard_model,
     tensors_equal,
 )
-from loratv.checkpoint import Checkpoint
+from loratv.io.checkpoint import Checkpoint
 from loratv.errors import LoratvError
-from loratv.safetensors_format import SafetensorsWriter
+from loratv.io.safetensors_format import SafetensorsWriter
 
 pytestmark = pytest.mark.usefixtures("loratv_cache")
 

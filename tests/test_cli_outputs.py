@@ -37,7 +37,7 @@ def test_to_lora_with_no_model_argument_uses_the_example(capsys, workdir):
 
 
 def test_to_lora_explicit_arguments_still_work(capsys, workdir, example_dir):
-    from loratv.example import example_merged
+    from loratv.example.builder import example_merged
 
     rc, _, err = run_cli(capsys, "to-lora", "--base", example_dir / "base", "--finetuned", example_merged("fp32"),
                          "-o", "mine", "--rank", "4", "--quiet")
@@ -69,7 +69,7 @@ def test_convert_explicit_arguments_still_work(capsys, workdir, example_dir):
 
 
 def test_help_text_names_the_defaults(capsys):
-    from loratv.cli import build_parser
+    from loratv.cli.app import build_parser
 
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - no public accessor

@@ -19,7 +19,7 @@ from helpers_io import (  # noqa: F401 - fixtures are found by name
     run_subprocess,
     tensors_equal,
 )
-from loratv.seed_scripts import extract_task_vectors_main, merge_lora_main
+from loratv.cli.seed_scripts import extract_task_vectors_main, merge_lora_main
 
 pytestmark = pytest.mark.usefixtures("loratv_cache")
 
@@ -31,7 +31,7 @@ EXAMPLE_YAML = REPO / "examples" / "extract_task_vectors_config.yml"
 @pytest.fixture(scope="module")
 def reference(example, tmp_path_factory):
     """`loratv merge` (fp32 and fp16) and `loratv extract` outputs on the embedded example."""
-    from loratv import cli
+    from loratv.cli import app as cli
 
     root = tmp_path_factory.mktemp("reference")
     for precision in ("fp32", "fp16"):
@@ -89,7 +89,7 @@ def test_merge_lora_bad_input(capsys, example, tmp_path):
 
 
 def test_extract_script_with_yaml_config(example, reference, tmp_path):
-    from loratv.example import example_merged
+    from loratv.example.builder import example_merged
 
     config = tmp_path / "tv.yml"
     config.write_text(yaml.safe_dump({
@@ -148,7 +148,7 @@ def test_extract_script_bad_yaml(capsys, tmp_path):
 
 
 def test_loratv_extract_config(capsys, example, reference, tmp_path):
-    from loratv.example import example_merged
+    from loratv.example.builder import example_merged
 
     config = tmp_path / "tv.yml"
     out = tmp_path / "tv"

@@ -30,13 +30,13 @@ def _merged_example(example, tmp_path, precision="fp32"):
 
 
 def _cli(argv):
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv]), "", ""
 
 
 def _compare(base, adapter, out, *, finetuned=None, task_vector=None, extra=()):
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     argv = ["compare", "--base", base, "--adapter", adapter, "-o", out, "--no-plots", "--quiet", *extra]
     argv += ["--finetuned", finetuned] if finetuned is not None else ["--task-vector", task_vector]
@@ -137,7 +137,7 @@ def test_example_fp32_is_certified_and_metrics_equal_dense_float64(example, tmp_
 def test_example_fp16_has_363_cast_artifacts_and_is_certified(example, tmp_path):
     merged = _merged_example(example, tmp_path, "fp16")
     tv = tmp_path / "tv16"
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     assert main(["extract", "--base", str(example["base"]), "--finetuned", str(merged), "-o", str(tv), "--quiet"]) == 0
     for k, kwargs in enumerate(({"task_vector": tv}, {"task_vector": tv / "task_vector.safetensors"}, {"finetuned": merged})):
@@ -329,7 +329,7 @@ def test_task_vector_of_another_model_is_refused(example, tmp_path, capsys):
     other = tmp_path / "other"
     build_base("llama", other)
     tv = tmp_path / "tv"
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     assert main(["extract", "--base", str(other), "--finetuned", str(other), "-o", str(tv), "--dense", "--quiet"]) == 0
     out = tmp_path / "cmp"
@@ -425,7 +425,7 @@ def test_adapter_trained_from_another_seed_is_not_equivalent(tmp_path):
     ours = _train_adapter(base, tmp_path / "seed0", seed=0)
     other = _train_adapter(base, tmp_path / "seed1", seed=1)
     merged = tmp_path / "merged"
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     assert main(["merge", "--base", str(base), "--adapter", str(ours), "-o", str(merged), "--quiet"]) == 0
     rc, record = _compare(base, ours, tmp_path / "same", finetuned=merged)

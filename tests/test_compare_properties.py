@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from loratv.compare import compare
-from loratv.lowrank import Factors, InnerProduct, norm_sq
+from loratv.ops.compare import compare
+from loratv.numerics.lowrank import Factors, InnerProduct, norm_sq
 
 MODULE = "layers.0.proj"
 

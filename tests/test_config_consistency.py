@@ -11,7 +11,7 @@ from models import build_adapter, build_base, peft_merged_state
 
 
 def run_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv] + ["--quiet"])
 

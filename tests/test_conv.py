@@ -13,7 +13,7 @@ from models import build_base, load_model, peft_merged_state
 
 
 def run_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv] + ["--quiet"])
 
@@ -108,7 +108,7 @@ def test_precision_certifies_all_five_paths_of_a_conv_lora(tmp_path, resnets):
 
 
 def test_inspect_describes_conv_modules(tmp_path, resnets):
-    from loratv.inspect import describe_adapter
+    from loratv.ops.inspect import describe_adapter
 
     base = resnets[torch.float32]
     adapter = conv_adapter(base, tmp_path / "adapter", True)

@@ -153,7 +153,7 @@ def test_real_tmpfs_full_after_the_shards(inputs, small_tmpfs, tmp_path):
     """A tmpfs that holds the merged shards exactly: config.json, the index or the manifest hits ENOSPC."""
     before = {k: tree_digest(inputs[k]) for k in ("base", "adapter", "finetuned")}
     measured = tmp_path / "measured"
-    from loratv import cli
+    from loratv.cli import app as cli
 
     assert cli.main([str(a) for a in _argv("merge", inputs, measured)]) == 0
     shards = sorted(measured.glob("*.safetensors"))

@@ -144,7 +144,7 @@ def _run(block, example_root: Path):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Every runnable block's (exit code, stdout, stderr), run two at a time against one warmed cache."""
-    from loratv.example import example_merged, example_paths, write_example
+    from loratv.example.builder import example_merged, example_paths, write_example
 
     example_paths()
     example_merged("fp32")
@@ -211,7 +211,7 @@ def test_example_script_needs_only_torch(blocked, tmp_path, example_dir):
     """After `pip install -e .` (no safetensors): the script runs; without torch: one line, no traceback."""
     import sys
 
-    from loratv.example import example_merged
+    from loratv.example.builder import example_merged
 
     runner = (f"import sys; sys.modules[{blocked!r}] = None; sys.argv = sys.argv[1:]; import runpy; "
               "runpy.run_path(sys.argv[0], run_name='__main__')")

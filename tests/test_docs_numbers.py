@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loratv.inspect import describe
+from loratv.ops.inspect import describe
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = REPO / "docs" / "starcoder2-architecture.md"

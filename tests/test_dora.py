@@ -12,7 +12,7 @@ from models import build_base, load_model, peft_merged_state
 
 
 def run_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv] + ["--quiet"])
 
@@ -175,7 +175,7 @@ def test_magnitude_shape_is_checked(tmp_path, capsys):
 def test_inspect_describes_dora(tmp_path, capsys):
     base = build_base("gpt2", tmp_path / "base")
     adapter = dora_adapter(base, tmp_path / "adapter", ["c_attn"])
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     assert main(["inspect", str(adapter), "--base", str(base), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

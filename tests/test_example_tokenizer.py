@@ -11,8 +11,8 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.implementations import ByteLevelBPETokenizer
 from tokenizers.models import BPE
 
-from loratv import example_tokenizer as et
-from loratv.example_tokenizer import CORPUS, FILE_NAMES, SPECIAL_TOKENS, write_tokenizer_files
+from loratv.example import tokenizer as et
+from loratv.example.tokenizer import CORPUS, FILE_NAMES, SPECIAL_TOKENS, write_tokenizer_files
 
 VOCAB = 512  # the miniature's vocab_size (example.VOCAB)
 MAX_LENGTH = 512  # its max_position_embeddings
@@ -220,7 +220,7 @@ def test_two_writes_are_byte_identical(tmp_path, folder):
 def test_fresh_process_with_other_hash_seed_writes_the_same_bytes_using_only_the_stdlib(tmp_path, folder):
     script = (
         "import sys; from pathlib import Path\n"
-        "from loratv.example_tokenizer import write_tokenizer_files\n"
+        "from loratv.example.tokenizer import write_tokenizer_files\n"
         "write_tokenizer_files(Path(sys.argv[1]), 512, 512)\n"
         "heavy = {'torch', 'numpy', 'tokenizers', 'transformers'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"

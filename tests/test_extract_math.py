@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loratv.extract import TensorStats, _stored_difference
+from loratv.ops.extract import TensorStats, _stored_difference
 
 
 def _pairs(n=4000, seed=0):
@@ -60,10 +60,10 @@ def test_float64_storage_counts_inexact_subtractions():
 
 def test_chunked_and_second_pass_paths_equal_numpy(example_dir, tmp_path, monkeypatch):
     """Tiny read chunks and a tiny keep limit force the multi-chunk read-ahead and the second pass."""
-    import loratv.extract as extract_module
+    import loratv.ops.extract as extract_module
     from safetensors.numpy import load_file
 
-    from loratv.merge import merge
+    from loratv.ops.merge import merge
 
     merged = tmp_path / "merged"
     merge(example_dir / "base", example_dir / "adapter", merged, precision="fp16")

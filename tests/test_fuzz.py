@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     folders = write_tiny(root / "inputs")
     reference = root / "reference-merge"
-    from loratv.merge import merge
+    from loratv.ops.merge import merge
 
     merge(folders["base"], folders["adapter"], reference, precision="fp16")
     return {"root": root, "reference_merge": reference, **folders}
@@ -260,7 +260,7 @@ def _merge_case(tiny, work, tally, extra=()):
         _refused(rc, err, out, tally)
         return None
     assert rc == 0, err
-    from loratv.verify import verify
+    from loratv.ops.verify import verify
 
     report = verify(out)
     assert report.ok, report.problems

@@ -13,7 +13,7 @@ from helpers_io import run_cli
 from helpers_report import Page, example_validation, layered_validation
 from test_report import example_category, make_record
 
-from loratv import example
+from loratv.example import builder as example
 from loratv.report import html as report_html
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -301,7 +301,9 @@ def test_80_layer_page_lists_everything(big):
 
 
 def test_names_and_schemas_agree_with_the_writers():
-    from loratv import analyze, compare, precision_study
+    from loratv.ops import analyze
+    from loratv.ops import compare
+    from loratv.ops import precision_study
 
     assert report_html.COMPARISON_FILE == compare.RESULTS_FILE and report_html.COMPARISON_SCHEMA == compare.SCHEMA
     assert report_html.ANALYSIS_FILE == analyze.RESULTS_NAME

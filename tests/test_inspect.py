@@ -110,15 +110,15 @@ def test_inspect_reads_headers_only(capsys, example, tmp_path, monkeypatch):
     header = raw[8 : 8 + n]
     write_raw_safetensors(folder / "model.safetensors", header, b"\xff" * (len(raw) - 8 - n))  # every float a NaN
 
-    import loratv.checkpoint
-    import loratv.safetensors_format
+    import loratv.io.checkpoint
+    import loratv.io.safetensors_format
 
     def no_data(*args, **kwargs):
         raise AssertionError("inspect read tensor data")
 
-    monkeypatch.setattr(loratv.safetensors_format, "read_bytes", no_data)
-    monkeypatch.setattr(loratv.checkpoint.Checkpoint, "read", no_data)
-    monkeypatch.setattr(loratv.checkpoint.Checkpoint, "read_rows", no_data)
+    monkeypatch.setattr(loratv.io.safetensors_format, "read_bytes", no_data)
+    monkeypatch.setattr(loratv.io.checkpoint.Checkpoint, "read", no_data)
+    monkeypatch.setattr(loratv.io.checkpoint.Checkpoint, "read_rows", no_data)
     garbage = inspect_json(capsys, folder)
     real = inspect_json(capsys, example["base"])
     for key in ("total_tensors", "total_parameters", "layers", "tensors_per_layer", "global_tensors",

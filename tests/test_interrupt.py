@@ -146,7 +146,7 @@ def _trial(m, kind, sig, phase, rng, tmp_path, existed):
 
 
 def run_cli_quiet(argv):
-    from loratv import cli
+    from loratv.cli import app as cli
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -195,7 +195,7 @@ def test_two_runs_writing_one_output_at_once(model, tmp_path):
 
 
 def test_a_held_lock_refuses_a_second_writer(capsys, model, tmp_path):
-    from loratv.outputs import _output_lock
+    from loratv.io.outputs import _output_lock
 
     out = tmp_path / "out"
     with _output_lock(out, out):
@@ -237,7 +237,7 @@ def test_failed_run_with_force_keeps_the_previous_output(capsys, model, tmp_path
 
 def test_replacing_without_an_atomic_exchange(capsys, model, tmp_path, monkeypatch):
     """Where renameat2(RENAME_EXCHANGE) is missing, --force replaces by two renames and still leaves nothing else."""
-    from loratv import outputs
+    from loratv.io import outputs
 
     out = tmp_path / "out"
     out.mkdir()
@@ -250,7 +250,7 @@ def test_replacing_without_an_atomic_exchange(capsys, model, tmp_path, monkeypat
 
 
 def test_atomic_exchange_swaps_two_folders(tmp_path):
-    from loratv.outputs import _exchange
+    from loratv.io.outputs import _exchange
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()

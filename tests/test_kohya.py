@@ -20,7 +20,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 def run_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv])
 
@@ -59,7 +59,7 @@ def assert_merges_like_peft(tmp_path, base, single_file, equivalent, changed: in
 
 
 def scales(adapter_path) -> dict:
-    from loratv.adapter import load_adapter
+    from loratv.adapters.adapter import load_adapter
 
     return {n: (m.r, m.scale) for n, m in load_adapter(adapter_path).modules.items()}
 
@@ -287,7 +287,7 @@ def test_kohya_conv2d_merges_and_converts_like_peft(tmp_path):
 
     from peft import LoraConfig, get_peft_model
 
-    from loratv.merge import merge
+    from loratv.ops.merge import merge
     from models import randomise_adapter
 
     class Net(torch.nn.Module):

@@ -105,7 +105,7 @@ def adapter_keys(adapter) -> list:
 
 
 def run_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv] + ["--quiet"])
 
@@ -165,8 +165,8 @@ def test_explicit_target_parameters_on_per_expert_mixtral(tmp_path):
 def test_bare_target_names_match_as_peft_matches(tmp_path):
     """PEFT writes bare `gate_up_proj`/`down_proj`/`gate.weight`: only the experts and the router are ParamWrappers;
     q/k/v/o stay module LoRAs."""
-    from loratv.adapter import bind, load_adapter
-    from loratv.checkpoint import Checkpoint
+    from loratv.adapters.adapter import bind, load_adapter
+    from loratv.io.checkpoint import Checkpoint
 
     base = build_base("qwen3_moe", tmp_path / "base")
     adapter = load_adapter(build_adapter(base, tmp_path / "adapter", target_modules="all-linear"))
@@ -179,7 +179,7 @@ def test_bare_target_names_match_as_peft_matches(tmp_path):
 
 
 def test_without_a_conversion_rule_the_message_names_both_layouts(tmp_path, capsys, monkeypatch):
-    import loratv.layouts as layouts
+    import loratv.models.layouts as layouts
 
     base = build_base("llava", tmp_path / "base")
     adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
@@ -192,7 +192,7 @@ def test_without_a_conversion_rule_the_message_names_both_layouts(tmp_path, caps
 
 
 def test_per_expert_message_uses_the_checkpoint_naming(tmp_path, capsys, monkeypatch):
-    import loratv.layouts as layouts
+    import loratv.models.layouts as layouts
 
     base = build_base("mixtral", tmp_path / "base")
     adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"],

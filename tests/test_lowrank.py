@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from loratv.lowrank import factored_inner, factored_norm_sq
+from loratv.numerics.lowrank import factored_inner, factored_norm_sq
 
 
 @pytest.mark.parametrize("m, n, r", [(64, 48, 8), (7, 300, 1), (128, 128, 16)])
@@ -31,8 +31,8 @@ def test_norm_of_a_rank_one_delta_is_exact():
 def test_compensated_rows_meet_their_bound_against_exact_rationals(dtype):
     from fractions import Fraction
 
-    from loratv.lowrank import Factors
-    from loratv.precision import gamma
+    from loratv.numerics.lowrank import Factors
+    from loratv.numerics.precision import gamma
 
     gen = torch.Generator().manual_seed(7)
     r, m, n = 6, 5, 7

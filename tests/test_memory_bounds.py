@@ -87,8 +87,8 @@ def idle_vmdata():
 
 
 def _bounds():
-    from loratv.extract import READ_BYTES
-    from loratv.streaming import CHUNK_BYTES
+    from loratv.ops.extract import READ_BYTES
+    from loratv.common.streaming import CHUNK_BYTES
 
     return {"merge": CHUNK_BYTES, "extract": 4 * READ_BYTES + 128 * MIB}
 
@@ -144,7 +144,7 @@ def test_a_single_2_gib_tensor(idle_vmdata, tmp_path):
     limits = {cmd: idle_vmdata + bound + largest for cmd, bound in _bounds().items()}
     # a targeted tensor's s·B@A is formed whole, as PEFT forms it (bit-identity needs PEFT's GEMM shapes;
     # adapter.delta_rows): `largest` holds it, and the rows being merged take a second chunk beside the first
-    from loratv.streaming import CHUNK_BYTES
+    from loratv.common.streaming import CHUNK_BYTES
 
     limits["merge"] += CHUNK_BYTES
     root, is_shm = _output_root(tmp_path, largest)

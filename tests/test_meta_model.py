@@ -20,7 +20,7 @@ from helpers_io import run_cli
 
 transformers = pytest.importorskip("transformers")
 
-from loratv.meta_model import handwritten_inventory, saved_inventory  # noqa: E402
+from loratv.models.meta_model import handwritten_inventory, saved_inventory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "configs"

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loratv.moments import Moments, quantiles, ulp_histogram
+from loratv.numerics.moments import Moments, quantiles, ulp_histogram
 
 
 def _numpy_moments(x):

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*argv, quiet=True) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv] + (["--quiet"] if quiet else []))
 
@@ -357,7 +357,7 @@ def _refused_by_name() -> str:
 
 
 def test_readme_refusal_list_matches_the_code():
-    from loratv.adapter_config import OTHER_TUNERS, REFUSED_FIELDS
+    from loratv.adapters.config import OTHER_TUNERS, REFUSED_FIELDS
 
     listed = _refused_by_name()
     # every config field the code refuses, and every foreign tuner, is named in the list

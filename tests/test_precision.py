@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from loratv.precision import is_cast_artifact, ulp
+from loratv.numerics.precision import is_cast_artifact, ulp
 
 
 @pytest.mark.parametrize("np_dtype, dtype", [(np.float32, torch.float32), (np.float16, torch.float16)])
@@ -36,7 +36,7 @@ def test_merge_error_bound_covers_both_peft_merges_on_a_16_bit_model(dtype, auto
     then two deltas added in place — fp32 deltas (one Linear-like, one rounded to d first like an Embedding's) or,
     without autocast, deltas from rounded factors rounded to d. Every element stays within merge_error_bound, on
     weights spanning cancellation, deltas far below an ulp of W, and subnormal results."""
-    from loratv.precision import merge_error_bound
+    from loratv.numerics.precision import merge_error_bound
 
     g = torch.Generator().manual_seed(11)
     n, r, s = 4096, 8, 1.7

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from loratv import example
+from loratv.example import builder as example
 from loratv.report import plots, text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -186,7 +186,7 @@ def test_seed_readme_runs_verbatim(seed_root, example):
 
 def test_checkpoint_is_the_example_adapter(tmp_path):
     """checkpoint-40000/ is byte for byte what `loratv example` writes as adapter/, and its tokenizer is the model's."""
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     assert main(["example", "-o", str(tmp_path / "ex")]) == 0
     written = {p.name: p.read_bytes() for p in (tmp_path / "ex" / "adapter").iterdir()}

@@ -40,7 +40,7 @@ def run_script(name, argv, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def merges(example):
     """The example's base and its fp32 and fp16 merges, as NumPy arrays."""
-    from loratv.example import example_merged
+    from loratv.example.builder import example_merged
 
     return {
         "base": load_file(example["base"] / "model.safetensors"),
@@ -79,8 +79,8 @@ def test_analyze_task_vectors_on_the_example(merges, tmp_path, monkeypatch, caps
 
 def test_analyze_task_vectors_reads_the_workflows_task_vector(example, tmp_path, monkeypatch, capsys):
     """With task_vectors_fp32/ in the working folder (the seed's step 2), that is the default."""
-    from loratv.cli import main
-    from loratv.example import example_merged
+    from loratv.cli.app import main
+    from loratv.example.builder import example_merged
 
     monkeypatch.chdir(tmp_path)
     assert main(["extract", "--base", str(example["base"]), "--finetuned", str(example_merged("fp16")),
@@ -136,7 +136,7 @@ def test_investigate_parameter_changes(merges, tmp_path, monkeypatch, capsys):
 
 
 def test_investigate_uses_the_workflows_fp16_merge(example, tmp_path, monkeypatch, capsys):
-    from loratv.example import example_merged
+    from loratv.example.builder import example_merged
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(example_merged("fp32"), tmp_path / "merged_model_fp16")  # any model there is taken
@@ -220,7 +220,7 @@ def test_quick_precision_advice_can_be_followed(merges, tmp_path, monkeypatch, c
     """The seed's precision walkthrough: with the default storage the shared tensors cannot be decided, and the
     script says how to re-extract; the seed's own extract script takes that flag, after which all 120 are proven to
     be the fp32 merge rounded to fp16 (as NumPy confirms on the merged files)."""
-    from loratv.seed_scripts import extract_task_vectors_main, merge_lora_main, quick_precision_main
+    from loratv.cli.seed_scripts import extract_task_vectors_main, merge_lora_main, quick_precision_main
 
     monkeypatch.chdir(tmp_path)
     for p in ("fp16", "fp32"):
@@ -247,7 +247,7 @@ def test_quick_precision_advice_can_be_followed(merges, tmp_path, monkeypatch, c
 
 def test_seed_flag_names_in_messages():
     """Messages from the shared code are shown in the scripts' flag names; other flags and words are untouched."""
-    from loratv.seed_scripts import seed_flag_message
+    from loratv.cli.seed_scripts import seed_flag_message
 
     assert seed_flag_message("x: a fine-tuned model needs its base (--base).") == \
         "x: a fine-tuned model needs its base (--base_model)."

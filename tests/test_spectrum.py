@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from loratv.lowrank import Factors
-from loratv.spectrum import (
+from loratv.numerics.lowrank import Factors
+from loratv.numerics.spectrum import (
     effective_rank,
     exact_spectrum,
     lora_spectrum,
@@ -118,7 +118,7 @@ def _lowrank_plus_noise(rng, m, n, r, noise):
 
 @pytest.mark.parametrize("exact_max_dim", [2048, 8])  # exact SVD, then the randomized path
 def test_truncate_recovers_the_rank_and_reports_the_error_it_makes(exact_max_dim):
-    from loratv.spectrum import truncate
+    from loratv.numerics.spectrum import truncate
 
     rng = np.random.default_rng(5)
     t = _lowrank_plus_noise(rng, 60, 40, 5, 1e-9)
@@ -138,7 +138,7 @@ def test_truncate_recovers_the_rank_and_reports_the_error_it_makes(exact_max_dim
 
 
 def test_truncate_energy_and_error_criteria_pick_the_smallest_rank():
-    from loratv.spectrum import truncate
+    from loratv.numerics.spectrum import truncate
 
     rng = np.random.default_rng(6)
     s = np.array([10.0, 5.0, 2.0, 1.0, 0.5])

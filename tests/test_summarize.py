@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from helpers_io import assert_one_line_error, run_cli, run_json, write_model
-from loratv.cli import main
+from loratv.cli.app import main
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 

@@ -14,7 +14,7 @@ from models import load_model, peft_merged_state, ulp_of
 
 
 def run_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv] + ["--quiet"])
 
@@ -142,7 +142,7 @@ def test_per_expert_checkpoint_is_mapped_through_transformers(tmp_path):
 
 
 def test_inspect_resolves_the_nesting_with_the_base(tmp_path):
-    from loratv.inspect import describe_adapter
+    from loratv.ops.inspect import describe_adapter
 
     base = build_moe("gptoss", tmp_path / "base", torch.float32)
     adapter = moe_adapter(base, tmp_path / "adapter")

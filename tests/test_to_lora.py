@@ -17,7 +17,7 @@ MODULES = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj
 
 
 def run_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv] + ["--quiet"])
 
@@ -184,7 +184,7 @@ def test_full_values_from_a_stored_task_vector_need_the_base(full_finetune, tmp_
     (["--rank", "4", "--include", "("], "not a valid regular expression"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(example, tmp_path, capsys, argv, message):
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     out = tmp_path / "a"
     with pytest.raises(SystemExit) if "not allowed" in message else _nothing():

@@ -14,7 +14,7 @@ INDICES = [1, 5, 7, 100]
 
 
 def run_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv] + ["--quiet"])
 

@@ -14,13 +14,13 @@ from models import build_base, load_model, peft_merged_state
 
 
 def run_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main([str(a) for a in argv] + ["--quiet"])
 
 
 def inspect_cli(*argv) -> int:
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     return main(["inspect"] + [str(a) for a in argv])
 
@@ -145,9 +145,9 @@ def test_formulas_against_float64_numpy(tmp_path, bases):
     """The reference formulas themselves, evaluated independently in NumPy float64 from the file's tensors."""
     import numpy as np
 
-    from loratv.adapter import bind, load_adapter
-    from loratv.checkpoint import Checkpoint
-    from loratv.tuners import additive_delta, apply_rows
+    from loratv.adapters.adapter import bind, load_adapter
+    from loratv.io.checkpoint import Checkpoint
+    from loratv.adapters.tuners import additive_delta, apply_rows
 
     for case in ("loha", "lokr", "adalora", "vera", "ia3", "oft"):
         arch, config = configs()[case]

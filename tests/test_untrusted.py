@@ -81,7 +81,7 @@ def test_hostile_safetensors_header(capsys, tiny, tmp_path, case):
 
 def test_header_above_the_cap_is_refused_without_reading_it(capsys, tiny, tmp_path):
     """A header length within the file but above 100 MiB (a sparse file: no disk is used)."""
-    from loratv.safetensors_format import MAX_HEADER_BYTES
+    from loratv.io.safetensors_format import MAX_HEADER_BYTES
 
     file = tiny["base"] / "model.safetensors"
     with open(file, "wb") as f:

@@ -122,7 +122,7 @@ def test_quick_precision_test_reports_missing_folders(tmp_path):
 
 @pytest.mark.parametrize("storage", ["fp64"])
 def test_quick_precision_test_proves_fp16_is_fp32_rounded(example, tmp_path, storage, capsys):
-    from loratv.cli import main
+    from loratv.cli.app import main
 
     for precision in ("fp16", "fp32"):
         merged = tmp_path / f"m{precision}"
@@ -130,7 +130,7 @@ def test_quick_precision_test_proves_fp16_is_fp32_rounded(example, tmp_path, sto
                      "--precision", precision, "--quiet"]) == 0
         assert main(["extract", "--base", str(example["base"]), "--finetuned", str(merged), "-o",
                      str(tmp_path / f"tv{precision}"), "--storage-dtype", storage, "--quiet"]) == 0
-    from loratv.seed_scripts import quick_precision_main
+    from loratv.cli.seed_scripts import quick_precision_main
 
     capsys.readouterr()
     assert quick_precision_main(["--fp16_dir", str(tmp_path / "tvfp16"), "--fp32_dir", str(tmp_path / "tvfp32"),

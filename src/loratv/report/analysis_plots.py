@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import CYCLE, MARKERS, _empty, _grid, _grid_size, _label_ticks, _render, plt
+from loratv.report.plots import CYCLE, MARKERS, _empty, _grid, _grid_size, _label_ticks, _render, plt
 
 FILES = {"scatter": "analysis_scatter.png", "distributions": "analysis_distributions.png",
          "ulps": "analysis_residual_ulps.png", "spectra": "spectra.png", "ranks": "rank_heatmap.png"}

@@ -2,8 +2,8 @@
 
 import math
 
-from .analysis_plots import FILES, bin_label
-from .text import DASH, _fmt, _name
+from loratv.report.analysis_plots import FILES, bin_label
+from loratv.report.text import DASH, _fmt, _name
 
 QUANTITY_TITLES = {"delta": "ΔW, the LoRA delta", "task_vector": "T, the task vector", "residual": "R = T − ΔW"}
 

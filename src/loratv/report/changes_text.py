@@ -3,7 +3,7 @@
 re-renders later.
 """
 
-from .text import DASH, _fmt, _name, _pct, _table
+from loratv.report.text import DASH, _fmt, _name, _pct, _table
 
 SPECTRUM_VALUES = 4  # leading singular values shown per tensor in the text table
 

@@ -17,9 +17,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
-from ..errors import LoratvError
-from .html_assets import CSS, JS
+from loratv.errors import LoratvError
+from loratv.io import safe_json
+from loratv.io.outputs import atomic_output_file
+from loratv.report import analysis_plots
+from loratv.report import plots as comparison_plots
+from loratv.report.analysis_plots import write_analysis_plots
+from loratv.report.html_assets import CSS, JS
+from loratv.report.plots import precision_plot, write_comparison_plots
+from loratv.version import __version__
 
 REPORT_FILE = "report.html"
 # the record file names and schemas of compare.py, precision_study.py and analyze.py (tests check they agree;
@@ -63,7 +69,6 @@ class Records:
 # ---------------------------------------------------------------- reading and writing
 
 def _read_record(path: Path, schema: str) -> dict:
-    from .. import safe_json
 
     try:  # strict: no duplicate keys, NaN, lone surrogates or runaway nesting (loratv never writes them)
         record = safe_json.loads(path.read_bytes(), path)
@@ -136,11 +141,10 @@ def load_records(folder) -> Records:
 
 def plot_files(records: Records) -> dict:
     """PNG file name -> the record kind whose plot it is, for the records present."""
-    from . import analysis_plots, plots
 
     files = {}
     if records.comparison is not None:
-        files.update({name: "comparison" for name in plots.FILES.values()})
+        files.update({name: "comparison" for name in comparison_plots.FILES.values()})
     if records.precision is not None:
         files[PRECISION_PLOT] = "precision"
     if records.analysis is not None:
@@ -151,8 +155,6 @@ def plot_files(records: Records) -> dict:
 
 def collect_images(records: Records) -> dict:
     """PNG bytes per file name: the file in the folder, or (when missing) rendered from the record."""
-    from .analysis_plots import write_analysis_plots
-    from .plots import precision_plot, write_comparison_plots
 
     wanted = plot_files(records)
     images = {name: (records.folder / name).read_bytes() for name in wanted if (records.folder / name).is_file()}
@@ -173,7 +175,6 @@ def collect_images(records: Records) -> dict:
 
 def write_report(folder) -> Path:
     """Render FOLDER/report.html from the records there; written beside its final name, then renamed into place."""
-    from ..outputs import atomic_output_file
 
     folder = Path(folder)
     records = load_records(folder)
@@ -582,7 +583,6 @@ def _plain(text: str) -> str:
 
 def comparison_sections(rec: dict, images: dict) -> list:
     """(section id, nav title, html) for a comparison record."""
-    from .plots import FILES
 
     s = rec["summary"]
     alts = _comparison_alts(rec)
@@ -597,16 +597,16 @@ def comparison_sections(rec: dict, images: dict) -> list:
                 + '<p>Where the task vector and the adapter change the model: one row per layer, one column per '
                   'module kind (the tensor name without its layer prefix).</p>'
                 + _category_bar(s["counts"], s["total_tensors"]) + coverage_table(rec["tensors"], "cmp", "coverage-grid")
-                + _figure(images, FILES["coverage"], alts["coverage"], "The same coverage as a figure.")
-                + _figure(images, FILES["heatmap"], alts["heatmap"],
+                + _figure(images, comparison_plots.FILES["coverage"], alts["coverage"], "The same coverage as a figure.")
+                + _figure(images, comparison_plots.FILES["heatmap"], alts["heatmap"],
                           "How much each tensor changed relative to its base weight; blank cells are unchanged."))
     plots = ""
-    if FILES["cosine"] in images or FILES["norm"] in images:
+    if comparison_plots.FILES["cosine"] in images or comparison_plots.FILES["norm"] in images:
         plots = (_heading(2, "cosines", "Cosines and norms")
-                 + _figure(images, FILES["cosine"], alts["cosine"],
+                 + _figure(images, comparison_plots.FILES["cosine"], alts["cosine"],
                            "How close each shared tensor's task vector is to its LoRA delta (1 − cosine, log scale; "
                            "values at the floor are exactly 1 to double precision).")
-                 + _figure(images, FILES["norm"], alts["norm"],
+                 + _figure(images, comparison_plots.FILES["norm"], alts["norm"],
                            "Sizes of the changes: task-vector norms by category against the adapter's delta norms."))
     table = (_heading(2, "tensors", "Every tensor")
              + "<p>Sort by any column; filter by name or category. Cells of the coverage grid link here.</p>"
@@ -655,7 +655,7 @@ def _precision_lead(rec: dict) -> str:
 
 def precision_sections(rec: dict, paths: dict, images: dict) -> list:
     rows = []
-    for i, p in enumerate(rec["paths"]):
+    for p in rec["paths"]:
         counts = p["counts"]
         verdict = p["verdict"]
         cls = VERDICT_CLASS.get(verdict, "v-none")
@@ -756,7 +756,6 @@ def _analysis_table(rec: dict) -> str:
 
 
 def analysis_sections(rec: dict, images: dict) -> list:
-    from .analysis_plots import FILES
 
     s, inputs = rec["summary"], rec.get("inputs") or {}
     g = s.get
@@ -783,15 +782,15 @@ def analysis_sections(rec: dict, images: dict) -> list:
     _, layers, kinds = _grid([t for t in with_rank if "layer" in t and "kind" in t])
     kinds_seen = list(dict.fromkeys(t.get("kind") for t in rec["tensors"] if t.get("spectrum")))
     out = [("analysis", "Analysis", summary)]
-    if FILES["spectra"] in images or FILES["ranks"] in images:
+    if analysis_plots.FILES["spectra"] in images or analysis_plots.FILES["ranks"] in images:
         out.append(("spectra", "Spectra and ranks", _heading(2, "spectra", "Spectra and ranks")
-                    + _figure(images, FILES["spectra"],
+                    + _figure(images, analysis_plots.FILES["spectra"],
                               f"Line plots, one panel per module kind ({len(kinds_seen)}), of the leading singular "
                               "values of each task-vector tensor on a log axis relative to its rounding-noise floor, "
                               "coloured by layer, with the adapter rank marked.",
                               "Singular values of each tensor of T; a LoRA merge drops to the noise floor right "
                               "after the adapter rank.")
-                    + _figure(images, FILES["ranks"],
+                    + _figure(images, analysis_plots.FILES["ranks"],
                               f"Grid of {len(layers)} layers by {len(kinds)} module kinds showing the numerical rank "
                               "of each task-vector tensor as a number and a colour.",
                               "Numerical rank of T above the rounding-noise floor per tensor.")))
@@ -799,13 +798,13 @@ def analysis_sections(rec: dict, images: dict) -> list:
     ulp_alt = (f"Bar chart of |T − ΔW| in ulps of the stored weight over {sum(hist.get('counts') or []):,} elements, "
                f"symmetric log count axis; max {_plain(sci(g('max_residual_ulps')))} ulps.")
     out.append(("residuals", "Values and residuals", _heading(2, "residuals", "Values and residuals")
-                + _figure(images, FILES["scatter"], "Scatter plots of sampled elements: the task vector against the "
+                + _figure(images, analysis_plots.FILES["scatter"], "Scatter plots of sampled elements: the task vector against the "
                           "LoRA delta with the line y = x, and the residual T − ΔW against ΔW, by module kind.",
                           "Sampled elements: T against ΔW, and the residual.")
-                + _figure(images, FILES["distributions"], "Quantile curves on a logit axis of ΔW, T and T − ΔW per "
+                + _figure(images, analysis_plots.FILES["distributions"], "Quantile curves on a logit axis of ΔW, T and T − ΔW per "
                           "module kind, with skewness and excess kurtosis in the legends.",
                           "Distributions of the values per module kind.")
-                + _figure(images, FILES["ulps"], ulp_alt, "The residual in units in the last place.")
+                + _figure(images, analysis_plots.FILES["ulps"], ulp_alt, "The residual in units in the last place.")
                 + _layer_table(rec)))
     out.append(("analysis-tensors", "Analysed tensors", _heading(2, "analysis-tensors", "Analysed tensors")
                 + _analysis_table(rec)))

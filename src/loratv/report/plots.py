@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 from cycler import cycler  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 CATEGORIES = ("shared", "adapter-only", "cast-artifact", "unexplained", "unchanged")
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies
@@ -116,7 +117,6 @@ def cover_log_axis(ax, axis: str, values) -> list[float]:
     Returns:
         The ticks set, first ≤ min(values) and last ≥ max(values).
     """
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     values = np.asarray(values, dtype=float)
     ticks = log_ticks_covering(float(values.min()), float(values.max()))

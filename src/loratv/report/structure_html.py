@@ -4,9 +4,22 @@ The grid is report.html's coverage grid (table.grid, the same colour classes); e
 in a sortable, filterable table. Nothing is loaded from the network: the PNG is embedded as a data URI.
 """
 
-from .. import __version__
-from .html import JS, _data_table, _e, _figure, _kv, _list, _numbers, _source, _tools, integer, page_head, params
-from .structure_plot import LETTERS, legend_labels
+from loratv.report.html import (
+    JS,
+    _data_table,
+    _e,
+    _figure,
+    _kv,
+    _list,
+    _numbers,
+    _source,
+    _tools,
+    integer,
+    page_head,
+    params,
+)
+from loratv.report.structure_plot import LETTERS, legend_labels
+from loratv.version import __version__
 
 # the report's colour classes (html_assets.CSS): a `both` cell looks like a `shared` one in report.html
 CSS_CLASS = {"both": "c-shared", "adapter-only": "c-adapter-only", "task-vector-only": "c-unexplained",

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .plots import COLOURS, _render  # noqa: E402
+from loratv.report.plots import COLOURS, _render  # noqa: E402
 
 STATE_COLOURS = {"both": COLOURS["shared"], "adapter-only": COLOURS["adapter-only"],
                  "task-vector-only": COLOURS["unexplained"], "cast-artifact": COLOURS["cast-artifact"],

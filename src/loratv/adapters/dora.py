@@ -1,0 +1,86 @@
+"""DoRA in compare: the exact merged-minus-base delta and a per-element bound on what the merge's rounding can leave.
+
+The merge (docs/math.md §10) is M = cast_d(f_c ⊙ V_c), V_c = fl_c(W + ΔW_c), f_c = fl_c(m / n_c), n_c = ‖V_c‖ along the
+input axis, all in the compute dtype c. Exactly, M* = f* ⊙ V*, f* = m / ‖V*‖, V* = W + ΔW. With e_V a bound on
+|V_c − V*| per element, δn a bound on |n_c − ‖V*‖| per feature and δf one on |f_c − f*| (docs/math.md §10):
+
+    e_V = γ_k(u_c)·G + u_c·(|V*| + γ_k(u_c)·G)                      (ΔW's evaluation, then the add)
+    δn  = ‖e_V‖ + γ_{L+2}(u_c)·(‖V*‖ + ‖e_V‖)                       (L terms summed, a square root, per feature)
+    δf  = m·δn / (‖V*‖·(‖V*‖ − δn)) + u_c·(f* + m·δn / (‖V*‖·(‖V*‖ − δn)))
+    |M − M*| ≤ ½ulp_d(M) + (1 + u_c)·(δf·(|V*| + e_V) + f*·e_V) + u_c·|f* V*|
+
+γ_{L+2} is the worst case of any summation order, so the bound holds whatever order torch's norm uses; it is loose
+by about L/log L against a pairwise sum, which the tolerance verdict then covers. Everything here is float64.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from loratv.numerics.precision import gamma, unit_roundoff
+
+U64 = unit_roundoff(torch.float64)
+
+
+@dataclass
+class DoraTerms:
+    """Per-feature factors of one DoRA tensor, computed once from the whole tensor."""
+
+    kind: str  # "linear": features are rows; "conv1d"/"embedding": features are columns
+    factor: torch.Tensor  # f* = m / ‖V*‖, float64, one per feature
+    factor_error: torch.Tensor  # δf
+    k: int  # longest dot product of ΔW plus two
+    compute: torch.dtype
+
+    def to(self, device) -> "DoraTerms":
+        return DoraTerms(self.kind, self.factor.to(device), self.factor_error.to(device), self.k, self.compute)
+
+    def along_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """A per-feature vector shaped to broadcast against rows [start, stop) of the tensor."""
+        return x[start:stop].view(-1, 1) if self.kind == "linear" else x.view(1, -1)
+
+    def shaped(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`x` (rows × 1 or 1 × columns) viewed to broadcast against `like` (a ConvNd block has trailing dims)."""
+        return x.view(x.shape[0], *[1] * (like.dim() - 1)) if like.dim() > 2 else x
+
+    def delta_and_bound(self, w_start: torch.Tensor, w: torch.Tensor, delta: torch.Tensor, g: torch.Tensor, start: int,
+                        stop: int):
+        """Rows of D = f*⊙(W₀ + ΔW) − W (W₀ the weight the merge starts from: the base, or the base layer the adapter
+        saved), the bound on the evaluation error of D in float64, and a function of ulp_d(M) giving the merge bound
+        of these rows."""
+        u_c = unit_roundoff(self.compute)
+        f = self.shaped(self.along_rows(self.factor, start, stop), w)
+        fe = self.shaped(self.along_rows(self.factor_error, start, stop), w)
+        v = w_start + delta
+        merged = f * v
+        d = merged - w
+        # float64 evaluation: ΔW (γ_k(u64)·G), the add, the product, the subtraction: a few u64 of each magnitude
+        evaluation = (gamma(self.k, torch.float64) * g * f.abs() + 4 * U64 * (merged.abs() + w.abs() + w_start.abs()))
+        e_v = gamma(self.k, self.compute) * g
+        e_v = e_v + u_c * (v.abs() + e_v)
+
+        def bound(ulp_m: torch.Tensor) -> torch.Tensor:
+            core = fe * (v.abs() + e_v) + f.abs() * e_v
+            return 0.5 * ulp_m + (1 + u_c) * core + u_c * merged.abs()
+
+        return d, evaluation, bound
+
+
+def dora_terms(w: torch.Tensor, delta: torch.Tensor, g: torch.Tensor, magnitude: torch.Tensor, kind: str, k: int,
+               compute: torch.dtype) -> DoraTerms:
+    """f* and δf for one whole tensor: w, delta (float64 ΔW) and g (Σ|s|·|L|@|R|) in the stored orientation."""
+    u_c = unit_roundoff(compute)
+    v = w + delta
+    e_v = gamma(k, compute) * g
+    e_v = e_v + u_c * (v.abs() + e_v)
+    axis = 1 if kind == "linear" else 0  # the input axis
+    length = v.shape[axis]
+    norm = torch.linalg.vector_norm(v, dim=axis)
+    norm_error = torch.linalg.vector_norm(e_v, dim=axis)
+    # the float64 norm itself is off by at most γ_{L+2}(u64)·‖V‖: counted on the same side
+    delta_n = norm_error + gamma(length + 2, compute) * (norm + norm_error) + gamma(length + 2, torch.float64) * norm
+    m = magnitude.to(torch.float64)
+    factor = m / norm
+    spread = m.abs() * delta_n / (norm * (norm - delta_n).clamp(min=0))
+    factor_error = spread + u_c * (factor.abs() + spread) + 2 * U64 * factor.abs()
+    return DoraTerms(kind, factor, factor_error, k, compute)

@@ -1,0 +1,273 @@
+"""A model on disk: resolve a local folder, a single file or a hub id, index its tensors, read them lazily.
+
+Tensors are read one at a time (or by rows, or as raw bytes); nothing is loaded until asked for.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from loratv.common import dtypes
+from loratv.errors import LoratvError
+from loratv.io import hub, safe_json
+from loratv.io import safetensors_format as stf
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+CONFIG_FIELD_TYPES = (("model_type", str, "a string"), ("tie_word_embeddings", bool, "true or false"),
+                      ("torch_dtype", (str, type(None)), "a dtype name"), ("dtype", (str, type(None)), "a dtype name"))
+
+
+def resolve_path(source: str | os.PathLike) -> Path:
+    """A local path as given, or a hub id `org/name[@revision]` resolved through the Hugging Face cache.
+
+    Args:
+        source: a model folder, a weights file, or a hub id.
+
+    Returns:
+        The existing local path (for a hub id, its snapshot folder).
+
+    Raises:
+        LoratvError: a source that looks like a local path and does not exist (the hub is not asked), or a hub
+            download that failed, with its cause in words (hub.failure_reason).
+    """
+    return hub.resolve(source, _download)
+
+
+def _download(hub_id: str) -> Path:
+    return hub.snapshot(hub_id, hub.MODEL_FILE_PATTERNS)
+
+
+def _allowed_root(folder: Path) -> str:
+    """Where a shard may really live: the folder itself, or for a hub snapshot its repo's cache (the blobs/)."""
+    real = os.path.realpath(folder)
+    parts = Path(real).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith(("models--", "datasets--")):
+        return str(Path(*parts[:-2]))
+    return real
+
+
+def _inside(folder: Path, target: Path) -> bool:
+    root = _allowed_root(folder)
+    real_target = os.path.realpath(target)
+    return os.path.commonpath([root, real_target]) == root
+
+
+def _read_json(path: Path):
+    return safe_json.read(path)
+
+
+def _index_shards(index_path: Path) -> list[Path]:
+    """Shard files named by an index, in first-appearance order, each proven to lie inside the index's folder."""
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LoratvError(f"{index_path}: index has no weight_map.")
+    folder = index_path.parent
+    shards = []
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or any(ord(c) < 32 for c in shard):
+            raise LoratvError(f"{index_path}: tensor {stf._short(name)} maps to an invalid shard name {stf._short(shard)}.")
+        if os.path.isabs(shard) or ".." in Path(shard).parts or not _inside(folder, folder / shard):
+            raise LoratvError(f"{index_path}: shard '{shard}' lies outside the model folder.")
+        if shard not in shards:
+            shards.append(shard)
+    paths = []
+    for shard in sorted(shards):
+        path = folder / shard
+        if not path.is_file():
+            raise LoratvError(f"{index_path}: shard '{shard}' is missing.")
+        paths.append(path)
+    return paths, weight_map
+
+
+class Checkpoint:
+    """Tensors of one model (or adapter file), in file order, readable lazily."""
+
+    def __init__(self, source, *, label: str | None = None):
+        self.source = str(source)
+        self.path = resolve_path(source)
+        self.label = label or self.source
+        self.root = self.path if self.path.is_dir() else self.path.parent
+        self.entries: dict[str, stf.TensorEntry] = {}
+        self.file_metadata: dict[Path, dict] = {}
+        self.files: list[Path] = []
+        self.index_file: Path | None = None
+        self._bin_state: dict[Path, dict] = {}
+        self.format = "safetensors"
+        self._index()
+
+    # ---- discovery ----
+    def _index(self):
+        path = self.path
+        if path.is_dir():
+            if (path / SAFETENSORS_INDEX).is_file():
+                self._load_index(path / SAFETENSORS_INDEX)
+            elif (path / SAFETENSORS_SINGLE).is_file():
+                self._load_safetensors([path / SAFETENSORS_SINGLE])
+            elif (path / BIN_INDEX).is_file():
+                self._load_index(path / BIN_INDEX)
+            elif (path / BIN_SINGLE).is_file():
+                self._load_bin([path / BIN_SINGLE])
+            else:
+                singles = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+                if len(singles) == 1:
+                    self._load_safetensors(singles)
+                else:
+                    raise LoratvError(
+                        f"{path}: folder holds no model weights (no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {BIN_SINGLE})."
+                    )
+        elif path.suffix == ".safetensors":
+            self._load_safetensors([path])
+        elif path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            self._load_bin([path])
+        elif path.name.endswith(".index.json"):
+            self._load_index(path)
+        else:
+            raise LoratvError(f"{path}: not a model folder, a .safetensors file or a .bin checkpoint.")
+
+    def _load_index(self, index_path: Path):
+        self.index_file = index_path
+        files, weight_map = _index_shards(index_path)
+        if all(f.suffix == ".safetensors" for f in files):
+            self._load_safetensors(files)
+        else:
+            self._load_bin(files)
+        self._check_weight_map(weight_map)
+
+    def _load_safetensors(self, files):
+        for file in files:
+            entries, metadata = stf.read_header(file)
+            self.file_metadata[file] = metadata
+            for entry in entries:
+                if entry.name in self.entries:
+                    raise LoratvError(f"{file}: tensor '{entry.name}' also appears in {self.entries[entry.name].file.name}.")
+                self.entries[entry.name] = entry
+            self.files.append(file)
+
+    def _load_bin(self, files):
+        self.format = "bin"
+
+        for file in files:
+            state = _torch_load(file)
+            self._bin_state[file] = state
+            self.file_metadata[file] = {}
+            for name, tensor in state.items():
+                if name in self.entries:
+                    raise LoratvError(f"{file}: tensor '{name}' also appears in {self.entries[name].file.name}.")
+                code = dtypes.code_of(tensor.dtype)
+                self.entries[name] = stf.TensorEntry(
+                    name, code, tuple(tensor.shape), file, 0, tensor.numel() * tensor.element_size()
+                )
+            self.files.append(file)
+
+    def _check_weight_map(self, weight_map):
+        for name, shard in weight_map.items():
+            entry = self.entries.get(name)
+            if entry is None or entry.file.name != Path(shard).name:
+                raise LoratvError(f"{self.index_file}: tensor '{name}' is not in shard '{shard}'.")
+        extra = set(self.entries) - set(weight_map)
+        if extra:
+            raise LoratvError(f"{self.index_file}: tensor '{sorted(extra)[0]}' is in a shard but not in the index.")
+
+    # ---- queries ----
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def entry(self, name: str) -> stf.TensorEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise LoratvError(f"{self.label}: has no tensor '{name}'.") from None
+
+    @property
+    def config(self) -> dict | None:
+        path = self.root / "config.json"
+        if not path.is_file():
+            return None
+        config = _read_json(path)
+        if not isinstance(config, dict):
+            raise LoratvError(f"{path}: not a model config (a JSON object).")
+        for key, kind, what in CONFIG_FIELD_TYPES:  # the fields loratv reads decide orientation and tying
+            if key in config and not isinstance(config[key], kind):
+                raise LoratvError(f"{path}: '{key}' must be {what}, not {stf._short(config[key])}.")
+        return config
+
+    def shard_of(self, name: str) -> Path:
+        return self.entry(name).file
+
+    # ---- data ----
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.entry(name)
+        if self.format == "bin":
+            return self._bin_state[entry.file][name]
+        return stf.bytes_to_tensor(stf.read_bytes(entry), entry.dtype, entry.shape)
+
+    def read_rows(self, name: str, start: int, stop: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) along the first dimension (read into the uint8 buffer `into` when given)."""
+        entry = self.entry(name)
+        if self.format == "bin" or len(entry.shape) == 0:
+            return self.read(name)[start:stop] if entry.shape else self.read(name)
+        row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
+        buf = stf.read_bytes(entry, start * row_bytes, stop * row_bytes, into)
+        return stf.bytes_to_tensor(buf, entry.dtype, (stop - start, *entry.shape[1:]))
+
+    def read_raw(self, name: str) -> bytes:
+        entry = self.entry(name)
+        if self.format == "bin":
+            return bytes(stf.tensor_to_bytes(self.read(name)))
+        return bytes(stf.read_bytes(entry))
+
+    def iter_raw(self, name: str, chunk_bytes: int = 64 << 20):
+        """Raw bytes of a tensor in pieces of at most chunk_bytes, for byte-exact copies in O(chunk) memory."""
+        entry = self.entry(name)
+        if self.format == "bin":
+            yield stf.tensor_to_bytes(self.read(name))
+            return
+        for start in range(0, entry.nbytes, chunk_bytes):
+            yield stf.read_bytes(entry, start, min(entry.nbytes, start + chunk_bytes))
+
+    def aux_files(self) -> list[Path]:
+        """Non-weight files beside the weights (configs, tokenizer, generation config, README)."""
+        if not self.path.is_dir():
+            return []
+        skip = {SAFETENSORS_INDEX, BIN_INDEX, "loratv_manifest.json"}  # the manifest describes that folder only
+        out = []
+        for p in sorted(self.path.iterdir()):
+            if p.is_file() and not p.name.startswith(".") and p.name not in skip and not p.name.endswith(WEIGHT_SUFFIXES):
+                out.append(p)
+        return out
+
+    def total_parameters(self) -> int:
+        return sum(e.numel for e in self.entries.values())
+
+
+def _torch_load(file: Path) -> dict:
+    """A pickled checkpoint, loaded with weights_only=True so that no code in it can run."""
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it contains objects other than tensors, and loratv never unpickles code"
+        raise LoratvError(f"{file}: cannot be loaded as a weights-only checkpoint ({reason[:200]}).") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LoratvError(f"{file}: is not a flat mapping of tensor names to tensors.")
+    return state

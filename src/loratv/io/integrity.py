@@ -1,0 +1,77 @@
+"""`loratv_manifest.json`: what a merge or an extraction read and wrote, by sha256, so `loratv verify` can re-check it.
+
+inputs: per input (base, adapter, fine-tuned model) its source and, per file it read, the sha256 of a safetensors
+shard's header (the 8-byte length and the JSON, which fix every tensor's name, dtype, shape and place; the data is
+not re-read), of a JSON file whole, or of a pickle's first MiB (a pickle has no header). files: every file of the
+output folder but the manifest itself, with its size and sha256 (shards hashed as they were written).
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from loratv.io.safetensors_format import file_sha256, header_sha256
+from loratv.version import __version__
+
+MANIFEST = "loratv_manifest.json"
+SCHEMA = "loratv.manifest"
+SCHEMA_VERSION = 1
+PICKLE_HEAD_BYTES = 1 << 20
+
+
+def _head_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(PICKLE_HEAD_BYTES)).hexdigest()
+
+
+def _file_record(path: Path, root: Path) -> tuple:
+    try:
+        name = str(Path(path).relative_to(root))
+    except ValueError:
+        name = str(path)
+    record = {"size": os.path.getsize(path)}
+    if path.suffix == ".safetensors":
+        record["header_sha256"], record["header_bytes"] = header_sha256(path)
+    elif path.suffix == ".json":
+        record["sha256"] = file_sha256(path)
+    else:
+        record["head_sha256"] = _head_sha256(path)
+    return name, record
+
+
+def checkpoint_record(ckpt, extra_files=()) -> dict:
+    """An input's source and the identity of each file loratv read from it (a Checkpoint, plus e.g. its config)."""
+    files = [*ckpt.files, *([ckpt.index_file] if ckpt.index_file else []), *extra_files]
+    root = ckpt.root
+    return {"source": str(ckpt.source), "files": dict(_file_record(Path(f), root) for f in files)}
+
+
+def adapter_record(adapter) -> dict:
+    extra = [adapter.config_path] if adapter.config_path and Path(adapter.config_path).suffix == ".json" else []
+    record = checkpoint_record(adapter.tensors, extra)
+    record["source"] = str(adapter.source)
+    return record
+
+
+def write_manifest(folder: Path, operation: str, inputs: dict, known: dict | None = None) -> dict:
+    """Hash every file of `folder` (reusing `known` {relative name: sha256} for shards hashed while written) and
+    write the manifest last, beside them."""
+    folder = Path(folder)
+    known = known or {}
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or (path.name == MANIFEST and path.parent == folder):
+            continue
+        name = path.relative_to(folder).as_posix()
+        files[name] = {"size": path.stat().st_size, "sha256": known.get(name) or file_sha256(path)}
+    manifest = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "loratv_version": __version__,
+        "operation": operation,
+        "inputs": inputs,
+        "files": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest

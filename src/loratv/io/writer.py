@@ -1,0 +1,135 @@
+"""Streaming writer for a Hugging Face weights folder: shards laid out in advance, tensors written in order.
+
+Peak memory is whatever the caller holds for one tensor (or one chunk of one); headers are reserved up front and
+filled in last (see SafetensorsWriter).
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from loratv.common import dtypes
+from loratv.io.safetensors_format import SafetensorsWriter
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 bytes (decimal units as Hugging Face uses; KiB/MiB/GiB are binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"invalid size '{text}' (use e.g. 5GB, 500MB)")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2) or ""])
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str  # safetensors code
+    shape: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtypes.itemsize(self.dtype)
+
+
+def layout_like(tensors, shard_of: dict, base_files: list) -> list:
+    """Keep the base's grouping: one output shard per base shard, same order; returns [(file name, [OutTensor])].
+
+    A sharded safetensors base keeps its shard file names too (so its index and the merged one line up); a single
+    file, or .bin shards, get the standard names.
+    """
+    groups = {f: [] for f in base_files}
+    for t in tensors:
+        groups[shard_of[t.name]].append(t)
+    kept = [(Path(f).name, g) for f, g in groups.items() if g]
+    names = [name for name, _ in kept]
+    if len(kept) > 1 and all(n.endswith(".safetensors") for n in names) and len(set(names)) == len(names):
+        return kept
+    return name_shards([g for _, g in kept])
+
+
+def layout_by_size(tensors, max_bytes: int) -> list:
+    groups, current, size = [], [], 0
+    for t in tensors:
+        if current and size + t.nbytes > max_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.nbytes
+    if current or not groups:
+        groups.append(current)
+    return name_shards(groups)
+
+
+def name_shards(groups) -> list:
+    if len(groups) == 1:
+        return [("model.safetensors", groups[0])]
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+class ShardedWriter:
+    """Writes planned shards in order; call `tensor(name)` for each planned tensor in plan order."""
+
+    def __init__(self, folder: Path, shards, metadata: dict):
+        self.folder = Path(folder)
+        self.shards = shards
+        self.metadata = metadata
+        self._order = [(file, t) for file, group in shards for t in group]
+        self._pos = 0
+        self._writer = None
+        self._file = None
+        self._closing = []
+        self.digests = {}  # shard file name -> sha256, after close()
+
+    def begin(self, name: str) -> OutTensor:
+        file, spec = self._order[self._pos]
+        if spec.name != name:
+            raise RuntimeError(f"writer expected '{spec.name}', got '{name}'")
+        if file != self._file:
+            self._finish_file()
+            group = next(g for f, g in self.shards if f == file)
+            self._writer = SafetensorsWriter(self.folder / file, [(t.name, t.shape) for t in group], self.metadata,
+                                             plan=[(t.name, t.dtype, t.shape) for t in group])
+            self._file = file
+        self._writer.begin(spec.name, spec.dtype, spec.shape)
+        return spec
+
+    def write(self, data) -> None:
+        self._writer.write(data)
+
+    def copy_from(self, src, offset: int, nbytes: int) -> None:
+        self._writer.copy_from(src, offset, nbytes)
+
+    def end(self) -> None:
+        self._writer.end()
+        self._pos += 1
+
+    def _finish_file(self):
+        if self._writer is not None:
+            self._writer.close(wait=False)  # its header and fsync overlap the next shard
+            self._closing.append(self._writer)
+            self._writer = None
+
+    def close(self) -> None:
+        if self._pos != len(self._order):
+            raise RuntimeError(f"writer closed after {self._pos} of {len(self._order)} tensors")
+        self._finish_file()
+        for closing in self._closing:
+            closing.wait()
+            self.digests[closing.path.name] = closing.sha256
+        self._closing = []
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for _, g in self.shards for t in g)},
+                "weight_map": {t.name: file for file, g in self.shards for t in g},
+            }
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for w in [*self._closing, self._writer]:
+            if w is not None:
+                w.abort()

@@ -1,0 +1,404 @@
+"""`loratv to-lora`: a task vector turned back into a PEFT LoRA adapter, with the error it makes stated per tensor.
+
+What PEFT can hold, and how each changed tensor is written:
+- a 2-D `.weight` of a Linear, Conv1D or Embedding module: a truncated SVD (spectrum.truncate) as lora_A/lora_B (or
+  lora_embedding_A/B); every module gets its own rank through `rank_pattern` and `lora_alpha` equal to that rank
+  through `alpha_pattern`, so PEFT's scaling alpha/r is exactly 1 and ΔW = lora_B @ lora_A is the truncation itself.
+  Pattern keys are the full module names with their dots escaped: PEFT (≥ 0.15) matches them as regular
+  expressions anchored at a dot;
+- the bias of a module that carries a LoRA: its fine-tuned value as `<module>.base_layer.bias` with `bias =
+  "lora_only"`, which PEFT loads into the base layer's own bias (exact);
+- any other changed tensor (norm weights, biases of modules without a LoRA, tensors of other shapes): its whole
+  module in `modules_to_save`, every parameter at its fine-tuned value (exact);
+- nothing else: a changed tensor left out by --include/--exclude is listed as excluded, and its norm counts in the
+  overall error.
+"""
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratv.adapters.adapter import (
+    CONFIG_NAME,
+    CONV1D_MODEL_TYPES,
+    CONV1D_MODULES,
+    INPUT_EMBEDDING_SUFFIXES,
+    OUTPUT_EMBEDDING_NAMES,
+    PREFIX,
+)
+from loratv.common.dtypes import PRECISION_NAMES, torch_dtype_of
+from loratv.common.progress import progress_bar
+from loratv.errors import LoratvError
+from loratv.io.outputs import atomic_output_dir
+from loratv.io.safetensors_format import SafetensorsWriter, read_header
+from loratv.numerics.precision import cast_difference
+from loratv.numerics.spectrum import truncate
+from loratv.ops.merge import resolve_device
+from loratv.ops.task_vector_input import finetuned_value, open_task_vector, read_difference, tensor_names
+from loratv.version import __version__
+
+SCHEMA = "loratv.to_lora"
+SCHEMA_VERSION = 1
+WEIGHTS_NAME = "adapter_model.safetensors"
+FIDELITY_FILE = "to_lora_fidelity.json"
+DEFAULT_RANK = 16
+POSITION_EMBEDDING_SUFFIXES = ("wpe.weight", "embed_positions.weight", "position_embeddings.weight",
+                               "token_type_embeddings.weight")
+LORA = "lora"
+LORA_BIAS = "full value (lora_only bias)"
+SAVED_MODULE = "full value (modules_to_save)"
+EXCLUDED = "excluded"
+CAST_SKIPPED = "cast artifact (skipped)"
+TIED = "tied to the input embedding"
+
+
+@dataclass
+class Criterion:
+    """How each module's rank is chosen: exactly one of rank, energy, max_error; max_rank caps the last two."""
+
+    rank: int | None = None
+    energy: float | None = None
+    max_error: float | None = None
+    max_rank: int | None = None
+
+    def check(self) -> "Criterion":
+        given = sum(c is not None for c in (self.rank, self.energy, self.max_error))
+        if given > 1:
+            raise LoratvError("give one of --rank, --energy or --max-error, not several.")
+        if given == 0:
+            self.rank = DEFAULT_RANK
+        if self.rank is not None and self.rank < 1:
+            raise LoratvError(f"--rank {self.rank}: must be at least 1.")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise LoratvError(f"--energy {self.energy}: must lie in (0, 1].")
+        if self.max_error is not None and not 0.0 <= self.max_error < 1.0:
+            raise LoratvError(f"--max-error {self.max_error}: must lie in [0, 1) (a relative Frobenius error).")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise LoratvError(f"--max-rank {self.max_rank}: must be at least 1.")
+        return self
+
+    def record(self) -> dict:
+        return {"rank": self.rank, "energy": self.energy, "max_error": self.max_error, "max_rank": self.max_rank}
+
+
+@dataclass
+class TensorFidelity:
+    name: str
+    shape: tuple
+    handling: str
+    norm: float  # ‖T‖_F
+    error: float  # ‖T − what the adapter adds‖_F, with the adapter's tensors as stored
+    kind: str | None = None  # linear, conv1d or embedding for a LoRA
+    rank: int | None = None
+    method: str | None = None
+
+    @property
+    def module(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    def record(self) -> dict:
+        relative = self.error / self.norm if self.norm > 0 else 0.0
+        return {
+            "name": self.name,
+            "module": self.module,
+            "shape": list(self.shape),
+            "handling": self.handling,
+            "kind": self.kind,
+            "rank": self.rank,
+            "svd": self.method,
+            "task_vector_norm": self.norm,
+            "error_norm": self.error,
+            "relative_error": relative,
+            "energy_retained": 1.0 - relative**2,
+        }
+
+
+def lora_kind(name: str, shape, model_type: str | None) -> str | None:
+    """How PEFT would put a LoRA on this tensor's module (None: it cannot)."""
+    if len(shape) != 2 or not name.endswith(".weight"):
+        return None
+    if name.endswith(INPUT_EMBEDDING_SUFFIXES + POSITION_EMBEDDING_SUFFIXES):
+        return "embedding"
+    leaf = name[: -len(".weight")].rsplit(".", 1)[-1]
+    if model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_MODULES:
+        return "conv1d"
+    return "linear"
+
+
+def lora_factors(cut, kind: str, dtype: torch.dtype) -> tuple:
+    """(A, B) as PEFT stores them for ΔW ≈ U S Vᵀ of the stored tensor: Linear ΔW = B @ A; Conv1D and Embedding
+    store the transpose, ΔW = (B @ A)ᵀ."""
+    if kind == "linear":
+        a, b = cut.a, cut.b
+    else:
+        a, b = cut.b.T, cut.a.T
+    return a.to(dtype).contiguous().cpu(), b.to(dtype).contiguous().cpu()
+
+
+def _pattern(text: str | None, flag: str):
+    if text is None:
+        return None
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise LoratvError(f"{flag} {text!r}: not a valid regular expression ({exc}).") from None
+
+
+def _model_config(base, tv) -> dict:
+    if base is not None:
+        return base.config or {}
+    recorded = getattr(tv, "recorded_base", None)
+    if recorded and (Path(recorded) / "config.json").is_file():
+        try:
+            return json.loads((Path(recorded) / "config.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return {}
+    return {}
+
+
+def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Criterion | None = None,
+            include: str | None = None, exclude: str | None = None, skip_cast_artifacts: bool = False,
+            dtype: str = "fp32", device: str = "cpu",
+            force: bool = False, progress: bool = False, command: str | None = None) -> dict:
+    criterion = (criterion or Criterion()).check()
+    include_re, exclude_re = _pattern(include, "--include"), _pattern(exclude, "--exclude")
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise LoratvError(f"--dtype {dtype}: choose fp32, fp16 or bf16.")
+    storage = PRECISION_NAMES[dtype]
+    dev = resolve_device(device)
+    base_ckpt, tv = open_task_vector(base, task_vector=task_vector, finetuned=finetuned)
+    config = _model_config(base_ckpt, tv)
+    model_type = config.get("model_type")
+    names = tensor_names(base_ckpt, tv)
+    notes = []
+    if not config:
+        notes.append("no model config found: 2-D weights are taken as nn.Linear (pass --base for Conv1D models).")
+    tied = config.get("tie_word_embeddings", True) and any(n.endswith(INPUT_EMBEDDING_SUFFIXES) for n in names)
+
+    inputs = [p for p in (base, finetuned, task_vector) if p is not None and Path(p).exists()]
+    with atomic_output_dir(out, inputs, force=force) as tmp:
+        factors, kinds, fidelity, full_needed, casts = {}, {}, {}, {}, []
+        with progress_bar(len(names), "to-lora", enabled=progress) as bar:
+            for name in names:
+                bar.update(1)
+                t = read_difference(tv, base_ckpt, name)
+                if t is None:
+                    continue
+                if (include_re and not include_re.search(name)) or (exclude_re and exclude_re.search(name)):
+                    fidelity[name] = TensorFidelity(name, tuple(t.shape), EXCLUDED, _norm(t), _norm(t))
+                    continue
+                cast = _cast_dtype(tv, base_ckpt, name, t)
+                if cast is not None:
+                    casts.append(name)
+                    if skip_cast_artifacts:
+                        fidelity[name] = TensorFidelity(name, tuple(t.shape), CAST_SKIPPED, _norm(t), _norm(t))
+                        continue
+                if tied and name in OUTPUT_EMBEDDING_NAMES:
+                    fidelity[name] = _tied_head(tv, base_ckpt, names, name, t)
+                    continue
+                kind = lora_kind(name, t.shape, model_type)
+                if kind is None:
+                    full_needed[name] = t
+                    continue
+                cut = truncate(t.to(dev), rank=criterion.rank, energy=criterion.energy,
+                               max_error=criterion.max_error, max_rank=criterion.max_rank, storage_dtype=storage)
+                if cut.rank == 0:
+                    fidelity[name] = TensorFidelity(name, tuple(t.shape), LORA, cut.frobenius, cut.stored_error, kind, 0,
+                                                    cut.method)
+                    continue
+                module = name[: -len(".weight")]
+                factors[module] = lora_factors(cut, kind, storage)
+                kinds[module] = kind
+                fidelity[name] = TensorFidelity(name, tuple(t.shape), LORA, cut.frobenius, cut.stored_error, kind,
+                                                cut.rank, cut.method)
+        if casts:
+            dtype_name = tv.finetuned_dtype(casts[0])
+            notes.append(
+                f"{len(casts)} changed tensors are only the base rounded to {dtype_name} (cast artifacts, proven bit for "
+                "bit); " + ("they are left out: loading the base in that dtype reproduces them exactly." if
+                            skip_cast_artifacts else "pass --skip-cast-artifacts to leave them out (loading the base "
+                            "in that dtype reproduces them)."))
+        full_values, saved_modules = _full_values(tv, base_ckpt, names, full_needed, factors, kinds, fidelity)
+        if not factors and not full_values:
+            raise LoratvError(f"{tv.source}: no changed tensor is left to write (the task vector is zero or all of it was excluded).")
+        bias_mode = "lora_only" if any(k.endswith(".base_layer.bias") for k in full_values) else "none"
+        write_adapter(tmp, factors, base_model=str(base) if base else getattr(tv, "recorded_base", None), dtype=storage,
+                      kinds=kinds, full_values=full_values, modules_to_save=saved_modules, bias=bias_mode)
+        record = _record(tv, base, criterion, dtype, fidelity, notes, tmp, command, names)
+        (tmp / FIDELITY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+def _norm(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t.reshape(-1).double()))
+
+
+def _cast_dtype(tv, base, name, t):
+    """The fine-tuned dtype when T is exactly the base rounded to it (a cast artifact), else None."""
+    code = tv.finetuned_dtype(name)
+    if base is None or code is None or code == base.entry(name).dtype:
+        return None
+
+    target = torch_dtype_of(code)
+    return target if torch.equal(t, cast_difference(base.read(name), target)) else None
+
+
+def _tied_head(tv, base, names, name, t) -> TensorFidelity:
+    """A stored output head tied to the input embedding changes with it; a LoRA on both would count it twice."""
+    embedding = next(n for n in names if n.endswith(INPUT_EMBEDDING_SUFFIXES))
+    partner = read_difference(tv, base, embedding)
+    if partner is None or partner.shape != t.shape or not torch.equal(partner, t):
+        raise LoratvError(f"{tv.source}: '{name}' is tied to '{embedding}' by the config but changed differently; "
+                          "untie it in config.json or exclude one of them.")
+    return TensorFidelity(name, tuple(t.shape), TIED, _norm(t), 0.0)
+
+
+def _full_values(tv, base, names, full_needed, factors, kinds, fidelity):
+    """Adapter keys -> fine-tuned values for tensors a LoRA cannot hold, and the modules saved whole."""
+    full, saved = {}, set()
+    for name, t in full_needed.items():
+        module, _, param = name.rpartition(".")
+        if not module:
+            raise LoratvError(f"{tv.source}: tensor '{name}' changed but belongs to no module, so no PEFT adapter can hold it.")
+        if param == "bias" and module in factors:
+            value = finetuned_value(tv, base, name, t)
+            full[f"{module}.base_layer.bias"] = value
+            fidelity[name] = TensorFidelity(name, tuple(t.shape), LORA_BIAS, _norm(t), _value_error(base, name, value, t))
+        else:
+            saved.add(module)
+    for module in sorted(saved):
+        factors.pop(module, None)  # a module saved whole needs no LoRA: its weight is stored exactly
+        kinds.pop(module, None)
+        for name in (n for n in names if n.rpartition(".")[0] == module):
+            t = full_needed.get(name)
+            if t is None:
+                t = read_difference(tv, base, name)
+            if t is None:
+                if base is None:
+                    raise LoratvError(f"{tv.source}: module '{module}' must be saved whole, and its unchanged '{name}' "
+                                      "needs the base (--base).")
+                full[name] = base.read(name)
+                continue
+            value = finetuned_value(tv, base, name, t)
+            full[name] = value
+            fidelity[name] = TensorFidelity(name, tuple(t.shape), SAVED_MODULE, _norm(t), _value_error(base, name, value, t))
+    return full, sorted(saved)
+
+
+def _value_error(base, name, value, t) -> float:
+    """‖(stored value − W) − T‖: zero when the value is the fine-tuned tensor itself."""
+    if base is None:
+        return 0.0
+    return _norm(value.to(torch.float64) - base.read(name).to(torch.float64) - t)
+
+
+def adapter_config(ranks: dict, base_model: str | None, *, modules_to_save=None, bias: str = "none",
+                   fan_in_fan_out: bool = False) -> dict:
+    """The adapter_config.json of a LoRA with these per-module ranks (module name -> r ≥ 1), scaling 1 each."""
+    counts = Counter(ranks.values())
+    default = max(counts, key=lambda r: (counts[r], r)) if counts else 1  # the most common rank (the larger on a tie)
+    pattern = {re.escape(module): r for module, r in ranks.items() if r != default}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "r": default,
+        "lora_alpha": default,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks),
+        "lora_dropout": 0.0,
+        "bias": bias,
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": True,
+        "modules_to_save": sorted(modules_to_save or ()) or None,
+        "inference_mode": True,
+    }
+
+
+def write_adapter(folder, factors: dict, *, base_model: str | None = None, dtype: torch.dtype = torch.float32,
+                  kinds: dict | None = None, full_values: dict | None = None, modules_to_save=(),
+                  bias: str = "none") -> Path:
+    """Write `folder`/adapter_config.json and adapter_model.safetensors for {module: (A (k, n), B (m, k))} as PEFT
+    stores them for each module's kind (linear by default), plus full values {tensor name: value}."""
+    kinds = kinds or {}
+    factors = {m: ab for m, ab in factors.items() if ab[0].shape[0] > 0}
+    full_values = full_values or {}
+    if not factors and not full_values:
+        raise ValueError("no module has a nonzero rank: there is nothing to write")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = []
+    for module in sorted(factors):
+        a, b = factors[module]
+        a_name, b_name = (("lora_embedding_A", "lora_embedding_B") if kinds.get(module) == "embedding"
+                          else ("lora_A.weight", "lora_B.weight"))
+        tensors.append((f"{PREFIX}{module}.{a_name}", a.to(dtype).contiguous()))
+        tensors.append((f"{PREFIX}{module}.{b_name}", b.to(dtype).contiguous()))
+    for name in sorted(full_values):
+        tensors.append((f"{PREFIX}{name}", full_values[name].contiguous()))
+    metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "to-lora"}
+    writer = SafetensorsWriter(folder / WEIGHTS_NAME, [(n, tuple(t.shape)) for n, t in tensors], metadata)
+    try:
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    config = adapter_config({m: ab[0].shape[0] for m, ab in factors.items()}, base_model,
+                            modules_to_save=modules_to_save, bias=bias,
+                            fan_in_fan_out=any(kinds.get(m) == "conv1d" for m in factors))
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
+
+
+def _record(tv, base, criterion, dtype, fidelity, notes, folder: Path, command, names) -> dict:
+    rows = [fidelity[n] for n in names if n in fidelity]
+    norm = math.sqrt(sum(r.norm**2 for r in rows))
+    error = math.sqrt(sum(r.error**2 for r in rows))
+    ranks = [r.rank for r in rows if r.handling == LORA and r.rank]
+    by_handling = Counter(r.handling for r in rows)
+    weights = folder / WEIGHTS_NAME
+    relative = error / norm if norm > 0 else 0.0
+    changed_parameters = sum(math.prod(r.shape) for r in rows)
+
+    stored = sum(e.numel for e in read_header(weights)[0]) if weights.is_file() else 0
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "loratv_version": __version__,
+        "command": command,
+        "base": str(base) if base is not None else None,
+        "task_vector": tv.source,
+        "task_vector_kind": "fine-tuned minus base (computed)" if tv.live else "stored",
+        "criterion": criterion.record(),
+        "factor_dtype": dtype,
+        "notes": notes,
+        "summary": {
+            "changed_tensors": len(rows),
+            "lora_modules": len(ranks),
+            "full_value_tensors": by_handling[LORA_BIAS] + by_handling[SAVED_MODULE],
+            "excluded_tensors": by_handling[EXCLUDED],
+            "skipped_cast_artifacts": by_handling[CAST_SKIPPED],
+            "tied_tensors": by_handling[TIED],
+            "rank_min": min(ranks) if ranks else None,
+            "rank_max": max(ranks) if ranks else None,
+            "rank_total": sum(ranks),
+            "task_vector_norm": norm,
+            "error_norm": error,
+            "relative_error": relative,
+            "energy_retained": 1.0 - relative**2,
+            "changed_parameters": changed_parameters,
+            "adapter_parameters": stored,
+            "adapter_bytes": weights.stat().st_size if weights.is_file() else 0,
+        },
+        "tensors": [r.record() for r in rows],
+    }
