@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from loratv.adapters.adapter import bind, load_adapter, refuse_dora, refuse_non_lora
+from loratv.common.devices import resolve_device
 from loratv.common.dtypes import torch_dtype_of
+from loratv.common.names import LAYER
 from loratv.common.progress import progress_bar
 from loratv.errors import LoratvError
 from loratv.io.checkpoint import Checkpoint, resolve_path
@@ -37,8 +39,6 @@ from loratv.numerics.spectrum import (
     stable_rank,
 )
 from loratv.ops.compare import DELTAS_FILE, RESULTS_FILE, expected_delta
-from loratv.ops.inspect import LAYER
-from loratv.ops.merge import resolve_device
 from loratv.ops.task_vector_input import StoredTaskVector, open_task_vector, read_difference
 from loratv.report.analysis_plots import write_analysis_plots
 from loratv.report.analysis_text import render_analysis_markdown

@@ -20,6 +20,8 @@ from loratv.adapters.dora import DoraTerms, dora_terms
 from loratv.adapters.tuner_bounds import TunerTerms, tuner_terms
 from loratv.adapters.tuners import TunerModule
 from loratv.common import dtypes
+from loratv.common.devices import resolve_device
+from loratv.common.names import LAYER
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks
 from loratv.errors import LoratvError
@@ -28,8 +30,6 @@ from loratv.io.safetensors_format import SafetensorsWriter, tensor_to_bytes
 from loratv.models.layouts import piece_factors
 from loratv.numerics.lowrank import ExpertFactors, Factors, InnerProduct, norm_sq
 from loratv.numerics.precision import FLOAT_DTYPES, compute_dtype_for, gamma, merge_error_bound, ulp, unit_roundoff
-from loratv.ops.inspect import LAYER
-from loratv.ops.merge import resolve_device
 from loratv.ops.task_vector_input import LiveTaskVector, StoredTaskVector
 from loratv.report.plots import write_comparison_plots
 from loratv.report.records import write_record_files

@@ -2,7 +2,6 @@
 
 import json
 import math
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -10,32 +9,12 @@ from loratv.adapters.adapter import CONFIG_NAME, bind, load_adapter
 from loratv.adapters.kohya import is_lora_file
 from loratv.adapters.tuners import VERA_SHARED
 from loratv.common.dtypes import itemsize
+from loratv.common.names import KIND_RULES, LAYER, layer_of, module_kind  # noqa: F401  (inspect's names)
 from loratv.errors import LoratvError
 from loratv.io import hub
 from loratv.io.checkpoint import Checkpoint, resolve_path
 from loratv.models.architectures import FAMILIES
 from loratv.models.meta_model import config_inventory, peft_default_targets
-
-LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
-KIND_RULES = [
-    ("head", re.compile(r"(^|\.)(lm_head|embed_out|score|classifier)(\.|$)")),
-    ("embedding", re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings)")),
-    ("norm", re.compile(r"(norm|(^|\.)ln_|layernorm)")),
-    ("attention", re.compile(r"(attn|attention|(^|\.)[qkvo]_proj\.|query|key|value)")),
-    ("mlp", re.compile(r"(mlp|ffn|feed_forward|(^|\.)fc\d*\.|up_proj|down_proj|gate_proj|experts)")),
-]
-
-
-def module_kind(name: str) -> str:
-    for kind, rule in KIND_RULES:
-        if rule.search(name):
-            return kind
-    return "other"
-
-
-def layer_of(name: str):
-    m = LAYER.search(name)
-    return int(m.group(1)) if m else None
 
 
 def describe(source, base=None, *, config_only=False, lora_targets=None, lora_ranks=None) -> dict:

@@ -24,6 +24,7 @@ from loratv.adapters.adapter import (
 )
 from loratv.adapters.tuners import TunerModule, merged_value
 from loratv.common import dtypes
+from loratv.common.devices import resolve_device
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks, rows_of
 from loratv.errors import LoratvError
@@ -54,18 +55,6 @@ class MergeResult:
             f"merged {len(self.merged)} of {self.total_tensors} tensors, replaced {len(self.replaced)}, "
             f"copied {self.copied} unchanged, cast {self.cast}; wrote {self.output}"
         )
-
-
-def resolve_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise LoratvError(f"--device {device}: not a device name (use cpu, cuda or cuda:N).") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LoratvError(f"--device {device}: CUDA is not available on this machine.")
-    if dev.type not in ("cpu", "cuda"):
-        raise LoratvError(f"--device {device}: only cpu and cuda are supported.")
-    return dev
 
 
 def output_code(base_code: str, precision: str) -> str:

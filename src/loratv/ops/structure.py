@@ -15,12 +15,12 @@ import torch
 
 from loratv.adapters.adapter import TOKEN_ROWS, bind, load_adapter
 from loratv.common.dtypes import all_finite, code_of, torch_dtype_of
+from loratv.common.names import LAYER, module_kind
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks
 from loratv.errors import LoratvError
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.outputs import atomic_output_dir, check_output
-from loratv.ops.inspect import LAYER, module_kind
 from loratv.ops.task_vector_input import LiveTaskVector, StoredTaskVector
 from loratv.report.records import finite, write_json
 from loratv.report.structure_html import render_structure_page

@@ -6,7 +6,7 @@ way as compare's and analyze's records (`kind` = the name after `…layers.N.`; 
 
 from collections.abc import Callable, Iterable
 
-from loratv.ops.inspect import LAYER, module_kind
+from loratv.common.names import LAYER, module_kind
 
 
 def place(name: str) -> tuple[int | None, str, str]:

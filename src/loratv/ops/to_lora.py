@@ -31,6 +31,7 @@ from loratv.adapters.adapter import (
     OUTPUT_EMBEDDING_NAMES,
     PREFIX,
 )
+from loratv.common.devices import resolve_device
 from loratv.common.dtypes import PRECISION_NAMES, torch_dtype_of
 from loratv.common.progress import progress_bar
 from loratv.errors import LoratvError
@@ -38,7 +39,6 @@ from loratv.io.outputs import atomic_output_dir
 from loratv.io.safetensors_format import SafetensorsWriter, read_header
 from loratv.numerics.precision import cast_difference
 from loratv.numerics.spectrum import truncate
-from loratv.ops.merge import resolve_device
 from loratv.ops.task_vector_input import finetuned_value, open_task_vector, read_difference, tensor_names
 from loratv.version import __version__
 
