@@ -3,7 +3,7 @@
 - LORATV_CACHE points to a fresh temporary folder for the whole session, so the cached example (and its cached
   merges) never touch ~/.cache. Modules may still override it with their own fixture.
 - Offline: no hub access, and transformers/PEFT progress output kept quiet.
-- `tests/` is importable, so modules can `from models import ...` (builders and oracles live in tests/models.py).
+- `tests/` is importable, so modules can `from tiny_models import ...` (builders and oracles live in tests/tiny_models.py).
 """
 
 import os
@@ -47,7 +47,7 @@ def example_dir(tmp_path_factory):
     return out
 
 
-BROWSER_TESTS = "tests/test_report_browser.py"
+BROWSER_TESTS = "tests/report/test_report_browser.py"
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -3,7 +3,9 @@ Chromium used by the browser tests (Debian's chromium + chromedriver; never down
 
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,6 +17,8 @@ from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+CATEGORIES = ("shared", "adapter-only", "cast-artifact", "unexplained", "unchanged")
+LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 
 # ---------------------------------------------------------------- an 80-layer model, generated
@@ -246,3 +250,108 @@ def full_page_screenshot(driver, path: Path, width: int = 1440) -> None:
     shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
         "captureBeyondViewport": True, "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}})
     Path(path).write_bytes(base64.b64decode(shot["data"]))
+
+
+# ---------------------------------------------------------------- record builders (schema loratv.comparison)
+
+def example_category(name: str) -> str:
+    """q/k/v/o weights shared (one adapter-only), two unexplained, layer-norm biases unchanged, the rest cast."""
+    if name == "model.layers.29.self_attn.o_proj.weight":
+        return "adapter-only"
+    if re.search(r"_proj\.weight$", name) and "self_attn" in name:
+        return "shared"
+    if name in ("model.layers.3.mlp.c_fc.weight", "model.layers.17.mlp.c_fc.weight"):
+        return "unexplained"
+    if name.endswith("layernorm.bias") or name == "model.norm.bias":
+        return "unchanged"
+    return "cast-artifact"
+
+
+def tensor_entry(rng, name, shape, category):
+    match = LAYER.search(name)
+    layer, kind = (None, name) if match is None else (int(match.group(1)), name[match.end():])
+    params = int(np.prod(shape))
+    base = float(rng.uniform(0.5, 5.0))
+    shared, targeted = category == "shared", category in ("shared", "adapter-only")
+    changed = category in ("shared", "cast-artifact", "unexplained")
+    tv = base * 10 ** rng.uniform(-3, -1) if shared else base * 10 ** rng.uniform(-5, -3) if changed else 0.0
+    lora = tv * (1 + 1e-7 * rng.standard_normal()) if shared else 10 ** rng.uniform(-4, -2) if targeted else 0.0
+    cosine = 1 - 10 ** rng.uniform(-15, -10) if shared else None
+    max_t = 3 * tv / math.sqrt(params)
+    diff = 10 ** rng.uniform(-10, -8) if shared else 3 * lora / math.sqrt(params) if targeted else max_t
+    return {
+        "name": name, "shape": list(shape), "parameters": params, "layer": layer, "kind": kind,
+        "category": category, "targeted": targeted, "changed": changed,
+        "base_dtype": "F32", "finetuned_dtype": "F16",
+        "adapter_modules": [f"base_model.model.{name.removesuffix('.weight')}"] if targeted else [],
+        "rank": 8 if targeted else None, "cosine": cosine, "dot": cosine * tv * lora if shared else 0.0,
+        "task_vector_norm": tv, "lora_delta_norm": lora, "base_norm": base, "max_abs_task_vector": max_t,
+        "max_abs_diff": diff, "relative_frobenius_error": 10 ** rng.uniform(-9, -7) if shared else None,
+        "certificate_ratio": float(rng.uniform(0.01, 0.9)) if targeted else None,
+        "max_error_ulps": float(rng.uniform(0.1, 0.5)) if targeted else None,
+        "changed_elements": params if changed else 0,
+        "vanished_elements": int(rng.integers(0, 3)) if targeted else 0,
+        "cast_dtype": "F16" if category == "cast-artifact" else None,
+    }
+
+
+def summarise(tensors, tolerance):
+    def count(cat):
+        return sum(t["category"] == cat for t in tensors), sum(t["parameters"] for t in tensors if t["category"] == cat)
+
+    counts = {c: count(c)[0] for c in CATEGORIES}
+    parameters = {c: count(c)[1] for c in CATEGORIES}
+    counts["tv-only"] = counts["cast-artifact"] + counts["unexplained"]
+    parameters["tv-only"] = parameters["cast-artifact"] + parameters["unexplained"]
+    targeted = [t for t in tensors if t["targeted"]]
+    shared = [t["cosine"] for t in tensors if t["category"] == "shared"]
+    unexplained = [t for t in tensors if t["category"] == "unexplained"]
+
+    def cosine(ts):
+        tt, ll = sum(t["task_vector_norm"] ** 2 for t in ts), sum(t["lora_delta_norm"] ** 2 for t in ts)
+        return sum(t["dot"] for t in ts) / math.sqrt(tt * ll) if tt and ll else None
+
+    certs = [t["certificate_ratio"] for t in targeted]
+    certified = all(c <= 1 for c in certs) and not unexplained
+    within = all(t["max_abs_diff"] <= tolerance for t in targeted + unexplained)
+    tv2 = sum(t["task_vector_norm"] ** 2 for t in targeted)
+    err2 = sum((t["relative_frobenius_error"] or 0) ** 2 * t["task_vector_norm"] ** 2 for t in targeted)
+    worst = sorted(targeted, key=lambda t: -t["certificate_ratio"])[:5] + unexplained
+    return {
+        "verdict": ("EQUIVALENT (certified)" if certified else "EQUIVALENT within tolerance" if within
+                    else "NOT EQUIVALENT"),
+        "certified": certified, "within_tolerance": within,
+        "reasons": [] if certified else [f"{len(unexplained)} changed tensors are neither targeted nor cast artifacts, "
+                                         f"e.g. {unexplained[0]['name']}"],
+        "counts": counts, "parameters": parameters,
+        "total_tensors": len(tensors), "total_parameters": sum(t["parameters"] for t in tensors),
+        "targeted_tensors": len(targeted), "targeted_parameters": sum(t["parameters"] for t in targeted),
+        "changed_tensors": sum(t["changed"] for t in tensors),
+        "changed_parameters": sum(t["parameters"] for t in tensors if t["changed"]),
+        "adapter_stored_parameters": sum(8 * sum(t["shape"]) for t in targeted),
+        "global_cosine": cosine(tensors), "targeted_cosine": cosine(targeted),
+        "mean_cosine": sum(shared) / len(shared) if shared else None, "min_cosine": min(shared, default=None),
+        "perfect_matches": sum(c > 0.9999 for c in shared), "perfect_match_threshold": 0.9999,
+        "max_abs_diff": max((t["max_abs_diff"] for t in targeted), default=None),
+        "max_certificate_ratio": max(certs, default=None),
+        "relative_frobenius_error": math.sqrt(err2 / tv2) if tv2 else None,
+        "worst_tensors": [t["name"] for t in worst][:5],
+    }
+
+
+def make_record(shapes, category=example_category, seed=0):
+    rng = np.random.default_rng(seed)
+    tensors = [tensor_entry(rng, name, shape, category(name)) for name, shape in shapes]
+    tolerance = 1e-3
+    return {
+        "schema": "loratv.comparison", "schema_version": 1, "loratv_version": "0.1.0",
+        "inputs": {"base": "example/base", "adapter": "example/adapter", "task_vector": None,
+                   "finetuned": "merged_model_fp16",
+                   "adapter_config": {"r": 8, "lora_alpha": 16, "use_rslora": False,
+                                      "target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"],
+                                      "modules_to_save": None, "bias": "none"}},
+        "tolerance": tolerance,
+        "command": "loratv compare --base example/base --adapter example/adapter --finetuned merged_model_fp16",
+        "summary": summarise(tensors, tolerance), "tensors": tensors,
+        "notes": ["lm_head is tied to model.embed_tokens.weight", "fine-tuned tensors are F16"],
+    }

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loratv.adapters.config import parse_config
+from loratv.adapters.kinds.lora_variants import choose_variants
+from loratv.adapters.registry import kind_for
 from loratv.adapters.structures import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING_NAMES, PREFIX, Adapter, LoraModule
 from loratv.errors import LoratvError
 from loratv.io import safe_json
@@ -206,6 +208,7 @@ def _metadata_configs(ckpt: Checkpoint, groups: dict) -> dict:
     if any(p.get("alpha") for p in groups.values()):
         raise LoratvError(f"{file}: has both .alpha tensors and a LoraConfig in {METADATA_KEY}; diffusers refuses "
                           "that combination too.")
+    configs: dict[str | None, dict]
     if all("." in k for k in data):
         packed: dict[str, dict] = {}
         for key, value in data.items():
@@ -222,8 +225,8 @@ def _metadata_configs(ckpt: Checkpoint, groups: dict) -> dict:
 
 def _checked_config(config: dict, where: str):
     settings = parse_config(config, where)
-    peft_type = getattr(settings, "peft_type", "LORA")
-    if peft_type != "LORA":
+    peft_type = settings.peft_type
+    if not kind_for(peft_type).factored:
         raise LoratvError(f"{where}: peft_type {peft_type} is not LoRA; loratv reads only LoRA single files.")
     for flag, what in ((settings.use_dora, "use_dora (DoRA)"), (settings.lora_bias, "lora_bias"),
                        (settings.bias != "none", f"bias = '{settings.bias}'"),
@@ -240,7 +243,8 @@ def resolve(adapter: SingleFileAdapter, base: Checkpoint) -> None:
     names flattened the same way, diffusers names as they are or without their component prefix. Idempotent."""
     adapter.tensors.entries = dict(adapter.file_entries)
     lookup = flat_lookup(base) if adapter.format == KOHYA else None
-    modules, origin = {}, {}
+    modules: dict = {}
+    origin: dict = {}
     for name, read in adapter.file_modules.items():
         if lookup is not None:
             real = kohya_module(adapter.path, lookup, name, base)
@@ -258,6 +262,8 @@ def resolve(adapter: SingleFileAdapter, base: Checkpoint) -> None:
     adapter.modules = modules
     adapter.file_names = origin
     adapter.settings = parse_config(lora_config(_ranks_alphas(modules), adapter.use_rslora), adapter.path)
+    for module in modules.values():  # LoRA's variants (ConvNd, rsLoRA), chosen once the names and shapes are final
+        module.variants = choose_variants(adapter, module)
 
 
 def flat_lookup(base: Checkpoint) -> dict:
@@ -272,7 +278,7 @@ def flat_lookup(base: Checkpoint) -> dict:
 
 def kohya_module(file, lookup: dict, name: str, base: Checkpoint) -> str:
     """The one base module whose flattened name follows `lora_<prefix>_` in `name`, for any prefix."""
-    found = {}
+    found: dict = {}
     for i in range(len("lora_") + 1, len(name)):
         if name[i] == "_":
             for module in lookup.get(name[i + 1:], ()):

@@ -1,12 +1,12 @@
 """What a loaded LoRA adapter is: its modules (one low-rank update each), its files and names; no loading logic."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from loratv.adapters.config import LoraSettings
+from loratv.adapters.settings import LoraSettings
 from loratv.common import dtypes
 from loratv.errors import LoratvError
 from loratv.io.checkpoint import Checkpoint
@@ -44,6 +44,29 @@ class LoraModule:
     magnitude_key: str | None = None  # DoRA: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, norms along the input axis
     # layouts.Piece: the base stores this module's (fused, in-memory) parameter in pieces; ΔW is this piece's slice
     piece: object = None
+    # the LoRA variants (kinds/lora_variants: DoRA, rsLoRA, ConvNd, …) chosen when the module was built
+    variants: tuple = ()
+
+    def has_variant(self, name: str) -> bool:
+        """Whether one of the module's variants is called `name`.
+
+        Args:
+            name: a variant name ("dora", "rslora", "conv", "target_parameters", "lora_bias").
+
+        Returns:
+            True when the module uses it.
+        """
+        return any(v.name == name for v in self.variants)
+
+    @property
+    def additive(self) -> bool:
+        """Whether the merge adds ΔW (False when a variant rescales W + ΔW, as DoRA does)."""
+        return all(v.additive for v in self.variants)
+
+    @property
+    def merge_variant(self):
+        """The variant whose `merge` computes the merged tensor whole (DoRA), or None for W + ΔW by rows."""
+        return next((v for v in self.variants if not v.additive), None)
 
 
 @dataclass
@@ -59,7 +82,7 @@ class Adapter:
     saved_layers: set = field(default_factory=set)
     token_rows: dict = field(default_factory=dict)  # base tensor name -> (adapter key, row indices): rows replaced
     # files whose module names only the base can resolve (kohya's flattened names): called by bind(adapter, base)
-    resolve_names: object = None
+    resolve_names: Callable[..., None] | None = None
     # target_parameters: `<owner>(.base_layer)*` -> (A key, B key), each the LoRA of one raw parameter of the owner
     param_groups: dict = field(default_factory=dict)
     # delta_rows: the whole s·B@A of the module being merged, kept across its row chunks (see delta_rows)
@@ -81,24 +104,3 @@ class Adapter:
         if not dtypes.all_finite(tensor):
             raise LoratvError(f"{self.tensors.entry(key).file}: tensor '{key}' contains NaN or Inf.")
         return tensor
-
-
-def expert_delta(a, b, r: int, scale: float, kind: str, start: int, stop: int) -> torch.Tensor:
-    """ΔW of experts [start, stop) of a 3-D stack: A (r·E, in) reshaped expert-major (E, r, in), B (out, r·E)
-    expert-minor (out, r, E); (E, out, in), or (E, in, out) for a transposed stack (reference §3.3)."""
-    experts = a.shape[0] // r
-    wa = a.reshape(experts, -1, a.shape[-1])[start:stop]
-    wb = b.reshape(b.shape[0], -1, experts)[:, :, start:stop]
-    pattern = "o r e, e r i -> e o i" if kind == "experts" else "o r e, e r i -> e i o"
-    return torch.einsum(pattern, wb, wa) * scale
-
-
-def conv_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """PEFT's _ConvNd.get_delta_weight, whole: a matmul for 1×…×1 kernels, else the conv of Aᵀ with B (the same sums
-    Σ_r B[o,r]·A[r,i,…], in the order torch's conv adds them)."""
-
-    if all(k == 1 for k in a.shape[2:]):
-        product = b.flatten(1) @ a.flatten(1)
-        return product.view(b.shape[0], *a.shape[1:]) * scale
-    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[a.dim()]
-    return conv(a.transpose(0, 1), b).transpose(0, 1) * scale

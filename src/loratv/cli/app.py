@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from loratv.adapters.adapter import named_adapter
-from loratv.errors import LoratvError, one_line
+from loratv.errors import LoratvError, cli_message, one_line
 from loratv.example.builder import example_merged, example_paths, write_example
 from loratv.io.config_file import read_flag_file
 from loratv.io.outputs import atomic_output_dir
@@ -658,7 +658,9 @@ def parse_with_config(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
     if getattr(args, "config", None):
         target = parser
         if getattr(args, "command", None):
-            target = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001 - no public accessor
+            # the parser's one subcommands action (argparse has no public accessor for it)
+            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+            target = commands.choices[args.command]
         load_yaml_defaults(target, args.config)
         args = parser.parse_args(argv)
     return args
@@ -683,7 +685,7 @@ def run_guarded(func, *args, **kwargs) -> int:
     try:
         return func(*args, **kwargs)
     except LoratvError as exc:
-        print(f"loratv: error: {one_line(exc)}", file=sys.stderr)
+        print(f"loratv: error: {one_line(cli_message(exc))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head`: stop quietly
         sys.stdout = open(os.devnull, "w")

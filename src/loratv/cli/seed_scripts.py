@@ -32,7 +32,7 @@ from loratv.cli.app import (
     parse_with_config,
     run_guarded,
 )
-from loratv.errors import LoratvError
+from loratv.errors import LoratvError, cli_message
 from loratv.example.builder import example_merged, example_paths
 from loratv.io.output_kinds import holds_output_of
 from loratv.ops.compare import DEFAULT_TOLERANCE
@@ -85,7 +85,7 @@ def run_seed(func, argv) -> int:
         try:
             return func(argv)
         except LoratvError as exc:
-            raise LoratvError(seed_flag_message(str(exc))) from None
+            raise LoratvError(seed_flag_message(cli_message(exc))) from None
 
     return run_guarded(translated)
 

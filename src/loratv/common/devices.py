@@ -2,7 +2,7 @@
 
 import torch
 
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError, param
 
 
 def resolve_device(device: str) -> torch.device:
@@ -20,9 +20,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise LoratvError(f"--device {device}: not a device name (use cpu, cuda or cuda:N).") from None
+        raise BadInputError(f"{param('device', device)}: not a device name (use cpu, cuda or cuda:N).") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LoratvError(f"--device {device}: CUDA is not available on this machine.")
+        raise BadInputError(f"{param('device', device)}: CUDA is not available on this machine.")
     if dev.type not in ("cpu", "cuda"):
-        raise LoratvError(f"--device {device}: only cpu and cuda are supported.")
+        raise BadInputError(f"{param('device', device)}: only cpu and cuda are supported.")
     return dev

@@ -39,6 +39,17 @@ CONFIG_NAMES = {
 
 
 def code_of(dtype: torch.dtype) -> str:
+    """The safetensors dtype code a torch dtype is stored under.
+
+    Args:
+        dtype: a torch dtype.
+
+    Returns:
+        The code, e.g. "BF16".
+
+    Raises:
+        LoratvError: the dtype has no safetensors code loratv knows.
+    """
     try:
         return TORCH_TO_CODE[dtype]
     except KeyError:
@@ -46,19 +57,50 @@ def code_of(dtype: torch.dtype) -> str:
 
 
 def torch_dtype_of(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code.
+
+    Args:
+        code: a key of SAFETENSORS_DTYPES, e.g. "F32" (an unknown code raises KeyError).
+
+    Returns:
+        The torch dtype.
+    """
     return SAFETENSORS_DTYPES[code][0]
 
 
 def itemsize(code: str) -> int:
+    """Bytes per element of a safetensors dtype code.
+
+    Args:
+        code: a key of SAFETENSORS_DTYPES (an unknown code raises KeyError).
+
+    Returns:
+        The element size in bytes.
+    """
     return SAFETENSORS_DTYPES[code][1]
 
 
 def is_float(code: str) -> bool:
+    """Whether a safetensors dtype code is a floating-point one (F64 … F8_E5M2, BF16).
+
+    Args:
+        code: a safetensors dtype code.
+
+    Returns:
+        True for codes starting with "F" or "BF".
+    """
     return code.startswith(("F", "BF"))
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """True when no element is NaN or ±Inf; one reduction pass (aminmax propagates NaN), ~40x faster than isfinite().all()."""
+    """True when no element is NaN or ±Inf; one reduction pass (aminmax propagates NaN), ~40x faster than isfinite().all().
+
+    Args:
+        tensor: any tensor, any device.
+
+    Returns:
+        Whether every element is finite; always True for non-float and empty tensors.
+    """
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
     try:

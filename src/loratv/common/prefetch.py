@@ -5,7 +5,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 def prefetched(jobs, read):
     """Yield (job, read(job, slot)) in order, reading one job ahead. `slot` alternates 0, 1 so that `read` can
-    reuse two buffer sets: a result is valid until the caller asks for the next one."""
+    reuse two buffer sets: a result is valid until the caller asks for the next one.
+
+    Args:
+        jobs: the jobs, in order (consumed into a list first).
+        read: called as read(job, slot) on one worker thread; its exceptions surface at the matching yield.
+
+    Yields:
+        (job, read(job, slot)) for each job in order; nothing for no jobs.
+    """
     jobs = list(jobs)
     if not jobs:
         return

@@ -6,7 +6,16 @@ CHUNK_BYTES = 128 << 20
 
 
 def row_chunks(shape, bytes_per_element: int, chunk_bytes: int = CHUNK_BYTES):
-    """(start, stop) row ranges along dim 0 whose work buffers stay under chunk_bytes; one range for scalars."""
+    """(start, stop) row ranges along dim 0 whose work buffers stay under chunk_bytes; one range for scalars.
+
+    Args:
+        shape: the tensor's shape (a torch.Size or sequence of ints).
+        bytes_per_element: bytes per element of the work buffers (not necessarily the stored dtype's).
+        chunk_bytes: the budget per range; a range always has at least one row.
+
+    Yields:
+        (start, stop) pairs covering dim 0 in order; (0, 1) for a 0-d shape, (0, 0) for zero rows.
+    """
     if len(shape) == 0:
         yield 0, 1
         return
@@ -21,4 +30,14 @@ def row_chunks(shape, bytes_per_element: int, chunk_bytes: int = CHUNK_BYTES):
 
 
 def rows_of(tensor, start: int, stop: int):
+    """Rows [start, stop) of a tensor, or the whole tensor when it is 0-d (its one "row" from row_chunks).
+
+    Args:
+        tensor: a torch tensor.
+        start: first row (inclusive).
+        stop: last row (exclusive).
+
+    Returns:
+        A view of the rows, or the 0-d tensor itself.
+    """
     return tensor if tensor.dim() == 0 else tensor[start:stop]

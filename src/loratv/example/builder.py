@@ -25,6 +25,7 @@ LAYERS = 30
 HEADS = 4
 KV_HEADS = 2
 VOCAB = 512
+MAX_POSITIONS = 512
 RANK = 8
 ALPHA = 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -38,7 +39,7 @@ CONFIG = {
     "num_attention_heads": HEADS,
     "num_key_value_heads": KV_HEADS,
     "vocab_size": VOCAB,
-    "max_position_embeddings": 512,
+    "max_position_embeddings": MAX_POSITIONS,
     "hidden_act": "gelu_pytorch_tanh",
     "norm_epsilon": 1e-5,
     "use_bias": True,
@@ -56,7 +57,16 @@ CONFIG = {
 }
 
 
-def layer_shapes(i: int, head_dim: int = HIDDEN // HEADS):
+def layer_shapes(i: int, head_dim: int = HIDDEN // HEADS) -> list[tuple[str, tuple[int, ...]]]:
+    """The 16 tensors of one StarCoder2 decoder layer of the example, in the order they are written.
+
+    Args:
+        i: the layer index (0 … LAYERS - 1).
+        head_dim: the attention head size; k/v projections have KV_HEADS·head_dim outputs.
+
+    Returns:
+        (name, shape) pairs; weights in nn.Linear orientation (out, in).
+    """
     kv = KV_HEADS * head_dim
     p = f"model.layers.{i}."
     return [
@@ -79,8 +89,13 @@ def layer_shapes(i: int, head_dim: int = HIDDEN // HEADS):
     ]
 
 
-def base_shapes():
-    shapes = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+def base_shapes() -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of the example base model (483: embedding, 30 layers of 16, final norm), in file order.
+
+    Returns:
+        (name, shape) pairs; the embedding is tied, so there is no lm_head.weight.
+    """
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for i in range(LAYERS):
         shapes += layer_shapes(i)
     return shapes + [("model.norm.weight", (HIDDEN,)), ("model.norm.bias", (HIDDEN,))]
@@ -106,6 +121,12 @@ def _value(rng, name, shape) -> torch.Tensor:
 
 
 def write_base(folder: Path) -> None:
+    """Write the example base model: model.safetensors (fp32, deterministic from SEED), config.json,
+    generation_config.json and the tokenizer files.
+
+    Args:
+        folder: an existing folder; the files are written into it, replacing any of the same names.
+    """
     rng = np.random.default_rng(SEED)
     shapes = base_shapes()
     writer = SafetensorsWriter(folder / "model.safetensors", shapes, {"format": "pt"})
@@ -115,11 +136,15 @@ def write_base(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(CONFIG, indent=2, sort_keys=True) + "\n")
     generation = {"bos_token_id": 0, "eos_token_id": 0}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    write_tokenizer_files(folder, VOCAB, CONFIG["max_position_embeddings"])
+    write_tokenizer_files(folder, VOCAB, MAX_POSITIONS)
 
 
 def adapter_config() -> dict:
-    """What PEFT's LoraConfig(r=8, lora_alpha=16, target_modules=[q,k,v,o], task_type=CAUSAL_LM) saves."""
+    """What PEFT's LoraConfig(r=8, lora_alpha=16, target_modules=[q,k,v,o], task_type=CAUSAL_LM) saves.
+
+    Returns:
+        The adapter_config.json contents as a dict (a new one on each call).
+    """
     return {
         "alpha_pattern": {},
         "auto_mapping": None,
@@ -146,6 +171,12 @@ def adapter_config() -> dict:
 
 
 def write_adapter(folder: Path) -> None:
+    """Write the example LoRA: adapter_model.safetensors (fp32 lora_A/lora_B for q/k/v/o of every layer,
+    deterministic from SEED + 1), adapter_config.json and the tokenizer files.
+
+    Args:
+        folder: an existing folder; the files are written into it, replacing any of the same names.
+    """
     rng = np.random.default_rng(SEED + 1)
     head_dim = HIDDEN // HEADS
     out_dims = {"q_proj": HIDDEN, "k_proj": KV_HEADS * head_dim, "v_proj": KV_HEADS * head_dim, "o_proj": HIDDEN}
@@ -165,10 +196,15 @@ def write_adapter(folder: Path) -> None:
     writer.close()
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config(), indent=2, sort_keys=True) + "\n")
     # a trainer's checkpoint folder saves the tokenizer beside the adapter
-    write_tokenizer_files(folder, VOCAB, CONFIG["max_position_embeddings"])
+    write_tokenizer_files(folder, VOCAB, MAX_POSITIONS)
 
 
 def cache_dir() -> Path:
+    """Where the cached example lives: $LORATV_CACHE, else $XDG_CACHE_HOME/loratv or ~/.cache/loratv.
+
+    Returns:
+        That root's `example-v{EXAMPLE_VERSION}` subfolder (not created here).
+    """
     root = os.environ.get("LORATV_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "loratv"
     )
@@ -179,6 +215,17 @@ def write_example(out, *, force: bool = False) -> Path:
     """`loratv example -o DIR`: DIR/base (the model) and DIR/adapter (the LoRA), each with the tokenizer files.
 
     DIR/adapter is byte for byte the repository's checkpoint-40000/, the seed study's example checkpoint.
+    The folder appears only once complete (written to a temporary sibling, then renamed).
+
+    Args:
+        out: the folder to create.
+        force: replace an existing folder.
+
+    Returns:
+        Path(out).
+
+    Raises:
+        LoratvError: `out` exists without `force`, is not a folder, or overlaps an input (from atomic_output_dir).
     """
     with atomic_output_dir(out, force=force) as tmp:
         (tmp / "base").mkdir()
@@ -189,7 +236,13 @@ def write_example(out, *, force: bool = False) -> Path:
 
 
 def example_paths() -> dict:
-    """The cached example (written on first use): base and adapter folders."""
+    """The cached example (written on first use): base and adapter folders.
+
+    Concurrent first uses wait on a lock in the cache's parent folder, so the example is written once.
+
+    Returns:
+        {"base": Path, "adapter": Path} inside cache_dir().
+    """
     root = cache_dir()
     if not (root / "base" / "model.safetensors").is_file() or not (root / "adapter" / "adapter_model.safetensors").is_file():
         with shared_cache_lock(root.parent):  # another process may be writing it: wait, then look again
@@ -199,7 +252,14 @@ def example_paths() -> dict:
 
 
 def example_merged(precision: str = "fp32") -> Path:
-    """The example merged at `precision` (cached): the fine-tuned model that `extract` uses by default."""
+    """The example merged at `precision` (cached): the fine-tuned model that `extract` uses by default.
+
+    Args:
+        precision: the merge precision name ("fp32", "fp16", "bf16", "fp64"), passed to ops.merge.merge.
+
+    Returns:
+        The cached merged model folder, cache_dir() / f"merged-{precision}" (merged on first use, under a lock).
+    """
 
     paths = example_paths()
     merged = cache_dir() / f"merged-{precision}"

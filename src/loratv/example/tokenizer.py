@@ -263,7 +263,7 @@ def _train(vocab_size: int) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...
     tokens = list(SPECIAL_TOKENS) + list(_SYMBOLS)
     known = set(tokens)
     # Each distinct pre-token once, with its count: merges never cross pre-token boundaries.
-    words = [[list(word), count] for word, count in sorted(Counter(_pretokenize(CORPUS)).items())]
+    words: list[list] = [[list(word), count] for word, count in sorted(Counter(_pretokenize(CORPUS)).items())]
     merges: list[tuple[str, str]] = []
     while len(tokens) < vocab_size:
         pairs: Counter = Counter()

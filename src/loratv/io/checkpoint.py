@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from loratv.common import dtypes
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError
 from loratv.io import hub, safe_json
 from loratv.io import safetensors_format as stf
 
@@ -61,26 +61,27 @@ def _read_json(path: Path):
     return safe_json.read(path)
 
 
-def _index_shards(index_path: Path) -> list[Path]:
-    """Shard files named by an index, in first-appearance order, each proven to lie inside the index's folder."""
+def _index_shards(index_path: Path) -> tuple[list[Path], dict]:
+    """Shard files named by an index, in first-appearance order, each proven to lie inside the index's folder;
+    returned with the index's weight_map."""
     index = _read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise LoratvError(f"{index_path}: index has no weight_map.")
+        raise BadInputError(f"{index_path}: index has no weight_map.")
     folder = index_path.parent
     shards = []
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard or any(ord(c) < 32 for c in shard):
-            raise LoratvError(f"{index_path}: tensor {stf._short(name)} maps to an invalid shard name {stf._short(shard)}.")
+            raise BadInputError(f"{index_path}: tensor {stf._short(name)} maps to an invalid shard name {stf._short(shard)}.")
         if os.path.isabs(shard) or ".." in Path(shard).parts or not _inside(folder, folder / shard):
-            raise LoratvError(f"{index_path}: shard '{shard}' lies outside the model folder.")
+            raise BadInputError(f"{index_path}: shard '{shard}' lies outside the model folder.")
         if shard not in shards:
             shards.append(shard)
     paths = []
     for shard in sorted(shards):
         path = folder / shard
         if not path.is_file():
-            raise LoratvError(f"{index_path}: shard '{shard}' is missing.")
+            raise BadInputError(f"{index_path}: shard '{shard}' is missing.")
         paths.append(path)
     return paths, weight_map
 
@@ -118,7 +119,7 @@ class Checkpoint:
                 if len(singles) == 1:
                     self._load_safetensors(singles)
                 else:
-                    raise LoratvError(
+                    raise BadInputError(
                         f"{path}: folder holds no model weights (no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {BIN_SINGLE})."
                     )
         elif path.suffix == ".safetensors":
@@ -128,7 +129,7 @@ class Checkpoint:
         elif path.name.endswith(".index.json"):
             self._load_index(path)
         else:
-            raise LoratvError(f"{path}: not a model folder, a .safetensors file or a .bin checkpoint.")
+            raise BadInputError(f"{path}: not a model folder, a .safetensors file or a .bin checkpoint.")
 
     def _load_index(self, index_path: Path):
         self.index_file = index_path
@@ -145,7 +146,7 @@ class Checkpoint:
             self.file_metadata[file] = metadata
             for entry in entries:
                 if entry.name in self.entries:
-                    raise LoratvError(f"{file}: tensor '{entry.name}' also appears in {self.entries[entry.name].file.name}.")
+                    raise BadInputError(f"{file}: tensor '{entry.name}' also appears in {self.entries[entry.name].file.name}.")
                 self.entries[entry.name] = entry
             self.files.append(file)
 
@@ -158,7 +159,7 @@ class Checkpoint:
             self.file_metadata[file] = {}
             for name, tensor in state.items():
                 if name in self.entries:
-                    raise LoratvError(f"{file}: tensor '{name}' also appears in {self.entries[name].file.name}.")
+                    raise BadInputError(f"{file}: tensor '{name}' also appears in {self.entries[name].file.name}.")
                 code = dtypes.code_of(tensor.dtype)
                 self.entries[name] = stf.TensorEntry(
                     name, code, tuple(tensor.shape), file, 0, tensor.numel() * tensor.element_size()
@@ -169,13 +170,18 @@ class Checkpoint:
         for name, shard in weight_map.items():
             entry = self.entries.get(name)
             if entry is None or entry.file.name != Path(shard).name:
-                raise LoratvError(f"{self.index_file}: tensor '{name}' is not in shard '{shard}'.")
+                raise BadInputError(f"{self.index_file}: tensor '{name}' is not in shard '{shard}'.")
         extra = set(self.entries) - set(weight_map)
         if extra:
-            raise LoratvError(f"{self.index_file}: tensor '{sorted(extra)[0]}' is in a shard but not in the index.")
+            raise BadInputError(f"{self.index_file}: tensor '{sorted(extra)[0]}' is in a shard but not in the index.")
 
     # ---- queries ----
     def names(self) -> list[str]:
+        """Every tensor name, in file order (shard by shard, by data offset within a safetensors file).
+
+        Returns:
+            A new list of the names.
+        """
         return list(self.entries)
 
     def __contains__(self, name) -> bool:
@@ -185,36 +191,92 @@ class Checkpoint:
         return len(self.entries)
 
     def entry(self, name: str) -> stf.TensorEntry:
+        """The index entry of one tensor: its dtype code, shape, file and byte range.
+
+        Args:
+            name: the tensor name.
+
+        Returns:
+            The TensorEntry (for a .bin checkpoint, start 0 and nbytes of the loaded tensor).
+
+        Raises:
+            LoratvError: the checkpoint has no tensor of that name.
+        """
         try:
             return self.entries[name]
         except KeyError:
-            raise LoratvError(f"{self.label}: has no tensor '{name}'.") from None
+            raise BadInputError(f"{self.label}: has no tensor '{name}'.") from None
 
     @property
     def config(self) -> dict | None:
+        """config.json beside the weights, with the fields loratv reads type-checked; read anew on every access.
+
+        Returns:
+            The config as a dict, or None when there is no config.json.
+
+        Raises:
+            LoratvError: config.json is not valid JSON or not an object, or model_type, tie_word_embeddings, dtype or
+                torch_dtype has the wrong type.
+        """
         path = self.root / "config.json"
         if not path.is_file():
             return None
         config = _read_json(path)
         if not isinstance(config, dict):
-            raise LoratvError(f"{path}: not a model config (a JSON object).")
+            raise BadInputError(f"{path}: not a model config (a JSON object).")
         for key, kind, what in CONFIG_FIELD_TYPES:  # the fields loratv reads decide orientation and tying
             if key in config and not isinstance(config[key], kind):
-                raise LoratvError(f"{path}: '{key}' must be {what}, not {stf._short(config[key])}.")
+                raise BadInputError(f"{path}: '{key}' must be {what}, not {stf._short(config[key])}.")
         return config
 
     def shard_of(self, name: str) -> Path:
+        """The file that holds a tensor.
+
+        Args:
+            name: the tensor name.
+
+        Returns:
+            The shard's path.
+
+        Raises:
+            LoratvError: the checkpoint has no tensor of that name (from `entry`).
+        """
         return self.entry(name).file
 
     # ---- data ----
     def read(self, name: str) -> torch.Tensor:
+        """One whole tensor, on the CPU, in its stored dtype and shape.
+
+        Args:
+            name: the tensor name.
+
+        Returns:
+            For safetensors, a new tensor over freshly read bytes; for .bin, the loaded tensor itself (do not modify it).
+
+        Raises:
+            LoratvError: no tensor of that name, or the file was truncated since it was indexed.
+        """
         entry = self.entry(name)
         if self.format == "bin":
             return self._bin_state[entry.file][name]
         return stf.bytes_to_tensor(stf.read_bytes(entry), entry.dtype, entry.shape)
 
     def read_rows(self, name: str, start: int, stop: int, into: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows [start, stop) along the first dimension (read into the uint8 buffer `into` when given)."""
+        """Rows [start, stop) along the first dimension (read into the uint8 buffer `into` when given).
+
+        Args:
+            name: the tensor name.
+            start: first row (inclusive).
+            stop: last row (exclusive).
+            into: a CPU uint8 tensor of at least the rows' byte count, reused as the buffer; a smaller one is ignored.
+
+        Returns:
+            A (stop - start, *shape[1:]) CPU tensor in the stored dtype (aliasing `into` when it was used); a 0-d
+            tensor is returned whole.
+
+        Raises:
+            LoratvError: no tensor of that name, or the file was truncated since it was indexed.
+        """
         entry = self.entry(name)
         if self.format == "bin" or len(entry.shape) == 0:
             return self.read(name)[start:stop] if entry.shape else self.read(name)
@@ -223,13 +285,35 @@ class Checkpoint:
         return stf.bytes_to_tensor(buf, entry.dtype, (stop - start, *entry.shape[1:]))
 
     def read_raw(self, name: str) -> bytes:
+        """A tensor's raw little-endian bytes, exactly as a safetensors file would store them.
+
+        Args:
+            name: the tensor name.
+
+        Returns:
+            The bytes (a copy).
+
+        Raises:
+            LoratvError: no tensor of that name, or the file was truncated since it was indexed.
+        """
         entry = self.entry(name)
         if self.format == "bin":
             return bytes(stf.tensor_to_bytes(self.read(name)))
         return bytes(stf.read_bytes(entry))
 
     def iter_raw(self, name: str, chunk_bytes: int = 64 << 20):
-        """Raw bytes of a tensor in pieces of at most chunk_bytes, for byte-exact copies in O(chunk) memory."""
+        """Raw bytes of a tensor in pieces of at most chunk_bytes, for byte-exact copies in O(chunk) memory.
+
+        Args:
+            name: the tensor name.
+            chunk_bytes: the largest piece; a .bin tensor comes as one piece.
+
+        Yields:
+            memoryviews of consecutive byte ranges, together the tensor's data (none for an empty tensor).
+
+        Raises:
+            LoratvError: no tensor of that name, or the file was truncated since it was indexed.
+        """
         entry = self.entry(name)
         if self.format == "bin":
             yield stf.tensor_to_bytes(self.read(name))
@@ -238,7 +322,12 @@ class Checkpoint:
             yield stf.read_bytes(entry, start, min(entry.nbytes, start + chunk_bytes))
 
     def aux_files(self) -> list[Path]:
-        """Non-weight files beside the weights (configs, tokenizer, generation config, README)."""
+        """Non-weight files beside the weights (configs, tokenizer, generation config, README).
+
+        Returns:
+            The files of the model folder, sorted, except weights, index files, hidden files and loratv_manifest.json;
+            empty when the checkpoint is a single file.
+        """
         if not self.path.is_dir():
             return []
         skip = {SAFETENSORS_INDEX, BIN_INDEX, "loratv_manifest.json"}  # the manifest describes that folder only
@@ -249,6 +338,11 @@ class Checkpoint:
         return out
 
     def total_parameters(self) -> int:
+        """The number of elements over every tensor.
+
+        Returns:
+            The sum of each tensor's element count.
+        """
         return sum(e.numel for e in self.entries.values())
 
 
@@ -265,9 +359,9 @@ def _torch_load(file: Path) -> dict:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             reason = "it contains objects other than tensors, and loratv never unpickles code"
-        raise LoratvError(f"{file}: cannot be loaded as a weights-only checkpoint ({reason[:200]}).") from None
+        raise BadInputError(f"{file}: cannot be loaded as a weights-only checkpoint ({reason[:200]}).") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise LoratvError(f"{file}: is not a flat mapping of tensor names to tensors.")
+        raise BadInputError(f"{file}: is not a flat mapping of tensor names to tensors.")
     return state

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError, LoratvError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 # suffixes of files loratv reads: a source ending in one names a file, not a repository
@@ -23,7 +23,11 @@ MODEL_FILE_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.ti
 
 
 def offline_mode() -> bool:
-    """Whether huggingface_hub works from its local cache only (HF_HUB_OFFLINE, read now, or as the client read it)."""
+    """Whether huggingface_hub works from its local cache only (HF_HUB_OFFLINE, read now, or as the client read it).
+
+    Returns:
+        True when HF_HUB_OFFLINE is set to 1/true/yes/on now, or huggingface_hub's constants say offline.
+    """
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
         return True
     try:
@@ -59,8 +63,16 @@ def local_reason(source: str | os.PathLike) -> str | None:
 
 
 def missing_path_error(source: str | os.PathLike, reason: str) -> LoratvError:
-    """The one sentence for a local path that does not exist (never tried on the hub)."""
-    return LoratvError(f"{source}: no such file or folder (not tried as a hub id because {reason}).")
+    """The one sentence for a local path that does not exist (never tried on the hub).
+
+    Args:
+        source: the path as the user gave it.
+        reason: why it was taken as local, a clause from local_reason.
+
+    Returns:
+        The LoratvError, for the caller to raise.
+    """
+    return BadInputError(f"{source}: no such file or folder (not tried as a hub id because {reason}).")
 
 
 def failure_reason(exc: BaseException, revision: str | None = None, filename: str | None = None) -> str:
@@ -110,9 +122,19 @@ def failure_reason(exc: BaseException, revision: str | None = None, filename: st
 
 def hub_error(source: str, exc: BaseException, *, revision: str | None = None,
               filename: str | None = None) -> LoratvError:
-    """The one sentence for a source that is neither a local path nor downloadable."""
+    """The one sentence for a source that is neither a local path nor downloadable.
+
+    Args:
+        source: the path or hub id as the user gave it.
+        exc: what huggingface_hub raised.
+        revision: the revision asked for, if any.
+        filename: the single file asked for, if any.
+
+    Returns:
+        The LoratvError, for the caller to raise, with the cause from failure_reason.
+    """
     reason = failure_reason(exc, revision, filename)
-    return LoratvError(f"{source}: no such local file or folder, and as a hub id {reason}.")
+    return BadInputError(f"{source}: no such local file or folder, and as a hub id {reason}.")
 
 
 def snapshot(hub_id: str, allow_patterns: list[str]) -> Path:

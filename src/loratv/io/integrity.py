@@ -30,7 +30,7 @@ def _file_record(path: Path, root: Path) -> tuple:
         name = str(Path(path).relative_to(root))
     except ValueError:
         name = str(path)
-    record = {"size": os.path.getsize(path)}
+    record: dict[str, int | str] = {"size": os.path.getsize(path)}
     if path.suffix == ".safetensors":
         record["header_sha256"], record["header_bytes"] = header_sha256(path)
     elif path.suffix == ".json":
@@ -41,13 +41,33 @@ def _file_record(path: Path, root: Path) -> tuple:
 
 
 def checkpoint_record(ckpt, extra_files=()) -> dict:
-    """An input's source and the identity of each file loratv read from it (a Checkpoint, plus e.g. its config)."""
+    """An input's source and the identity of each file loratv read from it (a Checkpoint, plus e.g. its config).
+
+    Args:
+        ckpt: the io.checkpoint.Checkpoint read.
+        extra_files: other files read for that input (e.g. its config.json).
+
+    Returns:
+        {"source": str, "files": {name relative to the checkpoint folder (or the full path outside it): record}},
+        each record holding "size" and "header_sha256" + "header_bytes" (safetensors), "sha256" (JSON) or
+        "head_sha256" (the first MiB of anything else).
+    """
+    if getattr(ckpt, "in_memory", False):  # an already-loaded state dict: no file was read
+        return {"source": str(ckpt.source), "files": {}}
     files = [*ckpt.files, *([ckpt.index_file] if ckpt.index_file else []), *extra_files]
     root = ckpt.root
     return {"source": str(ckpt.source), "files": dict(_file_record(Path(f), root) for f in files)}
 
 
 def adapter_record(adapter) -> dict:
+    """checkpoint_record for an adapter: its weights file(s) plus its adapter_config.json.
+
+    Args:
+        adapter: the loaded adapter (its `tensors` Checkpoint, `config_path` and `source`).
+
+    Returns:
+        The record, with the adapter's own source.
+    """
     extra = [adapter.config_path] if adapter.config_path and Path(adapter.config_path).suffix == ".json" else []
     record = checkpoint_record(adapter.tensors, extra)
     record["source"] = str(adapter.source)
@@ -56,7 +76,17 @@ def adapter_record(adapter) -> dict:
 
 def write_manifest(folder: Path, operation: str, inputs: dict, known: dict | None = None) -> dict:
     """Hash every file of `folder` (reusing `known` {relative name: sha256} for shards hashed while written) and
-    write the manifest last, beside them."""
+    write the manifest last, beside them.
+
+    Args:
+        folder: the output folder; every file under it (sub-folders included) but its manifest is listed.
+        operation: what produced the folder (e.g. "merge", "extract").
+        inputs: input name -> checkpoint_record / adapter_record.
+        known: relative POSIX name -> sha256 already computed; None: hash every file.
+
+    Returns:
+        The manifest as written to folder/loratv_manifest.json.
+    """
     folder = Path(folder)
     known = known or {}
     files = {}

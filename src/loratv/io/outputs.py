@@ -9,14 +9,19 @@ even by SIGKILL, so the next run that takes it knows that every temporary siblin
 
 import ctypes
 import errno
-import fcntl
 import os
 import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from loratv.errors import LoratvError
+from loratv.errors import LoratvError, OutputExistsError, param
+
+try:  # POSIX only: on Windows outputs are still atomic, but two writers of one path are not kept apart
+    import fcntl
+except ImportError:
+    fcntl = None  # type: ignore[assignment]
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 # errors that mean "the output cannot be written here", whichever file raised them
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
@@ -36,19 +41,32 @@ def _refuse_overlap(out, out_real: Path, inputs) -> None:
             continue
         inp_real = _real(inp)
         if _within(out_real, inp_real):
-            raise LoratvError(f"{out}: the output would be written into the input {inp}; choose another output path.")
+            raise OutputExistsError(f"{out}: the output would be written into the input {inp}; choose another output path.")
         if _within(inp_real, out_real):
-            raise LoratvError(f"{out}: the output path contains the input {inp}; choose another output path.")
+            raise OutputExistsError(f"{out}: the output path contains the input {inp}; choose another output path.")
 
 
 def check_output(out, inputs, *, force: bool) -> Path:
-    """Refuse an output that is, holds or lies inside an input, or that exists without --force."""
+    """Refuse an output that is, holds or lies inside an input, or that exists without --force.
+
+    Args:
+        out: the output folder as the user gave it.
+        inputs: the input paths (None entries are skipped).
+        force: an existing output folder may be replaced.
+
+    Returns:
+        The output's real path (symlinks resolved, ~ expanded).
+
+    Raises:
+        OutputExistsError: the output exists and force is False.
+        LoratvError: the output is, holds or lies inside an input, or exists and is not a folder.
+    """
     out_real = _real(out)
     _refuse_overlap(out, out_real, inputs)
     if out_real.exists() and not force:
-        raise LoratvError(f"{out}: already exists; pass --force to replace it.")
+        raise OutputExistsError(f"{out}: already exists; pass {param('force', True)} to replace it.")
     if out_real.exists() and not out_real.is_dir():
-        raise LoratvError(f"{out}: exists and is not a folder.")
+        raise OutputExistsError(f"{out}: exists and is not a folder.")
     return out_real
 
 
@@ -67,9 +85,12 @@ def _output_lock(out_real: Path, shown):
     """Hold `.OUT.loratv-lock` (flock) for the block; yields whether the lock is real (False where the filesystem
     has no flock, e.g. some network mounts: then only stale temporaries of dead pids are cleaned)."""
     lock = out_real.parent / f".{out_real.name}.loratv-lock"
+    if fcntl is None:
+        yield False
+        return
     while True:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o644)
         except OSError as exc:
             raise LoratvError(f"{shown}: cannot be written ({exc.strerror}); nothing was written.") from None
         try:
@@ -113,10 +134,25 @@ def _output_lock(out_real: Path, shown):
 @contextmanager
 def shared_cache_lock(folder: Path):
     """Wait for, then hold, a lock on a cache folder, so that concurrent runs fill it once instead of racing to
-    write the same output (atomic_output_dir would make all but one fail)."""
+    write the same output (atomic_output_dir would make all but one fail).
+
+    Where the OS or filesystem has no flock, the block runs unlocked.
+
+    Args:
+        folder: the cache folder (created if missing); the lock file is folder/.loratv-cache-lock.
+
+    Yields:
+        None, while the lock is held.
+
+    Raises:
+        OSError: the lock file cannot be created, or flock fails other than by being unsupported.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".loratv-cache-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder / ".loratv-cache-lock", os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -168,7 +204,7 @@ def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     try:
         func = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows' CDLL needs a library name
         return False
     func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     if func(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
@@ -286,7 +322,20 @@ def _locked_atomic(out, out_real: Path, tmp_name, check):
 
 @contextmanager
 def atomic_output_dir(out, inputs=(), *, force: bool = False):
-    """Yield a temporary sibling folder; rename it to `out` only if the block finishes without an exception."""
+    """Yield a temporary sibling folder; rename it to `out` only if the block finishes without an exception.
+
+    Args:
+        out: the output folder; missing parent folders are created (and removed again on failure).
+        inputs: input paths the output must not be, hold or lie inside.
+        force: replace an existing output folder.
+
+    Yields:
+        The temporary folder (created, empty) to write the output into.
+
+    Raises:
+        LoratvError: the output is refused (see check_output; OutputExistsError without force), or writing it
+            failed with an OSError such as a full disk (nothing is left at the output path then).
+    """
 
     def check(out_real):
         check_output(out, inputs, force=force)
@@ -302,13 +351,26 @@ def atomic_output_dir(out, inputs=(), *, force: bool = False):
 @contextmanager
 def atomic_output_file(out, inputs=(), *, force: bool = False):
     """Yield a temporary sibling path with the same suffix; rename it to `out` only if the block finishes without an
-    exception (the single-file counterpart of atomic_output_dir)."""
+    exception (the single-file counterpart of atomic_output_dir).
+
+    Args:
+        out: the output file; missing parent folders are created (and removed again on failure).
+        inputs: input paths the output must not be, hold or lie inside.
+        force: replace an existing output file.
+
+    Yields:
+        The temporary path (not created) to write the output to.
+
+    Raises:
+        LoratvError: `out` is a folder, exists without force, overlaps an input, or writing it failed with an
+            OSError such as a full disk.
+    """
 
     def check(out_real):
         if out_real.is_dir():
             raise LoratvError(f"{out}: is a folder; give a file name.")
         if out_real.exists() and not force:
-            raise LoratvError(f"{out}: already exists; pass --force to replace it.")
+            raise OutputExistsError(f"{out}: already exists; pass {param('force', True)} to replace it.")
 
     def make_tmp(out_real):
         return f".{out_real.name}.loratv-tmp-{os.getpid()}{out_real.suffix}"

@@ -8,7 +8,7 @@ of those becomes a LoratvError here.
 import json
 from pathlib import Path
 
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError
 
 MAX_JSON_BYTES = 64 << 20  # configs and indexes are kilobytes; a bigger one is not read into memory
 
@@ -47,9 +47,22 @@ def _check_text(value):
 
 
 def loads(raw, where, what: str = "not valid JSON"):
-    """Parse bytes (UTF-8) or text; any problem raises LoratvError(f"{where}: {what} (reason).")."""
+    """Parse bytes (UTF-8) or text; any problem raises BadInputError(f"{where}: {what} (reason).").
+
+    Args:
+        raw: bytes, bytearray or memoryview of UTF-8, or a str.
+        where: what the text came from (a path), to begin the message.
+        what: what the problem is called in the message.
+
+    Returns:
+        The parsed value (dicts, lists, strings, numbers, bools, None).
+
+    Raises:
+        LoratvError: not UTF-8, invalid JSON, a duplicate key, NaN or Infinity, a lone surrogate, nesting too deep
+            or a number with too many digits.
+    """
     try:
-        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray, memoryview)) else raw
+        text = str(raw, "utf-8") if isinstance(raw, (bytes, bytearray, memoryview)) else raw  # memoryview has no .decode
         value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant)
         _check_text(value)
         return value
@@ -63,17 +76,28 @@ def loads(raw, where, what: str = "not valid JSON"):
         reason = "nested too deeply"
     except ValueError:  # integers beyond sys.get_int_max_str_digits()
         reason = "a number with too many digits"
-    raise LoratvError(f"{where}: {what} ({reason}).")
+    raise BadInputError(f"{where}: {what} ({reason}).")
 
 
 def read(path, what: str = "not valid JSON"):
-    """A JSON file, read as data only."""
+    """A JSON file, read as data only.
+
+    Args:
+        path: the file (at most MAX_JSON_BYTES).
+        what: what the problem is called in an error message.
+
+    Returns:
+        The parsed value, as `loads` gives it.
+
+    Raises:
+        LoratvError: the file cannot be read, is larger than MAX_JSON_BYTES, or is not strict JSON (see `loads`).
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
         if len(raw) > MAX_JSON_BYTES:
-            raise LoratvError(f"{path}: {what} (larger than {MAX_JSON_BYTES >> 20} MiB, far beyond any config or index).")
+            raise BadInputError(f"{path}: {what} (larger than {MAX_JSON_BYTES >> 20} MiB, far beyond any config or index).")
     except OSError as exc:
-        raise LoratvError(f"{path}: cannot be read ({exc.strerror}).") from None
+        raise BadInputError(f"{path}: cannot be read ({exc.strerror}).") from None
     return loads(raw, path, what)

@@ -17,7 +17,18 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 
 
 def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000 bytes (decimal units as Hugging Face uses; KiB/MiB/GiB are binary)."""
+    """'5GB' -> 5_000_000_000 bytes (decimal units as Hugging Face uses; KiB/MiB/GiB are binary).
+
+    Args:
+        text: a number (decimals allowed) with an optional unit B, KB, MB, GB, TB, KiB, MiB or GiB, any case; no
+            unit means bytes.
+
+    Returns:
+        The size in bytes, rounded down.
+
+    Raises:
+        ValueError: the text is not a size.
+    """
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", str(text).upper())
     if not m:
         raise ValueError(f"invalid size '{text}' (use e.g. 5GB, 500MB)")
@@ -26,12 +37,15 @@ def parse_size(text: str) -> int:
 
 @dataclass(frozen=True)
 class OutTensor:
+    """One tensor of a planned output: name, safetensors dtype code and shape."""
+
     name: str
     dtype: str  # safetensors code
     shape: tuple
 
     @property
     def nbytes(self) -> int:
+        """The tensor's data size in bytes."""
         return math.prod(self.shape) * dtypes.itemsize(self.dtype)
 
 
@@ -40,8 +54,16 @@ def layout_like(tensors, shard_of: dict, base_files: list) -> list:
 
     A sharded safetensors base keeps its shard file names too (so its index and the merged one line up); a single
     file, or .bin shards, get the standard names.
+
+    Args:
+        tensors: the OutTensors to write, in write order.
+        shard_of: tensor name -> the base file it came from (every tensor's name must be a key).
+        base_files: the base's files, in order.
+
+    Returns:
+        [(shard file name, [OutTensor])], base shards left with no tensor dropped.
     """
-    groups = {f: [] for f in base_files}
+    groups: dict[Path, list[OutTensor]] = {f: [] for f in base_files}
     for t in tensors:
         groups[shard_of[t.name]].append(t)
     kept = [(Path(f).name, g) for f, g in groups.items() if g]
@@ -52,7 +74,18 @@ def layout_like(tensors, shard_of: dict, base_files: list) -> list:
 
 
 def layout_by_size(tensors, max_bytes: int) -> list:
-    groups, current, size = [], [], 0
+    """Cut the tensors, in order, into shards of at most max_bytes each (a bigger tensor gets a shard to itself).
+
+    Args:
+        tensors: the OutTensors to write, in write order.
+        max_bytes: the shard size limit (of tensor data, headers not counted).
+
+    Returns:
+        [(shard file name, [OutTensor])] with standard names; one shard (possibly empty) when there are no tensors.
+    """
+    groups: list[list[OutTensor]] = []
+    current: list[OutTensor] = []
+    size = 0
     for t in tensors:
         if current and size + t.nbytes > max_bytes:
             groups.append(current)
@@ -65,6 +98,14 @@ def layout_by_size(tensors, max_bytes: int) -> list:
 
 
 def name_shards(groups) -> list:
+    """Give groups of tensors the standard Hugging Face shard file names.
+
+    Args:
+        groups: lists of OutTensors, one per shard, in order.
+
+    Returns:
+        [(file name, group)]: "model.safetensors" for a single group, else "model-00001-of-0000N.safetensors", ….
+    """
     if len(groups) == 1:
         return [("model.safetensors", groups[0])]
     n = len(groups)
@@ -80,12 +121,23 @@ class ShardedWriter:
         self.metadata = metadata
         self._order = [(file, t) for file, group in shards for t in group]
         self._pos = 0
-        self._writer = None
+        self._writer: SafetensorsWriter | None = None
         self._file = None
-        self._closing = []
-        self.digests = {}  # shard file name -> sha256, after close()
+        self._closing: list[SafetensorsWriter] = []
+        self.digests: dict[str, str | None] = {}  # shard file name -> sha256, after close()
 
     def begin(self, name: str) -> OutTensor:
+        """Start the next planned tensor, opening its shard (and closing the previous one in the background).
+
+        Args:
+            name: the tensor's name; it must be the next one in plan order.
+
+        Returns:
+            Its planned OutTensor (dtype and shape that its bytes must match).
+
+        Raises:
+            RuntimeError: `name` is not the next planned tensor.
+        """
         file, spec = self._order[self._pos]
         if spec.name != name:
             raise RuntimeError(f"writer expected '{spec.name}', got '{name}'")
@@ -95,18 +147,39 @@ class ShardedWriter:
             self._writer = SafetensorsWriter(self.folder / file, [(t.name, t.shape) for t in group], self.metadata,
                                              plan=[(t.name, t.dtype, t.shape) for t in group])
             self._file = file
-        self._writer.begin(spec.name, spec.dtype, spec.shape)
+        self._current().begin(spec.name, spec.dtype, spec.shape)
         return spec
 
     def write(self, data) -> None:
-        self._writer.write(data)
+        """Append bytes of the current tensor (see SafetensorsWriter.write; not to be modified afterwards).
+
+        Args:
+            data: a buffer of the tensor's raw little-endian bytes (all of them, or the next piece).
+        """
+        self._current().write(data)
 
     def copy_from(self, src, offset: int, nbytes: int) -> None:
-        self._writer.copy_from(src, offset, nbytes)
+        """Append bytes of the current tensor straight from another file (see SafetensorsWriter.copy_from).
+
+        Args:
+            src: the file to copy from.
+            offset: absolute byte offset in src.
+            nbytes: how many bytes.
+        """
+        self._current().copy_from(src, offset, nbytes)
 
     def end(self) -> None:
-        self._writer.end()
+        """Finish the current tensor.
+
+        Raises:
+            RuntimeError: the bytes written for it differ from its planned size (from SafetensorsWriter.end).
+        """
+        self._current().end()
         self._pos += 1
+
+    def _current(self) -> SafetensorsWriter:
+        assert self._writer is not None, "no tensor begun"
+        return self._writer
 
     def _finish_file(self):
         if self._writer is not None:
@@ -115,6 +188,12 @@ class ShardedWriter:
             self._writer = None
 
     def close(self) -> None:
+        """Finish every shard (header, fsync), record their sha256 in `digests`, and write
+        model.safetensors.index.json when there is more than one shard.
+
+        Raises:
+            RuntimeError: not every planned tensor was written.
+        """
         if self._pos != len(self._order):
             raise RuntimeError(f"writer closed after {self._pos} of {len(self._order)} tensors")
         self._finish_file()
@@ -130,6 +209,7 @@ class ShardedWriter:
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
+        """Stop every shard writer without finishing its file (the caller removes the output)."""
         for w in [*self._closing, self._writer]:
             if w is not None:
                 w.abort()

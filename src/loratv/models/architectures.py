@@ -4,13 +4,13 @@ One function per architecture family writes the state dict that transformers' `*
 config: the same names in the same order, the same shapes, buffers left out (none of these families has a
 persistent one) and a tied `lm_head` left out (save_pretrained stores only the embedding). With transformers
 installed, meta_model.py answers for every architecture instead; these formulas are what explains the figures of
-docs/starcoder2-architecture.md, and the fallback without transformers (tests/test_meta_model.py checks that both
+docs/starcoder2-architecture.md, and the fallback without transformers (tests/models/test_meta_model.py checks that both
 agree on the configs the docs quote). Missing optional keys take the defaults of the family's transformers config
-class, written out here; the shape-defining keys are required. tests/test_architectures.py checks every family
+class, written out here; the shape-defining keys are required. tests/models/test_architectures.py checks every family
 against transformers instantiating the same config on the meta device, and against models saved by transformers.
 """
 
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError
 
 REQUIRED = object()
 
@@ -27,7 +27,7 @@ class _Config:
         if key in self.config:
             return self.config[key]
         if default is REQUIRED:
-            raise LoratvError(f"{self.where}: model_type {self.model_type} needs '{key}', which config.json lacks.")
+            raise BadInputError(f"{self.where}: model_type {self.model_type} needs '{key}', which config.json lacks.")
         return default
 
     def int(self, key, default=REQUIRED, *, none_means=None):
@@ -35,13 +35,13 @@ class _Config:
         if value is None and none_means is not None:
             value = none_means
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise LoratvError(f"{self.where}: '{key}' must be a positive integer, not {value!r}.")
+            raise BadInputError(f"{self.where}: '{key}' must be a positive integer, not {value!r}.")
         return value
 
     def bool(self, key, default):
         value = self._value(key, default)
         if not isinstance(value, bool):
-            raise LoratvError(f"{self.where}: '{key}' must be true or false, not {value!r}.")
+            raise BadInputError(f"{self.where}: '{key}' must be true or false, not {value!r}.")
         return value
 
 
@@ -123,7 +123,7 @@ def _qwen2(c: _Config):
 def _gpt2(c: _Config):
     # GPT2Config: n_inner = 4·n_embd when null, tied; Conv1D weights stored (in, out)
     if c.bool("add_cross_attention", False):
-        raise LoratvError(f"{c.where}: GPT-2 with add_cross_attention is not supported without weights.")
+        raise BadInputError(f"{c.where}: GPT-2 with add_cross_attention is not supported without weights.")
     hidden = c.int("n_embd")
     layers = c.int("n_layer")
     c.int("n_head")
@@ -131,7 +131,9 @@ def _gpt2(c: _Config):
     positions = c.int("n_positions")
     inner = c.int("n_inner", None, none_means=4 * hidden)
     tied = c.bool("tie_word_embeddings", True)
-    out = [("transformer.wte.weight", (vocab, hidden)), ("transformer.wpe.weight", (positions, hidden))]
+    out: list[tuple[str, tuple[int, ...]]] = [
+        ("transformer.wte.weight", (vocab, hidden)), ("transformer.wpe.weight", (positions, hidden))
+    ]
     for i in range(layers):
         p = f"transformer.h.{i}."
         out += [
@@ -154,20 +156,40 @@ FAMILIES = {"starcoder2": _starcoder2, "llama": _llama, "mistral": _mistral, "qw
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
-def config_tensors(config: dict, where: str):
-    """([(name, shape)], tied) for the model a config.json describes; LoratvError for a family loratv does not know."""
+def config_tensors(config: dict, where: str) -> tuple[list[tuple[str, tuple[int, ...]]], bool]:
+    """([(name, shape)], tied) for the model a config.json describes; LoratvError for a family loratv does not know.
+
+    Args:
+        config: the parsed config.json.
+        where: where the config came from (a path or repo id), used in error messages.
+
+    Returns:
+        Every weight's name and shape, in the checkpoint's stored orientation (GPT-2's Conv1D weights (in, out)), and
+        whether the output head is tied to the input embedding (then no lm_head.weight is listed).
+
+    Raises:
+        LoratvError: the config is not a JSON object, its model_type is missing or not one of FAMILIES, a field the
+            family needs is missing or invalid, or the model is a variant that cannot be shaped without weights.
+    """
     if not isinstance(config, dict):
-        raise LoratvError(f"{where}: config.json is not a JSON object.")
+        raise BadInputError(f"{where}: config.json is not a JSON object.")
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         known = ", ".join(sorted(FAMILIES))
         what = f"model_type {model_type!r}" if model_type else "no model_type"
-        raise LoratvError(f"{where}: {what}; shapes from config.json alone are known for {known} "
+        raise BadInputError(f"{where}: {what}; shapes from config.json alone are known for {known} "
                           "(inspect the weights instead).")
     return FAMILIES[model_type](_Config(config, where, model_type))
 
 
-def config_dtype(config: dict):
-    """The safetensors dtype name the config says the weights are stored in, or None."""
+def config_dtype(config: dict) -> str | None:
+    """The safetensors dtype name the config says the weights are stored in, or None.
+
+    Args:
+        config: the parsed config.json (its `dtype`, or `torch_dtype` before transformers 5).
+
+    Returns:
+        "F32", "F16", "BF16" or "F64", or None when absent, "auto" or unknown.
+    """
     name = config.get("dtype", config.get("torch_dtype"))
     return DTYPES.get(name) if isinstance(name, str) else None

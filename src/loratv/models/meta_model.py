@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loratv.common.dtypes import TORCH_TO_CODE
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError, LoratvError
 from loratv.models.architectures import FAMILIES, config_dtype, config_tensors
 
 EXTRA = "loratv[transformers]"
@@ -109,7 +109,7 @@ def saved_inventory(config: dict, where: str) -> Inventory:
     try:
         state, tied, memory = _saved_state_dict(model, dtype)
     except Exception as exc:  # a save-time conversion this model's meta tensors do not support
-        raise LoratvError(f"{where}: transformers cannot write {type(model).__name__}'s state dict in its saved "
+        raise BadInputError(f"{where}: transformers cannot write {type(model).__name__}'s state dict in its saved "
                           f"layout ({_reason(exc)}).") from None
     head = _head_names(model, state)
     linear_memory = _linear_weights(model)
@@ -146,25 +146,25 @@ def build_meta_model(config: dict, where: str):
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         what = f"model_type {model_type!r}" if model_type else "no model_type"
-        raise LoratvError(f"{where}: {what} is not an architecture transformers {transformers.__version__} knows "
+        raise BadInputError(f"{where}: {what} is not an architecture transformers {transformers.__version__} knows "
                           "(custom code is never run; inspect the weights instead).")
     try:
         hf_config = CONFIG_MAPPING[model_type].from_dict(dict(config))
     except Exception as exc:  # a config class rejecting its values: one sentence, not a traceback
-        raise LoratvError(f"{where}: transformers rejects this {model_type} config ({_reason(exc)}).") from None
+        raise BadInputError(f"{where}: transformers rejects this {model_type} config ({_reason(exc)}).") from None
     _no_downloads(hf_config)
     try:
         cls, notes = _model_class(transformers, hf_config, config)
     except LoratvError as exc:
-        raise LoratvError(f"{where}: {exc}") from None
+        raise BadInputError(f"{where}: {exc}") from None
     except Exception as exc:  # a modeling module whose own dependency (timm, ...) is missing fails on import
-        raise LoratvError(f"{where}: transformers cannot load the {model_type} model class ({_reason(exc)}).") from None
+        raise BadInputError(f"{where}: transformers cannot load the {model_type} model class ({_reason(exc)}).") from None
     dtype = stated_dtype(config)
     try:
         with torch.device("meta"):  # shapes and dtypes only: no storage is allocated, whatever the model's size
             model = cls._from_config(hf_config, dtype=getattr(torch, dtype) if dtype else None)
     except Exception as exc:
-        raise LoratvError(f"{where}: transformers cannot build {cls.__name__} from this config "
+        raise BadInputError(f"{where}: transformers cannot build {cls.__name__} from this config "
                           f"({_reason(exc)}).") from None
     return model, notes, dtype
 
@@ -182,8 +182,16 @@ def stated_dtype(config: dict):
     return name if name in ("float32", "float16", "bfloat16", "float64") else None
 
 
-def safetensors_dtype(dtype) -> str:
-    """The safetensors header name of a torch dtype ("BF16" for torch.bfloat16)."""
+def safetensors_dtype(dtype: torch.dtype) -> str:
+    """The safetensors header name of a torch dtype ("BF16" for torch.bfloat16).
+
+    Args:
+        dtype: a torch dtype.
+
+    Returns:
+        Its safetensors code, or for a dtype safetensors has no code loratv knows, the upper-cased torch name
+        (e.g. "COMPLEX64").
+    """
 
     return TORCH_TO_CODE.get(dtype, str(dtype).removeprefix("torch.").upper())
 
@@ -221,7 +229,7 @@ def _model_class(transformers, hf_config, config: dict):
     from transformers import PreTrainedModel
     from transformers.models.auto import modeling_auto
 
-    notes = []
+    notes: list[str] = []
     names = config.get("architectures") or []
     if isinstance(names, list) and names:
         # only classes transformers itself exports: a name from auto_map (remote code) is never imported
@@ -243,7 +251,7 @@ def _model_class(transformers, hf_config, config: dict):
             elif not names:
                 notes.append(f"config.json names no architectures; read as {cls.__name__}.")
             return cls, notes
-    raise LoratvError(f"model_type {model_type!r}: transformers has no model class for it to build.")
+    raise BadInputError(f"model_type {model_type!r}: transformers has no model class for it to build.")
 
 
 def _saved_state_dict(model, dtype):
@@ -352,7 +360,7 @@ def config_inventory(config: dict, where: str) -> tuple:
     """
 
     if not isinstance(config, dict):
-        raise LoratvError(f"{where}: config.json is not a JSON object.")
+        raise BadInputError(f"{where}: config.json is not a JSON object.")
     try:
         inventory = saved_inventory(config, where)
     except TransformersMissing as missing:

@@ -24,6 +24,13 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     For an x that dtype cannot represent this is the spacing of x's own binade, which bounds the error of rounding
     any value of magnitude ≤ |x| to dtype by half of it. Computed from the float64 exponent bits (2^⌊log2|x|⌋ is x with
     its sign and significand masked off): three passes, ~20× faster than nextafter.
+
+    Args:
+        x: values of any float dtype and shape (read as float64).
+        dtype: one of FLOAT_DTYPES, whose spacing is wanted.
+
+    Returns:
+        The spacing per element, float64, shaped like x (positive; never below dtype's subnormal spacing).
     """
     bits, emin = FORMATS[dtype]
     power = (x.to(torch.float64).contiguous().view(torch.int64) & EXPONENT_BITS).view(torch.float64)
@@ -31,12 +38,27 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
-    """u = 2^-p for a p-bit significand: the largest relative error of one rounding to nearest."""
+    """u = 2^-p for a p-bit significand: the largest relative error of one rounding to nearest.
+
+    Args:
+        dtype: a float dtype.
+
+    Returns:
+        u, half of torch.finfo(dtype).eps.
+    """
     return torch.finfo(dtype).eps / 2
 
 
 def gamma(k: int, dtype: torch.dtype) -> float:
-    """γ_k = k·u / (1 − k·u): bounds the relative error of k successive roundings (Higham, Lemma 3.1)."""
+    """γ_k = k·u / (1 − k·u): bounds the relative error of k successive roundings (Higham, Lemma 3.1).
+
+    Args:
+        k: the number of roundings.
+        dtype: the float dtype they round to (u = unit_roundoff(dtype)).
+
+    Returns:
+        γ_k, or inf when k·u ≥ 1 (the bound says nothing).
+    """
     ku = k * unit_roundoff(dtype)
     if ku >= 1:
         return float("inf")
@@ -44,7 +66,14 @@ def gamma(k: int, dtype: torch.dtype) -> float:
 
 
 def compute_dtype_for(*dtypes: torch.dtype) -> torch.dtype:
-    """The dtype loratv computes a merge in: float64 when an input or the output is float64, else float32."""
+    """The dtype loratv computes a merge in: float64 when an input or the output is float64, else float32.
+
+    Args:
+        *dtypes: the dtypes of the inputs and the output.
+
+    Returns:
+        torch.float64 or torch.float32.
+    """
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
@@ -89,12 +118,13 @@ def merge_error_bound(
     sum_roundings = additions - (1 if c == d else 0)
     narrow = unit_roundoff(d) > unit_roundoff(c)  # loading the model in d first makes a different merge
     cast_all_path = narrow and not math.isinf(gamma(k + 2, d))
-    upper = None
+    upper: torch.Tensor | None = None  # set whenever a branch below rounds a partial sum
     if sum_roundings > 0 or (narrow and additions > 0):
         # ≥ |every partial sum|
         upper = torch.maximum(m.abs().add_(ulp_m), w.abs().mul_(1 + 2 * unit_roundoff(d)).add_(g, alpha=2))
     direct = torch.add(ulp_m, g, alpha=gamma(k, c) / 0.5).mul_(0.5)
     if sum_roundings > 0:
+        assert upper is not None
         direct.add_(ulp(upper, c), alpha=0.5 * sum_roundings)
     if not narrow:
         return direct
@@ -103,37 +133,72 @@ def merge_error_bound(
     g32 = gamma(k, f32)
     autocast = torch.add(ulp_m, g, alpha=g32 / 0.5).mul_(0.5).add_(cast_w)
     if additions > 0:
+        assert upper is not None  # narrow and additions > 0
         autocast.add_(ulp(upper, f32), alpha=0.5 * additions)
         # the rounding of ΔW to d that Embedding and ParamWrapper do; taken for every addition (≤ u_d·G each)
         autocast.add_(ulp(g * (1 + g32), d), alpha=0.5 * additions)
     if additions > 1:
+        assert upper is not None
         autocast.add_(ulp(upper, d), alpha=0.5 * (additions - 1))
     bound = torch.maximum(direct, autocast)
     if not cast_all_path:
         return bound  # a rank so large the cast-all worst case bounds nothing: that path cannot certify
     cast_all = torch.add(ulp_m, g, alpha=gamma(k + 2, d) / 0.5).mul_(0.5).add_(cast_w)
     if additions > 1:
+        assert upper is not None
         cast_all.add_(ulp(upper, d), alpha=0.5 * (additions - 1))
     return torch.maximum(bound, cast_all)
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, same bits (as integers: faster than a float compare, and NaN/−0 compare by their bits)."""
+    """Same dtype, same bits (as integers: faster than a float compare, and NaN/−0 compare by their bits).
+
+    Args:
+        a: a tensor.
+        b: another tensor, same device.
+
+    Returns:
+        True when the dtypes, shapes and every bit agree.
+    """
     return a.dtype == b.dtype and torch.equal(a.view(_int_view(a.dtype)), b.view(_int_view(b.dtype)))
 
 
 def equals_cast(finetuned: torch.Tensor, base: torch.Tensor) -> bool:
-    """True when the fine-tuned tensor is the base cast to the fine-tuned dtype, bit for bit."""
+    """True when the fine-tuned tensor is the base cast to the fine-tuned dtype, bit for bit.
+
+    Args:
+        finetuned: the fine-tuned tensor.
+        base: the base tensor, same shape, any float dtype.
+
+    Returns:
+        Whether base.to(finetuned.dtype) has exactly finetuned's bits (True also when the two are identical).
+    """
     return bits_equal(base.to(finetuned.dtype), finetuned)
 
 
 def is_cast_artifact(finetuned: torch.Tensor, base: torch.Tensor) -> bool:
-    """True when the fine-tuned tensor is the base cast to the fine-tuned dtype, bit for bit (and not equal to base)."""
+    """True when the fine-tuned tensor is the base cast to the fine-tuned dtype, bit for bit (and not equal to base).
+
+    Args:
+        finetuned: the fine-tuned tensor.
+        base: the base tensor, same shape.
+
+    Returns:
+        Whether the only change is the cast: equals_cast holds and casting back to base's dtype does not give base.
+    """
     return equals_cast(finetuned, base) and not torch.equal(finetuned.to(base.dtype), base)
 
 
 def cast_difference(base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """cast_dtype(base) − base, exactly, in float64: the task vector a pure cast leaves."""
+    """cast_dtype(base) − base, exactly, in float64: the task vector a pure cast leaves.
+
+    Args:
+        base: the base tensor, any float dtype.
+        dtype: the dtype it is cast to.
+
+    Returns:
+        A float64 tensor shaped like base.
+    """
     return base.to(dtype).to(torch.float64) - base.to(torch.float64)
 
 

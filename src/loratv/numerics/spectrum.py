@@ -37,7 +37,15 @@ class Spectrum:
 
 
 def lora_spectrum(parts: list) -> Spectrum:
-    """Exact SVD of Σ s_i L_i R_i (lowrank.Factors in one orientation) from the factors alone."""
+    """Exact SVD of Σ s_i L_i R_i (lowrank.Factors in one orientation) from the factors alone.
+
+    Args:
+        parts: lowrank.Factors of the same (m, n) matrix, float64, on one device.
+
+    Returns:
+        The Spectrum with every triplet (at most Σ r_i, zeros included), `frobenius` from the singular values and
+        `residual` 0.
+    """
     left = torch.cat([p.left * p.scale for p in parts], dim=1)  # (m, Σr)
     right = torch.cat([p.right for p in parts], dim=0)  # (Σr, n)
     q_left, k_left = torch.linalg.qr(left)
@@ -49,7 +57,18 @@ def lora_spectrum(parts: list) -> Spectrum:
 
 def randomized_spectrum(a: torch.Tensor, k: int, *, oversample: int = 10, power_iterations: int = 2,
                         seed: int = 0) -> Spectrum:
-    """The k leading singular triplets of a dense matrix by randomized SVD, with the exact residual norm."""
+    """The k leading singular triplets of a dense matrix by randomized SVD, with the exact residual norm.
+
+    Args:
+        a: the (m, n) matrix, any float dtype (computed in float64 on its device).
+        k: how many triplets to keep.
+        oversample: extra sketch columns beyond k (the sketch is min(m, n, k + oversample) wide).
+        power_iterations: passes of A Aᵀ applied to the sketch.
+        seed: seed of the CPU generator for the Gaussian sketch (results are reproducible).
+
+    Returns:
+        The Spectrum with min(k, sketch width) triplets, ‖A‖_F, and the residual ‖A − U diag(S) Vᵀ‖_F computed exactly.
+    """
     a = a.to(torch.float64)
     m, n = a.shape
     width = min(m, n, k + oversample)
@@ -66,7 +85,15 @@ def randomized_spectrum(a: torch.Tensor, k: int, *, oversample: int = 10, power_
 
 
 def exact_spectrum(a: torch.Tensor, k: int | None = None) -> Spectrum:
-    """Full SVD (for small matrices, or on request), truncated to k triplets."""
+    """Full SVD (for small matrices, or on request), truncated to k triplets.
+
+    Args:
+        a: the (m, n) matrix, any float dtype (computed in float64).
+        k: how many triplets to keep; None keeps all min(m, n).
+
+    Returns:
+        The Spectrum; `residual` is the norm of the dropped singular values.
+    """
     a = a.to(torch.float64)
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     keep = s.numel() if k is None else min(k, s.numel())
@@ -75,7 +102,17 @@ def exact_spectrum(a: torch.Tensor, k: int | None = None) -> Spectrum:
 
 
 def residual_norm(a: torch.Tensor, left: torch.Tensor, right: torch.Tensor, block_rows: int | None = None) -> float:
-    """‖A − left @ right‖_F in float64, a row block at a time, so no second m×n matrix is ever formed."""
+    """‖A − left @ right‖_F in float64, a row block at a time, so no second m×n matrix is ever formed.
+
+    Args:
+        a: the (m, n) matrix, any float dtype (each block is upcast to float64).
+        left: (m, k), float64, same device as a.
+        right: (k, n), float64.
+        block_rows: rows per block; None picks about 32 MB of float64 per block.
+
+    Returns:
+        The Frobenius norm of the residual.
+    """
     m, n = a.shape
     step = block_rows or max(1, (1 << 22) // max(1, n))  # 32 MB of float64 per block
     total = 0.0
@@ -86,12 +123,28 @@ def residual_norm(a: torch.Tensor, left: torch.Tensor, right: torch.Tensor, bloc
 
 
 def numerical_rank(s: torch.Tensor, floor: float) -> int:
-    """How many singular values exceed the noise floor (e.g. the Frobenius norm of the merge's rounding)."""
+    """How many singular values exceed the noise floor (e.g. the Frobenius norm of the merge's rounding).
+
+    Args:
+        s: singular values, (k,).
+        floor: the noise floor; values strictly above it count.
+
+    Returns:
+        The count.
+    """
     return int((s > floor).sum())
 
 
 def stable_rank(s: torch.Tensor, frobenius: float | None = None) -> float:
-    """‖A‖²_F / σ₁² (≤ rank; insensitive to tiny singular values)."""
+    """‖A‖²_F / σ₁² (≤ rank; insensitive to tiny singular values).
+
+    Args:
+        s: singular values, descending (s[0] is σ₁).
+        frobenius: ‖A‖_F when s is truncated; None uses Σ s².
+
+    Returns:
+        The stable rank, or 0.0 for an empty or zero spectrum.
+    """
     if s.numel() == 0 or float(s[0]) == 0.0:
         return 0.0
     total = float((s**2).sum()) if frobenius is None else frobenius**2
@@ -99,7 +152,14 @@ def stable_rank(s: torch.Tensor, frobenius: float | None = None) -> float:
 
 
 def effective_rank(s: torch.Tensor) -> float:
-    """Roy & Vetterli (2007): exp(−Σ p_i log p_i) with p_i = σ_i / Σσ."""
+    """Roy & Vetterli (2007): exp(−Σ p_i log p_i) with p_i = σ_i / Σσ.
+
+    Args:
+        s: singular values (non-negative).
+
+    Returns:
+        The effective rank (between 1 and the number of non-zero values), or 0.0 when Σσ is 0.
+    """
     total = float(s.sum())
     if total <= 0:
         return 0.0
@@ -108,7 +168,15 @@ def effective_rank(s: torch.Tensor) -> float:
 
 
 def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Principal angles (radians, ascending) between the column spaces of a and b (each orthonormalised first)."""
+    """Principal angles (radians, ascending) between the column spaces of a and b (each orthonormalised first).
+
+    Args:
+        a: (m, p), the columns spanning the first subspace.
+        b: (m, q), the second; same device.
+
+    Returns:
+        min(p, q) angles in [0, π/2], float64.
+    """
     qa, _ = torch.linalg.qr(a.to(torch.float64))
     qb, _ = torch.linalg.qr(b.to(torch.float64))
     cosines = torch.linalg.svdvals(qa.T @ qb).clamp(-1.0, 1.0)
@@ -130,6 +198,7 @@ class Truncation:
 
     @property
     def relative_error(self) -> float:
+        """‖T − B A‖_F / ‖T‖_F with the float64 factors (0.0 for a zero T)."""
         return self.error / self.frobenius if self.frobenius > 0 else 0.0
 
     @property
@@ -144,7 +213,24 @@ def truncate(t: torch.Tensor, *, rank: int | None = None, energy: float | None =
     """The smallest truncated SVD of t meeting exactly one criterion: a given rank, a kept fraction of ‖T‖²_F
     (`energy`), or a relative Frobenius error ‖T − BA‖_F / ‖T‖_F ≤ `max_error`; never above `max_rank`. Exact SVD
     when min(m, n) ≤ exact_max_dim, else randomized with the rank doubled until the criterion holds on the exact
-    residual."""
+    residual.
+
+    Args:
+        t: the (m, n) matrix, any float dtype (computed in float64).
+        rank: keep exactly this many triplets (capped at min(m, n) and max_rank).
+        energy: keep the fewest triplets whose share of ‖T‖²_F is at least this.
+        max_error: keep the fewest triplets with relative Frobenius error at most this.
+        max_rank: an upper limit on the rank, whatever the criterion; None: min(m, n).
+        storage_dtype: the dtype the factors will be stored in, for `stored_error`.
+        exact_max_dim: the largest min(m, n) that gets an exact SVD.
+        seed: seed of the randomized SVD.
+
+    Returns:
+        The Truncation: balanced factors, the rank reached, and the errors measured on the residual.
+
+    Raises:
+        ValueError: not exactly one of rank, energy and max_error given.
+    """
     if sum(c is not None for c in (rank, energy, max_error)) != 1:
         raise ValueError("give exactly one of rank, energy, max_error")
     t = t.to(torch.float64)
@@ -161,6 +247,7 @@ def truncate(t: torch.Tensor, *, rank: int | None = None, energy: float | None =
             return True
         if energy is not None:
             return 1.0 - (residual / total) ** 2 >= energy
+        assert max_error is not None  # exactly one criterion was given, checked above
         return residual / total <= max_error
 
     method = "exact" if min(m, n) <= exact_max_dim else "randomized"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from loratv.adapters.adapter import CONV1D_MODEL_TYPES, CONV1D_MODULES, OUTPUT_EMBEDDING_NAMES, bind, load_adapter
 from loratv.adapters.config import match_pattern_key
+from loratv.adapters.registry import kind_for
 from loratv.io.checkpoint import Checkpoint
 from loratv.ops.inspect import describe_adapter
 
@@ -88,8 +89,10 @@ def describe_adapter_keys(source, base=None) -> dict:
     plan = bind(adapter, base_ckpt) if base_ckpt is not None else None  # sets each module's orientation
     model_type = (base_ckpt.config or {}).get("model_type") if base_ckpt is not None else None
     s = adapter.settings
+    adapter_kind = kind_for(s.peft_type, adapter.config_path)
+    factored = adapter_kind.factored  # LoRA: rank/alpha per module from the file and the patterns, s = α/r or α/√r
     rule = "alpha/sqrt(r) (rsLoRA)" if s.use_rslora else "alpha/r"
-    if s.peft_type != "LORA":
+    if not factored:
         rule = f"{s.tuner_name}: see each module's scaling"
 
     summary = {m["module"]: m for m in report["modules"]}  # describe_adapter's per-module counts and shapes
@@ -102,7 +105,7 @@ def describe_adapter_keys(source, base=None) -> dict:
         for role, key in own.items():
             roles[key] = (role, m.module)
         kind = m.kind if plan is not None else _unresolved_kind(adapter, m)
-        rank_source, alpha_source = _sources(adapter, m) if s.peft_type == "LORA" else ("config", "config")
+        rank_source, alpha_source = _sources(adapter, m) if factored else ("config", "config")
         entry = {
             "module": m.module,
             "rank": m.r,
@@ -110,7 +113,7 @@ def describe_adapter_keys(source, base=None) -> dict:
             "alpha": m.alpha,
             "alpha_source": alpha_source,
             "scaling": m.scale,
-            "scaling_formula": _formula(m, s.use_rslora) if s.peft_type == "LORA" else None,
+            "scaling_formula": _formula(m, s.use_rslora) if factored else None,
             "orientation": kind,
             "orientation_detail": ORIENTATION.get(kind, kind) + ("" if plan is not None or kind != "linear" else
                                                                  " (assumed: give --base to tell a Conv1D weight)"),
@@ -118,7 +121,7 @@ def describe_adapter_keys(source, base=None) -> dict:
             "factors": {role: _entry(adapter.tensors, key) for role, key in own.items()},
             "target": m.target,
         }
-        if base_ckpt is not None:
+        if plan is not None and base_ckpt is not None:  # a plan is made exactly when there is a base
             # a module's delta may land under another name: a tied partner, or transformers' on-disk name or
             # pieces (layouts.py: the plan holds one copy of the module per piece)
             hits = [n for n, ms in plan.deltas.items()
@@ -151,7 +154,7 @@ def describe_adapter_keys(source, base=None) -> dict:
         if role is None:
             wrapper = ".modules_to_save." in key or ".original_module." in key
             role = "wrapper copy (ignored: the canonical key carries the value)" if wrapper else \
-                "shared tensor" if s.peft_type == "VERA" else "not used by the merge"
+                "shared tensor" if key in adapter_kind.shared_tensors else "not used by the merge"
         keys.append({**_entry(adapter.tensors, key), "role": role, "module": module})
     report.update({
         "kind": "adapter-keys",

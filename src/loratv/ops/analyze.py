@@ -23,7 +23,7 @@ from loratv.common.devices import resolve_device
 from loratv.common.dtypes import torch_dtype_of
 from loratv.common.names import LAYER
 from loratv.common.progress import progress_bar
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint, resolve_path
 from loratv.io.hub import available_locally
 from loratv.io.outputs import atomic_output_dir
@@ -127,11 +127,11 @@ class KindSummary:
 
     moments: dict = field(default_factory=lambda: {q: Moments() for q in QUANTITIES})
     samples: dict = field(default_factory=lambda: {q: [] for q in QUANTITIES})
-    ulp_counts: list | None = None
+    ulp_counts: dict | None = None  # {"edges", "counts"}, summed over the kind's tensors
     tensors: int = 0
 
     def record(self) -> dict:
-        out = {"tensors": self.tensors}
+        out: dict[str, object] = {"tensors": self.tensors}
         for q in QUANTITIES:
             pooled = torch.cat(self.samples[q]) if self.samples[q] else torch.zeros(0, dtype=torch.float64)
             out[q] = {**self.moments[q].record(), "quantiles_sampled": quantiles(pooled)["values"]}
@@ -279,7 +279,8 @@ def _to(part, device):
 def _open_inputs(base, adapter, lora_deltas, task_vector, finetuned):
     notes = []
     if (adapter is None) == (lora_deltas is None):
-        raise LoratvError("analyze needs the LoRA side as one of --adapter (with --base) or --lora-deltas.")
+        raise BadInputError(f"analyze needs the LoRA side as one of {param('adapter')} (with {param('base')}) or "
+                            f"{param('lora_deltas')}.")
     deltas_ckpt = DeltaFromFile(lora_deltas) if lora_deltas is not None else None
     if base is None:  # the base named by the inputs' own records, when it is still here (never a download)
         for recorded in (getattr(deltas_ckpt, "recorded_base", None), _tv_recorded_base(task_vector)):
@@ -290,7 +291,7 @@ def _open_inputs(base, adapter, lora_deltas, task_vector, finetuned):
     base_ckpt, tv = open_task_vector(base, task_vector=task_vector, finetuned=finetuned)
     if adapter is not None:
         if base_ckpt is None:
-            raise LoratvError(f"{adapter}: computing ΔW from an adapter needs the base model (--base).")
+            raise LoratvError(f"{adapter}: computing ΔW from an adapter needs the base model ({param('base')}).")
         delta = DeltaFromAdapter(adapter, base_ckpt)
     else:
         delta = deltas_ckpt
@@ -329,7 +330,9 @@ def analyze(*, base=None, adapter=None, lora_deltas=None, task_vector=None, fine
             d, factors, rank, expected = delta_source.load(name) if targeted else (None, None, None, None)
             if t is None and (d is None or _norm(d) == 0):
                 continue
-            shape = tuple(d.shape if t is None else t.shape)
+            source = t if t is not None else d
+            assert source is not None  # neither: skipped just above
+            shape = tuple(source.shape)
             numel = math.prod(shape)
             t_full = t if t is not None else torch.zeros(shape, dtype=torch.float64)
             r = t_full if d is None else t_full - d
@@ -423,7 +426,8 @@ def _record(base, tv, delta_source, tensors, kinds, scatter, notes, spectrum, ex
 
 def _layer_table(tensors) -> list:
     """Per layer: summed norms, relative residual, and the worst cosine of its tensors."""
-    rows = defaultdict(lambda: {"tensors": 0, "t_sq": 0.0, "d_sq": 0.0, "r_sq": 0.0, "min_cosine": None})
+    rows: defaultdict[int | None, dict] = defaultdict(lambda: {"tensors": 0, "t_sq": 0.0, "d_sq": 0.0, "r_sq": 0.0,
+                                                            "min_cosine": None})
     for t in tensors:
         row = rows[t["layer"]]
         row["tensors"] += 1

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from loratv.adapters.adapter import TOKEN_ROWS, bind, load_adapter, token_replacement
-from loratv.adapters.dora import DoraTerms, dora_terms
+from loratv.adapters.kinds.lora_variants.dora import DoraTerms
+from loratv.adapters.layouts import piece_factors
 from loratv.adapters.tuner_bounds import TunerTerms, tuner_terms
 from loratv.adapters.tuners import TunerModule
 from loratv.common import dtypes
@@ -24,10 +25,10 @@ from loratv.common.devices import resolve_device
 from loratv.common.names import LAYER
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.safetensors_format import SafetensorsWriter, tensor_to_bytes
-from loratv.models.layouts import piece_factors
+from loratv.io.state_dict import open_checkpoint, source_name
 from loratv.numerics.lowrank import ExpertFactors, Factors, InnerProduct, norm_sq
 from loratv.numerics.precision import FLOAT_DTYPES, compute_dtype_for, gamma, merge_error_bound, ulp, unit_roundoff
 from loratv.ops.task_vector_input import LiveTaskVector, StoredTaskVector
@@ -187,7 +188,7 @@ def expected_delta(adapter, plan, base: Checkpoint, name: str, compute: torch.dt
         bias = adapter.factor(bias_module.bias_key).to(torch.float64) * bias_module.scale
         delta.bias = bias
         delta.modules.append(bias_module.module + " (lora_bias)")
-    dora = [m for m in modules if m.magnitude_key]
+    dora = [m for m in modules if not m.additive]  # a variant that is not W + ΔW (DoRA)
     if dora:
         if len(modules) > 1 or delta.bias is not None:
             raise LoratvError(f"{adapter.tensors.path}: '{name}' carries a DoRA module with other updates; their "
@@ -195,11 +196,8 @@ def expected_delta(adapter, plan, base: Checkpoint, name: str, compute: torch.dt
         part, shape = parts[0], base.entry(name).shape
         # a saved base layer (PEFT saves targeted embeddings) is what the DoRA merge starts from
         w = (delta.replacement if delta.replacement is not None else base.read(name)).to(torch.float64)
-        kind = dora[0].kind
-        if kind == "conv":  # one feature per output channel, like the rows of a Linear weight
-            w, kind = w.flatten(1), "linear"
-        delta.dora = dora_terms(w, part.rows(0, shape[0]), part.abs_rows(0, shape[0]),
-                                adapter.factor(dora[0].magnitude_key).flatten(), kind, part.rank + 2, compute)
+        # DoRA's f* and δf (adapters/kinds/lora_variants/dora.py)
+        delta.dora = dora[0].merge_variant.bound_terms(adapter, dora[0], w, part, shape, compute)
         delta.modules[0] += " (DoRA)"
     return delta
 
@@ -228,8 +226,8 @@ class _TargetedAccumulator:
         self.delta_dtype = torch.float64 if base_dtype == torch.float64 else torch.float32
         self.ratio = 0.0
         self.ulps = 0.0
-        self.worst = None
-        self.worst_diff = None
+        self.worst: int | None = None
+        self.worst_diff: float | None = None
 
     def add_rows(self, w_rows: torch.Tensor, raw_rows: torch.Tensor | None, start: int, stop: int, tv) -> torch.Tensor:
         """Rows [start, stop) of the base and of the task vector input as read (None: T = 0); returns the rows of
@@ -409,11 +407,11 @@ def compare(
 ) -> dict:
     """Compare and return the record (docs/comparison-results.md); write ΔW to `deltas_path` when given."""
     if (task_vector is None) == (finetuned is None):
-        raise LoratvError("compare needs exactly one of --task-vector and --finetuned.")
+        raise BadInputError(f"compare needs exactly one of {param('task_vector')} and {param('finetuned')}.")
     if not (tolerance >= 0 and math.isfinite(tolerance)):
-        raise LoratvError(f"--tolerance {tolerance}: must be a finite number ≥ 0.")
+        raise BadInputError(f"{param('tolerance', tolerance)}: must be a finite number ≥ 0.")
     dev = resolve_device(device)
-    base = Checkpoint(base_source, label=f"base {base_source}")
+    base = open_checkpoint(base_source, label=f"base {source_name(base_source)}")
     adapter = load_adapter(adapter_source)
     plan = bind(adapter, base)
     if plan.new_tensors:
@@ -472,7 +470,7 @@ def _stream(base, adapter, plan, tv, comparisons, targeted, dev, deltas_path, pr
     try:
         with progress_bar(sum(base.entry(n).nbytes for n in names), "compare", enabled=progress) as bar, \
                 ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="loratv-compare") as pool:
-            pending = deque()
+            pending: deque = deque()
 
             def collect():
                 name, future = pending.popleft()
@@ -559,8 +557,8 @@ def _measure_t(stats, t, tv) -> int:
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return 0
-    low, high = torch.aminmax(flat)
-    low, high = float(low), float(high)
+    extremes = torch.aminmax(flat)
+    low, high = float(extremes.min), float(extremes.max)
     if not (math.isfinite(low) and math.isfinite(high)):
         raise LoratvError(f"{tv.path}: tensor '{stats.name}' contains NaN or Inf.")
     stats.max_abs_t = max(stats.max_abs_t, -low, high)

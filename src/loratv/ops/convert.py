@@ -27,7 +27,8 @@ from loratv.adapters.kohya import (
     kohya_module,
     lora_config,
 )
-from loratv.errors import LoratvError
+from loratv.adapters.registry import kind_for
+from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.outputs import atomic_output_dir, atomic_output_file
 from loratv.io.safetensors_format import SafetensorsWriter
@@ -43,7 +44,7 @@ ALPHA_SEARCH_ULPS = 4  # float32 neighbours of α·√r tried for an rsLoRA alph
 def convert(source, out, *, to: str, base=None, force: bool = False) -> dict:
     """Write `source` as a PEFT adapter folder (to="peft") or a kohya file (to="kohya"); returns a summary record."""
     if to not in TARGETS:
-        raise LoratvError(f"--to {to}: choose one of {', '.join(TARGETS)}.")
+        raise BadInputError(f"{param('to', to)}: choose one of {', '.join(TARGETS)}.")
     adapter = load_adapter(source)
     kind = adapter.format if isinstance(adapter, SingleFileAdapter) else "peft"
     if kind == to:
@@ -77,10 +78,10 @@ def _modules(adapter, kind: str, base) -> dict:
         bind(adapter, base)
         return adapter.modules
     if kind == KOHYA:
-        raise LoratvError(f"{adapter.path}: kohya module names are flattened (dots as underscores); give --base so "
+        raise LoratvError(f"{adapter.path}: kohya module names are flattened (dots as underscores); give {param('base')} so "
                           "they can be mapped back to the base's module names.")
     if kind == DIFFUSERS and any(n.partition(".")[0] in COMPONENTS for n in adapter.modules):
-        raise LoratvError(f"{adapter.path}: module names carry a diffusers component prefix; give --base to decide "
+        raise LoratvError(f"{adapter.path}: module names carry a diffusers component prefix; give {param('base')} to decide "
                           "whether it belongs to the module names.")
     return adapter.modules
 
@@ -133,14 +134,14 @@ def _refuse_for_kohya(adapter, modules: dict, base) -> None:
     """What a kohya file (factors and an alpha per module, nothing else) cannot hold. Whole tensors that only repeat
     the base (PEFT saves targeted embedding layers by default) are left out when --base proves it, bit for bit."""
     where = adapter.config_path
-    peft_type = getattr(adapter.settings, "peft_type", "LORA")
-    if peft_type != "LORA":
+    peft_type = adapter.settings.peft_type
+    if not kind_for(peft_type).factored:
         raise LoratvError(f"{where}: {peft_type} adapters have no lora_A/lora_B factors to write as kohya LoRA.")
     for name, m in modules.items():
-        if getattr(m, "magnitude_key", None):
+        if m.has_variant("dora"):
             raise LoratvError(f"{where}: module '{name}' is DoRA (lora_magnitude_vector); a kohya LoRA cannot hold "
                               "its magnitudes, and LyCORIS' dora_scale follows another convention.")
-        if getattr(m, "bias_key", None):
+        if m.has_variant("lora_bias"):
             raise LoratvError(f"{where}: module '{name}' has a LoRA bias (lora_bias), which a kohya LoRA cannot hold.")
     if adapter.token_rows:
         raise LoratvError(f"{where}: the adapter trains token rows of '{next(iter(adapter.token_rows))}' "
@@ -164,7 +165,8 @@ def _repeats_base(adapter, key: str, base, name: str) -> bool:
 
 def _kohya_names(adapter, modules: dict, base) -> dict:
     """module -> `lora_te_<flattened module>`; with a base, each name is proven to map back to its module alone."""
-    names, seen = {}, {}
+    names: dict[str, str] = {}
+    seen: dict[str, str] = {}  # lora name -> the module that took it
     for name in modules:
         lora_name = KOHYA_PREFIX + name.replace(".", "_")
         if lora_name in seen:

@@ -9,6 +9,7 @@ values is at least 2^-149 in magnitude, so storing it in float32 never turns a c
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +19,12 @@ from loratv.common import dtypes
 from loratv.common.prefetch import prefetched
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import checkpoint_record, write_manifest
 from loratv.io.outputs import atomic_output_dir
 from loratv.io.safetensors_format import SafetensorsWriter, tensor_to_bytes
+from loratv.io.state_dict import open_checkpoint, source_name
 from loratv.version import __version__
 
 SCHEMA = "loratv.task_vector"
@@ -204,26 +206,66 @@ def _measure(base, ft, name, stats: "TensorStats", chunks, reader) -> list | Non
     """First pass: norms, counts and rounding; returns the stored pieces (None for an all-zero piece) when the
     tensor is small enough to keep, else None. `reader` yields the tensor's chunks, read ahead."""
     keep = stats.numel_bytes <= KEEP_BYTES
-    pieces = []
+    pieces: list = []
     for start, _stop in chunks:
         (_, job_start, _), (b, f) = next(reader)
         assert job_start == start
         if b.dtype == f.dtype and torch.equal(b, f):  # the common case, decided at memcmp speed
             pieces.append(None)
             continue
-        try:
-            stored = _stored_difference(b, f, stats.stored_dtype, stats)
-        except NonFinite as exc:
-            if exc.finetuned_finite and exc.base_finite:  # both finite: the difference overflows its storage dtype
-                storage = str(dtypes.torch_dtype_of(stats.stored_dtype)).removeprefix("torch.")
-                raise LoratvError(f"{ft.path}: tensor '{name}' differs from the base by more than {storage} can hold; "
-                                  "use --storage-dtype fp64.") from None
-            where = base if exc.finetuned_finite else ft
-            raise LoratvError(f"{where.path}: tensor '{name}' contains NaN or Inf, so the task vector is undefined.") from None
+        stored = _checked_difference(base, ft, name, b, f, stats)
         pieces.append(stored if keep else None)
     stats.l2_norm = math.sqrt(stats.sumsq)
     stats.changed = stats.nonzero > 0
     return pieces if keep else None
+
+
+def _checked_difference(base, ft, name, b, f, stats: "TensorStats") -> torch.Tensor:
+    """f − b rounded once to the stats' storage dtype, measured into `stats`; refuses a NaN, Inf or overflow."""
+    try:
+        return _stored_difference(b, f, stats.stored_dtype, stats)
+    except NonFinite as exc:
+        if exc.finetuned_finite and exc.base_finite:  # both finite: the difference overflows its storage dtype
+            storage = str(dtypes.torch_dtype_of(stats.stored_dtype)).removeprefix("torch.")
+            raise LoratvError(f"{ft.path}: tensor '{name}' differs from the base by more than {storage} can hold; "
+                              f"use {param('storage_dtype', 'fp64')}.") from None
+        where = base if exc.finetuned_finite else ft
+        raise LoratvError(f"{where.path}: tensor '{name}' contains NaN or Inf, so the task vector is undefined.") from None
+
+
+def _open_pair(base_source, finetuned_source):
+    """The base and the fine-tuned model (paths, hub ids or state dicts), checked to hold the same tensors."""
+    base = open_checkpoint(base_source, label=f"base {source_name(base_source)}")
+    ft = open_checkpoint(finetuned_source, label=f"fine-tuned model {source_name(finetuned_source)}")
+    check_same_tensors(base, ft)
+    return base, ft
+
+
+def iter_task_vector(
+    base_source, finetuned_source, *, storage_dtype: str = "auto", dense: bool = True,
+    stats: list | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The task vector fine-tuned − base, one (name, tensor) at a time in base order, nothing written.
+
+    Each value is computed by the same code `extract` stores (exact difference, rounded once to the storage dtype:
+    float32, or float64 for float64 inputs or `storage_dtype="fp64"`; int64 for integer tensors). With
+    `dense=False` only the changed tensors are yielded (as `extract` stores them); `stats`, when given, collects a
+    TensorStats per tensor.
+    """
+    if storage_dtype not in STORAGE_DTYPES:
+        raise BadInputError(f"{param('storage_dtype', storage_dtype)}: choose one of {', '.join(STORAGE_DTYPES)}.")
+    base, ft = _open_pair(base_source, finetuned_source)
+    for name in base.names():
+        be, fe = base.entry(name), ft.entry(name)
+        tensor_stats = TensorStats(name, be.shape, be.dtype, fe.dtype, storage_code(be.dtype, fe.dtype, storage_dtype))
+        value = _checked_difference(base, ft, name, base.read(name), ft.read(name), tensor_stats)
+        tensor_stats.l2_norm = math.sqrt(tensor_stats.sumsq)
+        tensor_stats.changed = tensor_stats.nonzero > 0
+        if stats is not None:
+            stats.append(tensor_stats)
+        if dense or tensor_stats.changed:
+            tensor_stats.stored = True
+            yield name, value
 
 
 def _write_tensor(writer, base, ft, name, stats, chunks, pieces) -> None:
@@ -252,10 +294,8 @@ def extract(
     progress: bool = False,
 ) -> ExtractResult:
     if storage_dtype not in STORAGE_DTYPES:
-        raise LoratvError(f"--storage-dtype {storage_dtype}: choose one of {', '.join(STORAGE_DTYPES)}.")
-    base = Checkpoint(base_source, label=f"base {base_source}")
-    ft = Checkpoint(finetuned_source, label=f"fine-tuned model {finetuned_source}")
-    check_same_tensors(base, ft)
+        raise BadInputError(f"{param('storage_dtype', storage_dtype)}: choose one of {', '.join(STORAGE_DTYPES)}.")
+    base, ft = _open_pair(base_source, finetuned_source)
 
     result = ExtractResult(output=Path(out))
     metadata = {

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from loratv.adapters.adapter import CONFIG_NAME, bind, load_adapter
 from loratv.adapters.kohya import is_lora_file
-from loratv.adapters.tuners import VERA_SHARED
+from loratv.adapters.registry import kind_for
 from loratv.common.dtypes import itemsize
 from loratv.common.names import KIND_RULES, LAYER, layer_of, module_kind  # noqa: F401  (inspect's names)
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError, LoratvError, param
 from loratv.io import hub
 from loratv.io.checkpoint import Checkpoint, resolve_path
 from loratv.models.architectures import FAMILIES
@@ -33,7 +33,8 @@ def describe(source, base=None, *, config_only=False, lora_targets=None, lora_ra
             report = describe_model(source)
     if lora_targets is not None or lora_ranks is not None:
         if report["kind"] != "model":
-            raise LoratvError(f"{report['path']}: --lora-targets/--lora-rank describe a LoRA for a model; this is an "
+            raise BadInputError(f"{report['path']}: {param('lora_targets')}/{param('lora_ranks', flag='--lora-rank')} "
+                                f"describe a LoRA for a model; this is an "
                               "adapter (inspect it without them).")
         targets = lora_targets or default_lora_targets(report.get("model_type"))
         report["lora"] = lora_footprint(report, targets, lora_ranks or [8])
@@ -59,7 +60,7 @@ def _is_config_source(source) -> bool:
 
 def _tensor_table(rows) -> list:
     """Tensors grouped by name with the layer index replaced by `*` (and by shape): one row per tensor kind."""
-    groups = {}
+    groups: dict[tuple, dict] = {}  # (pattern, shape) -> row
     for name, shape, _ in rows:
         pattern = LAYER.sub(lambda m: m.group(0).replace(m.group(1), "*"), name, count=1)
         g = groups.setdefault((pattern, tuple(shape)), {"name": pattern, "shape": list(shape), "count": 0,
@@ -71,9 +72,9 @@ def _tensor_table(rows) -> list:
 
 def _summary(rows) -> dict:
     """Counts shared by the header and the config reports; rows are (name, shape, dtype)."""
-    layers = defaultdict(lambda: {"tensors": 0, "parameters": 0})
-    kinds = defaultdict(lambda: {"tensors": 0, "parameters": 0})
-    dtype_counts = Counter()
+    layers: defaultdict[int, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "parameters": 0})
+    kinds: defaultdict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "parameters": 0})
+    dtype_counts: Counter[str] = Counter()
     global_tensors = []
     for name, shape, dtype in rows:
         numel = math.prod(shape)
@@ -103,7 +104,7 @@ def _summary(rows) -> dict:
 
 def describe_model(source) -> dict:
     ckpt = Checkpoint(source)
-    shards = defaultdict(lambda: {"tensors": 0, "bytes": 0})
+    shards: defaultdict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
     rows = []
     for name, e in ckpt.entries.items():
         rows.append((name, tuple(e.shape), e.dtype))
@@ -232,7 +233,7 @@ def lora_footprint(report: dict, targets, ranks) -> dict:
     lora_A (r, n·...); Conv1D and embedding weights are stored transposed, which leaves the sum unchanged)."""
     ranks = [int(r) for r in ranks]
     if not ranks or any(r <= 0 for r in ranks):
-        raise LoratvError(f"--lora-rank must be positive integers, not {ranks}.")
+        raise BadInputError(f"{param('lora_ranks', flag='--lora-rank')} must be positive integers, not {ranks}.")
     targets = list(targets)
     linear = set(report.get("linear_tensors") or ())
     # PEFT matches targets against the model in memory, which transformers may name otherwise than the file
@@ -253,10 +254,11 @@ def lora_footprint(report: dict, targets, ranks) -> dict:
             modules.append((module, name, shape))
     if not modules:
         tied = " (a tied lm_head is not a stored tensor)" if report.get("tied_embeddings") else ""
-        raise LoratvError(f"{report['path']}: --lora-targets {','.join(targets)} matches no weight matrix of this "
+        given = param("lora_targets", targets, flag_value=",".join(targets))
+        raise BadInputError(f"{report['path']}: {given} matches no weight matrix of this "
                           f"model{tied}.")
     touched = sum(math.prod(shape) for _, _, shape in modules)
-    per_target = {}
+    per_target: dict[tuple, dict] = {}  # (module, shape) -> row
     for module, _, shape in modules:
         key = (module.rsplit(".", 1)[-1], tuple(shape))
         entry = per_target.setdefault(key, {"module": key[0], "shape": list(shape), "modules": 0})
@@ -297,23 +299,8 @@ def describe_adapter(source, base=None) -> dict:
     base_ckpt = Checkpoint(base) if base is not None else None
     # binding resolves kohya's flattened names and target_parameters' nesting, and each module's orientation
     plan = bind(adapter, base_ckpt) if base_ckpt is not None else None
-    modules = []
-    for m in adapter.modules.values():
-        if s.peft_type != "LORA":
-            modules.append(_tuner_entry(adapter, m))
-            continue
-        a = adapter.tensors.entry(m.a_key).shape
-        b = adapter.tensors.entry(m.b_key).shape
-        stored = math.prod(a) + math.prod(b)
-        if m.magnitude_key:  # DoRA's m: one value per output feature
-            stored += adapter.tensors.entry(m.magnitude_key).numel
-        modules.append({
-            "module": m.module, "target": m.target, "kind": m.kind, "rank": m.r, "alpha": m.alpha,
-            "scale": m.scale, "stored_parameters": stored, "dora": m.magnitude_key is not None,
-            "delta_shape": ([a[1], b[0]] if m.kind == "embedding" else
-                            [a[0] // m.r, b[0], a[1]] if m.kind == "experts" else
-                            [a[0] // m.r, a[1], b[0]] if m.kind == "experts_t" else [b[0], *a[1:]]),
-        })
+    kind = kind_for(s.peft_type, adapter.config_path)  # each kind describes its own modules
+    modules = [kind.describe(adapter, m) for m in adapter.modules.values()]
     report = {
         "kind": "adapter",
         "path": str(adapter.path),
@@ -336,7 +323,7 @@ def describe_adapter(source, base=None) -> dict:
     if adapter.param_groups and adapter.resolve_names is not None:
         report["notes"] = [f"{len(adapter.param_groups)} target_parameters LoRAs are named by nesting depth, not "
                            "by parameter; give --base to resolve them."]
-    if plan is not None:
+    if plan is not None and base_ckpt is not None:  # a plan is made exactly when there is a base
         touched = sorted(plan.touched())
         report["base"] = str(base_ckpt.path)
         report["base_tensors"] = len(base_ckpt)
@@ -346,28 +333,6 @@ def describe_adapter(source, base=None) -> dict:
         report["touched"] = touched
         report["notes"] = plan.notes
     return report
-
-
-def _tuner_entry(adapter, m) -> dict:
-    """A LoHa/LoKr/AdaLoRA/VeRA/IA³/OFT module: its own stored tensors (VeRA's shared projections counted once, in
-    stored_parameters) and what its update does."""
-
-    own = [k for k in m.keys.values() if k not in VERA_SHARED]
-    return {
-        "module": m.module, "target": m.target, "kind": m.kind, "rank": m.r, "alpha": m.alpha, "scale": m.scale,
-        "stored_parameters": sum(adapter.tensors.entry(k).numel for k in own), "dora": False,
-        "update": TUNER_UPDATES[m.peft_type], "tensors": sorted(k.rpartition(m.module + ".")[2] for k in own),
-    }
-
-
-TUNER_UPDATES = {
-    "LOHA": "additive: ΔW = s·(w1a@w1b) ⊙ (w2a@w2b)",
-    "LOKR": "additive: ΔW = s·kron(w1, w2)",
-    "ADALORA": "additive: ΔW = B@(A ⊙ E)·α/(init_r + 1e-5)",
-    "VERA": "additive: ΔW = (λ_b ⊙ B)@(λ_d ⊙ A) with shared A, B",
-    "IA3": "multiplicative: W' = W ⊙ l (and b' = b ⊙ l outside feedforward modules)",
-    "OFT": "multiplicative: W' = W @ Rᵀ, R block-diagonal orthogonal (Cayley)",
-}
 
 
 def _num(value, spec: str) -> str:
@@ -392,7 +357,7 @@ def _shape(shape) -> str:
 
 def _layer_runs(per_layer: dict) -> list:
     """Consecutive layers with equal counts as (first, last, counts)."""
-    runs = []
+    runs: list[list] = []  # [first, last, counts]
     for layer, v in per_layer.items():
         layer = int(layer)
         if runs and runs[-1][1] == layer - 1 and runs[-1][2] == v:
@@ -488,7 +453,8 @@ def _render_adapter(r: dict) -> str:
         lines = [f"adapter {r['path']} ({r['format']} LoRA file)"]
     if r.get("use_dora"):
         lines.append("DoRA: merged weight = m ⊙ (W + ΔW) / ‖W + ΔW‖ per output feature (not additive)")
-    if r["peft_type"] != "LORA":
+    factored = kind_for(r["peft_type"]).factored  # LoRA (factors B, A) or another tuner
+    if not factored:
         ranks = f"ranks {r['ranks']}; " if any(k is not None for k in r["ranks"]) else ""
         lines.append(f"{r['lora_modules']} {tuner} modules on {', '.join(r['target_modules'])}; {ranks}"
                      f"{r['modules'][0]['update'] if r['modules'] else ''}")
@@ -497,7 +463,7 @@ def _render_adapter(r: dict) -> str:
             f"{r['lora_modules']} LoRA modules on {', '.join(r['target_modules'])}; ranks {r['ranks']}; "
             f"scaling {'alpha/sqrt(r)' if r['use_rslora'] else 'alpha/r'} = {r['scales']}"
         )
-    what = " (r*(m+n) per module)" if r["peft_type"] == "LORA" else ""
+    what = " (r*(m+n) per module)" if factored else ""
     lines.append(f"stores {r['stored_tensors']} tensors, {r['stored_parameters']:,} parameters{what}")
     if r["replaced_tensors"]:
         lines.append(f"replaces {len(r['replaced_tensors'])} base tensors: {', '.join(r['replaced_tensors'])}")

@@ -7,31 +7,35 @@ the result is PEFT's bit for bit; adapter.delta_rows): memory is one targeted te
 
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loratv.adapters.adapter import (
     INPUT_EMBEDDING_SUFFIXES,
     TOKEN_ROWS,
+    MergePlan,
     bias_delta,
     bind,
     delta_rows,
-    dora_merge,
     load_adapter,
     token_replacement,
 )
+from loratv.adapters.structures import Adapter
 from loratv.adapters.tuners import TunerModule, merged_value
 from loratv.common import dtypes
 from loratv.common.devices import resolve_device
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks, rows_of
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError, LoratvError, UnsupportedAdapterError, param
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import adapter_record, checkpoint_record, write_manifest
 from loratv.io.outputs import atomic_output_dir
 from loratv.io.safetensors_format import tensor_to_bytes
+from loratv.io.state_dict import open_checkpoint, source_name
 from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like
 from loratv.version import __version__
 
@@ -76,6 +80,7 @@ def merge(
     autocast_adapter_dtype: bool = True,
     force: bool = False,
     progress: bool = False,
+    base_config: dict | None = None,
 ) -> MergeResult:
     """Merge an adapter into a base model, streaming, one rounding per element (or PEFT's roundings, see below).
 
@@ -95,6 +100,7 @@ def merge(
             are rounded to d, ΔW computed from them in fp32 and rounded to d, the sum rounded in d (PEFT's CPU path).
         force: replace an existing output folder.
         progress: show a progress bar.
+        base_config: for a state-dict base, its config.json as a dict (optional).
 
     Returns:
         What was merged, replaced, added, copied and cast.
@@ -103,30 +109,9 @@ def merge(
         LoratvError: bad flags or input (unreadable, mismatched, non-finite), or autocast_adapter_dtype=False
             without cast_base_first.
     """
-    if precision not in PRECISIONS:
-        raise LoratvError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}.")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise LoratvError(f"--compute-dtype {compute_dtype}: choose one of {', '.join(COMPUTE_DTYPES)}.")
-    if not autocast_adapter_dtype and not cast_base_first:
-        raise LoratvError("--no-autocast-adapter-dtype only applies with --cast-base-first (a direct merge never "
-                          "rounds the adapter).")
-    dev = resolve_device(device)
-    compute = dtypes.PRECISION_NAMES[compute_dtype]
-    base = Checkpoint(base_source, label=f"base {base_source}")
-    adapter = load_adapter(adapter_source)
-    plan = bind(adapter, base)
-
-    # output tensors in base order; a tensor the base does not store follows the one it was tied to
-    specs, shard_of, extra_after = [], {}, {}
-    for new_name in plan.new_tensors:
-        extra_after.setdefault(_tie_anchor(base, plan, new_name), []).append(new_name)
-    for name in base.names():
-        entry = base.entry(name)
-        specs.append(OutTensor(name, output_code(entry.dtype, precision), entry.shape))
-        shard_of[name] = entry.file
-        for new_name in extra_after.get(name, []):
-            specs.append(OutTensor(new_name, output_code(entry.dtype, precision), entry.shape))
-            shard_of[new_name] = entry.file
+    prepared = _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first,
+                        autocast_adapter_dtype, base_config)
+    base, adapter, plan, specs, shard_of = prepared.base, prepared.adapter, prepared.plan, prepared.specs, prepared.shard_of
     shards = layout_by_size(specs, max_shard_size) if max_shard_size else layout_like(specs, shard_of, base.files)
     metadata = {
         "format": "pt",
@@ -140,7 +125,6 @@ def merge(
     }
     if cast_base_first:
         metadata["autocast_adapter_dtype"] = str(autocast_adapter_dtype).lower()
-    cast_first = ("autocast" if autocast_adapter_dtype else "cast-all") if cast_base_first else None
     result = MergeResult(output=Path(out), total_tensors=len(specs), notes=list(plan.notes))
     total_bytes = sum(s.nbytes for s in specs)
     with atomic_output_dir(out, [base.path, adapter.path], force=force) as tmp:
@@ -150,7 +134,8 @@ def merge(
                 for _file, group in shards:
                     for spec in group:
                         writer.begin(spec.name)
-                        _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_first)
+                        _write_one(spec, base, adapter, plan, writer, prepared.compute, prepared.dev, result,
+                                   prepared.cast_first)
                         writer.end()
                         bar.update(spec.nbytes)
                 writer.close()
@@ -162,6 +147,129 @@ def merge(
                        writer.digests)
     result.output = Path(out)
     return result
+
+
+def iter_merged(
+    base_source,
+    adapter_source,
+    *,
+    precision: str = "auto",
+    compute_dtype: str = "fp32",
+    device: str = "cpu",
+    cast_base_first: bool = False,
+    autocast_adapter_dtype: bool = True,
+    base_config: dict | None = None,
+    result: MergeResult | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merged model as `merge` writes it, one (name, tensor) at a time, in output order, nothing written.
+
+    Each tensor is computed by the same code that `merge` writes to its shards (so it equals the merged file's
+    tensor bit for bit); untouched tensors are the base's (read, or cast when `precision` changes their dtype).
+    Arguments as `merge`; `result`, when given, collects what was merged, copied and cast.
+    """
+    prepared = _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first,
+                        autocast_adapter_dtype, base_config)
+    if result is None:
+        result = MergeResult(output=Path(), total_tensors=len(prepared.specs))
+    result.total_tensors = len(prepared.specs)
+    result.notes[:] = list(prepared.plan.notes)
+    for spec in prepared.specs:
+        sink = _TensorSink(spec)
+        _write_one(spec, prepared.base, prepared.adapter, prepared.plan, sink, prepared.compute, prepared.dev, result,
+                   prepared.cast_first)
+        yield spec.name, sink.value()
+
+
+def prepare_merge(base_source, adapter_source, *, precision: str = "auto", compute_dtype: str = "fp32",
+                  device: str = "cpu", cast_base_first: bool = False, autocast_adapter_dtype: bool = True,
+                  base_config: dict | None = None) -> "_Prepared":
+    """The opened base and adapter, bound, with the output tensors in order: what `merged_tensor` computes from."""
+    return _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first,
+                    autocast_adapter_dtype, base_config)
+
+
+def merged_tensor(prepared: "_Prepared", name: str, result: MergeResult | None = None) -> torch.Tensor:
+    """One output tensor of a prepared merge, computed as `merge` writes it."""
+    spec = next((s for s in prepared.specs if s.name == name), None)
+    if spec is None:
+        raise LoratvError(f"{prepared.base.label}: the merged model has no tensor '{name}'.")
+    sink = _TensorSink(spec)
+    _write_one(spec, prepared.base, prepared.adapter, prepared.plan, sink, prepared.compute, prepared.dev,
+               result if result is not None else MergeResult(output=Path(), total_tensors=len(prepared.specs)),
+               prepared.cast_first)
+    return sink.value()
+
+
+@dataclass
+class _Prepared:
+    """What merge and iter_merged share: the opened inputs, the binding, and the output tensors in order."""
+
+    base: Checkpoint  # or its in-memory subclass, io.state_dict.StateDictCheckpoint
+    adapter: Adapter
+    plan: MergePlan
+    specs: list
+    shard_of: dict
+    compute: torch.dtype
+    dev: torch.device
+    cast_first: str | None
+
+
+class _TensorSink:
+    """A writer for one output tensor that keeps it in memory (the bytes `_write_one` writes, in place)."""
+
+    def __init__(self, spec: OutTensor):
+        self._value = torch.empty(tuple(spec.shape), dtype=dtypes.torch_dtype_of(spec.dtype))
+        self._bytes = self._value.reshape(-1).view(torch.uint8).numpy()
+        self._at = 0
+
+    def write(self, data) -> None:
+        view = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        self._bytes[self._at:self._at + view.size] = view
+        self._at += view.size
+
+    def copy_from(self, file, start: int, nbytes: int) -> None:
+        with open(file, "rb") as f:
+            f.seek(start)
+            got = f.readinto(self._bytes[self._at:self._at + nbytes].data)
+        if got != nbytes:
+            raise LoratvError(f"{file}: truncated while reading (expected {nbytes} bytes, read {got}).")
+        self._at += nbytes
+
+    def value(self) -> torch.Tensor:
+        return self._value
+
+
+def _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first, autocast_adapter_dtype,
+             base_config) -> _Prepared:
+    if precision not in PRECISIONS:
+        raise BadInputError(f"{param('precision', precision)}: choose one of {', '.join(PRECISIONS)}.")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise BadInputError(f"{param('compute_dtype', compute_dtype)}: choose one of {', '.join(COMPUTE_DTYPES)}.")
+    if not autocast_adapter_dtype and not cast_base_first:
+        raise BadInputError(f"{param('autocast_adapter_dtype', False, flag='--no-autocast-adapter-dtype')} only applies "
+                            f"with {param('cast_base_first', True)} (a direct merge never "
+                          "rounds the adapter).")
+    dev = resolve_device(device)
+    compute = dtypes.PRECISION_NAMES[compute_dtype]
+    base = open_checkpoint(base_source, label=f"base {source_name(base_source)}", config=base_config)
+    adapter = load_adapter(adapter_source)
+    plan = bind(adapter, base)
+
+    # output tensors in base order; a tensor the base does not store follows the one it was tied to
+    specs: list[OutTensor] = []
+    shard_of: dict[str, Path] = {}
+    extra_after: dict[str, list[str]] = {}
+    for new_name in plan.new_tensors:
+        extra_after.setdefault(_tie_anchor(base, plan, new_name), []).append(new_name)
+    for name in base.names():
+        entry = base.entry(name)
+        specs.append(OutTensor(name, output_code(entry.dtype, precision), entry.shape))
+        shard_of[name] = entry.file
+        for new_name in extra_after.get(name, []):
+            specs.append(OutTensor(new_name, output_code(entry.dtype, precision), entry.shape))
+            shard_of[new_name] = entry.file
+    cast_first = ("autocast" if autocast_adapter_dtype else "cast-all") if cast_base_first else None
+    return _Prepared(base, adapter, plan, specs, shard_of, compute, dev, cast_first)
 
 
 def _tie_anchor(base, plan, new_name) -> str:
@@ -222,7 +330,7 @@ def _write_one(spec, base, adapter, plan, writer, compute, dev, result, cast_fir
                      sources)
         result.merged.append(name)
         return
-    if any(m.magnitude_key for m in modules):
+    if any(not m.additive for m in modules):  # a variant that is not W + ΔW (DoRA)
         _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, compute, dev, cast_base_first,
                     sources)
         result.merged.append(name)
@@ -288,13 +396,13 @@ def _write_dora(spec, entry, base, adapter, modules, replaced_full, writer, comp
         raise LoratvError(f"{adapter.tensors.path}: {len(modules)} LoRA modules land on '{spec.name}' and one is DoRA; "
                           "their combined merge is not defined.")
     if cast_base_first:
-        raise LoratvError(f"{adapter.config_path}: --cast-base-first is defined for additive LoRA only, not DoRA.")
+        raise UnsupportedAdapterError(f"{adapter.config_path}: {param('cast_base_first', True)} is defined for additive "
+                                      "LoRA only, not DoRA.")
     module = modules[0]
     w = replaced_full.to(entry.torch_dtype) if replaced_full is not None else base.read(entry.name)
     w = w.to(device=dev, dtype=compute)
     delta = delta_rows(adapter, module, 0, entry.shape[0], compute, dev)
-    magnitude = adapter.factor(module.magnitude_key).to(device=dev, dtype=compute)
-    merged = dora_merge(w, delta, magnitude, module.kind)
+    merged = module.merge_variant.merge(adapter, module, w, delta)  # DoRA: adapters/kinds/lora_variants/dora.py
     _write_checked(writer, merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu(), spec.name, sources)
 
 
@@ -306,7 +414,8 @@ def _write_tuner(spec, entry, base, adapter, modules, replaced_full, writer, com
         raise LoratvError(f"{adapter.tensors.path}: '{spec.name}' carries a {name} module and another update; their "
                           "combined merge is not defined.")
     if cast_base_first:
-        raise LoratvError(f"{adapter.config_path}: --cast-base-first is defined for LoRA only, not {name}.")
+        raise UnsupportedAdapterError(f"{adapter.config_path}: {param('cast_base_first', True)} is defined for LoRA "
+                                      f"only, not {name}.")
     w = base.read(entry.name).to(device=dev, dtype=compute)
     merged = merged_value(adapter, modules[0], w)
     _write_checked(writer, merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu(), spec.name, sources)
@@ -318,13 +427,13 @@ class _Sources:
 
     base: Checkpoint | None  # None when the base tensor does not enter the value (replaced whole)
     base_name: str | None
-    adapter: object | None  # an adapter.Adapter
+    adapter: Adapter | None
     adapter_keys: list
 
 
 def _adapter_keys(modules, bias_module, replacement) -> list:
     """Every adapter tensor a merged tensor reads: LoRA factors, bias, magnitude, tuner tensors, a saved copy."""
-    keys = []
+    keys: list[str] = []
     for m in modules:
         if isinstance(m, TunerModule):
             keys.extend(k for k in m.keys.values() if isinstance(k, str))
@@ -340,7 +449,8 @@ def _adapter_keys(modules, bias_module, replacement) -> list:
 def _nonfinite_error(name: str, dtype: torch.dtype, sources: _Sources | None) -> LoratvError:
     """Why merged tensor `name` holds a NaN or Inf: the input file that holds one, or, when every input is finite,
     an overflow of the output dtype. Inputs are re-read only on this failure path."""
-    if sources is not None and sources.base is not None and sources.base_name in sources.base:
+    if sources is not None and sources.base is not None and sources.base_name is not None \
+            and sources.base_name in sources.base:
         entry = sources.base.entry(sources.base_name)
         for start, stop in row_chunks(entry.shape, entry.element_size):
             if not dtypes.all_finite(sources.base.read_rows(sources.base_name, start, stop)):
@@ -355,12 +465,13 @@ def _nonfinite_error(name: str, dtype: torch.dtype, sources: _Sources | None) ->
             if file not in files:
                 files.append(file)
         where += files
-    if sources is not None and sources.base is not None and sources.base_name in sources.base:
+    if sources is not None and sources.base is not None and sources.base_name is not None \
+            and sources.base_name in sources.base:
         where.insert(0, str(sources.base.entry(sources.base_name).file))
     shown = str(dtype).removeprefix("torch.")
     inputs = f"its inputs ({', '.join(where)}) are finite" if where else "its inputs are finite"
     return LoratvError(f"merged tensor '{name}' overflows {shown} to Inf: {inputs}, but the merged value exceeds the largest "
-                       f"{shown} number ({torch.finfo(dtype).max:.5g}); merge with --precision fp32 or bf16 (nothing "
+                       f"{shown} number ({torch.finfo(dtype).max:.5g}); merge with {param('precision', 'fp32')} or bf16 (nothing "
                        "was written).")
 
 

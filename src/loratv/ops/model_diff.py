@@ -19,7 +19,7 @@ import torch
 
 from loratv.common.dtypes import all_finite
 from loratv.common.streaming import row_chunks
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.outputs import atomic_output_dir
 from loratv.numerics.precision import FORMATS, bits_equal, equals_cast, ulp
@@ -61,8 +61,12 @@ class TensorChange:
 
     @property
     def parameters(self) -> int:
+        return math.prod(self._shape())
+
+    def _shape(self) -> tuple:
         shape = self.base_shape if self.base_shape is not None else self.finetuned_shape
-        return math.prod(shape)
+        assert shape is not None  # a tensor is in at least one of the models
+        return shape
 
     def record(self) -> dict:
         layer, kind, group = place(self.name)
@@ -80,7 +84,7 @@ class TensorChange:
             "layer": layer,
             "kind": kind,
             "group": group,
-            "shape": list(self.base_shape if self.base_shape is not None else self.finetuned_shape),
+            "shape": list(self._shape()),
             "base_shape": None if self.base_shape is None else list(self.base_shape),
             "finetuned_shape": None if self.finetuned_shape is None else list(self.finetuned_shape),
             "parameters": self.parameters,
@@ -91,7 +95,7 @@ class TensorChange:
             "max_abs_change": self.max_abs_change if compared else None,
             "change_norm": change_norm,
             "base_norm": base_norm,
-            "relative_change": change_norm / base_norm if compared and base_norm else None,
+            "relative_change": change_norm / base_norm if change_norm is not None and base_norm else None,  # compared
             "max_change_ulps": self.max_change_ulps,
             "worst_element": worst,
         }
@@ -116,6 +120,7 @@ def _compare_tensor(base: Checkpoint, ft: Checkpoint, stats: TensorChange) -> No
     """Stream one tensor present in both models with the same shape; fills `stats` and sets its category."""
     name = stats.name
     shape = stats.base_shape
+    assert shape is not None  # in both models
     row_len = math.prod(shape[1:]) if len(shape) > 1 else 1
     base_format = base.entry(name).torch_dtype
     ulp_dtype = base_format if base_format in FORMATS else None
@@ -145,6 +150,7 @@ def _compare_tensor(base: Checkpoint, ft: Checkpoint, stats: TensorChange) -> No
         if ulp_dtype is not None:
             # ulps of the base weight: its own spacing in its own dtype, per element
             in_ulps = magnitude / ulp(b64, ulp_dtype)
+            assert stats.max_change_ulps is not None  # set to 0.0 above
             stats.max_change_ulps = max(stats.max_change_ulps, float(in_ulps.max()))
             ulps = float(in_ulps[i])
         if float(magnitude[i]) > stats.max_abs_change:
@@ -197,7 +203,7 @@ def diff_models(base_source, finetuned_source, *, top: int = DEFAULT_TOP, comman
         LoratvError: a missing or unreadable model, NaN or Inf in a tensor, or top < 1.
     """
     if top < 1:
-        raise LoratvError(f"--top {top}: give a positive number of tensors to list.")
+        raise BadInputError(f"{param('top', top)}: give a positive number of tensors to list.")
     base = Checkpoint(base_source, label=f"base {base_source}")
     ft = Checkpoint(finetuned_source, label=f"fine-tuned model {finetuned_source}")
     rows = []

@@ -12,7 +12,8 @@ import shutil
 import torch
 
 from loratv.adapters.adapter import load_adapter
-from loratv.errors import LoratvError
+from loratv.adapters.registry import kind_for
+from loratv.errors import LoratvError, UnsupportedAdapterError, param
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.hub import available_locally
 from loratv.io.outputs import atomic_output_dir
@@ -82,7 +83,7 @@ def precision_study(base, adapter, out, *, paths=None, keep_merged=False, tolera
     paths for DoRA and the other tuners (the cast-first and cast-all paths reproduce PEFT's additive LoRA merge only)."""
 
     loaded = load_adapter(adapter)
-    additive_lora = loaded.settings.peft_type == "LORA" and not loaded.settings.use_dora
+    additive_lora = kind_for(loaded.settings.peft_type).factored and not loaded.settings.use_dora
     notes = []
     kind = "DoRA" if loaded.settings.use_dora else loaded.settings.tuner_name
     if paths is None:
@@ -90,7 +91,8 @@ def precision_study(base, adapter, out, *, paths=None, keep_merged=False, tolera
         if not additive_lora:
             notes.append(f"cast-first paths skipped: they reproduce PEFT's additive LoRA merge, not {kind}.")
     elif not additive_lora and any(PATHS[p][1] for p in paths):
-        raise LoratvError(f"--paths {' '.join(p for p in paths if PATHS[p][1])}: cast-first paths are defined for "
+        cast_first_paths = " ".join(p for p in paths if PATHS[p][1])
+        raise UnsupportedAdapterError(f"{param('paths', paths, flag_value=cast_first_paths)}: cast-first paths are defined for "
                           f"additive LoRA only, and {loaded.config_path} is {kind}.")
     summaries = []
     with atomic_output_dir(out, [base, adapter], force=force) as tmp:

@@ -214,7 +214,7 @@ def build_grid(tensors: list, max_global_columns: int = 16) -> dict:
         "col" (and "number").
     """
     layered = [t for t in tensors if t["section"] == "layer"]
-    columns = {}
+    columns: dict[str, str] = {}
     for t in layered:
         columns.setdefault(t["column"], module_kind(t["column"]))
     names = _column_order(columns)
@@ -268,12 +268,18 @@ def build_grid(tensors: list, max_global_columns: int = 16) -> dict:
 
 def _qualify_columns(tensors: list) -> None:
     """Layered tensors under two prefixes (a text and a vision tower) would share columns: keep the prefix then."""
-    prefixes = {t["name"][: LAYER.search(t["name"]).start()] for t in tensors if t["section"] == "layer"}
+    prefixes = {_layer_prefix(t["name"]) for t in tensors if t["section"] == "layer"}
     if len(prefixes) > 1:
         for t in tensors:
             if t["section"] == "layer":
-                m = LAYER.search(t["name"])
-                t["column"] = f"{t['name'][:m.start()]}.*.{t['column']}"
+                t["column"] = f"{_layer_prefix(t['name'])}.*.{t['column']}"
+
+
+def _layer_prefix(name: str) -> str:
+    """The part of a layered tensor's name before its layer index (`model.layers`)."""
+    m = LAYER.search(name)
+    assert m is not None  # section "layer" means LAYER matched (_split)
+    return name[:m.start()]
 
 
 def model_structure(model, *, adapter=None, task_vector=None, finetuned=None, progress: bool = False) -> dict:
@@ -302,14 +308,14 @@ def model_structure(model, *, adapter=None, task_vector=None, finetuned=None, pr
     if adapter is not None:
         _, targets, adapter_notes = _adapter_targets(adapter, base)
         notes += adapter_notes
-    tv = None
+    tv: StoredTaskVector | LiveTaskVector | None = None
     if task_vector is not None:
         tv = StoredTaskVector(task_vector)
         tv.check_against(base)
     elif finetuned is not None:
         tv = LiveTaskVector(finetuned, base)
     changed, casts, read = (set(), {}, 0) if tv is None else _task_vector_changes(tv, base, targets, progress)
-    if tv is not None and not tv.live and tv.records is None:
+    if isinstance(tv, StoredTaskVector) and tv.records is None:  # the one kind with live False
         notes.append(f"{tv.path}: no task_vector.json beside it; the changed tensors were found by reading the "
                      "stored ones, and casts to fp32, fp16 and bf16 were tried.")
     tensors = []

@@ -8,9 +8,10 @@ import torch
 
 from loratv.common.dtypes import all_finite, torch_dtype_of
 from loratv.common.streaming import row_chunks
-from loratv.errors import LoratvError
+from loratv.errors import LoratvError, param
 from loratv.io import safe_json
 from loratv.io.checkpoint import Checkpoint, resolve_path
+from loratv.io.state_dict import open_checkpoint, source_name
 from loratv.numerics.precision import bits_equal, cast_difference, equals_cast
 from loratv.ops.extract import REPORT_FILE, SCHEMA, TENSOR_FILE, check_same_tensors
 
@@ -106,7 +107,7 @@ class LiveTaskVector:
     live = True
 
     def __init__(self, finetuned_source, base: Checkpoint):
-        self.finetuned = Checkpoint(finetuned_source, label=f"fine-tuned model {finetuned_source}")
+        self.finetuned = open_checkpoint(finetuned_source, label=f"fine-tuned model {source_name(finetuned_source)}")
         self.path = self.finetuned.path
         self.recorded_base = None
         check_same_tensors(base, self.finetuned)
@@ -148,7 +149,7 @@ def open_task_vector(base_source=None, *, task_vector=None, finetuned=None):
         raise LoratvError("give either a task vector or a fine-tuned model (with its base), not both and not neither.")
     if finetuned is not None:
         if base_source is None:
-            raise LoratvError(f"{finetuned}: a fine-tuned model needs its base (--base) to give a task vector.")
+            raise LoratvError(f"{finetuned}: a fine-tuned model needs its base ({param('base')}) to give a task vector.")
         base = Checkpoint(base_source, label=f"base {base_source}")
         return base, LiveTaskVector(finetuned, base)
     tv = StoredTaskVector(task_vector)
@@ -201,7 +202,7 @@ def finetuned_value(tv, base, name: str, t: torch.Tensor) -> torch.Tensor:
     if tv.live:
         return tv.finetuned.read(name)
     if base is None:
-        raise LoratvError(f"{tv.path}: tensor '{name}' must be written as a full value, which needs the base (--base).")
+        raise LoratvError(f"{tv.path}: tensor '{name}' must be written as a full value, which needs the base ({param('base')}).")
     code = tv.finetuned_dtype(name) or base.entry(name).dtype
 
     return (base.read(name).to(torch.float64) + t).to(torch_dtype_of(code))

@@ -16,7 +16,7 @@ import torch
 
 from loratv.common.dtypes import all_finite, torch_dtype_of
 from loratv.common.streaming import row_chunks
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError, LoratvError, param
 from loratv.io import safe_json
 from loratv.io.hub import available_locally
 from loratv.io.outputs import atomic_output_dir
@@ -39,7 +39,7 @@ CHUNK_BYTES = 32 << 20  # of float64 work per row chunk
 class _Tensor:
     """Per-tensor accumulators, filled one row chunk at a time."""
 
-    def __init__(self, name, shape, base_dtype, finetuned_dtype, stored_dtype, stored, record):
+    def __init__(self, name, shape, base_dtype, finetuned_dtype, stored_dtype, stored, record) -> None:
         self.name = name
         self.shape = tuple(shape)
         self.base_dtype = base_dtype
@@ -161,6 +161,7 @@ def _measure(tv, base, row: _Tensor, want_spectrum: bool):
             if not all_finite(w):
                 raise LoratvError(f"{base.entry(name).file}: tensor '{name}' contains NaN or Inf.")
             w64 = w.to(torch.float64)
+            assert row.base_sumsq is not None  # set to 0.0 above: there is a base
             row.base_sumsq += float(torch.dot(w64.reshape(-1), w64.reshape(-1)))
         t = tv.difference(raw, w, w64) if raw is not None else None
         if t is not None:
@@ -176,8 +177,10 @@ def _measure(tv, base, row: _Tensor, want_spectrum: bool):
             if t is not None:
                 full[start:stop] = t
         if with_floor:
+            assert w64 is not None and base_dtype is not None and ft_dtype is not None  # a base, both formats known
             # F as stored: read (live), or W + T rounded once to the fine-tuned dtype (as analyze does)
             f = raw if tv.live else (w64 if t is None else w64 + t).to(ft_dtype)
+            assert f is not None  # with_floor implies keep, which implies read_t
             bound = merge_error_bound(w64, f.to(torch.float64), torch.zeros_like(w64), additions=0, k=2,
                                       base_dtype=base_dtype, out_dtype=ft_dtype)
             if t_rounding is not None and t is not None:
@@ -209,7 +212,7 @@ def summarize_task_vector(task_vector=None, *, base=None, finetuned=None, spectr
             an inconsistent task_vector.json, or top < 1.
     """
     if top < 1:
-        raise LoratvError(f"--top {top}: give a positive number of tensors to list.")
+        raise BadInputError(f"{param('top', top)}: give a positive number of tensors to list.")
     base_note = None
     if base is None and task_vector is not None and finetuned is None:
         # the base the task vector records, when it is still here (never a download): relative changes need it
@@ -374,7 +377,7 @@ def _build_record(base, tv, rows, *, spectrum: bool, top: int, command: str | No
         "sparsity": {
             "zero_fraction_of_model": 1 - changed_elements / total_parameters if total_parameters else None,
             "zero_fraction_of_stored": (1 - sum(t["nonzero"] for t in stored) / stored_parameters
-                                        if stored_parameters else None),
+                                        if stored is not None and stored_parameters else None),
             "zero_fraction_of_changed_tensors": 1 - changed_elements / in_changed if in_changed else None,
         },
         "layers": _groups(tensors, "layer"),

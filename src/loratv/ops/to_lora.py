@@ -34,7 +34,7 @@ from loratv.adapters.adapter import (
 from loratv.common.devices import resolve_device
 from loratv.common.dtypes import PRECISION_NAMES, torch_dtype_of
 from loratv.common.progress import progress_bar
-from loratv.errors import LoratvError
+from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.outputs import atomic_output_dir
 from loratv.io.safetensors_format import SafetensorsWriter, read_header
 from loratv.numerics.precision import cast_difference
@@ -69,17 +69,17 @@ class Criterion:
     def check(self) -> "Criterion":
         given = sum(c is not None for c in (self.rank, self.energy, self.max_error))
         if given > 1:
-            raise LoratvError("give one of --rank, --energy or --max-error, not several.")
+            raise BadInputError(f"give one of {param('rank')}, {param('energy')} or {param('max_error')}, not several.")
         if given == 0:
             self.rank = DEFAULT_RANK
         if self.rank is not None and self.rank < 1:
-            raise LoratvError(f"--rank {self.rank}: must be at least 1.")
+            raise BadInputError(f"{param('rank', self.rank)}: must be at least 1.")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise LoratvError(f"--energy {self.energy}: must lie in (0, 1].")
+            raise BadInputError(f"{param('energy', self.energy)}: must lie in (0, 1].")
         if self.max_error is not None and not 0.0 <= self.max_error < 1.0:
-            raise LoratvError(f"--max-error {self.max_error}: must lie in [0, 1) (a relative Frobenius error).")
+            raise BadInputError(f"{param('max_error', self.max_error)}: must lie in [0, 1) (a relative Frobenius error).")
         if self.max_rank is not None and self.max_rank < 1:
-            raise LoratvError(f"--max-rank {self.max_rank}: must be at least 1.")
+            raise BadInputError(f"{param('max_rank', self.max_rank)}: must be at least 1.")
         return self
 
     def record(self) -> dict:
@@ -146,7 +146,7 @@ def _pattern(text: str | None, flag: str):
     try:
         return re.compile(text)
     except re.error as exc:
-        raise LoratvError(f"{flag} {text!r}: not a valid regular expression ({exc}).") from None
+        raise BadInputError(f"{param(flag, text, flag_value=repr(text))}: not a valid regular expression ({exc}).") from None
 
 
 def _model_config(base, tv) -> dict:
@@ -166,9 +166,9 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
             dtype: str = "fp32", device: str = "cpu",
             force: bool = False, progress: bool = False, command: str | None = None) -> dict:
     criterion = (criterion or Criterion()).check()
-    include_re, exclude_re = _pattern(include, "--include"), _pattern(exclude, "--exclude")
+    include_re, exclude_re = _pattern(include, "include"), _pattern(exclude, "exclude")
     if dtype not in ("fp32", "fp16", "bf16"):
-        raise LoratvError(f"--dtype {dtype}: choose fp32, fp16 or bf16.")
+        raise BadInputError(f"{param('dtype', dtype)}: choose fp32, fp16 or bf16.")
     storage = PRECISION_NAMES[dtype]
     dev = resolve_device(device)
     base_ckpt, tv = open_task_vector(base, task_vector=task_vector, finetuned=finetuned)
@@ -281,7 +281,7 @@ def _full_values(tv, base, names, full_needed, factors, kinds, fidelity):
             if t is None:
                 if base is None:
                     raise LoratvError(f"{tv.source}: module '{module}' must be saved whole, and its unchanged '{name}' "
-                                      "needs the base (--base).")
+                                      f"needs the base ({param('base')}).")
                 full[name] = base.read(name)
                 continue
             value = finetuned_value(tv, base, name, t)

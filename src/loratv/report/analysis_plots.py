@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loratv.report.plots import CYCLE, MARKERS, _empty, _grid, _grid_size, _label_ticks, _render, plt
+from loratv.report.plots import CYCLE, MARKERS, _empty, _grid, _grid_size, _label_ticks, _render, colormap, subplots
 
 FILES = {"scatter": "analysis_scatter.png", "distributions": "analysis_distributions.png",
          "ulps": "analysis_residual_ulps.png", "spectra": "spectra.png", "ranks": "rank_heatmap.png"}
@@ -16,7 +16,15 @@ MAX_PANELS = 16  # spectra panels (module kinds); the rest are named in the titl
 
 
 def bin_label(lo, hi) -> str:
-    """A histogram bin as text; the open last bin's edge is inf (None once written to JSON)."""
+    """A histogram bin as text; the open last bin's edge is inf (None once written to JSON).
+
+    Args:
+        lo: the bin's lower edge.
+        hi: its upper edge; inf or None for the open last bin.
+
+    Returns:
+        "[lo, hi)", or "≥ lo" for the open bin.
+    """
     return f"[{lo:g}, {hi:g})" if hi is not None and math.isfinite(hi) else f"≥ {lo:g}"
 
 
@@ -30,7 +38,7 @@ def _scatter_figure(record):
         g = groups.setdefault(s["kind"], ([], []))
         g[0].extend(s["delta"])
         g[1].extend(s["task_vector"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig, (left, right) = subplots(1, 2, figsize=(13, 5.5))
     points = 0
     for k, (kind, (d, t)) in enumerate(groups.items()):
         d, t = np.asarray(d), np.asarray(t)
@@ -58,7 +66,7 @@ def _scatter_figure(record):
 
 def _distribution_figure(record):
     kinds = record["kinds"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    fig, axes = subplots(1, 3, figsize=(15, 4.8))
     drawn = {}
     for ax, q in zip(axes, ("delta", "task_vector", "residual")):
         rows = [(kind, k[q]) for kind, k in kinds.items() if k[q]["count"] and k[q]["std"] > 0]
@@ -87,7 +95,7 @@ def _distribution_figure(record):
 
 def _ulp_figure(record):
     hist = record["summary"]["residual_ulp_histogram"]
-    fig, ax = plt.subplots(figsize=(9, 4.8))
+    fig, ax = subplots(figsize=(9, 4.8))
     if hist is None:
         _empty(ax, "no base model given: ulps need the stored weights")
         ax.set(title="Residual in ulps of the stored weight")
@@ -112,10 +120,10 @@ def _spectra_figure(record):
     shown = kinds[:MAX_PANELS]
     cols = min(4, max(1, len(shown)))
     nrows = max(1, math.ceil(len(shown) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
     layers = [t["layer"] for t in rows if t["layer"] is not None]
     top = max(layers, default=0) or 1
-    cmap = plt.get_cmap("viridis")
+    cmap = colormap("viridis")
     lines = 0
     for ax, kind in zip(axes.flat, shown):
         members = [t for t in rows if t["kind"] == kind]
@@ -160,10 +168,10 @@ def _rank_figure(record):
     col = {kind: j for j, kind in enumerate(kinds)}
     for t in layered:
         values[row[t["layer"]], col[t["kind"]]] = t["spectrum"]["numerical_rank"]
-    fig, ax = plt.subplots(figsize=_grid_size(len(layers), len(kinds)))
+    fig, ax = subplots(figsize=_grid_size(len(layers), len(kinds)))
     masked = np.ma.masked_invalid(values)
     if masked.count():
-        cmap = plt.get_cmap("cividis").with_extremes(bad="white")
+        cmap = colormap("cividis").with_extremes(bad="white")
         mesh = ax.pcolormesh(masked, cmap=cmap, vmin=0, vmax=max(1.0, float(masked.max())), edgecolors="white",
                              linewidth=0.4)
         fig.colorbar(mesh, ax=ax, label="numerical rank of T above the noise floor (blank: no spectrum)")
@@ -186,6 +194,16 @@ def _rank_figure(record):
 
 
 def write_analysis_plots(record: dict, out_dir) -> list[Path]:
+    """Write the analysis record's PNG plots: scatter, distributions and residual ulps, plus spectra and the rank
+    heatmap when the record has a spectrum.
+
+    Args:
+        record: the `loratv.analysis` record.
+        out_dir: the folder to write into (created if missing); file names are FILES' values.
+
+    Returns:
+        The paths written, in that order.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     builders = {"scatter": _scatter_figure, "distributions": _distribution_figure, "ulps": _ulp_figure}

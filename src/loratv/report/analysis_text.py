@@ -40,6 +40,15 @@ def _summary_lines(record) -> list[str]:
 
 
 def render_analysis_summary(record: dict, verbose: bool = False) -> str:
+    """The short terminal summary of an analysis record: the summary lines and the record's notes.
+
+    Args:
+        record: the `loratv.analysis` record.
+        verbose: add one line per tensor (category, ‖T‖, relative residual, numerical rank, σ_r+1/φ).
+
+    Returns:
+        The text, ending in a newline.
+    """
     lines = _summary_lines(record) + [f"note: {n}" for n in record["notes"]]
     if verbose:
         lines += ["", f"{'tensor':60}  {'category':16}  {'‖T‖':>10}  {'‖T−ΔW‖/‖T‖':>11}  {'rank':>5}  {'σ_r+1/φ':>8}"]
@@ -60,6 +69,15 @@ def _next_over_floor(sp: dict):
 
 
 def render_analysis_markdown(record: dict) -> str:
+    """The Markdown report of an analysis record: inputs, summary, notes, the ulp, kind, layer, spectrum (when the
+    record has one) and worst-tensor sections, and links to the plot files.
+
+    Args:
+        record: the `loratv.analysis` record.
+
+    Returns:
+        The Markdown text.
+    """
     inputs = record["inputs"]
     out = ["# loratv analysis: LoRA delta against task vector", ""]
     out += [f"- base: `{inputs['base']}`", f"- LoRA delta: `{inputs['lora_delta']}`",

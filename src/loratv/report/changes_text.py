@@ -158,7 +158,7 @@ def _present(r: dict) -> list[str]:
 
 def _layer_runs(groups: list, categories: list) -> list:
     """Consecutive layers with equal counts as one row (`0–29`): a uniform model reads at a glance."""
-    runs = []
+    runs: list[list] = []  # [first layer, last layer, values]
     for g in groups:
         values = [g["tensors"], _int(g["parameters"])] + [g["by_category"].get(c, 0) for c in categories]
         layer = g["layer"]

@@ -117,7 +117,19 @@ def _check_fields(record: dict, schema: str, path: Path) -> None:
 
 
 def load_records(folder) -> Records:
-    """Every record in `folder`; one clear LoratvError when there is none or one is unreadable."""
+    """Every record in `folder`; one clear LoratvError when there is none or one is unreadable.
+
+    Args:
+        folder: an output folder of compare, validate, precision or analyze.
+
+    Returns:
+        The Records: comparison, precision and analysis where their JSON files exist, and for a precision record the
+        comparison record of each path that has a sub-folder with one.
+
+    Raises:
+        LoratvError: `folder` is not a folder, holds no record, or a record is unreadable, of the wrong schema or
+            missing a required field.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise LoratvError(f"{folder}: not a folder; give the output folder of compare, validate, precision or analyze.")
@@ -140,7 +152,14 @@ def load_records(folder) -> Records:
 
 
 def plot_files(records: Records) -> dict:
-    """PNG file name -> the record kind whose plot it is, for the records present."""
+    """PNG file name -> the record kind whose plot it is, for the records present.
+
+    Args:
+        records: the records of one folder.
+
+    Returns:
+        {file name: "comparison", "precision" or "analysis"}; the spectra plots only when the analysis has a spectrum.
+    """
 
     files = {}
     if records.comparison is not None:
@@ -154,19 +173,27 @@ def plot_files(records: Records) -> dict:
 
 
 def collect_images(records: Records) -> dict:
-    """PNG bytes per file name: the file in the folder, or (when missing) rendered from the record."""
+    """PNG bytes per file name: the file in the folder, or (when missing) rendered from the record.
+
+    Args:
+        records: the records of one folder; missing plots are drawn in a temporary folder, the folder is not written.
+
+    Returns:
+        {file name: PNG bytes} for every file of plot_files(records) that exists or could be drawn.
+    """
 
     wanted = plot_files(records)
     images = {name: (records.folder / name).read_bytes() for name in wanted if (records.folder / name).is_file()}
     missing = {wanted[name] for name in wanted if name not in images}
     if missing:
-        with tempfile.TemporaryDirectory(prefix="loratv-report-") as tmp:
-            tmp = Path(tmp)
-            if "comparison" in missing:
+        with tempfile.TemporaryDirectory(prefix="loratv-report-") as tmp_name:
+            tmp = Path(tmp_name)
+            # a kind is in `missing` only when its record is present (plot_files)
+            if "comparison" in missing and records.comparison is not None:
                 write_comparison_plots(records.comparison, tmp)
-            if "precision" in missing:
+            if "precision" in missing and records.precision is not None:
                 precision_plot(records.precision, tmp / PRECISION_PLOT)
-            if "analysis" in missing:
+            if "analysis" in missing and records.analysis is not None:
                 write_analysis_plots(records.analysis, tmp)
             images.update({name: (tmp / name).read_bytes() for name in wanted
                            if name not in images and (tmp / name).is_file()})
@@ -174,7 +201,18 @@ def collect_images(records: Records) -> dict:
 
 
 def write_report(folder) -> Path:
-    """Render FOLDER/report.html from the records there; written beside its final name, then renamed into place."""
+    """Render FOLDER/report.html from the records there; written beside its final name, then renamed into place.
+
+    Args:
+        folder: an output folder of compare, validate, precision or analyze.
+
+    Returns:
+        The path of report.html (replaced if it existed).
+
+    Raises:
+        LoratvError: no readable record in the folder (from load_records), or a record field of the wrong shape;
+            nothing is written then.
+    """
 
     folder = Path(folder)
     records = load_records(folder)
@@ -197,7 +235,16 @@ def _e(value) -> str:
 
 
 def sci(x, digits: int = 3) -> str:
-    """A float for reading: plain between 0.001 and 10⁶, else mantissa × 10^exponent."""
+    """A float for reading: plain between 0.001 and 10⁶, else mantissa × 10^exponent.
+
+    Args:
+        x: a number, or None.
+        digits: significant digits.
+
+    Returns:
+        HTML-safe text: "0", the plain number (thousands separated at 10³ and above), "m × 10<sup>e</sup>", the
+        escaped repr of a non-finite value, or the dash for None; minus signs as U+2212.
+    """
     if x is None:
         return DASH
     x = float(x)
@@ -219,7 +266,14 @@ def sci(x, digits: int = 3) -> str:
 
 
 def cos(c) -> str:
-    """A cosine: near 1 as `1 − gap`, since matching tensors differ only far right of the point."""
+    """A cosine: near 1 as `1 − gap`, since matching tensors differ only far right of the point.
+
+    Args:
+        c: the cosine, or None.
+
+    Returns:
+        "1", "1 − gap" for 0 < 1 − c < 10⁻⁴, else six decimals; the dash for None.
+    """
     if c is None:
         return DASH
     gap = 1.0 - float(c)
@@ -231,11 +285,26 @@ def cos(c) -> str:
 
 
 def integer(n) -> str:
+    """An integer with thousands separators.
+
+    Args:
+        n: an int (or anything int() takes), or None.
+
+    Returns:
+        "1,234", or the dash for None.
+    """
     return DASH if n is None else f"{int(n):,}"
 
 
 def params(n) -> str:
-    """A parameter count with its size in words: 1,407,616 (1.41 M)."""
+    """A parameter count with its size in words: 1,407,616 (1.41 M).
+
+    Args:
+        n: the count, or None.
+
+    Returns:
+        The count with separators and, from 1,000 up, its size in k, M or B; the dash for None.
+    """
     if n is None:
         return DASH
     n = int(n)
@@ -467,7 +536,16 @@ def _grid(tensors) -> tuple:
 
 def coverage_table(tensors, prefix: str, table_id: str) -> str:
     """Layers × module kinds as an HTML table: each cell a letter and colour for its tensor's category, linking to
-    its row in the tensor table; tensors outside layers listed below."""
+    its row in the tensor table; tensors outside layers listed below.
+
+    Args:
+        tensors: the record's tensor entries (each with "name", "layer", "kind", "category").
+        prefix: the row-id prefix of the tensor table the cells link to.
+        table_id: the HTML id of the grid table.
+
+    Returns:
+        The HTML fragment (empty when there are no tensors).
+    """
     layered, layers, kinds = _grid(tensors)
     cells, others = {}, [(i, t) for i, t in enumerate(tensors) if t["layer"] is None]
     for i, t in layered:
@@ -520,6 +598,16 @@ TENSOR_HEADERS = [
 
 
 def tensor_table(rec: dict, prefix: str, table_id: str) -> str:
+    """The sortable, filterable table of a comparison record's tensors (TENSOR_HEADERS' columns), in base order.
+
+    Args:
+        rec: the comparison record.
+        prefix: the row-id prefix (the coverage grid links to these rows).
+        table_id: the HTML id of the table.
+
+    Returns:
+        The HTML fragment: filter tools and the table.
+    """
     rows = []
     for i, t in enumerate(rec["tensors"]):
         dtype = f"{_e(t.get('base_dtype') or DASH)} → {_e(t.get('finetuned_dtype') or DASH)}"
@@ -582,7 +670,15 @@ def _plain(text: str) -> str:
 
 
 def comparison_sections(rec: dict, images: dict) -> list:
-    """(section id, nav title, html) for a comparison record."""
+    """(section id, nav title, html) for a comparison record.
+
+    Args:
+        rec: the comparison record.
+        images: PNG bytes per file name, embedded where a plot is shown (a missing one is left out).
+
+    Returns:
+        The sections, in page order.
+    """
 
     s = rec["summary"]
     alts = _comparison_alts(rec)
@@ -654,6 +750,16 @@ def _precision_lead(rec: dict) -> str:
 
 
 def precision_sections(rec: dict, paths: dict, images: dict) -> list:
+    """(section id, nav title, html) for a precision record.
+
+    Args:
+        rec: the precision record.
+        paths: path name -> that path's comparison record, where the folder has one.
+        images: PNG bytes per file name, embedded where a plot is shown.
+
+    Returns:
+        The sections, in page order.
+    """
     rows = []
     for p in rec["paths"]:
         counts = p["counts"]
@@ -756,6 +862,15 @@ def _analysis_table(rec: dict) -> str:
 
 
 def analysis_sections(rec: dict, images: dict) -> list:
+    """(section id, nav title, html) for an analysis record.
+
+    Args:
+        rec: the analysis record.
+        images: PNG bytes per file name, embedded where a plot is shown.
+
+    Returns:
+        The sections, in page order.
+    """
 
     s, inputs = rec["summary"], rec.get("inputs") or {}
     g = s.get
@@ -777,7 +892,7 @@ def analysis_sections(rec: dict, images: dict) -> list:
                        + (f' <span class="note">({_e(inputs["task_vector_kind"])})</span>'
                           if inputs.get("task_vector_kind") else "")),
                       ("loratv", _e(rec.get("loratv_version", DASH)))])
-               + (("<h3>Notes</h3>" + _list([_e(n) for n in rec.get("notes")], "notes")) if rec.get("notes") else ""))
+               + (("<h3>Notes</h3>" + _list([_e(n) for n in rec["notes"]], "notes")) if rec.get("notes") else ""))
     with_rank = [t for t in rec["tensors"] if (t.get("spectrum") or {}).get("numerical_rank") is not None]
     _, layers, kinds = _grid([t for t in with_rank if "layer" in t and "kind" in t])
     kinds_seen = list(dict.fromkeys(t.get("kind") for t in rec["tensors"] if t.get("spectrum")))
@@ -879,6 +994,7 @@ def _subtitle(records: Records) -> str:
     if records.precision is not None:
         return (f"The adapter <code>{_e(records.precision.get('adapter'))}</code> merged into "
                 f"<code>{_e(records.precision.get('base'))}</code> along {len(records.precision['paths'])} dtype paths.")
+    assert records.analysis is not None  # load_records raises when a folder holds no record
     inputs = records.analysis.get("inputs") or {}
     return (f"The task vector <code>{_e(inputs.get('task_vector'))}</code> against the LoRA delta "
             f"<code>{_e(inputs.get('lora_delta'))}</code>.")
@@ -916,7 +1032,15 @@ def page_head(title_html: str, extra_css: str = "") -> str:
 
 
 def render_report(records: Records, images: dict) -> str:
-    """The whole page, from the records and the PNG bytes (file name -> bytes) alone."""
+    """The whole page, from the records and the PNG bytes (file name -> bytes) alone.
+
+    Args:
+        records: the records of one folder.
+        images: PNG bytes per file name; plots missing from it are left out of the page.
+
+    Returns:
+        The self-contained HTML document.
+    """
     sections = []
     if records.comparison is not None:
         sections += comparison_sections(records.comparison, images)

@@ -7,15 +7,14 @@ so a test can check the picture's data against values computed independently fro
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from cycler import cycler  # noqa: E402
-from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import numpy as np
+from cycler import cycler
+from matplotlib.colors import BoundaryNorm, Colormap, ListedColormap, LogNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 CATEGORIES = ("shared", "adapter-only", "cast-artifact", "unexplained", "unchanged")
@@ -27,9 +26,13 @@ CYCLE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E
 MARKERS = "osD^v<>p"  # with CYCLE: 64 kinds told apart before repeating
 FLOOR = 1e-17  # 1 − cosine below this (often exactly 0) is drawn here: a log axis cannot show 0
 DPI = 110
-STYLE = {"font.size": 9, "axes.titlesize": 11, "axes.labelsize": 9, "legend.fontsize": 8,
-         "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.prop_cycle": cycler(color=CYCLE),
-         "axes.spines.top": False, "axes.spines.right": False, "figure.facecolor": "white"}
+# rc_context takes keys typed as matplotlib.typing.RcKeyType (a Literal of every rc key), which older matplotlib
+# releases do not define, so the keys are typed Any here
+STYLE: dict[Any, Any] = {
+    "font.size": 9, "axes.titlesize": 11, "axes.labelsize": 9, "legend.fontsize": 8,
+    "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.prop_cycle": cycler(color=CYCLE),
+    "axes.spines.top": False, "axes.spines.right": False, "figure.facecolor": "white",
+}
 FILES = {"cosine": "cosine_similarity_analysis.png", "norm": "norm_distribution_comparison.png",
          "coverage": "model_architecture_coverage.png", "heatmap": "parameter_modification_heatmap.png"}
 MAX_TICKS = 40  # beyond this many rows/columns, label every k-th so labels never overlap
@@ -37,13 +40,38 @@ MAX_TICKS = 40  # beyond this many rows/columns, label every k-th so labels neve
 
 def _render(build, record: dict, path) -> dict:
     """Run `build(record) -> (figure, info)` in the shared style, save it to `path`, close it, return info."""
-    with plt.rc_context(STYLE):  # ticks are made while saving, so the style must cover savefig too
+    with matplotlib.rc_context(STYLE):  # ticks are made while saving, so the style must cover savefig too
         fig, info = build(record)
-        try:
-            fig.savefig(Path(path), dpi=DPI, bbox_inches="tight")
-        finally:
-            plt.close(fig)
+        fig.savefig(Path(path), dpi=DPI, bbox_inches="tight")
     return info
+
+
+def subplots(*grid, figsize, **options):
+    """A figure and its axes, made without pyplot: no global figure registry and no backend is chosen for the
+    process (a Figure renders its PNG through Agg by itself).
+
+    Args:
+        *grid: nrows, ncols, as for Figure.subplots (none: one axes).
+        figsize: (width, height) in inches.
+        **options: passed on to Figure.subplots (sharex, squeeze, gridspec_kw, ...).
+
+    Returns:
+        (figure, axes): one Axes or an array of them, as Figure.subplots gives.
+    """
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **options)
+
+
+def colormap(name: str) -> Colormap:
+    """A copy of a registered colormap (safe to modify).
+
+    Args:
+        name: a name in matplotlib.colormaps, e.g. "viridis".
+
+    Returns:
+        The copy.
+    """
+    return matplotlib.colormaps[name].copy()
 
 
 def _label_ticks(ax, axis: str, labels) -> None:
@@ -87,6 +115,9 @@ def log_ticks_covering(lo: float, hi: float) -> list[float]:
 
     Returns:
         Increasing tick values, at most LOG_TICKS of them where the range allows (whole decades beyond that).
+
+    Raises:
+        ValueError: lo is not positive and finite, or hi is not finite.
     """
     lo, hi = float(lo), float(hi)
     if not (lo > 0 and math.isfinite(lo) and math.isfinite(hi)):
@@ -157,7 +188,7 @@ def _grid_size(n_rows: int, n_cols: int):
 
 def _cosine_figure(record):
     points = [(i, t) for i, t in enumerate(record["tensors"]) if t["category"] == "shared" and t["cosine"] is not None]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (left, right) = subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [2, 1]})
     gaps = np.array([1.0 - t["cosine"] for _, t in points])
     shown = np.maximum(gaps, FLOOR)
     kinds = list(dict.fromkeys(t["kind"] for _, t in points))
@@ -189,7 +220,7 @@ def _norm_figure(record):
     series = {c: [t["task_vector_norm"] for t in tensors if t["changed"] and t["category"] == c
                   and t["task_vector_norm"]] for c in ("shared", "cast-artifact", "unexplained")}
     series["lora_delta"] = [t["lora_delta_norm"] for t in tensors if t["targeted"] and t["lora_delta_norm"]]
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    fig, ax = subplots(figsize=(10, 5.5))
     values = [v for vs in series.values() for v in vs]
     if values:
         bins = _log_bins(values, 50)
@@ -225,7 +256,7 @@ def _coverage_figure(record):
         codes[row[t["layer"]], col[t["kind"]]] = CATEGORIES.index(t["category"])
     for j, t in enumerate(globals_):
         codes[len(layers) + j // n_cols, j % n_cols] = CATEGORIES.index(t["category"])
-    fig, ax = plt.subplots(figsize=_grid_size(n_rows, n_cols))
+    fig, ax = subplots(figsize=_grid_size(n_rows, n_cols))
     cmap = ListedColormap([COLOURS[c] for c in CATEGORIES]).with_extremes(bad="white")
     norm = BoundaryNorm(np.arange(len(CATEGORIES) + 1) - 0.5, len(CATEGORIES))
     ax.pcolormesh(np.ma.masked_invalid(codes), cmap=cmap, norm=norm, edgecolors="white", linewidth=0.4)
@@ -261,12 +292,12 @@ def _heatmap_figure(record):
         if tv and base:  # zero change (or zero base: ratio undefined) stays blank
             values[row[t["layer"]], col[t["kind"]]] = tv / base
     masked = np.ma.masked_invalid(values)
-    fig, ax = plt.subplots(figsize=_grid_size(len(layers), len(kinds)))
+    fig, ax = subplots(figsize=_grid_size(len(layers), len(kinds)))
     if masked.count():
         lo, hi = float(masked.min()), float(masked.max())
         if lo == hi:
             lo, hi = lo / 10, hi * 10
-        cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+        cmap = colormap("viridis").with_extremes(bad="white")
         mesh = ax.pcolormesh(masked, cmap=cmap, norm=LogNorm(lo, hi), edgecolors="white", linewidth=0.4)
         fig.colorbar(mesh, ax=ax, label="relative change ‖T‖ / ‖W‖ (log scale; blank = unchanged)")
     else:
@@ -288,7 +319,7 @@ def _precision_figure(record):
     parts = {c: [p["counts"].get(c, 0) for p in paths] for c in ("real", "cast-artifact", "unexplained")}
     vanished = [p["vanished_elements"] for p in paths]
     ulps = [p["max_error_ulps"] or 0.0 for p in paths]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(10, 2.2 * len(paths) + 4), 5))
+    fig, (left, right) = subplots(1, 2, figsize=(max(10, 2.2 * len(paths) + 4), 5))
     x = np.arange(len(paths))
     bottom = np.zeros(len(paths))
     for c, heights in parts.items():
@@ -319,32 +350,80 @@ def _precision_figure(record):
 
 
 def cosine_plot(record: dict, path) -> dict:
-    """`1 − cosine` of every shared tensor, by base position and as a histogram, on log axes."""
+    """`1 − cosine` of every shared tensor, by base position and as a histogram, on log axes.
+
+    Args:
+        record: the comparison record.
+        path: the PNG file to write.
+
+    Returns:
+        What was drawn, for tests: "points", "kinds", "clipped" (gaps at the floor) and "ticks".
+    """
     return _render(_cosine_figure, record, path)
 
 
 def norm_plot(record: dict, path) -> dict:
-    """Histograms of ‖T‖ for changed tensors per category, and of ‖ΔW‖ for targeted tensors."""
+    """Histograms of ‖T‖ for changed tensors per category, and of ‖ΔW‖ for targeted tensors.
+
+    Args:
+        record: the comparison record.
+        path: the PNG file to write.
+
+    Returns:
+        What was drawn, for tests: the number of values per histogram series.
+    """
     return _render(_norm_figure, record, path)
 
 
 def coverage_plot(record: dict, path) -> dict:
-    """Layers × module kinds, each cell coloured by its tensor's category; global tensors in a last row."""
+    """Layers × module kinds, each cell coloured by its tensor's category; global tensors in a last row.
+
+    Args:
+        record: the comparison record.
+        path: the PNG file to write.
+
+    Returns:
+        What was drawn, for tests: "rows", "columns", "row_labels", "column_labels" and "cells".
+    """
     return _render(_coverage_figure, record, path)
 
 
 def heatmap_plot(record: dict, path) -> dict:
-    """Layers × module kinds, coloured by the relative change ‖T‖/‖W‖ on a log scale; zero change is blank."""
+    """Layers × module kinds, coloured by the relative change ‖T‖/‖W‖ on a log scale; zero change is blank.
+
+    Args:
+        record: the comparison record.
+        path: the PNG file to write.
+
+    Returns:
+        What was drawn, for tests: the grid's "shape" and its values.
+    """
     return _render(_heatmap_figure, record, path)
 
 
 def precision_plot(record: dict, path) -> dict:
-    """Per merge path: changed tensors by kind of change, and the vanished elements and worst error in ulps."""
+    """Per merge path: changed tensors by kind of change, and the vanished elements and worst error in ulps.
+
+    Args:
+        record: the precision record (`loratv.precision`).
+        path: the PNG file to write.
+
+    Returns:
+        What was drawn, for tests: "paths", the counts per kind of change, "vanished_elements" and "max_error_ulps".
+    """
     return _render(_precision_figure, record, path)
 
 
 def write_comparison_plots(record: dict, out_dir) -> list[Path]:
-    """The four comparison plots, under their fixed file names, in `out_dir`."""
+    """The four comparison plots, under their fixed file names, in `out_dir`.
+
+    Args:
+        record: the comparison record.
+        out_dir: the folder to write into (created if missing); file names are FILES' values.
+
+    Returns:
+        The paths written: cosine, norm, coverage, heatmap.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {"cosine": cosine_plot, "norm": norm_plot, "coverage": coverage_plot, "heatmap": heatmap_plot}

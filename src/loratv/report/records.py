@@ -9,7 +9,14 @@ from loratv.report.html import write_report
 
 
 def finite(value):
-    """The record with every non-finite float replaced by None, so the JSON is standard."""
+    """The record with every non-finite float replaced by None, so the JSON is standard.
+
+    Args:
+        value: a JSON-like value: dicts, lists and tuples are walked recursively, anything else kept as it is.
+
+    Returns:
+        A copy with NaN and ±inf floats as None and tuples as lists (a non-container value is returned itself).
+    """
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -20,10 +27,24 @@ def finite(value):
 
 
 def dump_json(record: dict) -> str:
+    """The record as strict JSON text.
+
+    Args:
+        record: the JSON record; non-finite floats become null.
+
+    Returns:
+        The JSON, indented by 2, ending in a newline.
+    """
     return json.dumps(finite(record), indent=2, allow_nan=False) + "\n"
 
 
 def write_json(record: dict, path: Path) -> None:
+    """Write the record as strict JSON (dump_json), UTF-8.
+
+    Args:
+        record: the JSON record; non-finite floats become null.
+        path: the file to write (replaced if it exists).
+    """
     Path(path).write_text(dump_json(record), encoding="utf-8")
 
 

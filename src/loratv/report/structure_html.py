@@ -37,7 +37,14 @@ def _row_id(i: int) -> str:
 
 
 def grid_table(record: dict) -> str:
-    """Rows × columns of the record as report.html's grid: letter and colour per cell, a link to the tensor's row."""
+    """Rows × columns of the record as report.html's grid: letter and colour per cell, a link to the tensor's row.
+
+    Args:
+        record: the structure record (`loratv.structure`).
+
+    Returns:
+        The HTML fragment: a scrolling table with a separator row between sections, global tensors numbered.
+    """
     index = {t["name"]: i for i, t in enumerate(record["tensors"])}
     head = "".join(f'<th scope="col" title="{_e(c["name"])} ({_e(c["kind"])})"><span>{_e(c["name"])}</span></th>'
                    for c in record["columns"])
@@ -87,6 +94,14 @@ TENSOR_HEADERS = [
 
 
 def tensor_table(record: dict) -> str:
+    """The sortable, filterable table of every tensor of a structure record (TENSOR_HEADERS' columns).
+
+    Args:
+        record: the structure record (`loratv.structure`).
+
+    Returns:
+        The HTML fragment: filter tools (counts per state) and the table.
+    """
     rows = []
     for i, t in enumerate(record["tensors"]):
         dtype = t["dtype"] if not t["finetuned_dtype"] or t["finetuned_dtype"] == t["dtype"] else \

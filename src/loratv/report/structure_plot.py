@@ -7,15 +7,11 @@ Colours are the comparison plots' (Okabe–Ito): `both` is compare's `shared`, `
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.patches import Patch, Rectangle
 
-matplotlib.use("Agg")  # files only: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from loratv.report.plots import COLOURS, _render  # noqa: E402
+from loratv.report.plots import COLOURS, _render, subplots
 
 STATE_COLOURS = {"both": COLOURS["shared"], "adapter-only": COLOURS["adapter-only"],
                  "task-vector-only": COLOURS["unexplained"], "cast-artifact": COLOURS["cast-artifact"],
@@ -66,7 +62,14 @@ def _title(record) -> str:
 
 
 def legend_labels(record) -> dict:
-    """LABELS, without naming an input the record was made without."""
+    """LABELS, without naming an input the record was made without.
+
+    Args:
+        record: the structure record; its "inputs" say which of adapter, task vector and fine-tuned were given.
+
+    Returns:
+        A new dict, state -> legend label.
+    """
     labels = dict(LABELS)
     inputs = record["inputs"]
     if not (inputs["task_vector"] or inputs["finetuned"]):
@@ -103,7 +106,7 @@ def _structure_figure(record):
     # the axes get exactly the grid's size; the legend may reach below them (bbox_inches="tight" keeps it whole)
     width = 1.2 + n_cols * cell_w + 4.2  # y labels, grid, legend
     height = 1.3 + n_rows * cell_h  # titles, grid
-    fig, ax = plt.subplots(figsize=(width, height))
+    fig, ax = subplots(figsize=(width, height))
     fig.subplots_adjust(left=1.2 / width, right=1 - 4.2 / width, top=1 - 1.0 / height, bottom=0.3 / height)
     cmap = ListedColormap(list(STATE_COLOURS.values()))
     norm = BoundaryNorm(np.arange(len(STATE_COLOURS) + 1) - 0.5, len(STATE_COLOURS))
@@ -111,7 +114,7 @@ def _structure_figure(record):
     for i in range(n_rows):  # a layer's missing tensor: white, outlined faintly (global rows' spare cells stay bare)
         for j in range(n_cols):
             if cells[i][j]["state"] == "no-tensor":
-                ax.add_patch(plt.Rectangle((j + 0.06, i + 0.08), 0.88, 0.84, fill=False, edgecolor="#DDDDDD",
+                ax.add_patch(Rectangle((j + 0.06, i + 0.08), 0.88, 0.84, fill=False, edgecolor="#DDDDDD",
                                            linewidth=0.5))
     ax.set_xlim(0, n_cols)
     ax.set_ylim(n_rows, 0)  # embeddings at the top, then layer 0 downwards, like the model runs

@@ -146,7 +146,14 @@ def _tv_only(tensors) -> list[str]:
 
 
 def render_comparison_text(record: dict) -> str:
-    """The `detailed_comparison_report.txt` of a comparison record."""
+    """The `detailed_comparison_report.txt` of a comparison record.
+
+    Args:
+        record: the comparison record (`loratv.comparison`).
+
+    Returns:
+        The report text.
+    """
     summary, tensors = record["summary"], record["tensors"]
     notes = [f"  - {n}" for n in record.get("notes") or []] or ["  (none)"]
     lines = (_header(record) + _verdict(summary) + _counts(summary) + _statistics(summary)
@@ -196,7 +203,14 @@ def worst_tensor_lines(record: dict, limit: int = 5) -> list:
 
 
 def render_seed_summary(record: dict) -> str:
-    """The short summary `loratv validate` prints, in the seed script's wording, plus what tv-only tensors are."""
+    """The short summary `loratv validate` prints, in the seed script's wording, plus what tv-only tensors are.
+
+    Args:
+        record: the comparison record (`loratv.comparison`).
+
+    Returns:
+        The summary text, ending in a newline.
+    """
     s = record["summary"]
     counts = s["counts"]
     shared = counts.get("shared", 0)
@@ -227,7 +241,14 @@ def render_seed_summary(record: dict) -> str:
 
 
 def render_precision_text(record: dict) -> str:
-    """One table row per merge path of a precision record (schema `loratv.precision`)."""
+    """One table row per merge path of a precision record (schema `loratv.precision`).
+
+    Args:
+        record: the precision record.
+
+    Returns:
+        The text: the table, the paths' descriptions, a column key and the notes, ending in a newline.
+    """
     rows = []
     for p in record["paths"]:
         c = p["counts"]
@@ -254,7 +275,14 @@ def render_precision_text(record: dict) -> str:
 
 
 def render_to_lora_text(record: dict) -> str:
-    """What `loratv to-lora` wrote and what it lost: the summary, then the tensors with the largest errors."""
+    """What `loratv to-lora` wrote and what it lost: the summary, then the tensors with the largest errors.
+
+    Args:
+        record: the to-lora record (`loratv.to_lora`).
+
+    Returns:
+        The report text.
+    """
     s = record["summary"]
     criterion = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in record["criterion"].items() if v is not None)
     ranks = _fmt(s["rank_min"]) if s["rank_min"] == s["rank_max"] else f"{s['rank_min']}–{s['rank_max']}"

@@ -1,0 +1,230 @@
+"""Typed, frozen results of the Python API; each `to_dict()` is the JSON record the command writes or prints."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+JSONRecord = dict[str, Any]
+
+
+def _copy(record: Mapping[str, Any]) -> JSONRecord:
+    return copy.deepcopy(dict(record))
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What `loratv.merge` wrote.
+
+    Attributes:
+        output: the merged model's folder (None for a merge computed in memory).
+        total_tensors: tensors in the merged model.
+        merged: names of the tensors the adapter changed.
+        replaced: names of the tensors replaced whole by the adapter's saved copies (modules_to_save).
+        added: names of tensors the base does not store (an untied head).
+        copied: untouched tensors copied byte for byte.
+        cast: untouched tensors cast to the output precision.
+        notes: remarks on the binding (e.g. tied embeddings untied).
+    """
+
+    output: Path | None
+    total_tensors: int
+    merged: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    copied: int = 0
+    cast: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def tensors_changed(self) -> tuple[str, ...]:
+        """Every tensor whose value differs from the base's by the adapter: merged, replaced or added."""
+        seen: dict[str, None] = {}
+        for name in (*self.merged, *self.replaced, *self.added):
+            seen.setdefault(name, None)
+        return tuple(seen)
+
+    def summary(self) -> str:
+        """The one line `loratv merge` prints."""
+        return (
+            f"merged {len(self.merged)} of {self.total_tensors} tensors, replaced {len(self.replaced)}, "
+            f"copied {self.copied} unchanged, cast {self.cast}; wrote {self.output}"
+        )
+
+    def to_dict(self) -> JSONRecord:
+        return {"output": None if self.output is None else str(self.output), "total_tensors": self.total_tensors,
+                "merged": list(self.merged), "replaced": list(self.replaced), "added": list(self.added),
+                "copied": self.copied, "cast": self.cast, "notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class TaskVectorTensor:
+    """One tensor of a task vector (a row of task_vector.json's "tensors")."""
+
+    name: str
+    shape: tuple[int, ...]
+    parameters: int
+    base_dtype: str
+    finetuned_dtype: str
+    changed: bool
+    stored: bool
+    stored_dtype: str | None
+    stored_exactly: bool
+    l2_norm: float
+    max_abs: float
+    nonzero: int
+
+
+@dataclass(frozen=True)
+class TaskVectorResult:
+    """What `loratv.extract` wrote: the record of OUT/task_vector.json."""
+
+    output: Path
+    record: Mapping[str, Any] = field(repr=False)
+
+    @property
+    def file(self) -> Path:
+        """The task vector's safetensors file."""
+        return self.output / str(self.record["file"])
+
+    @property
+    def changed_tensors(self) -> int:
+        return int(self.record["changed_tensors"])
+
+    @property
+    def l2_norm(self) -> float:
+        return float(self.record["l2_norm"])
+
+    @property
+    def tensors(self) -> tuple[TaskVectorTensor, ...]:
+        return tuple(TaskVectorTensor(
+            name=t["name"], shape=tuple(t["shape"]), parameters=t["parameters"], base_dtype=t["base_dtype"],
+            finetuned_dtype=t["finetuned_dtype"], changed=t["changed"], stored=t["stored"],
+            stored_dtype=t["stored_dtype"], stored_exactly=t["stored_exactly"], l2_norm=t["l2_norm"],
+            max_abs=t["max_abs"], nonzero=t["nonzero"]) for t in self.record["tensors"])
+
+    def to_dict(self) -> JSONRecord:
+        return _copy(self.record)
+
+
+@dataclass(frozen=True)
+class TensorComparison:
+    """One base tensor as compared (a row of comparison_results.json's "tensors"; docs/comparison-results.md)."""
+
+    name: str
+    category: str
+    targeted: bool
+    shape: tuple[int, ...]
+    parameters: int
+    max_abs_diff: float | None
+    certificate_ratio: float | None
+    cosine: float | None
+    raw: Mapping[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A comparison of an adapter with a task vector (the record of comparison_results.json).
+
+    Attributes:
+        record: the whole record, as `to_dict()` returns it.
+        output: the folder written, or None when nothing was written.
+    """
+
+    record: Mapping[str, Any] = field(repr=False)
+    output: Path | None = None
+
+    @property
+    def verdict(self) -> str:
+        """"EQUIVALENT (certified)", "EQUIVALENT within tolerance" or "NOT EQUIVALENT"."""
+        return str(self.record["summary"]["verdict"])
+
+    @property
+    def certified(self) -> bool:
+        return bool(self.record["summary"]["certified"])
+
+    @property
+    def equivalent(self) -> bool:
+        """Certified or within tolerance (what the CLI exits 0 for)."""
+        return self.verdict != "NOT EQUIVALENT"
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Tensors per category: shared, adapter-only, tv-only, cast-artifact, unexplained, unchanged."""
+        return {str(k): int(v) for k, v in self.record["summary"]["counts"].items()}
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(self.record["summary"]["reasons"])
+
+    @property
+    def tensors(self) -> tuple[TensorComparison, ...]:
+        return tuple(TensorComparison(
+            name=t["name"], category=t["category"], targeted=t["targeted"], shape=tuple(t["shape"]),
+            parameters=t["parameters"], max_abs_diff=t.get("max_abs_diff"),
+            certificate_ratio=t.get("certificate_ratio"), cosine=t.get("cosine"), raw=t)
+            for t in self.record["tensors"])
+
+    def worst(self, n: int = 5) -> tuple[TensorComparison, ...]:
+        """The n targeted tensors closest to (or furthest past) their rounding bound, worst first."""
+        rows = [t for t in self.tensors if t.targeted and t.certificate_ratio is not None]
+        return tuple(sorted(rows, key=lambda t: -(t.certificate_ratio or 0.0))[:n])
+
+    def to_dict(self) -> JSONRecord:
+        return _copy(self.record)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A command's JSON record, typed by subclass."""
+
+    record: Mapping[str, Any] = field(repr=False)
+    output: Path | None = None
+
+    def to_dict(self) -> JSONRecord:
+        return _copy(self.record)
+
+
+@dataclass(frozen=True)
+class PrecisionStudy(Record):
+    """The record of `loratv precision` (precision_results.json)."""
+
+    @property
+    def paths(self) -> tuple[Mapping[str, Any], ...]:
+        return tuple(self.record.get("paths", ()))
+
+
+@dataclass(frozen=True)
+class Analysis(Record):
+    """The record of `loratv analyze` (analysis_results.json; docs/analysis-results.md)."""
+
+
+@dataclass(frozen=True)
+class ToLoraResult(Record):
+    """The record of `loratv to-lora` (the fidelity file beside the PEFT adapter written)."""
+
+
+@dataclass(frozen=True)
+class ConvertResult(Record):
+    """The record `loratv convert --json` prints."""
+
+
+@dataclass(frozen=True)
+class Inspection(Record):
+    """The record `loratv inspect --json` prints for one model, adapter or config."""
+
+
+@dataclass(frozen=True)
+class VerifyResult(Record):
+    """The record `loratv verify --json` prints."""
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.record["ok"])
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        return tuple(self.record["problems"])
