@@ -34,8 +34,8 @@ MAY_IMPORT = {
             "example", "__init__"},
 }
 # imported inside functions on purpose: heavy, and needed only by some commands (transformers for in-memory layouts
-# and config-only inspect, peft for its tuners, huggingface_hub for hub ids)
-LAZY_ALLOWED = {"transformers", "peft", "huggingface_hub"}
+# and config-only inspect, peft for its tuners, huggingface_hub for hub ids, matplotlib for plots)
+LAZY_ALLOWED = {"transformers", "peft", "huggingface_hub", "matplotlib"}
 
 
 def _modules():

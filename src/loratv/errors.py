@@ -51,7 +51,11 @@ class LoratvError(Exception):
         return _render(super().__str__(), cli=False)
 
     def cli_message(self) -> str:
-        """The message with parameters named as `loratv` command-line flags (what the CLI prints)."""
+        """The message with parameters named as `loratv` command-line flags (what the CLI prints).
+
+        Returns:
+            The message, each `param(...)` mention rendered as its flag (`--precision fp8`).
+        """
         return _render(super().__str__(), cli=True)
 
 
@@ -69,7 +73,14 @@ class OutputExistsError(LoratvError):
 
 
 def cli_message(exc: BaseException) -> str:
-    """An exception's message as the command line shows it: parameters named as flags."""
+    """An exception's message as the command line shows it: parameters named as flags.
+
+    Args:
+        exc: any exception; only a LoratvError carries `param(...)` mentions.
+
+    Returns:
+        `exc.cli_message()` for a LoratvError, else `str(exc)`.
+    """
     return exc.cli_message() if isinstance(exc, LoratvError) else str(exc)
 
 
@@ -79,5 +90,12 @@ LINE_BREAKS = str.maketrans({c: c.encode("unicode_escape").decode("ascii") for c
 
 def one_line(message) -> str:
     """A name from a hostile file may hold line breaks (any that str.splitlines() splits on): escaped, so that an
-    error stays one line."""
+    error stays one line.
+
+    Args:
+        message: any object; its `str()` is escaped.
+
+    Returns:
+        `str(message)` with every line break written as its escape (`\\n`, `\\u2028`, ...).
+    """
     return str(message).translate(LINE_BREAKS)

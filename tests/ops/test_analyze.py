@@ -214,3 +214,24 @@ def test_row_blocks_change_nothing(example, merged, monkeypatch, source):  # noq
         for q in ("delta", "task_vector", "residual"):
             assert a["stats"][q]["std"] == pytest.approx(b["stats"][q]["std"], rel=1e-12)
             assert a["stats"][q]["skewness"] == pytest.approx(b["stats"][q]["skewness"], rel=1e-9, abs=1e-12)
+
+
+def test_embedding_lora_with_a_saved_base_layer_counts_its_delta(tmp_path):
+    """PEFT saves `embed_tokens.base_layer.weight` beside an embedding LoRA: ΔW is that copy − W plus s·(B@A)ᵀ,
+    checked against the float64 product of the stored factors (the LoRA part must not be dropped)."""
+    import loratv
+    from tiny_models import build_adapter, build_base
+
+    base = build_base("llama", tmp_path / "base")
+    adapter = build_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    stored = load_file(str(adapter / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.embed_tokens."
+    assert prefix + "base_layer.weight" in stored
+    loratv.merge(base, adapter, tmp_path / "merged", precision="fp32")
+    record = loratv.analyze(base=base, adapter=adapter, finetuned=tmp_path / "merged").to_dict()
+    row = next(t for t in record["tensors"] if t["name"] == "model.embed_tokens.weight")
+    w = load_file(str(base / "model.safetensors"))["model.embed_tokens.weight"].double()
+    a, b = stored[prefix + "lora_embedding_A"].double(), stored[prefix + "lora_embedding_B"].double()
+    want = stored[prefix + "base_layer.weight"].double() - w + (b @ a).T * (8 / 4)
+    assert row["delta_norm"] == pytest.approx(float(want.norm()), rel=1e-12)
+    assert row["cosine"] == pytest.approx(1.0, abs=1e-6)

@@ -194,6 +194,27 @@ def test_bad_arguments_exit_2_and_write_nothing(example, tmp_path, capsys, argv,
     assert not out.exists()
 
 
+def test_a_module_saved_whole_from_a_sparse_task_vector_names_the_missing_base(tmp_path, capsys):
+    """Only a LayerNorm's weight changed: the module is saved whole, and its unchanged bias (absent from the stored
+    task vector) can only come from the base, which the sentence asks for by its flag."""
+    base = build_base("starcoder2", tmp_path / "base")
+    state = load_file(str(base / "model.safetensors"))
+    norm = "model.layers.0.input_layernorm.weight"
+    state[norm] = state[norm] + 0.25
+    finetuned = tmp_path / "finetuned"
+    finetuned.mkdir()
+    save_file(state, str(finetuned / "model.safetensors"), metadata={"format": "pt"})
+    (finetuned / "config.json").write_text((base / "config.json").read_text())
+    assert run_cli("extract", "--base", base, "--finetuned", finetuned, "-o", tmp_path / "tv") == 0
+    assert run_cli("to-lora", "--task-vector", tmp_path / "tv", "-o", tmp_path / "a", "--rank", "2") == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.input_layernorm.bias" in err and "--base" in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()
+    assert run_cli("to-lora", "--task-vector", tmp_path / "tv", "--base", base, "-o", tmp_path / "b", "--rank", "2") == 0
+    stored = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert torch.equal(stored["base_model.model.model.layers.0.input_layernorm.weight"], state[norm])
+
+
 def test_unchanged_model_is_refused(example, tmp_path, capsys):
     out = tmp_path / "a"
     assert run_cli("to-lora", "--base", example["base"], "--finetuned", example["base"], "-o", out) == 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file as np_load_file
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from helpers_io import REPO, example, loratv_cache, run_cli, run_subprocess  # noqa: F401
 
@@ -139,3 +139,25 @@ def test_quick_precision_test_proves_fp16_is_fp32_rounded(example, tmp_path, sto
     assert pair["shared_tensors"] == 120 and pair["shared_undecided"] == 0
     assert pair["shared_equal_to_fp32_rounded"] == 120
     assert pair["fp16_only_cast_artifacts"] == 363
+
+
+def test_quick_precision_test_refuses_a_nan_in_a_shared_tensor(example, tmp_path, capsys):
+    """A NaN in one shared task-vector tensor is named (Python's max() would drop it and report a gap of 0)."""
+    from loratv.cli.app import main
+    from loratv.cli.seed_scripts import quick_precision_main
+
+    for precision in ("fp16", "fp32"):
+        merged = tmp_path / f"m{precision}"
+        assert main(["merge", "--base", str(example["base"]), "--adapter", str(example["adapter"]), "-o", str(merged),
+                     "--precision", precision, "--quiet"]) == 0
+        assert main(["extract", "--base", str(example["base"]), "--finetuned", str(merged), "-o",
+                     str(tmp_path / f"tv{precision}"), "--storage-dtype", "fp64", "--quiet"]) == 0
+    file = tmp_path / "tvfp16" / "task_vector.safetensors"
+    tensors = load_file(str(file))
+    name = "model.layers.3.self_attn.v_proj.weight"
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(file))
+    capsys.readouterr()
+    assert quick_precision_main(["--fp16_dir", str(tmp_path / "tvfp16"), "--fp32_dir", str(tmp_path / "tvfp32")]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "NaN" in err

@@ -95,7 +95,19 @@ def _check_layer_and_exclude_rules(adapter: Adapter) -> None:
 
 def named_adapter(source, name: str) -> Path:
     """The folder of adapter `name` inside an adapter folder: PEFT saves 'default' at the top and the others in
-    subfolders named after them."""
+    subfolders named after them.
+
+    Args:
+        source: the adapter folder, a file in it, or a hub id (see resolve_path); None when none was given.
+        name: the adapter's name ('default' for the top folder).
+
+    Returns:
+        The folder holding that adapter's adapter_config.json.
+
+    Raises:
+        LoratvError: `source` is None, `name` is empty, '.', '..' or holds a path separator, or the folder holds no
+            adapter of that name (naming the ones it holds); or resolve_path's errors.
+    """
 
     if source is None:
         raise LoratvError(f"{param('adapter_name', name)}: give the adapter folder too ({param('adapter')}, or the "
@@ -113,7 +125,21 @@ def named_adapter(source, name: str) -> Path:
 
 
 def load_adapter(source) -> Adapter:
-    """Read a PEFT adapter folder (or its adapter_config.json) and map its keys; no tensor data is read."""
+    """Read a PEFT adapter folder (or its adapter_config.json) and map its keys; no tensor data is read.
+
+    A .safetensors file with no adapter_config.json beside it is read as a kohya / diffusers file (load_single_file).
+
+    Args:
+        source: the adapter folder, a file in it, or a hub id (see resolve_path).
+
+    Returns:
+        The Adapter, its modules keyed by the file's module names (a SingleFileAdapter for a single file).
+
+    Raises:
+        LoratvError: naming the folder when it has no adapter_config.json (or holds only named adapters in
+            subfolders) or no adapter weights file; or the config, the file's keys or the layer / exclude rules are
+            refused (from parse_config, the kind's map_keys and the checks here).
+    """
 
     path = resolve_path(source)
     folder = path.parent if path.is_file() else path
@@ -166,11 +192,29 @@ class MergePlan:
     notes: list
 
     def touched(self) -> set:
+        """Every base or output tensor name the plan changes or adds.
+
+        Returns:
+            The union of the names in deltas, replacements, bias_additions and new_tensors.
+        """
         return set(self.deltas) | set(self.replacements) | set(self.bias_additions) | set(self.new_tensors)
 
 
 def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
-    """Map every adapter tensor onto the base, resolve orientation and tied embeddings, check every shape."""
+    """Map every adapter tensor onto the base, resolve orientation and tied embeddings, check every shape.
+
+    Args:
+        adapter: the loaded adapter (its module names may be resolved against the base here).
+        base: the base checkpoint the adapter is merged into.
+
+    Returns:
+        The MergePlan: per base tensor its deltas, replacements and bias additions, tensors the base does not store,
+        whether a tied pair is untied, and notes for the user.
+
+    Raises:
+        LoratvError: the base is quantized (quantization_config), a module's target or a replaced tensor is not in
+            the base, or a shape does not fit (naming the adapter file and the tensor); or the kind's own refusals.
+    """
     config = base.config or {}
     quantized = config.get("quantization_config")
     if quantized:
@@ -245,7 +289,15 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
 
 
 def refuse_non_lora(adapter: "Adapter", command: str) -> None:
-    """Commands that work on LoRA factors (B, A) cannot take other tuners."""
+    """Commands that work on LoRA factors (B, A) cannot take other tuners.
+
+    Args:
+        adapter: the loaded adapter.
+        command: the loratv command asking, for the message.
+
+    Raises:
+        LoratvError: naming the config file, when the adapter's kind has no LoRA factors (not `factored`).
+    """
     if not kind_for(adapter.settings.peft_type, adapter.config_path).factored:
         raise LoratvError(f"{adapter.config_path}: {adapter.settings.tuner_name} adapters have no LoRA factors; "
                           f"loratv {command} takes LoRA adapters only (merge, compare, validate and inspect take "

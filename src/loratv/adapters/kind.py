@@ -51,6 +51,7 @@ class TunerModule:
 
     @property
     def is_bias(self) -> bool:
+        """Whether the module's update targets a bias (its `options` set "bias"), not a weight."""
         return bool(self.options.get("bias"))
 
 
@@ -422,6 +423,9 @@ class AdapterKind:
 
         Returns:
             N.
+
+        Raises:
+            NotImplementedError: a kind that does not override it.
         """
         raise NotImplementedError(f"{type(self).__name__}.depth")
 
@@ -504,13 +508,33 @@ class TunerTerms:
     kind: AdapterKind | None = None  # the module's kind (its apply_rows)
 
     def to(self, device) -> "TunerTerms":
+        """A copy with the float64 delta tensors on `device` (the per-device cache starts empty).
+
+        Args:
+            device: the torch device to move to.
+
+        Returns:
+            The new TunerTerms.
+        """
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TunerTerms(self.adapter, self.module, self.depth, move(self.value), move(self.abs_value),
                           kind=self.kind)
 
     def delta_and_bound(self, w: torch.Tensor, start: int, stop: int, base_dtype, out_dtype):
         """Rows of D = merged − W (float64), the bound on D's own float64 evaluation error, and a function of
-        (M, ulp_d(M)) giving the merge bound of these rows."""
+        (M, ulp_d(M)) giving the merge bound of these rows.
+
+        Args:
+            w: rows [start, stop) of the base tensor, float64, on the device of the terms.
+            start: first row.
+            stop: one past the last row.
+            base_dtype: the base tensor's stored dtype.
+            out_dtype: the dtype the merge writes.
+
+        Returns:
+            (D, the bound on D's evaluation error, bound(m, ulp_m) giving the per-element merge error bound), all
+            shaped like `w`.
+        """
         c = compute_dtype_for(base_dtype, out_dtype)
         if not self.module.multiplicative:
             assert self.value is not None and self.abs_value is not None  # set for every additive module

@@ -63,14 +63,36 @@ class SingleFileAdapter(Adapter):
 
 
 def is_lora_file(path) -> bool:
-    """True when a .safetensors file holds LoRA-style tensors (of any kind, supported or not), not a model."""
+    """True when a .safetensors file holds LoRA-style tensors (of any kind, supported or not), not a model.
+
+    Args:
+        path: the .safetensors file (only its header is read).
+
+    Returns:
+        Whether any tensor name contains one of LORA_MARKERS.
+
+    Raises:
+        LoratvError: the file cannot be read or its header is corrupt (read_header).
+    """
 
     entries, _ = read_header(Path(path))
     return any(marker in e.name for e in entries for marker in LORA_MARKERS)
 
 
 def load_single_file(path) -> SingleFileAdapter:
-    """Read a kohya or diffusers LoRA file: group its tensors by module, check ranks, compute each module's scale."""
+    """Read a kohya or diffusers LoRA file: group its tensors by module, check ranks, compute each module's scale.
+
+    Args:
+        path: the .safetensors file.
+
+    Returns:
+        The SingleFileAdapter, its modules named as in the file until `resolve` renames them against a base.
+
+    Raises:
+        LoratvError: naming the file, when its lora_adapter_metadata sets use_rslora for some components but not
+            others; or when a tensor, a module's factors, an alpha or the metadata config is refused (no LoRA
+            tensors, PEFT keys, LyCORIS / DoRA / bias tensors, mixed key styles, mismatched ranks, alpha 0, ...).
+    """
     path = Path(path)
     ckpt = Checkpoint(path)
     fmt, groups = _group_keys(ckpt)
@@ -240,7 +262,19 @@ def _checked_config(config: dict, where: str):
 
 def resolve(adapter: SingleFileAdapter, base: Checkpoint) -> None:
     """Rename every module to the base's module (`<module>.weight` is a base tensor): kohya names through the base's
-    names flattened the same way, diffusers names as they are or without their component prefix. Idempotent."""
+    names flattened the same way, diffusers names as they are or without their component prefix. Idempotent.
+
+    Also squeezes 1×1 conv factors of 2-D base weights, marks input-embedding modules, rebuilds the settings and
+    chooses each module's LoRA variants.
+
+    Args:
+        adapter: the single-file adapter; its modules, file_names and settings are replaced.
+        base: the base checkpoint whose tensor names the modules are matched to.
+
+    Raises:
+        LoratvError: naming the file, when two of its modules map to the same base module, or a module matches no
+            base module (or, for kohya, more than one).
+    """
     adapter.tensors.entries = dict(adapter.file_entries)
     lookup = flat_lookup(base) if adapter.format == KOHYA else None
     modules: dict = {}
@@ -267,7 +301,14 @@ def resolve(adapter: SingleFileAdapter, base: Checkpoint) -> None:
 
 
 def flat_lookup(base: Checkpoint) -> dict:
-    """kohya's flattened name (dots as underscores) -> the base modules that flatten to it."""
+    """kohya's flattened name (dots as underscores) -> the base modules that flatten to it.
+
+    Args:
+        base: the base checkpoint; every `<module>.weight` counts, and the output embeddings it does not store.
+
+    Returns:
+        {flattened name: [base module names]}.
+    """
     modules = [n[: -len(".weight")] for n in base.names() if n.endswith(".weight")]
     modules += [n[: -len(".weight")] for n in OUTPUT_EMBEDDING_NAMES if n not in base]  # a tied head (bind checks)
     table: dict[str, list] = {}
@@ -277,7 +318,20 @@ def flat_lookup(base: Checkpoint) -> dict:
 
 
 def kohya_module(file, lookup: dict, name: str, base: Checkpoint) -> str:
-    """The one base module whose flattened name follows `lora_<prefix>_` in `name`, for any prefix."""
+    """The one base module whose flattened name follows `lora_<prefix>_` in `name`, for any prefix.
+
+    Args:
+        file: the adapter file, for messages.
+        lookup: flat_lookup(base).
+        name: the kohya module name (`lora_<prefix>_<flattened module>`).
+        base: the base checkpoint, for messages.
+
+    Returns:
+        The base module name (without `.weight`).
+
+    Raises:
+        LoratvError: naming the file, when no base module matches or more than one does.
+    """
     found: dict = {}
     for i in range(len("lora_") + 1, len(name)):
         if name[i] == "_":
@@ -333,13 +387,30 @@ def _number(x: float):
 
 
 def exact_pattern(module: str) -> str:
-    """A rank/alpha pattern key that PEFT (≥ 0.15, re.match(r"(.*\\.)?(key)$", name)) matches to this module alone."""
+    """A rank/alpha pattern key that PEFT (≥ 0.15, re.match(r"(.*\\.)?(key)$", name)) matches to this module alone.
+
+    Args:
+        module: the module name.
+
+    Returns:
+        `^` + the module name regex-escaped.
+    """
     return "^" + re.escape(module)
 
 
 def lora_config(modules: dict, use_rslora: bool, *, base_model=None, fan_in_fan_out: bool = False) -> dict:
     """The adapter_config.json that gives each module {name: (r, alpha)} its r and alpha: the most common values as
-    defaults, every other module by an exact rank_pattern / alpha_pattern key."""
+    defaults, every other module by an exact rank_pattern / alpha_pattern key.
+
+    Args:
+        modules: {module name: (r, alpha)}; empty gives r = lora_alpha = 8.
+        use_rslora: the config's use_rslora.
+        base_model: the config's base_model_name_or_path.
+        fan_in_fan_out: the config's fan_in_fan_out.
+
+    Returns:
+        The config dict of a plain LoRA targeting exactly these modules.
+    """
     r0 = _most_common(r for r, _ in modules.values()) if modules else 8
     alpha0 = _most_common(a for _, a in modules.values()) if modules else 8
     return {

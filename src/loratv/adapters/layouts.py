@@ -69,15 +69,32 @@ class LayoutView:
 
     @property
     def config(self):
+        """The base checkpoint's config.json (as Checkpoint.config gives it)."""
         return self.base.config
 
     def names(self) -> list:
+        """The base's tensor names in transformers' in-memory naming.
+
+        Returns:
+            The in-memory names, in the order of `entries`.
+        """
         return list(self.entries)
 
     def __contains__(self, name) -> bool:
         return name in self.entries
 
     def entry(self, name: str) -> _Entry:
+        """The shape and dtype of in-memory tensor `name`.
+
+        Args:
+            name: an in-memory tensor name.
+
+        Returns:
+            Its entry (shape and dtype).
+
+        Raises:
+            LoratvError: naming the base, when it has no tensor of that in-memory name.
+        """
         try:
             return self.entries[name]
         except KeyError:
@@ -98,7 +115,11 @@ class Layout:
 
     def view(self) -> LayoutView:
         """The base under its in-memory names: renamed tensors with their stored shapes, fused ones with the shape
-        transformers gives them."""
+        transformers gives them.
+
+        Returns:
+            A LayoutView of the base, one entry per renamed or fused in-memory tensor (dtype from its on-disk source).
+        """
         entries = {}
         for mem, disk in self.renamed.items():
             entry = self.base.entry(disk)
@@ -110,6 +131,12 @@ class Layout:
 
     def disk_pieces(self, name: str) -> list:
         """The on-disk pieces of fused in-memory parameter `name`, each with its place in the fused tensor.
+
+        Args:
+            name: a fused in-memory parameter name (a key of `fused`).
+
+        Returns:
+            Its Pieces, computed once and kept in `pieces`.
 
         Raises:
             LoratvError: an operation loratv cannot invert exactly, or pieces that do not tile the parameter.
@@ -200,6 +227,9 @@ def _pieces(layout: Layout, name: str) -> list:
     if len(ops) > 1 or (ops and not isinstance(ops[0], Concatenate)):
         raise _unsupported(layout, name, names)
     concat = ops[0].dim if ops else None
+    # the piece's axis: a stacked parameter has the expert axis first, which a piece lacks (a negative dim
+    # counts from the end, the same in both)
+    axis = None if concat is None else concat if concat < 0 or not stacked else concat - 1
     patterns = [p for p in converter.source_patterns if p in sources]
     pieces, offset = [], 0
     for pattern in patterns:
@@ -207,14 +237,14 @@ def _pieces(layout: Layout, name: str) -> list:
         if not stacked and len(keys) != 1:
             raise _unsupported(layout, name, names)
         part = tuple(layout.base.entry(keys[0]).shape)
-        size = part[concat - 1 if stacked else concat] if concat is not None else 0
+        size = part[axis] if axis is not None else 0
         for e, key in enumerate(keys):
             if tuple(layout.base.entry(key).shape) != part:
                 raise LoratvError(f"{layout.base.path}: '{key}' has shape {list(layout.base.entry(key).shape)}, unlike "
                                   f"the other pieces transformers stacks into '{name}' ({list(part)}).")
             index = [slice(None)] * (len(shape) - (1 if stacked else 0))
-            if concat is not None:
-                index[concat - 1 if stacked else concat] = slice(offset, offset + size)
+            if axis is not None:
+                index[axis] = slice(offset, offset + size)
             pieces.append(Piece(key, name, e if stacked else None, tuple(index)))
         offset += size
     probe = torch.empty(shape, device="meta")
@@ -357,7 +387,15 @@ def _natural(name: str) -> tuple:
 
 def per_expert_example(base, owner: str) -> str | None:
     """A real on-disk name of one expert in owner's layer (`….experts.0.gate_proj.weight`, `….experts.0.w1.weight`)
-    when the base stores the experts of that layer one by one; None otherwise."""
+    when the base stores the experts of that layer one by one; None otherwise.
+
+    Args:
+        base: the base Checkpoint.
+        owner: an in-memory module name (`….mlp.experts`), whose last part names the expert list.
+
+    Returns:
+        The first such name in natural order, or None.
+    """
     leaf = owner.rpartition(".")[2]
     layer = re.search(r"(?:^|\.)([A-Za-z_]+\.\d+)\.", owner)  # "layers.0": the same layer, under any prefix
     one_by_one = re.compile(rf"(?:^|\.){re.escape(leaf)}\.\d+\.")
@@ -431,6 +469,10 @@ def piece_rows(adapter, module, start: int, stop: int, dtype, device, factor_dty
 
     Returns:
         The rows, in the on-disk tensor's orientation.
+
+    Raises:
+        LoratvError: naming the adapter file, when a piece with no expert index belongs to a module whose kind is
+            not linear, conv1d or embedding.
     """
 
     piece = module.piece

@@ -38,22 +38,61 @@ class LoraSettings:
     tuner_name: str = "LoRA"  # the kind's display name (AdapterKind.display_name)
 
     def rank_for(self, module: str) -> int:
-        """The rank of `module`: its rank_pattern entry (PEFT's matcher), else `r`."""
+        """The rank of `module`: its rank_pattern entry (PEFT's matcher), else `r`.
+
+        Args:
+            module: the module name.
+
+        Returns:
+            The rank, as an int.
+
+        Raises:
+            LoratvError: a rank_pattern key is not a valid regular expression (match_pattern_key).
+        """
         key = match_pattern_key(self.rank_pattern, module)
         return int(self.rank_pattern[key]) if key is not None else int(self.r)
 
     def alpha_for(self, module: str) -> float:
-        """The alpha of `module`: its alpha_pattern entry (PEFT's matcher), else `lora_alpha`."""
+        """The alpha of `module`: its alpha_pattern entry (PEFT's matcher), else `lora_alpha`.
+
+        Args:
+            module: the module name.
+
+        Returns:
+            The alpha, as a float.
+
+        Raises:
+            LoratvError: an alpha_pattern key is not a valid regular expression (match_pattern_key).
+        """
         key = match_pattern_key(self.alpha_pattern, module)
         return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
 
     def scale(self, r: int, alpha: float) -> float:
-        """PEFT's `scaling`: a Python float multiplied after B@A."""
+        """PEFT's `scaling`: a Python float multiplied after B@A.
+
+        Args:
+            r: the module's rank.
+            alpha: the module's alpha.
+
+        Returns:
+            alpha / √r with use_rslora, else alpha / r.
+        """
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
 def match_pattern_key(patterns: dict, module: str):
-    """PEFT >= 0.15 (get_pattern_key): the first key, in JSON order, with re.match(r"(.*\\.)?(key)$", module)."""
+    """PEFT >= 0.15 (get_pattern_key): the first key, in JSON order, with re.match(r"(.*\\.)?(key)$", module).
+
+    Args:
+        patterns: a rank_pattern or alpha_pattern dict (regex key -> value).
+        module: the module name.
+
+    Returns:
+        The matching key, or None when none matches.
+
+    Raises:
+        LoratvError: a key tried before the match is not a valid regular expression.
+    """
     for key in patterns:
         try:
             if re.match(r"(.*\.)?(" + key + r")$", module):
@@ -76,7 +115,14 @@ def _int(v):
 
 
 def number(v) -> bool:
-    """Whether `v` is a JSON number (not a boolean)."""
+    """Whether `v` is a JSON number (not a boolean).
+
+    Args:
+        v: a parsed JSON value.
+
+    Returns:
+        True for an int or float that is not a bool.
+    """
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 

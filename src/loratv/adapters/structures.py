@@ -90,16 +90,38 @@ class Adapter:
 
     @property
     def source(self) -> str:
+        """The adapter's path (its folder, or the single file) as a string."""
         return str(self.path)
 
     def bias_additions(self) -> dict:
-        """Base bias name -> LoraModule whose scaled lora_B.bias is added to it."""
+        """Base bias name -> LoraModule whose scaled lora_B.bias is added to it.
+
+        Returns:
+            {`<module>.bias`: module} for every module with a bias_key.
+        """
         return {m.module + ".bias": m for m in self.modules.values() if m.bias_key}
 
     def stored_parameters(self) -> int:
+        """How many numbers the adapter's weights file stores.
+
+        Returns:
+            The sum of numel over every tensor entry of the file.
+        """
         return sum(e.numel for e in self.tensors.entries.values())
 
     def factor(self, key: str) -> torch.Tensor:
+        """Adapter tensor `key`, read in its stored dtype and checked to be finite.
+
+        Args:
+            key: an adapter key.
+
+        Returns:
+            The tensor.
+
+        Raises:
+            LoratvError: naming the file and the key, when the tensor holds a NaN or an Inf; or Checkpoint.read's
+                errors (no such key, a file truncated since it was indexed).
+        """
         tensor = self.tensors.read(key)
         if not dtypes.all_finite(tensor):
             raise LoratvError(f"{self.tensors.entry(key).file}: tensor '{key}' contains NaN or Inf.")

@@ -48,13 +48,22 @@ class MergeResult:
         return tuple(seen)
 
     def summary(self) -> str:
-        """The one line `loratv merge` prints."""
+        """The one line `loratv merge` prints.
+
+        Returns:
+            "merged M of N tensors, replaced R, copied C unchanged, cast K; wrote OUT".
+        """
         return (
             f"merged {len(self.merged)} of {self.total_tensors} tensors, replaced {len(self.replaced)}, "
             f"copied {self.copied} unchanged, cast {self.cast}; wrote {self.output}"
         )
 
     def to_dict(self) -> JSONRecord:
+        """The merge as a JSON-ready dict.
+
+        Returns:
+            output, total_tensors, the merged/replaced/added names, the copied and cast counts, and the notes.
+        """
         return {"output": None if self.output is None else str(self.output), "total_tensors": self.total_tensors,
                 "merged": list(self.merged), "replaced": list(self.replaced), "added": list(self.added),
                 "copied": self.copied, "cast": self.cast, "notes": list(self.notes)}
@@ -92,14 +101,17 @@ class TaskVectorResult:
 
     @property
     def changed_tensors(self) -> int:
+        """How many tensors differ between the fine-tuned model and the base."""
         return int(self.record["changed_tensors"])
 
     @property
     def l2_norm(self) -> float:
+        """‖T‖ over the whole task vector, as task_vector.json records it."""
         return float(self.record["l2_norm"])
 
     @property
     def tensors(self) -> tuple[TaskVectorTensor, ...]:
+        """One typed row per base tensor, in the record's order."""
         return tuple(TaskVectorTensor(
             name=t["name"], shape=tuple(t["shape"]), parameters=t["parameters"], base_dtype=t["base_dtype"],
             finetuned_dtype=t["finetuned_dtype"], changed=t["changed"], stored=t["stored"],
@@ -107,6 +119,11 @@ class TaskVectorResult:
             max_abs=t["max_abs"], nonzero=t["nonzero"]) for t in self.record["tensors"])
 
     def to_dict(self) -> JSONRecord:
+        """The record, exactly as OUT/task_vector.json holds it.
+
+        Returns:
+            A deep copy (changing it changes nothing here).
+        """
         return _copy(self.record)
 
 
@@ -144,6 +161,7 @@ class Comparison:
 
     @property
     def certified(self) -> bool:
+        """Every element within its proven rounding bound (verdict "EQUIVALENT (certified)")."""
         return bool(self.record["summary"]["certified"])
 
     @property
@@ -158,10 +176,12 @@ class Comparison:
 
     @property
     def reasons(self) -> tuple[str, ...]:
+        """The sentences the record gives for its verdict."""
         return tuple(self.record["summary"]["reasons"])
 
     @property
     def tensors(self) -> tuple[TensorComparison, ...]:
+        """One typed row per base tensor, in the record's order (the full row in each `.raw`)."""
         return tuple(TensorComparison(
             name=t["name"], category=t["category"], targeted=t["targeted"], shape=tuple(t["shape"]),
             parameters=t["parameters"], max_abs_diff=t.get("max_abs_diff"),
@@ -169,11 +189,23 @@ class Comparison:
             for t in self.record["tensors"])
 
     def worst(self, n: int = 5) -> tuple[TensorComparison, ...]:
-        """The n targeted tensors closest to (or furthest past) their rounding bound, worst first."""
+        """The n targeted tensors closest to (or furthest past) their rounding bound, worst first.
+
+        Args:
+            n: how many to return at most.
+
+        Returns:
+            Targeted tensors with a certificate ratio, sorted by it, largest first.
+        """
         rows = [t for t in self.tensors if t.targeted and t.certificate_ratio is not None]
         return tuple(sorted(rows, key=lambda t: -(t.certificate_ratio or 0.0))[:n])
 
     def to_dict(self) -> JSONRecord:
+        """The record, exactly as comparison_results.json holds it (also when nothing was written).
+
+        Returns:
+            A deep copy (changing it changes nothing here).
+        """
         return _copy(self.record)
 
 
@@ -185,6 +217,11 @@ class Record:
     output: Path | None = None
 
     def to_dict(self) -> JSONRecord:
+        """The record, exactly as the command writes or prints it.
+
+        Returns:
+            A deep copy (changing it changes nothing here).
+        """
         return _copy(self.record)
 
 
@@ -194,6 +231,7 @@ class PrecisionStudy(Record):
 
     @property
     def paths(self) -> tuple[Mapping[str, Any], ...]:
+        """One summary per merge path run, in the order run."""
         return tuple(self.record.get("paths", ()))
 
 
@@ -223,8 +261,10 @@ class VerifyResult(Record):
 
     @property
     def ok(self) -> bool:
+        """True when verify found no problem."""
         return bool(self.record["ok"])
 
     @property
     def problems(self) -> tuple[str, ...]:
+        """One sentence per problem found (a missing or changed file, a manifest that cannot be read)."""
         return tuple(self.record["problems"])

@@ -138,11 +138,34 @@ class Adapter:
         return BoundAdapter(prepared, dtypes.PRECISION_NAMES[compute_dtype], resolve_device(device))
 
     def delta(self, base: ModelSource, name: str) -> torch.Tensor | None:
-        """ΔW of one base tensor (see BoundAdapter.delta); binds to `base` on each call."""
+        """ΔW of one base tensor (see BoundAdapter.delta); binds to `base` on each call.
+
+        Args:
+            base: base model (folder, file, hub id or state dict).
+            name: the base tensor's name.
+
+        Returns:
+            ΔW in float32 on the CPU, or None for a tensor the adapter does not change.
+
+        Raises:
+            UnsupportedAdapterError: the tensor is not changed additively (use `merged`).
+            LoratvError: an adapter that does not fit the base, or a name the base lacks.
+        """
         return self.bind(base).delta(name)
 
     def merged(self, base: ModelSource, name: str) -> torch.Tensor:
-        """The merged value of one base tensor (see BoundAdapter.merged); binds to `base` on each call."""
+        """The merged value of one base tensor (see BoundAdapter.merged); binds to `base` on each call.
+
+        Args:
+            base: base model (folder, file, hub id or state dict).
+            name: the base tensor's name.
+
+        Returns:
+            The tensor `merge` would write under `name`, bit for bit.
+
+        Raises:
+            LoratvError: an adapter that does not fit the base, or a name the merged model lacks.
+        """
         return self.bind(base).merged(name)
 
 
@@ -156,6 +179,7 @@ class BoundAdapter:
 
     @property
     def base_source(self) -> str:
+        """The base this adapter is bound to, as messages and records name it."""
         return source_name(self._prepared.base.source)
 
     @property
@@ -168,7 +192,14 @@ class BoundAdapter:
         """ΔW = s·B@A (plus s·lora_B.bias for a bias) of one base tensor in the compute dtype, as merge adds it;
         None for a tensor the adapter does not change.
 
+        Args:
+            name: the base tensor's name.
+
+        Returns:
+            ΔW on the CPU in the compute dtype, or None.
+
         Raises:
+            LoratvError: a name the base does not hold.
             UnsupportedAdapterError: a tensor changed other than additively (DoRA, IA³, OFT, …, a saved
                 replacement): use `merged(name)`.
         """
@@ -190,7 +221,17 @@ class BoundAdapter:
         return total.cpu()
 
     def merged(self, name: str) -> torch.Tensor:
-        """The merged value of one tensor, as `merge` writes it (bit for bit)."""
+        """The merged value of one tensor, as `merge` writes it (bit for bit).
+
+        Args:
+            name: the output tensor's name (a base tensor, changed or not, or one the adapter adds).
+
+        Returns:
+            The tensor in the output dtype, on the CPU.
+
+        Raises:
+            LoratvError: a name the merged model does not hold, or a NaN/Inf in the merged value.
+        """
         return _merge.merged_tensor(self._prepared, name)
 
 

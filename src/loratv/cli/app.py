@@ -1,7 +1,6 @@
 """`loratv` command line: parses arguments and calls the library; no logic lives here."""
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -48,26 +47,51 @@ def _size(text):
 
 
 def add_device_flag(p):
+    """Add --device, where deltas are computed: cpu, cuda or cuda:N (default: cpu).
+
+    Args:
+        p: the parser (or subparser) to add it to.
+    """
     p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
 
 
 def add_adapter_name_flag(p):
+    """Add --adapter-name, the adapter to use in a folder that holds several (PEFT's subfolders).
+
+    Args:
+        p: the parser (or subparser) to add it to.
+    """
     p.add_argument("--adapter-name", metavar="NAME", help="with an adapter folder that holds several adapters "
                    "(PEFT saves extra ones in subfolders): the one to use; 'default' is the top-level one")
 
 
 def add_base_and_adapter(p):
+    """Add --base, --adapter and --adapter-name (base and adapter default to the embedded example).
+
+    Args:
+        p: the parser (or subparser) to add them to.
+    """
     p.add_argument("--base", help="base model (default: the embedded example)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
     add_adapter_name_flag(p)
 
 
 def add_output_flags(p):
+    """Add --force (replace an existing output folder) and --quiet (print nothing but errors).
+
+    Args:
+        p: the parser (or subparser) to add them to.
+    """
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors; no progress bar")
 
 
 def add_merge_arguments(p):
+    """Add the flags of `loratv merge`: models, output, precision, compute dtype, device, sharding, PEFT modes.
+
+    Args:
+        p: the parser (or subparser) to add them to.
+    """
     p.add_argument("--base", help="base model: folder, .safetensors/.bin file, or hub id org/name[@revision] "
                    "(default: the embedded example)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder (default: the embedded example's adapter)")
@@ -93,6 +117,11 @@ def add_merge_arguments(p):
 
 
 def add_extract_arguments(p):
+    """Add the flags of `loratv extract`: models, output, --dense, --storage-dtype and --config.
+
+    Args:
+        p: the parser (or subparser) to add them to.
+    """
     p.add_argument("--base", help="base model (default: the embedded example)")
     p.add_argument("--finetuned", help="fine-tuned model (default: the embedded example merged in fp32)")
     p.add_argument("-o", "--output", default="task_vectors", help="output folder (default: task_vectors)")
@@ -105,6 +134,11 @@ def add_extract_arguments(p):
 
 
 def add_compare_arguments(p):
+    """Add the flags of `loratv compare`: models, task vector or fine-tuned model, output, tolerance, plots.
+
+    Args:
+        p: the parser (or subparser) to add them to.
+    """
     add_base_and_adapter(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--task-vector", help="task vector folder (or .safetensors file) written by `loratv extract`")
@@ -121,6 +155,11 @@ def add_compare_arguments(p):
 
 
 def add_validate_arguments(p):
+    """Add the flags of `loratv validate`: models, output, merge precision, tolerance, device, plots.
+
+    Args:
+        p: the parser (or subparser) to add them to.
+    """
     add_base_and_adapter(p)
     p.add_argument("-o", "--output", default="validation_results", help="output folder (default: validation_results)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
@@ -134,6 +173,11 @@ def add_validate_arguments(p):
 
 
 def add_analyze_arguments(p):
+    """Add the flags of `loratv analyze`: the LoRA delta and task vector sources, output, spectra, plots.
+
+    Args:
+        p: the parser (or subparser) to add them to.
+    """
     p.add_argument("--base", help="base model (for ulps and the noise floor; needed with --adapter or --finetuned)")
     delta = p.add_mutually_exclusive_group()
     delta.add_argument("--adapter", help="PEFT LoRA adapter: ΔW from its factors (exact spectra)")
@@ -155,6 +199,11 @@ def add_analyze_arguments(p):
 
 
 def add_to_lora_arguments(p):
+    """Add the flags of `loratv to-lora`: sources, output, rank criterion, tensor filters, factor dtype.
+
+    Args:
+        p: the parser (or subparser) to add them to.
+    """
 
     p.add_argument("--base", help="base model (needed with --finetuned; with --task-vector, to write full values of "
                    "tensors a LoRA cannot hold and to recognise cast artifacts) (default, with no model argument: the "
@@ -184,6 +233,11 @@ def add_to_lora_arguments(p):
 
 
 def add_convert_arguments(p):
+    """Add the flags of `loratv convert`: ADAPTER, output, --to, --base and --adapter-name.
+
+    Args:
+        p: the parser (or subparser) to add them to.
+    """
     p.add_argument("adapter", nargs="?", help="the LoRA to convert: a PEFT adapter folder, or a kohya / diffusers "
                    ".safetensors file (default: the embedded example's PEFT adapter, converted to kohya)")
     p.add_argument("-o", "--output", help="adapter folder to write (--to peft) or .safetensors file (--to kohya) "
@@ -198,6 +252,11 @@ def add_convert_arguments(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Build the `loratv` parser: one subcommand per command, each with its cmd_* function as `func`.
+
+    Returns:
+        the argparse parser.
+    """
     parser = argparse.ArgumentParser(
         prog="loratv",
         description="Merge LoRA adapters, extract task vectors, compare the two with a proven verdict, and inspect what "
@@ -340,12 +399,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_yaml_defaults(parser: argparse.ArgumentParser, config_path: str, aliases: dict | None = None) -> None:
-    """Make the keys of a YAML file the parser's defaults; explicit flags still win."""
+    """Make the keys of a YAML file the parser's defaults; explicit flags still win.
+
+    Args:
+        parser: the (sub)command's parser whose defaults are set.
+        config_path: the YAML file, whose keys are the parser's flag names.
+        aliases: file key -> argparse dest, for keys that are not the dest (default: none).
+    """
 
     parser.set_defaults(**read_flag_file(config_path, parser, aliases or {}))
 
 
 def cmd_merge(args) -> int:
+    """Run `loratv merge`: merge the adapter into the base (default: the embedded example) and print the summary.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once the merged model is written; 2 on bad input, via run_guarded).
+    """
 
     base, adapter = _example_pair(args.base, args.adapter, "adapter", example_paths)
     out = args.output or f"merged_model_{args.precision}"
@@ -361,6 +434,14 @@ def cmd_merge(args) -> int:
 
 
 def cmd_extract(args) -> int:
+    """Run `loratv extract`: write the task vector (fine-tuned minus base) and print its summary.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once the task vector is written; 2 on bad input, via run_guarded).
+    """
 
     base, finetuned = _base_and_finetuned(args, "extract", "fp32")
     result = extract(base, finetuned, args.output, dense=args.dense, storage_dtype=args.storage_dtype,
@@ -389,6 +470,19 @@ def _verdict_exit(record) -> int:
 
 
 def cmd_compare(args) -> int:
+    """Run `loratv compare`: compare the adapter's ΔW with the task vector, write the results and print the verdict.
+
+    With no model argument, the embedded example's adapter is compared with its fp32 merge (computed on the fly).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 when the verdict is not NOT EQUIVALENT, 1 when it is; 2 on bad input, via run_guarded).
+
+    Raises:
+        LoratvError: some model arguments are given but not all of --base, --adapter and --task-vector or --finetuned.
+    """
 
     if args.base is None and args.adapter is None and args.task_vector is None and args.finetuned is None:
         paths = example_paths()
@@ -417,6 +511,14 @@ def _print_record(args, record, footer):
 
 
 def cmd_validate(args) -> int:
+    """Run `loratv validate`: merge, extract and compare in one go, and print the verdict (or the JSON record).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 when the verdict is not NOT EQUIVALENT, 1 when it is; 2 on bad input, via run_guarded).
+    """
 
     base, adapter = _example_pair(args.base, args.adapter, "adapter", example_paths)
     record = validate(base, adapter, args.output, precision=args.precision, tolerance=args.tolerance,
@@ -427,6 +529,17 @@ def cmd_validate(args) -> int:
 
 
 def cmd_precision(args) -> int:
+    """Run `loratv precision`: merge along each precision path, extract and compare, and print the table.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once the study is written; 2 on bad input, via run_guarded).
+
+    Raises:
+        LoratvError: --paths names a merge path that is not one of PATHS.
+    """
 
     base, adapter = _example_pair(args.base, args.adapter, "adapter", example_paths)
     unknown = [p for p in args.paths or [] if p not in PATHS]
@@ -444,6 +557,16 @@ def cmd_precision(args) -> int:
 
 
 def cmd_analyze(args) -> int:
+    """Run `loratv analyze`: write the analysis of the LoRA delta and the task vector, and print its summary.
+
+    With no model argument, the embedded example's base, adapter and fp32 merge are used (set on `args`).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once the analysis is written; 2 on bad input, via run_guarded).
+    """
 
     given = [args.base, args.adapter, args.lora_deltas, args.task_vector, args.finetuned]
     if all(x is None for x in given):
@@ -462,6 +585,19 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_to_lora(args) -> int:
+    """Run `loratv to-lora`: turn the task vector into a PEFT LoRA adapter and print its fidelity summary.
+
+    With no model argument, the embedded example's base and fp32 merge are used (set on `args`).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once the adapter is written; 2 on bad input, via run_guarded).
+
+    Raises:
+        LoratvError: --base is given without --finetuned or --task-vector.
+    """
 
     if args.base is None and args.finetuned is None and args.task_vector is None:  # the README's promise: the example
 
@@ -483,6 +619,20 @@ def cmd_to_lora(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    """Run `loratv convert`: rewrite the LoRA as a PEFT folder or a kohya file and print what was written.
+
+    With no ADAPTER, the embedded example's PEFT adapter is converted (to kohya unless --to says otherwise); the
+    output defaults to converted_adapter(.safetensors). Both are set on `args`.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once the converted adapter is written; 2 on bad input, via run_guarded).
+
+    Raises:
+        LoratvError: ADAPTER is given without --to.
+    """
 
     if args.adapter is None:  # the README's promise: no model argument converts the example's PEFT adapter
 
@@ -493,7 +643,7 @@ def cmd_convert(args) -> int:
         args.output = "converted_adapter" + (".safetensors" if args.to == "kohya" else "")
     record = convert(args.adapter, args.output, to=args.to, base=args.base, force=args.force)
     if args.json:
-        print(json.dumps(record, indent=2))
+        sys.stdout.write(dump_json(record))
     elif not args.quiet:
         ranks = ", ".join(f"r={r} x{n}" for r, n in record["ranks"].items())
         print(f"wrote {args.output} ({args.to}): {record['modules']} LoRA modules of {record['source']} "
@@ -519,6 +669,16 @@ def _comma_ints(text: str) -> list:
 
 
 def cmd_inspect(args) -> int:
+    """Run `loratv inspect`: describe a model or adapter from its headers and print text or JSON.
+
+    With no path, the embedded example's base and adapter are described; with --keys, cmd_inspect_keys runs instead.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once printed; 2 on bad input, via run_guarded).
+    """
 
     if getattr(args, "keys", False):
         return cmd_inspect_keys(args)
@@ -530,13 +690,26 @@ def cmd_inspect(args) -> int:
     else:
         reports = [describe(args.path, base=args.base, config_only=args.config_only, **lora)]
     if args.json:
-        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+        sys.stdout.write(dump_json(reports if len(reports) > 1 else reports[0]))
     else:
         print("\n\n".join(render_text(r) for r in reports))
     return 0
 
 
 def cmd_structure(args) -> int:
+    """Run `loratv structure`: write the layers × module-kinds picture of the model and print its summary.
+
+    With no argument at all, the embedded example's base, adapter and fp32 merge are used.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once the picture is written; 2 on bad input, via run_guarded).
+
+    Raises:
+        LoratvError: --adapter, --task-vector or --finetuned is given without MODEL.
+    """
 
     model, adapter, task_vector, finetuned = args.model, args.adapter, args.task_vector, args.finetuned
     if all(x is None for x in (model, adapter, task_vector, finetuned)):
@@ -555,6 +728,19 @@ def cmd_structure(args) -> int:
 
 
 def cmd_inspect_keys(args) -> int:
+    """Run `loratv inspect --keys`: dump every stored key of an adapter, and per module its rank and scaling.
+
+    With no path, the embedded example's adapter is dumped, with its base unless --base is given.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once printed; 2 on bad input, via run_guarded).
+
+    Raises:
+        LoratvError: --keys is combined with --config-only, --lora-targets or --lora-rank.
+    """
 
     if args.config_only or args.lora_targets is not None or args.lora_rank is not None:
         raise LoratvError("--keys dumps an adapter's stored keys; it does not combine with --config-only, "
@@ -565,13 +751,23 @@ def cmd_inspect_keys(args) -> int:
         path, base = paths["adapter"], base or paths["base"]
     report = describe_adapter_keys(path, base)
     if args.json:
-        print(json.dumps(report, indent=2))
+        sys.stdout.write(dump_json(report))
     else:
         print(render_keys_text(report))
     return 0
 
 
 def cmd_summarize(args) -> int:
+    """Run `loratv summarize`: summarise a task vector (also written with -o) and print text or JSON.
+
+    With no model argument, the embedded example's fp32 merge minus its base is summarised.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once printed and written; 2 on bad input, via run_guarded).
+    """
 
     base, task_vector, finetuned = args.base, args.task_vector, args.finetuned
     if base is None and task_vector is None and finetuned is None:
@@ -592,6 +788,16 @@ def cmd_summarize(args) -> int:
 
 
 def cmd_diff(args) -> int:
+    """Run `loratv diff`: compare a base and a fine-tuned model tensor by tensor and print text or JSON.
+
+    With neither model, the embedded example's base and its fp16 merge are compared; -o also writes the record.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once printed and written; 2 on bad input, via run_guarded).
+    """
 
     base, finetuned = _base_and_finetuned(args, "diff", "fp16")
     if args.output:
@@ -608,6 +814,14 @@ def cmd_diff(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """Run `loratv report`: re-render report.html in an output folder from its JSON records.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once the page is written; 2 on bad input, via run_guarded).
+    """
 
     path = write_report(args.folder)
     if not args.quiet:
@@ -616,16 +830,32 @@ def cmd_report(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    """Run `loratv verify`: re-check a merge or extract output folder against its manifest and print the result.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 when the folder is sound, 1 when problems are found; 2 on bad input, via run_guarded).
+    """
 
     report = verify(args.folder)
     if args.json:
-        print(json.dumps(report.record(), indent=2))
+        sys.stdout.write(dump_json(report.record()))
     else:
         sys.stdout.write(render(report))
     return 0 if report.ok else 1
 
 
 def cmd_example(args) -> int:
+    """Run `loratv example`: write the embedded StarCoder2 miniature (base/) and its LoRA adapter (adapter/).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once written; 2 on bad input, via run_guarded).
+    """
 
     out = write_example(args.output, force=args.force)
     print(f"wrote {out}/base (StarCoder2 miniature, 483 tensors) and {out}/adapter (LoRA r=8 on q/k/v/o)")
@@ -653,7 +883,15 @@ def _example_pair(first, second, second_name, example_paths):
 
 def parse_with_config(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     """Parse argv; when it names --config FILE.yml, the file's keys become the (sub)command's defaults and argv is
-    parsed again, so flags given on the command line win."""
+    parsed again, so flags given on the command line win.
+
+    Args:
+        parser: the parser to use (`loratv`'s, or a seed script's).
+        argv: the arguments without the program name (None: sys.argv[1:]).
+
+    Returns:
+        the parsed command line.
+    """
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         target = parser
@@ -667,7 +905,17 @@ def parse_with_config(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
 
 
 def run(argv, parser=None) -> int:
-    """Parse, call, and turn every expected failure into one sentence on stderr and exit code 2."""
+    """Parse, call, and turn every expected failure into one sentence on stderr and exit code 2.
+
+    --adapter-name is resolved here, into the adapter folder it names (the inspected path for `inspect`).
+
+    Args:
+        argv: the arguments without the program name.
+        parser: the parser to use (default: build_parser()).
+
+    Returns:
+        the command's exit code, or run_guarded's for a failure (2; 130 when interrupted).
+    """
     parser = parser or build_parser()
 
     def parse_and_call():
@@ -681,7 +929,17 @@ def run(argv, parser=None) -> int:
 
 
 def run_guarded(func, *args, **kwargs) -> int:
-    """Call func; turn every expected failure into one `loratv: error:` sentence on stderr and exit code 2."""
+    """Call func; turn every expected failure into one `loratv: error:` sentence on stderr and exit code 2.
+
+    Args:
+        func: the callable to run.
+        *args: its positional arguments.
+        **kwargs: its keyword arguments.
+
+    Returns:
+        func's result; 2 after a LoratvError or OSError, 0 after a broken pipe (stdout is then /dev/null), 130 after
+        Ctrl-C.
+    """
     try:
         return func(*args, **kwargs)
     except LoratvError as exc:
@@ -702,6 +960,14 @@ def run_guarded(func, *args, **kwargs) -> int:
 
 
 def main(argv=None) -> int:
+    """`loratv`'s entry point: run the command line and return its exit code.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (see run).
+    """
     return run(sys.argv[1:] if argv is None else argv)
 
 

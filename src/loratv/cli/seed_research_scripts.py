@@ -46,6 +46,15 @@ def _add_output(p: argparse.ArgumentParser, default_name: str) -> None:
 
 
 def task_vector_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser shared by analyze_task_vectors.py and analyze_task_vector_structure.py.
+
+    Args:
+        prog: the script's name.
+        description: the script's description in --help.
+
+    Returns:
+        the argparse parser.
+    """
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--task_vector_path", help=f"task vector folder or .safetensors file written by "
                    f"extract_task_vectors.py (default: {WORKFLOW_TASK_VECTOR} when it exists here, else the "
@@ -59,6 +68,11 @@ def task_vector_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def analyze_task_vectors_parser() -> argparse.ArgumentParser:
+    """The parser of analyze_task_vectors.py: `loratv summarize` with the seed's flag names.
+
+    Returns:
+        the argparse parser.
+    """
     return task_vector_parser(
         "analyze_task_vectors.py",
         "A task vector's summary, with no adapter: tensors and parameters changed, stored and in the model, norms per "
@@ -66,6 +80,11 @@ def analyze_task_vectors_parser() -> argparse.ArgumentParser:
 
 
 def analyze_task_vector_structure_parser() -> argparse.ArgumentParser:
+    """The parser of analyze_task_vector_structure.py: `loratv summarize --spectrum`.
+
+    Returns:
+        the argparse parser.
+    """
     return task_vector_parser(
         "analyze_task_vector_structure.py",
         "The structure of a task vector, with no adapter: sparsity, norms per layer and module kind, and the "
@@ -99,11 +118,27 @@ def _summarize(parser, spectrum: bool, argv) -> int:
 
 
 def analyze_task_vectors_main(argv=None) -> int:
+    """analyze_task_vectors.py's entry point: a task vector's summary, as `loratv summarize`.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (0 once printed and written; 2 on bad input).
+    """
     return run_seed(lambda args: _summarize(analyze_task_vectors_parser(), False, args),
                     sys.argv[1:] if argv is None else argv)
 
 
 def analyze_task_vector_structure_main(argv=None) -> int:
+    """analyze_task_vector_structure.py's entry point: a task vector's summary with spectra and ranks.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (0 once printed and written; 2 on bad input).
+    """
     return run_seed(lambda args: _summarize(analyze_task_vector_structure_parser(), True, args),
                     sys.argv[1:] if argv is None else argv)
 
@@ -112,6 +147,11 @@ def analyze_task_vector_structure_main(argv=None) -> int:
 
 
 def investigate_parameter_changes_parser() -> argparse.ArgumentParser:
+    """The parser of investigate_parameter_changes.py: `loratv diff` with the seed's flag names.
+
+    Returns:
+        the argparse parser.
+    """
     p = argparse.ArgumentParser(
         prog="investigate_parameter_changes.py",
         description="Base vs fine-tuned with no adapter at all: which tensors changed and by how much (max |Δ|, "
@@ -148,6 +188,14 @@ def _investigate(argv) -> int:
 
 
 def investigate_parameter_changes_main(argv=None) -> int:
+    """investigate_parameter_changes.py's entry point: base vs fine-tuned, as `loratv diff`.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (0 once printed and written; 2 on bad input).
+    """
     return run_seed(_investigate, sys.argv[1:] if argv is None else argv)
 
 
@@ -155,6 +203,11 @@ def investigate_parameter_changes_main(argv=None) -> int:
 
 
 def visualize_model_structure_parser() -> argparse.ArgumentParser:
+    """The parser of visualize_model_structure.py: `loratv structure` with the seed's flag names.
+
+    Returns:
+        the argparse parser.
+    """
     p = argparse.ArgumentParser(
         prog="visualize_model_structure.py",
         description="The architecture picture: a layers × module-kinds grid of the model's tensors, each cell marked "
@@ -199,6 +252,14 @@ def _visualize(argv) -> int:
 
 
 def visualize_model_structure_main(argv=None) -> int:
+    """visualize_model_structure.py's entry point: the architecture picture, as `loratv structure`.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (0 once the picture is written; 2 on bad input).
+    """
     return run_seed(_visualize, sys.argv[1:] if argv is None else argv)
 
 
@@ -206,6 +267,11 @@ def visualize_model_structure_main(argv=None) -> int:
 
 
 def debug_lora_structure_parser() -> argparse.ArgumentParser:
+    """The parser of debug_lora_structure.py: `loratv inspect --keys` with the seed's flag names.
+
+    Returns:
+        the argparse parser.
+    """
     p = argparse.ArgumentParser(
         prog="debug_lora_structure.py",
         description="An adapter dumped for debugging: every stored key with its shape, dtype and size; per module "
@@ -234,4 +300,12 @@ def _debug(argv) -> int:
 
 
 def debug_lora_structure_main(argv=None) -> int:
+    """debug_lora_structure.py's entry point: dump an adapter's keys, as `loratv inspect --keys`.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (0 once printed; 2 on bad input).
+    """
     return run_seed(_debug, sys.argv[1:] if argv is None else argv)

@@ -60,7 +60,12 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*(?![\w-])")
 
 
 def say(message: str, quiet: bool) -> None:
-    """One informational line on stdout, before the command's own output (stderr is kept for the one-line error)."""
+    """One informational line on stdout, before the command's own output (stderr is kept for the one-line error).
+
+    Args:
+        message: the line to print.
+        quiet: print nothing.
+    """
     if not quiet:
         print(message, flush=True)
 
@@ -80,7 +85,19 @@ def seed_flag_message(message: str, flags: dict | None = None) -> str:
 
 
 def run_seed(func, argv) -> int:
-    """run_guarded(func, argv), with every error sentence in the seed scripts' flag names."""
+    """run_guarded(func, argv), with every error sentence in the seed scripts' flag names.
+
+    Args:
+        func: the script's body, called with argv.
+        argv: the arguments without the program name.
+
+    Returns:
+        the exit code: func's own, or run_guarded's for a failure (2; 0 on a broken pipe, 130 when interrupted).
+
+    Raises:
+        LoratvError: only inside the guarded call, where func's LoratvError is raised again with the seed's flag
+            names; run_guarded turns it into exit code 2, so none leaves run_seed.
+    """
     def translated():
         try:
             return func(argv)
@@ -156,7 +173,17 @@ def default_device(device: str | None, quiet: bool) -> str:
 
 
 def replace_previous(out: str, kind: str, force: bool, quiet: bool) -> bool:
-    """--force, or True when `out` holds this script's previous output (which the seed's scripts overwrote)."""
+    """--force, or True when `out` holds this script's previous output (which the seed's scripts overwrote).
+
+    Args:
+        out: the output folder.
+        kind: the kind of output this script writes (as holds_output_of names it).
+        force: whether --force was given.
+        quiet: print nothing (a replaced previous output is otherwise said in one line).
+
+    Returns:
+        whether `out` may be replaced: the `force` to hand to the command.
+    """
     if force:
         return True
     if holds_output_of(out, kind):
@@ -166,11 +193,21 @@ def replace_previous(out: str, kind: str, force: bool, quiet: bool) -> bool:
 
 
 def add_seed_device_flag(p: argparse.ArgumentParser) -> None:
+    """Add --device with the seed's default left open (None: cuda:0 with a CUDA GPU, else cpu; see default_device).
+
+    Args:
+        p: the script's parser.
+    """
     p.add_argument("--device", default=None, help=f"where deltas are computed: cpu, cuda or cuda:N (default: "
                    f"{SEED_DEVICE} when a CUDA GPU is present, else cpu)")
 
 
 def add_seed_models(p: argparse.ArgumentParser) -> None:
+    """Add --base_model and --lora_path, the seed's names for the base model and the adapter.
+
+    Args:
+        p: the script's parser.
+    """
     p.add_argument("--base_model", help="base model: folder, .safetensors/.bin file or hub id org/name[@revision] "
                    f"(default: the embedded StarCoder2 miniature; --base_model {REAL_BASE_MODEL} downloads the real one)")
     p.add_argument("--lora_path", help=f"PEFT LoRA adapter folder (default: {SEED_CHECKPOINT}/ in the working folder, "
@@ -178,6 +215,12 @@ def add_seed_models(p: argparse.ArgumentParser) -> None:
 
 
 def add_seed_output_flags(p: argparse.ArgumentParser, progress_bar: bool = True) -> None:
+    """Add --force (replace any existing output folder) and --quiet (print nothing but errors).
+
+    Args:
+        p: the script's parser.
+        progress_bar: whether the script shows a progress bar (--quiet's help then says it hides it).
+    """
     p.add_argument("--force", action="store_true", help="replace an existing output folder (a previous output of "
                    "this script is replaced without it)")
     p.add_argument("--quiet", action="store_true",
@@ -188,6 +231,11 @@ def add_seed_output_flags(p: argparse.ArgumentParser, progress_bar: bool = True)
 
 
 def merge_lora_parser() -> argparse.ArgumentParser:
+    """The parser of merge_lora.py: `loratv merge` with the seed's flag names.
+
+    Returns:
+        the argparse parser.
+    """
     p = argparse.ArgumentParser(
         prog="merge_lora.py",
         description="Merge a PEFT LoRA adapter into its base model (alias of `loratv merge`, with the seed's flag names).",
@@ -213,6 +261,14 @@ def _merge(argv) -> int:
 
 
 def merge_lora_main(argv=None) -> int:
+    """merge_lora.py's entry point: merge the adapter into the base as `loratv merge` does.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (0 once the merged model is written; 2 on bad input).
+    """
     return run_seed(_merge, sys.argv[1:] if argv is None else argv)
 
 
@@ -220,6 +276,11 @@ def merge_lora_main(argv=None) -> int:
 
 
 def extract_task_vectors_parser() -> argparse.ArgumentParser:
+    """The parser of extract_task_vectors.py: `loratv extract` with the seed's flag names.
+
+    Returns:
+        the argparse parser.
+    """
     p = argparse.ArgumentParser(
         prog="extract_task_vectors.py",
         description="Extract the task vector, fine-tuned minus base (alias of `loratv extract`, with the seed's flag names).",
@@ -261,6 +322,14 @@ def _extract(argv) -> int:
 
 
 def extract_task_vectors_main(argv=None) -> int:
+    """extract_task_vectors.py's entry point: write the task vector as `loratv extract` does.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (0 once the task vector is written; 2 on bad input).
+    """
     return run_seed(_extract, sys.argv[1:] if argv is None else argv)
 
 
@@ -268,6 +337,11 @@ def extract_task_vectors_main(argv=None) -> int:
 
 
 def compare_parser() -> argparse.ArgumentParser:
+    """The parser of compare_lora_task_vector.py: `loratv compare` with the seed's flag names.
+
+    Returns:
+        the argparse parser.
+    """
     p = argparse.ArgumentParser(
         prog="compare_lora_task_vector.py",
         description="Compare a LoRA adapter with a task vector and certify equivalence (alias of `loratv compare`, "
@@ -314,6 +388,14 @@ def _compare(argv) -> int:
 
 
 def compare_main(argv=None) -> int:
+    """compare_lora_task_vector.py's entry point: compare and certify as `loratv compare` does.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (0 equivalent, 1 not, 2 on bad input).
+    """
     return run_seed(_compare, sys.argv[1:] if argv is None else argv)
 
 
@@ -321,6 +403,11 @@ def compare_main(argv=None) -> int:
 
 
 def final_validation_parser() -> argparse.ArgumentParser:
+    """The parser of final_validation.py: `loratv validate` with the seed's flag names.
+
+    Returns:
+        the argparse parser.
+    """
     p = argparse.ArgumentParser(
         prog="final_validation.py",
         description="Merge, extract and compare, then print the verdict (alias of `loratv validate`); with no "
@@ -345,6 +432,14 @@ def _final_validation(argv) -> int:
 
 
 def final_validation_main(argv=None) -> int:
+    """final_validation.py's entry point: merge, extract and compare as `loratv validate` does.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (0 equivalent, 1 not, 2 on bad input).
+    """
     return run_seed(_final_validation, sys.argv[1:] if argv is None else argv)
 
 
@@ -352,6 +447,11 @@ def final_validation_main(argv=None) -> int:
 
 
 def quick_precision_parser() -> argparse.ArgumentParser:
+    """The parser of quick_precision_test.py: the fp16 and fp32 task vectors and the base model.
+
+    Returns:
+        the argparse parser.
+    """
     p = argparse.ArgumentParser(
         prog="quick_precision_test.py",
         description="Compare an fp16 and an fp32 task vector of the same adapter: which tensors each changes, and "
@@ -379,6 +479,14 @@ def _quick_precision(argv) -> int:
 
 
 def quick_precision_main(argv=None) -> int:
+    """quick_precision_test.py's entry point: compare an fp16 and an fp32 task vector of the same adapter.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (0 once printed; 2 on bad input, e.g. a task vector folder that does not exist).
+    """
     return run_seed(_quick_precision, sys.argv[1:] if argv is None else argv)
 
 
@@ -386,6 +494,11 @@ def quick_precision_main(argv=None) -> int:
 
 
 def analyze_parser() -> argparse.ArgumentParser:
+    """The parser of analyze_lora_vs_task_vector_math.py: `loratv analyze --spectrum` with the seed's flag names.
+
+    Returns:
+        the argparse parser.
+    """
     p = argparse.ArgumentParser(
         prog="analyze_lora_vs_task_vector_math.py",
         description="Distributions, residual in ulps, spectra and ranks of the LoRA delta against the task vector "
@@ -417,4 +530,12 @@ def _analyze(argv) -> int:
 
 
 def analyze_main(argv=None) -> int:
+    """analyze_lora_vs_task_vector_math.py's entry point: the analysis of `loratv analyze --spectrum`.
+
+    Args:
+        argv: the arguments without the program name (default: sys.argv[1:]).
+
+    Returns:
+        the exit code (0 once the analysis is written; 2 on bad input).
+    """
     return run_seed(_analyze, sys.argv[1:] if argv is None else argv)

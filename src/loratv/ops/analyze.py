@@ -68,11 +68,24 @@ class DeltaFromAdapter:
         self.source = str(self.adapter.source)
 
     def names(self) -> list:
+        """The base tensors the adapter touches, in base order.
+
+        Returns:
+            Their names.
+        """
         return [n for n in self.base.names() if n in self.plan.touched()]
 
     def load(self, name: str):
         """(dense ΔW in float64, list of Factors or None when ΔW is not purely low rank, adapter rank, the
-        ExpectedDelta that compare's rounding bound reads)."""
+        ExpectedDelta that compare's rounding bound reads).
+
+        Args:
+            name: a touched base tensor.
+
+        Returns:
+            The 4-tuple above; the factors only for a 2-D tensor whose ΔW is LoRA parts alone (no bias, no
+            replacement).
+        """
         delta = expected_delta(self.adapter, self.plan, self.base, name)
         shape = tuple(self.base.entry(name).shape)
         dense = torch.zeros(shape, dtype=torch.float64)
@@ -80,8 +93,8 @@ class DeltaFromAdapter:
             dense += part.rows(0, shape[0]).view(shape)
         if delta.bias is not None:
             dense += delta.bias
-        if delta.replacement is not None:
-            dense = delta.replacement.to(torch.float64) - self.base.read(name).to(torch.float64)
+        if delta.replacement is not None:  # a saved base value (PEFT's base_layer copy) under the LoRA parts
+            dense += delta.replacement.to(torch.float64) - self.base.read(name).to(torch.float64)
         pure = (delta.parts and delta.bias is None and delta.replacement is None
                 and all(isinstance(p, Factors) and len(shape) == 2 for p in delta.parts))
         return dense, (delta.parts if pure else None), delta.rank, delta
@@ -108,13 +121,31 @@ class DeltaFromFile:
 
     @property
     def recorded_base(self) -> str | None:
+        """The base that compare recorded in the file's metadata, or None."""
         metadata = next(iter(self.tensors.file_metadata.values()), None) or {}
         return metadata.get("base")
 
     def names(self) -> list:
+        """The tensors the file stores ΔW for.
+
+        Returns:
+            Their names, in file order.
+        """
         return self.tensors.names()
 
     def load(self, name: str):
+        """ΔW of one tensor from the file, with the adapter rank compare recorded beside it.
+
+        Args:
+            name: a tensor the file stores.
+
+        Returns:
+            (dense ΔW in float64, None (no factors), the rank from comparison_results.json or None, None (no
+            ExpectedDelta)).
+
+        Raises:
+            LoratvError: naming the file, when the tensor holds a NaN or Inf.
+        """
         dense = self.tensors.read(name).to(torch.float64)
         if not torch.isfinite(dense).all():
             raise LoratvError(f"{self.source}: tensor '{name}' contains NaN or Inf.")
@@ -131,6 +162,12 @@ class KindSummary:
     tensors: int = 0
 
     def record(self) -> dict:
+        """The kind's entry in the analysis record.
+
+        Returns:
+            The tensor count; per quantity (delta, task_vector, residual) its moments and sampled quantiles; and the
+            summed residual ulp histogram (None without a base).
+        """
         out: dict[str, object] = {"tensors": self.tensors}
         for q in QUANTITIES:
             pooled = torch.cat(self.samples[q]) if self.samples[q] else torch.zeros(0, dtype=torch.float64)
@@ -312,7 +349,31 @@ def _tv_recorded_base(task_vector):
 
 def analyze(*, base=None, adapter=None, lora_deltas=None, task_vector=None, finetuned=None, spectrum: bool = False,
             exact_svd: bool = False, device: str = "cpu", progress: bool = False, command: str | None = None) -> dict:
-    """The analysis record (schema loratv.analysis, docs/analysis-results.md); plots and reports render from it."""
+    """The analysis record (schema loratv.analysis, docs/analysis-results.md); plots and reports render from it.
+
+    ΔW comes from `adapter` or `lora_deltas` (exactly one), T from `task_vector` or `finetuned` (exactly one).
+
+    Args:
+        base: the base model; needed with `adapter` or `finetuned`, and for residuals in ulps and the noise floor.
+            When None, the base recorded by the lora_deltas or task-vector file is used if it is available locally.
+        adapter: a LoRA adapter (PEFT folder or single file; not DoRA, not another tuner), ΔW from its factors.
+        lora_deltas: lora_deltas.safetensors written by compare (or its folder), ΔW read as stored.
+        task_vector: a folder or file written by `loratv extract`.
+        finetuned: a fine-tuned model; T = fine-tuned − base is computed.
+        spectrum: also compute singular values, numerical rank and principal angles per 2-D tensor with T ≠ 0.
+        exact_svd: with `spectrum`, a full SVD instead of the randomized one.
+        device: where the spectra are computed ("cpu", "cuda", ...).
+        progress: show a progress bar.
+        command: the command line, recorded in the record.
+
+    Returns:
+        The record: inputs, notes, summary, per-kind and per-layer tables, scatter samples and one row per tensor
+        where T or ΔW is nonzero.
+
+    Raises:
+        LoratvError: not exactly one of `adapter` and `lora_deltas` (BadInputError), or of `task_vector` and
+            `finetuned`; `adapter` or `finetuned` without a base; an input holding a NaN or Inf.
+    """
     dev = resolve_device(device)
     base_ckpt, tv, delta_source, notes = _open_inputs(base, adapter, lora_deltas, task_vector, finetuned)
     delta_names = set(delta_source.names())
@@ -447,7 +508,17 @@ def _layer_table(tensors) -> list:
 
 
 def run_analysis(out, *, plots: bool = True, force: bool = False, **kwargs) -> dict:
-    """analyze() written to the output folder, which appears only once complete."""
+    """analyze() written to the output folder, which appears only once complete.
+
+    Args:
+        out: the output folder (written atomically).
+        plots: also write the PNGs and report.html.
+        force: replace an existing output folder.
+        **kwargs: analyze's arguments.
+
+    Returns:
+        The analysis record.
+    """
 
     inputs = [kwargs.get(k) for k in ("base", "adapter", "lora_deltas", "task_vector", "finetuned")]
     with atomic_output_dir(out, [p for p in inputs if p is not None and Path(p).exists()], force=force) as tmp:

@@ -68,19 +68,30 @@ class ExpectedDelta:
 
     @property
     def additions(self) -> int:
+        """How many deltas are added one after another: one per LoRA part, plus one for a lora_B.bias."""
         return len(self.parts) + (self.bias is not None)
 
     @property
     def rank(self) -> int | None:
+        """The adapter rank on this tensor: the tuner module's r, else the summed ranks of the parts (None if 0)."""
         if self.tuner is not None:
             return self.tuner.module.r  # AdaLoRA's kept rank, VeRA's shared r, OFT's blocks; None for IA³
         return sum(p.rank for p in self.parts) or None
 
     @property
     def k(self) -> int:
+        """The k of the bound's γ_k: the largest part rank + 2 (the dot product, the multiply by s, one more)."""
         return max([p.rank for p in self.parts] + [0]) + 2
 
     def to(self, device) -> "ExpectedDelta":
+        """A copy with every tensor (parts, replacement, bias, DoRA and tuner terms) moved to `device`.
+
+        Args:
+            device: the torch device (or its name).
+
+        Returns:
+            The moved ExpectedDelta (module names shared with this one).
+        """
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         parts = [p.to(device) for p in self.parts]
         dora = None if self.dora is None else self.dora.to(device)
@@ -117,20 +128,29 @@ class TensorComparison:
 
     @property
     def parameters(self) -> int:
+        """The tensor's element count."""
         return math.prod(self.shape)
 
     @property
     def changed(self) -> bool:
+        """Whether the task vector is nonzero anywhere in this tensor."""
         return self.changed_elements > 0
 
     @property
     def cosine(self) -> float | None:
+        """cos(T, ΔW), clamped to [−1, 1]; None when either is zero."""
         if self.t_sumsq <= 0 or self.d_sumsq <= 0:
             return None
         # Cauchy–Schwarz: |cos| ≤ 1; the factored dot and norms round independently, so clamp the last ulp
         return max(-1.0, min(1.0, self.dot / math.sqrt(self.t_sumsq * self.d_sumsq)))
 
     def record(self) -> dict:
+        """The tensor's entry in the comparison record (docs/comparison-results.md).
+
+        Returns:
+            Name, shape, layer and kind, category, dtypes, modules and rank, cosine, norms, the largest differences,
+            the certificate ratio with its worst element, and the changed, vanished and cast facts.
+        """
         layer = LAYER.search(self.name)
         t_norm = math.sqrt(self.t_sumsq)
         return {
@@ -166,7 +186,23 @@ class TensorComparison:
 
 def expected_delta(adapter, plan, base: Checkpoint, name: str, compute: torch.dtype = torch.float32) -> ExpectedDelta:
     """The adapter's contribution to base tensor `name`, factors in float64 and in its stored orientation (for DoRA
-    also the per-feature factors, from the whole tensor, for a merge computed in `compute`)."""
+    also the per-feature factors, from the whole tensor, for a merge computed in `compute`).
+
+    Args:
+        adapter: the loaded adapter.
+        plan: its MergePlan, bound to `base` (adapter.bind).
+        base: the base model.
+        name: the base tensor.
+        compute: the merge's compute dtype (used for DoRA's terms only).
+
+    Returns:
+        The LoRA parts (one Factors or ExpertFactors per module), module names, and the replacement, scaled bias,
+        DoRA or tuner terms where the adapter has them.
+
+    Raises:
+        LoratvError: a DoRA module lands on the tensor with another module or a lora_B.bias, or a tuner (LoHa, LoKr,
+            ...) module with another update: their combined merge is not defined.
+    """
     modules = plan.deltas.get(name, [])
     if any(isinstance(m, TunerModule) for m in modules):
         return _tuner_delta(adapter, plan, base, name, modules)
@@ -405,7 +441,30 @@ def compare(
     progress: bool = False,
     command: str | None = None,
 ) -> dict:
-    """Compare and return the record (docs/comparison-results.md); write ΔW to `deltas_path` when given."""
+    """Compare and return the record (docs/comparison-results.md); write ΔW to `deltas_path` when given.
+
+    Args:
+        base_source: the base model (path, hub id or state dict).
+        adapter_source: the adapter (PEFT folder or single LoRA file), bound to the base.
+        task_vector: a folder or file written by `loratv extract` (exactly one of this and `finetuned`).
+        finetuned: a fine-tuned model; T = fine-tuned − base is computed while streaming.
+        tolerance: the largest |T − ΔW| (on targeted and unexplained tensors) still "EQUIVALENT within tolerance"
+            when the certificate fails; finite and ≥ 0.
+        device: where ΔW and the bounds are computed ("cpu", "cuda", ...).
+        deltas_path: a file to write ΔW of each targeted tensor to (lora_deltas.safetensors, float32, or float64
+            for a float64 base); None writes nothing.
+        progress: show a progress bar.
+        command: the command line, recorded in the record.
+
+    Returns:
+        The comparison record (schema loratv.comparison): inputs, tolerance, summary with the verdict, one record
+        per base tensor, and notes.
+
+    Raises:
+        LoratvError: both or neither of `task_vector` and `finetuned`, or a bad tolerance (BadInputError); the
+            adapter adds a tensor the base does not store, or targets a non-float tensor; the task vector does not
+            belong to the base; a base tensor or T holds a NaN or Inf.
+    """
     if (task_vector is None) == (finetuned is None):
         raise BadInputError(f"compare needs exactly one of {param('task_vector')} and {param('finetuned')}.")
     if not (tolerance >= 0 and math.isfinite(tolerance)):
@@ -599,6 +658,23 @@ def _categorise(stats: TensorComparison) -> None:
 
 
 def build_record(base, adapter, tv, plan, comparisons: dict, tolerance: float, command: str | None) -> dict:
+    """The comparison record from the per-tensor results: verdict, reasons, counts, cosines and notes.
+
+    The verdict is CERTIFIED when every targeted tensor is within its rounding bound and none is unexplained, else
+    WITHIN_TOLERANCE when every targeted and unexplained tensor's max |T − ΔW| is ≤ tolerance, else NOT_EQUIVALENT.
+
+    Args:
+        base: the base model.
+        adapter: the adapter.
+        tv: the task vector (StoredTaskVector or LiveTaskVector).
+        plan: the adapter's MergePlan on the base.
+        comparisons: name → TensorComparison, measured and categorised, in base order.
+        tolerance: the tolerance of the WITHIN_TOLERANCE verdict.
+        command: the command line, recorded as is.
+
+    Returns:
+        The record (schema loratv.comparison, docs/comparison-results.md).
+    """
     tensors = list(comparisons.values())
     by = {c: [t for t in tensors if t.category == c] for c in CATEGORIES}
     by["tv-only"] = by["cast-artifact"] + by["unexplained"]

@@ -42,7 +42,28 @@ ALPHA_SEARCH_ULPS = 4  # float32 neighbours of α·√r tried for an rsLoRA alph
 
 
 def convert(source, out, *, to: str, base=None, force: bool = False) -> dict:
-    """Write `source` as a PEFT adapter folder (to="peft") or a kohya file (to="kohya"); returns a summary record."""
+    """Write `source` as a PEFT adapter folder (to="peft") or a kohya file (to="kohya"); returns a summary record.
+
+    Args:
+        source: the LoRA to convert: a PEFT adapter folder, or a single kohya or diffusers .safetensors file.
+        out: the output: a folder for to="peft", a file whose name ends in .safetensors for to="kohya" (written
+            atomically).
+        to: "peft" or "kohya" (TARGETS); must differ from the source's own format.
+        base: the base model (folder, file or hub id), optional: binds the adapter to it (module names resolved,
+            shapes checked). Needed for a kohya source and for diffusers names with a component prefix; with
+            to="kohya" it proves flattened names map back and lets whole saved tensors that repeat the base be left
+            out. Its path is also recorded as base_model in a PEFT config.
+        force: replace an existing output.
+
+    Returns:
+        source, source_format, to, output, base, the number of modules, the count of modules per rank and per
+        scale, and kohya_prefix (None unless to="kohya").
+
+    Raises:
+        LoratvError: `to` is not a target (BadInputError); the source is already in that format; a factor holds a
+            NaN or Inf; or the conversion cannot be exact (see the module docstring: names, scales, DoRA, biases,
+            token rows and whole replaced tensors are refused where the target cannot hold them).
+    """
     if to not in TARGETS:
         raise BadInputError(f"{param('to', to)}: choose one of {', '.join(TARGETS)}.")
     adapter = load_adapter(source)

@@ -54,13 +54,21 @@ class TensorStats:
 
     @property
     def numel_bytes(self) -> int:
+        """The tensor's size in bytes in its storage dtype."""
         return self.parameters * dtypes.itemsize(self.stored_dtype)
 
     @property
     def parameters(self) -> int:
+        """The tensor's element count."""
         return math.prod(self.shape)
 
     def record(self) -> dict:
+        """The tensor's entry in task_vector.json (what compare reads back to know dtypes and storage rounding).
+
+        Returns:
+            name, shape, dtypes, whether it changed and was stored, whether it was stored exactly, the rounding and
+            inexact-subtraction counts, the largest rounding error, and the L2 norm, max |T| and nonzero count of T.
+        """
         return {
             "name": self.name,
             "shape": list(self.shape),
@@ -87,9 +95,15 @@ class ExtractResult:
 
     @property
     def changed(self) -> list:
+        """The TensorStats of the tensors that differ from the base (at least one nonzero element)."""
         return [t for t in self.tensors if t.changed]
 
     def summary(self) -> str:
+        """One line for the terminal: how many tensors and parameters changed, of how many.
+
+        Returns:
+            The line, without a newline.
+        """
         changed = self.changed
         return (
             f"{len(changed)} of {len(self.tensors)} tensors changed "
@@ -98,6 +112,14 @@ class ExtractResult:
 
 
 def human_count(n: int) -> str:
+    """A count for people: two decimals with K, M or B (10^3, 10^6, 10^9) from a thousand on.
+
+    Args:
+        n: the count.
+
+    Returns:
+        E.g. "1.23M", or `n` itself below 1000.
+    """
     for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
         if n >= size:
             return f"{n / size:.2f}{unit}"
@@ -105,6 +127,17 @@ def human_count(n: int) -> str:
 
 
 def storage_code(base_code: str, ft_code: str, storage_dtype: str) -> str:
+    """The dtype code a tensor's task vector is stored in.
+
+    Args:
+        base_code: the base tensor's dtype code.
+        ft_code: the fine-tuned tensor's dtype code.
+        storage_dtype: one of STORAGE_DTYPES; "auto" stores float64 only when an input is float64.
+
+    Returns:
+        "I64" when either input is not floating-point, "F64" for storage_dtype "fp64" or ("auto" with a float64
+        input), else "F32".
+    """
     if not (dtypes.is_float(base_code) and dtypes.is_float(ft_code)):
         return "I64"
     if storage_dtype == "fp64" or (storage_dtype == "auto" and "F64" in (base_code, ft_code)):
@@ -251,6 +284,21 @@ def iter_task_vector(
     float32, or float64 for float64 inputs or `storage_dtype="fp64"`; int64 for integer tensors). With
     `dense=False` only the changed tensors are yielded (as `extract` stores them); `stats`, when given, collects a
     TensorStats per tensor.
+
+    Args:
+        base_source: the base model (path, hub id or state dict).
+        finetuned_source: the fine-tuned model (path, hub id or state dict), with the base's tensor names and shapes.
+        storage_dtype: one of STORAGE_DTYPES ("auto", "fp32", "fp64"), as `extract`.
+        dense: yield every tensor (zeros for unchanged ones) rather than only the changed ones.
+        stats: a list to append each tensor's TensorStats to (every tensor's, yielded or not).
+
+    Yields:
+        (name, T) per tensor, whole, in its storage dtype.
+
+    Raises:
+        LoratvError: `storage_dtype` is not one of STORAGE_DTYPES (BadInputError); the models do not hold the same
+            tensors (check_same_tensors); or a tensor holds a NaN or Inf, or its difference overflows the storage
+            dtype. All raised once the generator runs, not when it is created.
     """
     if storage_dtype not in STORAGE_DTYPES:
         raise BadInputError(f"{param('storage_dtype', storage_dtype)}: choose one of {', '.join(STORAGE_DTYPES)}.")
@@ -293,6 +341,29 @@ def extract(
     force: bool = False,
     progress: bool = False,
 ) -> ExtractResult:
+    """Write the task vector fine-tuned − base to OUT/task_vector.safetensors, with task_vector.json and a manifest.
+
+    Each tensor is streamed twice at most (measured, then written; a changed tensor up to KEEP_BYTES is kept from
+    the first pass), its difference exact and rounded once to the storage dtype (see the module docstring).
+
+    Args:
+        base_source: the base model (path, hub id or state dict).
+        finetuned_source: the fine-tuned (e.g. merged) model, holding the base's tensor names and shapes.
+        out: the output folder, written atomically (to a temporary folder renamed into place).
+        dense: store every tensor, zeros for the unchanged ones (default: only the changed ones).
+        storage_dtype: one of STORAGE_DTYPES: "auto" (float32, float64 when an input is float64), "fp32" or
+            "fp64"; integer tensors are stored as int64 whatever it is.
+        force: replace an existing output folder.
+        progress: show a progress bar.
+
+    Returns:
+        The output folder and a TensorStats per base tensor, in base order.
+
+    Raises:
+        LoratvError: `storage_dtype` is not one of STORAGE_DTYPES (BadInputError); the models do not hold the same
+            tensors (check_same_tensors); a tensor holds a NaN or Inf, or a difference overflows the storage dtype
+            (nothing is written then).
+    """
     if storage_dtype not in STORAGE_DTYPES:
         raise BadInputError(f"{param('storage_dtype', storage_dtype)}: choose one of {', '.join(STORAGE_DTYPES)}.")
     base, ft = _open_pair(base_source, finetuned_source)
@@ -346,7 +417,16 @@ def extract(
 
 
 def check_same_tensors(base: Checkpoint, ft: Checkpoint) -> None:
-    """The fine-tuned model must hold exactly the base's tensor names, with the same shapes."""
+    """The fine-tuned model must hold exactly the base's tensor names, with the same shapes.
+
+    Args:
+        base: the base model.
+        ft: the fine-tuned model.
+
+    Raises:
+        LoratvError: naming the model file, when a tensor is in one model only, has another shape, or is
+            floating-point in one model and integer in the other.
+    """
     for name in base.names():
         if name not in ft:
             raise LoratvError(f"{ft.path}: the fine-tuned model lacks tensor '{name}', which the base has.")
@@ -363,6 +443,18 @@ def check_same_tensors(base: Checkpoint, ft: Checkpoint) -> None:
 
 
 def build_report(result: ExtractResult, base: Checkpoint, ft: Checkpoint, *, dense: bool, storage_dtype: str) -> dict:
+    """The record written as task_vector.json (schema loratv.task_vector): totals and one record per tensor.
+
+    Args:
+        result: what extract measured.
+        base: the base model (its source is recorded).
+        ft: the fine-tuned model (its source is recorded).
+        dense: whether every tensor was stored.
+        storage_dtype: the storage_dtype extract was given.
+
+    Returns:
+        The record as a JSON-ready dict.
+    """
     tensors = result.tensors
     changed = result.changed
     rounded = [t.name for t in tensors if t.stored and t.rounded_elements]

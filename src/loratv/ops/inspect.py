@@ -20,7 +20,25 @@ from loratv.models.meta_model import config_inventory, peft_default_targets
 def describe(source, base=None, *, config_only=False, lora_targets=None, lora_ranks=None) -> dict:
     """The report for a model, an adapter, or (config_only, or a config.json / a folder holding no weights) the
     model a config.json describes. lora_targets/lora_ranks add, for a model, what a LoRA on those modules would
-    touch and store."""
+    touch and store.
+
+    Args:
+        source: a model (folder, file or hub id), an adapter (a folder or file with adapter_config.json beside it, or
+            a kohya / diffusers LoRA .safetensors file), or a config.json / a folder holding one but no weights.
+        base: for an adapter, the base model to bind it to (touched tensors, resolved names); optional.
+        config_only: describe the model from its config.json alone, reading no weights.
+        lora_targets: module names for the LoRA footprint (PEFT's list semantics, or ["all-linear"]); None: the
+            model type's defaults (default_lora_targets) when lora_ranks is given.
+        lora_ranks: the ranks of the LoRA footprint; None: [8] when lora_targets is given.
+
+    Returns:
+        The report from describe_config, describe_model or describe_adapter, with "lora" (lora_footprint) added
+        when lora_targets or lora_ranks is given.
+
+    Raises:
+        LoratvError: lora_targets or lora_ranks given for an adapter (BadInputError); or as describe_config,
+            describe_model, describe_adapter and lora_footprint.
+    """
     if config_only or _is_config_source(source):
         report = describe_config(source)
     else:
@@ -103,6 +121,15 @@ def _summary(rows) -> dict:
 
 
 def describe_model(source) -> dict:
+    """The report for a model checkpoint, from its headers (and config.json) alone: no tensor data is read.
+
+    Args:
+        source: the model (folder, file or hub id).
+
+    Returns:
+        The model report (kind "model"): totals, layers, global tensors, tied embeddings, dtype counts, per-layer,
+        per-kind and per-shard counts, one row per tensor kind, and every tensor's shape.
+    """
     ckpt = Checkpoint(source)
     shards: defaultdict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
     rows = []
@@ -230,7 +257,22 @@ def lora_footprint(report: dict, targets, ranks) -> dict:
     `all-linear`: PEFT's rule, the nn.Linear / Conv1D weights but the output embedding's, where the report has them
     from transformers (`linear_tensors`), else every 2-D weight but the embeddings and the output head) touches and
     stores: one module per matched weight of shape (m, n, ...), stored r·(m + n·...) parameters (lora_B (m, r) and
-    lora_A (r, n·...); Conv1D and embedding weights are stored transposed, which leaves the sum unchanged)."""
+    lora_A (r, n·...); Conv1D and embedding weights are stored transposed, which leaves the sum unchanged).
+
+    Args:
+        report: a model report (describe_model or describe_config).
+        targets: the target module names, or ["all-linear"].
+        ranks: the LoRA ranks to count (each converted to int).
+
+    Returns:
+        The matched modules' counts and shares of tensors and parameters, one row per target module name and
+        shape, one row per rank (stored parameters and their shares of the model and of the touched weights), and
+        the touched tensor names.
+
+    Raises:
+        LoratvError: BadInputError, when `ranks` is empty or holds a rank ≤ 0, or `targets` match no weight
+            matrix of the model.
+    """
     ranks = [int(r) for r in ranks]
     if not ranks or any(r <= 0 for r in ranks):
         raise BadInputError(f"{param('lora_ranks', flag='--lora-rank')} must be positive integers, not {ranks}.")
@@ -292,6 +334,18 @@ def lora_footprint(report: dict, targets, ranks) -> dict:
 
 
 def describe_adapter(source, base=None) -> dict:
+    """The report for an adapter: its settings, ranks, scales and modules, and with a base what it touches.
+
+    Args:
+        source: a PEFT adapter folder or a single kohya / diffusers LoRA file.
+        base: the base model to bind the adapter to (optional; without it, the adapter's recorded
+            base_model_name_or_path is used when that is a local folder).
+
+    Returns:
+        The adapter report (kind "adapter"): format, PEFT type and tuner, version, ranks and scales counted over
+        the modules, target modules, replaced tensors, stored tensors and parameters, one record per module; with a
+        base also the base's totals, the touched tensors and parameters, and the binding's notes.
+    """
     adapter = load_adapter(source)
     s = adapter.settings
     if base is None and s.base_model_name_or_path and Path(s.base_model_name_or_path).expanduser().is_dir():
@@ -368,6 +422,14 @@ def _layer_runs(per_layer: dict) -> list:
 
 
 def render_text(r: dict) -> str:
+    """A report of describe as the text `loratv inspect` prints.
+
+    Args:
+        r: a model or adapter report (with its "lora" footprint, if any).
+
+    Returns:
+        The text, lines joined by newlines (no trailing newline).
+    """
     if r["kind"] == "adapter":
         return _render_adapter(r)
     config_only = r["format"] == "config"

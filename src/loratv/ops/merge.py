@@ -55,6 +55,11 @@ class MergeResult:
     notes: list = field(default_factory=list)
 
     def summary(self) -> str:
+        """One line for the terminal: how many tensors were merged, replaced, copied and cast, and where.
+
+        Returns:
+            The line, without a newline.
+        """
         return (
             f"merged {len(self.merged)} of {self.total_tensors} tensors, replaced {len(self.replaced)}, "
             f"copied {self.copied} unchanged, cast {self.cast}; wrote {self.output}"
@@ -62,6 +67,15 @@ class MergeResult:
 
 
 def output_code(base_code: str, precision: str) -> str:
+    """The dtype code a tensor is written in: the base's, or `precision`'s for a floating-point tensor.
+
+    Args:
+        base_code: the tensor's dtype code in the base (e.g. "F32", "BF16", "I64").
+        precision: one of PRECISIONS; "auto" keeps every dtype, and non-float tensors always keep theirs.
+
+    Returns:
+        The output dtype code.
+    """
     if precision == "auto" or not dtypes.is_float(base_code):
         return base_code
     return dtypes.code_of(dtypes.PRECISION_NAMES[precision])
@@ -166,6 +180,24 @@ def iter_merged(
     Each tensor is computed by the same code that `merge` writes to its shards (so it equals the merged file's
     tensor bit for bit); untouched tensors are the base's (read, or cast when `precision` changes their dtype).
     Arguments as `merge`; `result`, when given, collects what was merged, copied and cast.
+
+    Args:
+        base_source: base model (folder, file or hub id).
+        adapter_source: PEFT adapter folder or single LoRA file.
+        precision: dtype of floating-point outputs, one of PRECISIONS ("auto" keeps each tensor's).
+        compute_dtype: "fp32" or "fp64", the dtype of base + ΔW before the one cast to the output dtype.
+        device: where ΔW and the sums are computed.
+        cast_base_first: reproduce PEFT's merge_and_unload on a model loaded in the output dtype (as `merge`).
+        autocast_adapter_dtype: with cast_base_first, PEFT's parameter of that name (as `merge`).
+        base_config: for a state-dict base, its config.json as a dict (optional).
+        result: filled in place (counts, lists and notes) when given; the output path is not set.
+
+    Yields:
+        (name, tensor) for every output tensor, in the dtype `merge` writes it.
+
+    Raises:
+        LoratvError: as `merge` (bad flags or input, raised at the first next() as this is a generator; a NaN or
+            Inf in a merged tensor, raised when that tensor is reached).
     """
     prepared = _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first,
                         autocast_adapter_dtype, base_config)
@@ -183,13 +215,42 @@ def iter_merged(
 def prepare_merge(base_source, adapter_source, *, precision: str = "auto", compute_dtype: str = "fp32",
                   device: str = "cpu", cast_base_first: bool = False, autocast_adapter_dtype: bool = True,
                   base_config: dict | None = None) -> "_Prepared":
-    """The opened base and adapter, bound, with the output tensors in order: what `merged_tensor` computes from."""
+    """The opened base and adapter, bound, with the output tensors in order: what `merged_tensor` computes from.
+
+    Args:
+        base_source: base model (folder, file or hub id).
+        adapter_source: PEFT adapter folder or single LoRA file.
+        precision: dtype of floating-point outputs, one of PRECISIONS ("auto" keeps each tensor's).
+        compute_dtype: "fp32" or "fp64", the dtype of base + ΔW before the one cast to the output dtype.
+        device: where ΔW and the sums are computed.
+        cast_base_first: reproduce PEFT's merge_and_unload on a model loaded in the output dtype (as `merge`).
+        autocast_adapter_dtype: with cast_base_first, PEFT's parameter of that name (as `merge`).
+        base_config: for a state-dict base, its config.json as a dict (optional).
+
+    Returns:
+        The prepared merge (base, adapter, merge plan, output specs in order, compute dtype and device).
+
+    Raises:
+        LoratvError: as `merge`: a bad flag (BadInputError), or an input that cannot be read or bound.
+    """
     return _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first,
                     autocast_adapter_dtype, base_config)
 
 
 def merged_tensor(prepared: "_Prepared", name: str, result: MergeResult | None = None) -> torch.Tensor:
-    """One output tensor of a prepared merge, computed as `merge` writes it."""
+    """One output tensor of a prepared merge, computed as `merge` writes it.
+
+    Args:
+        prepared: what prepare_merge returned.
+        name: the output tensor's name (a base tensor, or one the adapter adds).
+        result: collects whether the tensor was merged, copied, cast or replaced (a throwaway one when None).
+
+    Returns:
+        The tensor, in its output dtype, on the CPU.
+
+    Raises:
+        LoratvError: the merged model has no tensor `name`, or its merged value holds a NaN or Inf.
+    """
     spec = next((s for s in prepared.specs if s.name == name), None)
     if spec is None:
         raise LoratvError(f"{prepared.base.label}: the merged model has no tensor '{name}'.")

@@ -61,6 +61,7 @@ class TensorChange:
 
     @property
     def parameters(self) -> int:
+        """The tensor's element count (of the base's shape, else the fine-tuned one's)."""
         return math.prod(self._shape())
 
     def _shape(self) -> tuple:
@@ -69,6 +70,13 @@ class TensorChange:
         return shape
 
     def record(self) -> dict:
+        """The tensor's entry in parameter_changes.json.
+
+        Returns:
+            Name, category, layer, kind and group, shapes, dtypes, and, for a compared tensor (changed,
+            cast-artifact or unchanged), the changed elements, max |Δ|, norms, relative change, the largest change in
+            ulps and the worst element (None otherwise).
+        """
         layer, kind, group = place(self.name)
         compared = self.category in ("changed", "cast-artifact", "unchanged")
         base_norm = math.sqrt(self.base_sumsq) if compared else None

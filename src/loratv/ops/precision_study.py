@@ -53,6 +53,18 @@ DEFAULT_PATHS = ("fp32", "fp16", "bf16", "fp16-cast-first", "bf16-cast-first")
 
 
 def path_summary(name: str, description: str, output_dtype: str, record: dict) -> dict:
+    """One path's line in the study: counts, vanished updates, cosine, worst error and verdict from its comparison.
+
+    Args:
+        name: the path's name (a key of PATHS).
+        description: the path's description.
+        output_dtype: the merged model's dtype code ("F32", "F16" or "BF16").
+        record: the path's comparison record (compare).
+
+    Returns:
+        The summary; "real" counts shared tensors, "unchanged" also counts adapter-only ones (an update that
+        vanished).
+    """
     s = record["summary"]
     counts = s["counts"]
     targeted = [t for t in record["tensors"] if t["targeted"]]
@@ -80,7 +92,30 @@ def path_summary(name: str, description: str, output_dtype: str, record: dict) -
 def precision_study(base, adapter, out, *, paths=None, keep_merged=False, tolerance=DEFAULT_TOLERANCE,
                     device="cpu", plots=True, force=False, progress=False, command=None) -> dict:
     """Merge along each path, extract, compare. `paths` None: DEFAULT_PATHS for an additive LoRA; the three direct
-    paths for DoRA and the other tuners (the cast-first and cast-all paths reproduce PEFT's additive LoRA merge only)."""
+    paths for DoRA and the other tuners (the cast-first and cast-all paths reproduce PEFT's additive LoRA merge only).
+
+    Args:
+        base: the base model (folder, file or hub id).
+        adapter: the adapter (PEFT folder or single LoRA file).
+        out: the output folder (written atomically): one subfolder per path with its task vector and comparison
+            files, then precision_results.json, precision_report.txt and, with plots, the plot and report.html.
+        paths: names of PATHS to run, in order (the caller checks them: loratv.precision_study and the CLI do);
+            None: the defaults above.
+        keep_merged: keep each path's merged model (OUT/<path>/merged_model) instead of deleting it.
+        tolerance: compare's tolerance.
+        device: where merge and compare compute ("cpu", "cuda", ...).
+        plots: write the precision plot and report.html (the per-path comparisons are written without plots).
+        force: replace an existing output folder.
+        progress: show progress bars.
+        command: the command line, recorded in the study.
+
+    Returns:
+        The study record (schema loratv.precision): base, adapter, one path_summary per path, notes and command.
+
+    Raises:
+        LoratvError: UnsupportedAdapterError when `paths` names a cast-first or cast-all path for an adapter that is
+            not additive LoRA; or what merge, extract and compare raise.
+    """
 
     loaded = load_adapter(adapter)
     additive_lora = kind_for(loaded.settings.peft_type).factored and not loaded.settings.use_dora
@@ -130,12 +165,33 @@ def precision_study(base, adapter, out, *, paths=None, keep_merged=False, tolera
     return study
 
 
+def _finite_max_abs(t: torch.Tensor, where, name: str) -> float:
+    """max |t|, refusing NaN and Inf (Python's max() would silently drop a NaN)."""
+    value = float(t.abs().max()) if t.numel() else 0.0
+    if not math.isfinite(value):
+        raise LoratvError(f"{where}: task vector tensor '{name}' contains NaN or Inf.")
+    return value
+
+
 def compare_task_vector_pair(fp16_dir, fp32_dir, base=None) -> dict:
     """The seed's quick precision test: which tensors an fp16 and an fp32 task vector change, and why they differ.
 
     With the base (given, or recorded in task_vector.json and still on disk), every claim is checked exactly: an
     fp16-only tensor is a cast artifact when base + T16 is the base rounded to fp16, and a shared tensor is "the fp32
     merge rounded to fp16" when base + T16 == fp16(base + T32), bit for bit.
+
+    Args:
+        fp16_dir: the task vector extracted from the fp16 merge (folder or file written by extract).
+        fp32_dir: the task vector extracted from the fp32 merge.
+        base: the base model; None: the one recorded by the fp16 task vector, if available locally.
+
+    Returns:
+        The pair record (schema loratv.precision_pair): changed, shared and one-sided tensor counts, the largest
+        fp16-only |T| and shared |T16 − T32|, and (with a base, else None) the cast artifacts, shared tensors equal
+        to the fp32 merge rounded, and shared tensors undecided because a stored T was rounded.
+
+    Raises:
+        LoratvError: a task vector holds NaN or Inf among the tensors read; or either does not belong to the base.
     """
 
 
@@ -156,7 +212,7 @@ def compare_task_vector_pair(fp16_dir, fp32_dir, base=None) -> dict:
     fp16_only_max = 0.0
     for name in only_half:
         t16 = half.tensors.read(name).to(torch.float64)
-        fp16_only_max = max(fp16_only_max, float(t16.abs().max()))
+        fp16_only_max = max(fp16_only_max, _finite_max_abs(t16, fp16_dir, name))
         if base_ckpt is not None:
             w = base_ckpt.read(name)
             cast_artifacts += bool(torch.equal(t16, cast_difference(w, torch.float16)))
@@ -164,7 +220,7 @@ def compare_task_vector_pair(fp16_dir, fp32_dir, base=None) -> dict:
     for name in shared:
         t16 = half.tensors.read(name).to(torch.float64)
         t32 = full.tensors.read(name).to(torch.float64)
-        max_shared_gap = max(max_shared_gap, float((t16 - t32).abs().max()))
+        max_shared_gap = max(max_shared_gap, _finite_max_abs(t16 - t32, f"{fp16_dir} or {fp32_dir}", name))
         if base_ckpt is None:
             continue
         if half.storage_rounding(name) is not None or full.storage_rounding(name) is not None:
@@ -172,8 +228,6 @@ def compare_task_vector_pair(fp16_dir, fp32_dir, base=None) -> dict:
             continue
         w = base_ckpt.read(name).to(torch.float64)
         rounded_shared += bool(torch.equal(w + t16, (w + t32).to(torch.float16).to(torch.float64)))
-    if not math.isfinite(max_shared_gap) or not math.isfinite(fp16_only_max):
-        raise LoratvError(f"{fp16_dir} or {fp32_dir}: a task vector contains NaN or Inf.")
     return {
         "schema": "loratv.precision_pair",
         "schema_version": 1,
@@ -201,7 +255,15 @@ def _changed_names(tv) -> list:
 
 
 def render_pair_text(pair: dict, storage_flag: str = "loratv extract --storage-dtype fp64") -> str:
-    """The quick precision test as text; `storage_flag` is how the reader's front end re-extracts exactly."""
+    """The quick precision test as text; `storage_flag` is how the reader's front end re-extracts exactly.
+
+    Args:
+        pair: what compare_task_vector_pair returned.
+        storage_flag: the command shown for re-extracting undecided tensors exactly.
+
+    Returns:
+        The text, ending in a newline.
+    """
     lines = [
         f"fp16 task vector {pair['fp16_dir']}: {pair['fp16_changed_tensors']} tensors changed",
         f"fp32 task vector {pair['fp32_dir']}: {pair['fp32_changed_tensors']} tensors changed",

@@ -212,6 +212,10 @@ def build_grid(tensors: list, max_global_columns: int = 16) -> dict:
          "cells": rows × columns of {"state", "tensor"} (and "number" for a global tensor)}; global tensors fill
         rows of their own, left to right, their spare cells of state None; each tensor record gets its "row" and
         "col" (and "number").
+
+    Raises:
+        LoratvError: naming the tensor, when two layered tensors share a layer and a column (the grid has one cell
+            for both).
     """
     layered = [t for t in tensors if t["section"] == "layer"]
     columns: dict[str, str] = {}

@@ -45,9 +45,20 @@ class StoredTaskVector:
 
     @property
     def source(self) -> str:
+        """The folder written by extract (or the file itself when it has another name), as a string."""
         return str(self.path.parent if self.path.name == TENSOR_FILE else self.path)
 
     def check_against(self, base: Checkpoint) -> None:
+        """Require the task vector to belong to `base`: stored tensors in it with its shapes, and (when there is a
+        task_vector.json) the recorded tensors exactly the base's, each changed one stored.
+
+        Args:
+            base: the base model.
+
+        Raises:
+            LoratvError: naming the task-vector file, for a tensor the base lacks or shapes differently, a record
+                that lacks a base tensor or has one the base lacks, or a changed tensor that is not stored.
+        """
         for name in self.tensors.names():
             if name not in base:
                 raise LoratvError(
@@ -70,11 +81,26 @@ class StoredTaskVector:
                 raise LoratvError(f"{self.path}: tensor '{name}' changed (by {REPORT_FILE}) but is not stored in the file.")
 
     def finetuned_dtype(self, name: str) -> str | None:
+        """The fine-tuned tensor's dtype code, as task_vector.json records it.
+
+        Args:
+            name: the tensor.
+
+        Returns:
+            The code, or None when there is no record of it.
+        """
         record = (self.records or {}).get(name)
         return record.get("finetuned_dtype") if record else None
 
     def storage_rounding(self, name: str) -> torch.dtype | None:
-        """The dtype T was rounded to when stored, or None when it is stored exactly (unknown counts as rounded)."""
+        """The dtype T was rounded to when stored, or None when it is stored exactly (unknown counts as rounded).
+
+        Args:
+            name: the tensor.
+
+        Returns:
+            The stored tensor's dtype, or None when it is not stored (T = 0) or recorded as stored exactly.
+        """
         if name not in self.tensors:
             return None
         record = (self.records or {}).get(name)
@@ -83,20 +109,56 @@ class StoredTaskVector:
         return self.tensors.entry(name).torch_dtype
 
     def needs_read(self, name: str) -> bool:
+        """Whether T of `name` must be read: it is stored (an unstored tensor has T = 0).
+
+        Args:
+            name: the tensor.
+
+        Returns:
+            True when the file stores it.
+        """
         return name in self.tensors
 
     def read_raw(self, name, start, stop, into=None) -> torch.Tensor | None:
-        """Rows of T as stored, or None when the tensor is not stored (T = 0)."""
+        """Rows of T as stored, or None when the tensor is not stored (T = 0).
+
+        Args:
+            name: the tensor.
+            start: the first row.
+            stop: the row after the last.
+            into: an optional buffer to read into (as Checkpoint.read_rows).
+
+        Returns:
+            The rows in the stored dtype, or None.
+        """
         if name not in self.tensors:
             return None
         return self.tensors.read_rows(name, start, stop, into)
 
     def difference(self, raw, w, w64=None) -> torch.Tensor | None:
-        """T in float64 (None: T = 0); `w64` is the base rows in float64 when the caller has them."""
+        """T in float64 (None: T = 0); `w64` is the base rows in float64 when the caller has them.
+
+        Args:
+            raw: what read_raw returned.
+            w: the base rows (unused here: T is stored).
+            w64: the base rows in float64 (unused here).
+
+        Returns:
+            `raw` in float64, or None when it is None.
+        """
         return None if raw is None else raw.to(torch.float64)
 
     def cast_matches(self, raw, w, dtype: torch.dtype) -> bool:
-        """Whether base + T is the base cast to `dtype` (T, a difference of two nearby floats, is stored exactly)."""
+        """Whether base + T is the base cast to `dtype` (T, a difference of two nearby floats, is stored exactly).
+
+        Args:
+            raw: rows of T as stored (not None).
+            w: the base rows.
+            dtype: the dtype the base would be cast to.
+
+        Returns:
+            True when T equals cast(w, dtype) − w exactly, element by element.
+        """
         return torch.equal(raw.to(torch.float64), cast_difference(w, dtype))
 
 
@@ -114,37 +176,111 @@ class LiveTaskVector:
 
     @property
     def source(self) -> str:
+        """The fine-tuned model's source (path or hub id), as a string."""
         return str(self.finetuned.source)
 
     def check_against(self, base: Checkpoint) -> None:
+        """Nothing to do: the constructor already checked the fine-tuned model against the base.
+
+        Args:
+            base: the base model (unused).
+        """
         pass  # done on construction
 
     def finetuned_dtype(self, name: str) -> str:
+        """The fine-tuned tensor's dtype code.
+
+        Args:
+            name: the tensor.
+
+        Returns:
+            The code, from the fine-tuned model's header.
+        """
         return self.finetuned.entry(name).dtype
 
     def storage_rounding(self, name: str) -> torch.dtype | None:
+        """Always float64: T is computed in float64, which the bound counts as one possible rounding.
+
+        Args:
+            name: the tensor (unused).
+
+        Returns:
+            torch.float64.
+        """
         return torch.float64
 
     def needs_read(self, name: str) -> bool:
+        """Always True: every tensor's T is only known once the fine-tuned rows are read.
+
+        Args:
+            name: the tensor (unused).
+
+        Returns:
+            True.
+        """
         return True
 
     def read_raw(self, name, start, stop, into=None) -> torch.Tensor:
-        """Rows of the fine-tuned tensor."""
+        """Rows of the fine-tuned tensor.
+
+        Args:
+            name: the tensor.
+            start: the first row.
+            stop: the row after the last.
+            into: an optional buffer to read into (as Checkpoint.read_rows).
+
+        Returns:
+            The rows in the fine-tuned dtype.
+        """
         return self.finetuned.read_rows(name, start, stop, into)
 
     def difference(self, raw, w, w64=None) -> torch.Tensor | None:
+        """T = fine-tuned − base for some rows, in float64.
+
+        Args:
+            raw: the fine-tuned rows (read_raw).
+            w: the base rows.
+            w64: the base rows in float64 when the caller has them (else computed from `w`).
+
+        Returns:
+            The float64 difference, or None when the rows are bit for bit equal (T = 0).
+        """
         if bits_equal(raw, w):  # the common case (the base itself is checked finite by the caller)
             return None
         # copy=True: a float64 input must not be overwritten (callers still read it)
         return raw.to(torch.float64, copy=True).sub_(w64 if w64 is not None else w.to(torch.float64))
 
     def cast_matches(self, raw, w, dtype: torch.dtype) -> bool:
+        """Whether the fine-tuned rows are the base rows cast to `dtype`.
+
+        Args:
+            raw: the fine-tuned rows.
+            w: the base rows.
+            dtype: the dtype of the cast.
+
+        Returns:
+            True when `raw` is in `dtype` and equals cast(w) (equals_cast); False otherwise.
+        """
         return equals_cast(raw, w) if raw.dtype == dtype else False
 
 
 def open_task_vector(base_source=None, *, task_vector=None, finetuned=None):
     """(base Checkpoint or None, task vector) for commands that read T whole, tensor by tensor: a stored task vector
-    (the base optional) or fine-tuned − base computed on the fly (both models needed)."""
+    (the base optional) or fine-tuned − base computed on the fly (both models needed).
+
+    Args:
+        base_source: the base model; optional with `task_vector`, required with `finetuned`.
+        task_vector: a folder or file written by `loratv extract` (exclusive with `finetuned`).
+        finetuned: a fine-tuned model, whose difference to the base is the task vector (exclusive with
+            `task_vector`).
+
+    Returns:
+        (base Checkpoint or None, StoredTaskVector or LiveTaskVector); a stored one is checked against the base.
+
+    Raises:
+        LoratvError: both or neither of `task_vector` and `finetuned` are given, `finetuned` is given without a
+            base, or the task vector does not belong to the base.
+    """
     if (task_vector is None) == (finetuned is None):
         raise LoratvError("give either a task vector or a fine-tuned model (with its base), not both and not neither.")
     if finetuned is not None:
@@ -161,7 +297,15 @@ def open_task_vector(base_source=None, *, task_vector=None, finetuned=None):
 
 
 def tensor_names(base, tv) -> list:
-    """Every tensor the task vector covers: the base's, else the extract record's, else the stored ones."""
+    """Every tensor the task vector covers: the base's, else the extract record's, else the stored ones.
+
+    Args:
+        base: the base Checkpoint, or None.
+        tv: the task vector (open_task_vector).
+
+    Returns:
+        The tensor names, in base, record or file order.
+    """
     if base is not None:
         return base.names()
     if getattr(tv, "records", None):
@@ -170,7 +314,20 @@ def tensor_names(base, tv) -> list:
 
 
 def read_difference(tv, base, name: str, chunk_bytes: int = 64 << 20) -> torch.Tensor | None:
-    """T for one tensor, whole, in float64 (None when it is zero or not stored); inputs are checked finite."""
+    """T for one tensor, whole, in float64 (None when it is zero or not stored); inputs are checked finite.
+
+    Args:
+        tv: the task vector (open_task_vector).
+        base: the base Checkpoint; needed for a live task vector, optional for a stored one.
+        name: the tensor.
+        chunk_bytes: the most bytes per read, counting 8 bytes (a float64) per element.
+
+    Returns:
+        T as a float64 tensor of the tensor's shape, or None when T = 0 everywhere or is not stored.
+
+    Raises:
+        LoratvError: naming the file, when the task vector (or fine-tuned) rows or the base rows hold a NaN or Inf.
+    """
 
     if not tv.needs_read(name):
         return None
@@ -198,7 +355,20 @@ def read_difference(tv, base, name: str, chunk_bytes: int = 64 << 20) -> torch.T
 
 
 def finetuned_value(tv, base, name: str, t: torch.Tensor) -> torch.Tensor:
-    """The fine-tuned tensor itself: read (live) or base + T rounded once to the fine-tuned dtype (stored)."""
+    """The fine-tuned tensor itself: read (live) or base + T rounded once to the fine-tuned dtype (stored).
+
+    Args:
+        tv: the task vector (open_task_vector).
+        base: the base Checkpoint (needed for a stored task vector).
+        name: the tensor.
+        t: T for the tensor in float64 (read_difference); unused for a live task vector.
+
+    Returns:
+        The fine-tuned tensor in its dtype (for a stored T: the recorded fine-tuned dtype, else the base's).
+
+    Raises:
+        LoratvError: the task vector is stored and no base is given.
+    """
     if tv.live:
         return tv.finetuned.read(name)
     if base is None:

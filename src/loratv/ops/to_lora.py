@@ -67,6 +67,15 @@ class Criterion:
     max_rank: int | None = None
 
     def check(self) -> "Criterion":
+        """Validate the criterion, defaulting to rank DEFAULT_RANK when none of rank, energy, max_error is given.
+
+        Returns:
+            This Criterion (rank set in place when it defaulted).
+
+        Raises:
+            LoratvError: BadInputError, when more than one criterion is given, rank or max_rank is below 1, energy
+                is outside (0, 1], or max_error outside [0, 1).
+        """
         given = sum(c is not None for c in (self.rank, self.energy, self.max_error))
         if given > 1:
             raise BadInputError(f"give one of {param('rank')}, {param('energy')} or {param('max_error')}, not several.")
@@ -83,6 +92,11 @@ class Criterion:
         return self
 
     def record(self) -> dict:
+        """The criterion as recorded in to_lora_fidelity.json.
+
+        Returns:
+            rank, energy, max_error and max_rank (None where not given).
+        """
         return {"rank": self.rank, "energy": self.energy, "max_error": self.max_error, "max_rank": self.max_rank}
 
 
@@ -99,9 +113,16 @@ class TensorFidelity:
 
     @property
     def module(self) -> str:
+        """The tensor's module: its name without the last dotted part."""
         return self.name.rpartition(".")[0]
 
     def record(self) -> dict:
+        """The tensor's entry in to_lora_fidelity.json.
+
+        Returns:
+            Name, module, shape, handling, LoRA kind, rank and SVD method, ‖T‖_F, the error norm, the relative error
+            (0.0 for a zero T) and the energy retained (1 − relative error²).
+        """
         relative = self.error / self.norm if self.norm > 0 else 0.0
         return {
             "name": self.name,
@@ -119,7 +140,17 @@ class TensorFidelity:
 
 
 def lora_kind(name: str, shape, model_type: str | None) -> str | None:
-    """How PEFT would put a LoRA on this tensor's module (None: it cannot)."""
+    """How PEFT would put a LoRA on this tensor's module (None: it cannot).
+
+    Args:
+        name: the tensor's name.
+        shape: its shape.
+        model_type: config.json's model_type (decides Conv1D), or None.
+
+    Returns:
+        "embedding" (an input or position embedding), "conv1d" (a Conv1D module of a Conv1D model type), "linear"
+        for any other 2-D `.weight`, or None for anything else.
+    """
     if len(shape) != 2 or not name.endswith(".weight"):
         return None
     if name.endswith(INPUT_EMBEDDING_SUFFIXES + POSITION_EMBEDDING_SUFFIXES):
@@ -132,7 +163,16 @@ def lora_kind(name: str, shape, model_type: str | None) -> str | None:
 
 def lora_factors(cut, kind: str, dtype: torch.dtype) -> tuple:
     """(A, B) as PEFT stores them for ΔW ≈ U S Vᵀ of the stored tensor: Linear ΔW = B @ A; Conv1D and Embedding
-    store the transpose, ΔW = (B @ A)ᵀ."""
+    store the transpose, ΔW = (B @ A)ᵀ.
+
+    Args:
+        cut: the Truncation of the tensor (spectrum.truncate), float64 factors a (k, n) and b (m, k).
+        kind: "linear", "conv1d" or "embedding" (lora_kind).
+        dtype: the dtype the factors are stored in.
+
+    Returns:
+        (A, B) in `dtype`, contiguous, on the CPU.
+    """
     if kind == "linear":
         a, b = cut.a, cut.b
     else:
@@ -165,6 +205,33 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
             include: str | None = None, exclude: str | None = None, skip_cast_artifacts: bool = False,
             dtype: str = "fp32", device: str = "cpu",
             force: bool = False, progress: bool = False, command: str | None = None) -> dict:
+    """Turn a task vector into a PEFT LoRA adapter in `out`, with to_lora_fidelity.json stating the error per tensor.
+
+    Args:
+        out: the output folder (written atomically): adapter_config.json, adapter_model.safetensors and
+            to_lora_fidelity.json.
+        base: the base model; required with `finetuned`, optional with `task_vector` (needed to prove cast
+            artifacts, to save modules whole, and to find Conv1D modules from its config).
+        finetuned: a fine-tuned model; T = fine-tuned − base (exactly one of this and `task_vector`).
+        task_vector: a folder or file written by `loratv extract`.
+        criterion: how each module's rank is chosen; None: Criterion() (rank DEFAULT_RANK).
+        include: a regular expression; changed tensors whose name it does not match (re.search) are excluded.
+        exclude: a regular expression; changed tensors whose name it matches are excluded.
+        skip_cast_artifacts: leave out tensors whose T is exactly the base cast to the fine-tuned dtype.
+        dtype: the dtype of the LoRA factors: "fp32", "fp16" or "bf16".
+        device: where the SVDs are computed ("cpu", "cuda", ...).
+        force: replace an existing output folder.
+        progress: show a progress bar.
+        command: the command line, recorded in the fidelity record.
+
+    Returns:
+        The fidelity record (schema loratv.to_lora), as written to to_lora_fidelity.json.
+
+    Raises:
+        LoratvError: a bad criterion, regular expression or dtype (BadInputError); the inputs' errors
+            (open_task_vector, read_difference); a tied output head that changed otherwise than its embedding; a
+            changed tensor in no module; or nothing left to write.
+    """
     criterion = (criterion or Criterion()).check()
     include_re, exclude_re = _pattern(include, "include"), _pattern(exclude, "exclude")
     if dtype not in ("fp32", "fp16", "bf16"):
@@ -262,10 +329,10 @@ def _full_values(tv, base, names, full_needed, factors, kinds, fidelity):
     """Adapter keys -> fine-tuned values for tensors a LoRA cannot hold, and the modules saved whole."""
     full, saved = {}, set()
     for name, t in full_needed.items():
-        module, _, param = name.rpartition(".")
+        module, _, leaf = name.rpartition(".")
         if not module:
             raise LoratvError(f"{tv.source}: tensor '{name}' changed but belongs to no module, so no PEFT adapter can hold it.")
-        if param == "bias" and module in factors:
+        if leaf == "bias" and module in factors:
             value = finetuned_value(tv, base, name, t)
             full[f"{module}.base_layer.bias"] = value
             fidelity[name] = TensorFidelity(name, tuple(t.shape), LORA_BIAS, _norm(t), _value_error(base, name, value, t))
@@ -274,6 +341,7 @@ def _full_values(tv, base, names, full_needed, factors, kinds, fidelity):
     for module in sorted(saved):
         factors.pop(module, None)  # a module saved whole needs no LoRA: its weight is stored exactly
         kinds.pop(module, None)
+        full.pop(f"{module}.base_layer.bias", None)  # its bias is saved with it, under its own name
         for name in (n for n in names if n.rpartition(".")[0] == module):
             t = full_needed.get(name)
             if t is None:
@@ -299,7 +367,19 @@ def _value_error(base, name, value, t) -> float:
 
 def adapter_config(ranks: dict, base_model: str | None, *, modules_to_save=None, bias: str = "none",
                    fan_in_fan_out: bool = False) -> dict:
-    """The adapter_config.json of a LoRA with these per-module ranks (module name -> r ≥ 1), scaling 1 each."""
+    """The adapter_config.json of a LoRA with these per-module ranks (module name -> r ≥ 1), scaling 1 each.
+
+    Args:
+        ranks: module name → rank.
+        base_model: recorded as base_model_name_or_path (may be None).
+        modules_to_save: modules saved whole (None or empty: none).
+        bias: PEFT's bias setting ("none", "lora_only", ...).
+        fan_in_fan_out: PEFT's flag, True for Conv1D modules.
+
+    Returns:
+        The config: r and lora_alpha the most common rank (the larger on a tie; 1 when there are no ranks), the
+        other ranks in rank_pattern and alpha_pattern under regex-escaped module names.
+    """
     counts = Counter(ranks.values())
     default = max(counts, key=lambda r: (counts[r], r)) if counts else 1  # the most common rank (the larger on a tie)
     pattern = {re.escape(module): r for module, r in ranks.items() if r != default}
@@ -327,7 +407,24 @@ def write_adapter(folder, factors: dict, *, base_model: str | None = None, dtype
                   kinds: dict | None = None, full_values: dict | None = None, modules_to_save=(),
                   bias: str = "none") -> Path:
     """Write `folder`/adapter_config.json and adapter_model.safetensors for {module: (A (k, n), B (m, k))} as PEFT
-    stores them for each module's kind (linear by default), plus full values {tensor name: value}."""
+    stores them for each module's kind (linear by default), plus full values {tensor name: value}.
+
+    Args:
+        folder: the folder to write into (created if missing).
+        factors: module → (A, B); modules of rank 0 are dropped.
+        base_model: recorded as base_model_name_or_path.
+        dtype: the dtype the factors are written in (full values keep theirs).
+        kinds: module → "linear", "conv1d" or "embedding" (default "linear").
+        full_values: tensor name → value, written under PEFT's prefix as they are.
+        modules_to_save: modules saved whole, for the config.
+        bias: PEFT's bias setting for the config.
+
+    Returns:
+        `folder`, as a Path.
+
+    Raises:
+        ValueError: no factor of nonzero rank and no full value: there is nothing to write.
+    """
     kinds = kinds or {}
     factors = {m: ab for m, ab in factors.items() if ab[0].shape[0] > 0}
     full_values = full_values or {}

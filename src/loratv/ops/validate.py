@@ -21,7 +21,23 @@ def validate(
     progress: bool = False,
     command: str | None = None,
 ) -> dict:
-    """OUT/merged_model_<precision>, OUT/task_vectors_<precision>, and compare's files in OUT; returns the record."""
+    """OUT/merged_model_<precision>, OUT/task_vectors_<precision>, and compare's files in OUT; returns the record.
+
+    Args:
+        base: the base model (a folder, file or hub id, as merge and compare accept).
+        adapter: the LoRA adapter merged into the base and compared against.
+        out: the output folder, written atomically (to a temporary folder renamed into place).
+        precision: merge's precision ("auto", "fp32", "fp16" or "bf16"); it also names the two subfolders.
+        tolerance: compare's pass/fail tolerance.
+        device: where merge and compare compute ("cpu", "cuda", ...).
+        plots: whether write_comparison_files also draws the plots.
+        force: replace an existing `out`.
+        progress: show progress bars.
+        command: the command line, recorded in compare's record.
+
+    Returns:
+        compare's record, with inputs.task_vector and inputs.finetuned naming the final (not temporary) folders.
+    """
     with atomic_output_dir(out, [base, adapter], force=force) as tmp:
         merged = tmp / f"merged_model_{precision}"
         task_vector = tmp / f"task_vectors_{precision}"

@@ -29,9 +29,15 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """Whether the check found no problem."""
         return not self.problems
 
     def record(self) -> dict:
+        """The report as a JSON-ready dict (for --json output).
+
+        Returns:
+            folder, operation, files_checked, tensors_checked, ok and the list of problems.
+        """
         return {"folder": str(self.folder), "operation": self.operation, "files_checked": self.files,
                 "tensors_checked": self.tensors, "ok": self.ok, "problems": self.problems}
 
@@ -107,6 +113,17 @@ def _check_tensors(folder: Path, report: VerifyReport) -> None:
 
 
 def verify(folder) -> VerifyReport:
+    """Re-check a folder written by merge or extract: its manifest, files, safetensors headers and tensors.
+
+    Args:
+        folder: the output folder (a path or str) holding the loratv manifest.
+
+    Returns:
+        The report; problems with the contents are collected in it, not raised.
+
+    Raises:
+        LoratvError: `folder` is not a folder, or has no manifest (so is not a loratv output).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise LoratvError(f"{folder}: no such folder (verify checks a folder written by loratv merge or extract).")
@@ -122,6 +139,14 @@ def verify(folder) -> VerifyReport:
 
 
 def render(report: VerifyReport) -> str:
+    """The report as text: one summary line when it is ok, else one line per problem.
+
+    Args:
+        report: what verify returned.
+
+    Returns:
+        The text, ending in a newline.
+    """
     if report.ok:
         what = f" ({report.operation} output)" if report.operation else ""
         return (f"verified {report.folder}{what}: {report.files} files match their sha256, {report.tensors} tensors "

@@ -4,18 +4,21 @@ Each function reads the record alone, writes one PNG, closes its figure and retu
 so a test can check the picture's data against values computed independently from the record.
 """
 
+from __future__ import annotations
+
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
 from cycler import cycler
-from matplotlib.colors import BoundaryNorm, Colormap, ListedColormap, LogNorm
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+if TYPE_CHECKING:
+    from matplotlib.colors import Colormap
+
+# matplotlib itself is imported inside the functions that draw: it costs ~30 MB and ~0.3 s, and most commands (and
+# library calls) draw nothing
 
 CATEGORIES = ("shared", "adapter-only", "cast-artifact", "unexplained", "unchanged")
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies
@@ -40,6 +43,8 @@ MAX_TICKS = 40  # beyond this many rows/columns, label every k-th so labels neve
 
 def _render(build, record: dict, path) -> dict:
     """Run `build(record) -> (figure, info)` in the shared style, save it to `path`, close it, return info."""
+    import matplotlib
+
     with matplotlib.rc_context(STYLE):  # ticks are made while saving, so the style must cover savefig too
         fig, info = build(record)
         fig.savefig(Path(path), dpi=DPI, bbox_inches="tight")
@@ -58,6 +63,8 @@ def subplots(*grid, figsize, **options):
     Returns:
         (figure, axes): one Axes or an array of them, as Figure.subplots gives.
     """
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(*grid, **options)
 
@@ -71,6 +78,8 @@ def colormap(name: str) -> Colormap:
     Returns:
         The copy.
     """
+    import matplotlib
+
     return matplotlib.colormaps[name].copy()
 
 
@@ -148,6 +157,8 @@ def cover_log_axis(ax, axis: str, values) -> list[float]:
     Returns:
         The ticks set, first ≤ min(values) and last ≥ max(values).
     """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
 
     values = np.asarray(values, dtype=float)
     ticks = log_ticks_covering(float(values.min()), float(values.max()))
@@ -242,6 +253,9 @@ def _norm_figure(record):
 
 
 def _coverage_figure(record):
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
     layered, layers, kinds = _grid(record["tensors"])
     globals_ = [t for t in record["tensors"] if t["layer"] is None]
     # global tensors share no kind with layers: numbered left to right in rows of their own below the layers
@@ -283,6 +297,8 @@ def _coverage_figure(record):
 
 
 def _heatmap_figure(record):
+    from matplotlib.colors import LogNorm
+
     layered, layers, kinds = _grid(record["tensors"])
     values = np.full((len(layers), len(kinds)), np.nan)
     row = {layer: i for i, layer in enumerate(layers)}

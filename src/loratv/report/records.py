@@ -26,11 +26,11 @@ def finite(value):
     return value
 
 
-def dump_json(record: dict) -> str:
+def dump_json(record: dict | list) -> str:
     """The record as strict JSON text.
 
     Args:
-        record: the JSON record; non-finite floats become null.
+        record: the JSON record (or a list of them); non-finite floats become null.
 
     Returns:
         The JSON, indented by 2, ending in a newline.
@@ -42,7 +42,7 @@ def write_json(record: dict, path: Path) -> None:
     """Write the record as strict JSON (dump_json), UTF-8.
 
     Args:
-        record: the JSON record; non-finite floats become null.
+        record: the JSON record (or a list of them); non-finite floats become null.
         path: the file to write (replaced if it exists).
     """
     Path(path).write_text(dump_json(record), encoding="utf-8")

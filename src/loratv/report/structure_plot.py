@@ -8,8 +8,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.colors import BoundaryNorm, ListedColormap
-from matplotlib.patches import Patch, Rectangle
 
 from loratv.report.plots import COLOURS, _render, subplots
 
@@ -93,6 +91,9 @@ def _groups(columns):
 
 
 def _structure_figure(record):
+    from matplotlib.colors import BoundaryNorm, ListedColormap  # heavy: imported only to draw (see plots.py)
+    from matplotlib.patches import Patch, Rectangle
+
     states = [s["state"] for s in record["states"]]
     rows, cells = record["rows"], record["cells"]
     columns = record["columns"]

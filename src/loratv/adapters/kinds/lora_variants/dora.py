@@ -38,21 +38,59 @@ class DoraTerms:
     compute: torch.dtype
 
     def to(self, device) -> "DoraTerms":
+        """A copy with the per-feature factors on `device`.
+
+        Args:
+            device: the torch device to move to.
+
+        Returns:
+            The new DoraTerms.
+        """
         return DoraTerms(self.kind, self.factor.to(device), self.factor_error.to(device), self.k, self.compute)
 
     def along_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """A per-feature vector shaped to broadcast against rows [start, stop) of the tensor."""
+        """A per-feature vector shaped to broadcast against rows [start, stop) of the tensor.
+
+        Args:
+            x: one float64 value per feature (factor or factor_error).
+            start: first row.
+            stop: one past the last row.
+
+        Returns:
+            "linear": x's rows [start, stop) as a column; otherwise all of x as one row (features are columns).
+        """
         return x[start:stop].view(-1, 1) if self.kind == "linear" else x.view(1, -1)
 
     def shaped(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """`x` (rows × 1 or 1 × columns) viewed to broadcast against `like` (a ConvNd block has trailing dims)."""
+        """`x` (rows × 1 or 1 × columns) viewed to broadcast against `like` (a ConvNd block has trailing dims).
+
+        Args:
+            x: the output of along_rows.
+            like: the rows of the tensor it multiplies.
+
+        Returns:
+            `x` with trailing unit dims up to like.dim() when like has more than 2 dims, else `x` itself.
+        """
         return x.view(x.shape[0], *[1] * (like.dim() - 1)) if like.dim() > 2 else x
 
     def delta_and_bound(self, w_start: torch.Tensor, w: torch.Tensor, delta: torch.Tensor, g: torch.Tensor, start: int,
                         stop: int):
         """Rows of D = f*⊙(W₀ + ΔW) − W (W₀ the weight the merge starts from: the base, or the base layer the adapter
         saved), the bound on the evaluation error of D in float64, and a function of ulp_d(M) giving the merge bound
-        of these rows."""
+        of these rows.
+
+        Args:
+            w_start: rows [start, stop) of W₀, float64.
+            w: rows [start, stop) of the base W, float64.
+            delta: the same rows of ΔW, float64.
+            g: the same rows of ΔW evaluated on absolute values (G).
+            start: first row.
+            stop: one past the last row.
+
+        Returns:
+            (D, the bound on D's evaluation error, bound(ulp_m) giving the per-element merge error bound), shaped
+            like `w`.
+        """
         u_c = unit_roundoff(self.compute)
         f = self.shaped(self.along_rows(self.factor, start, stop), w)
         fe = self.shaped(self.along_rows(self.factor_error, start, stop), w)
