@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from loratv.common import dtypes
-from loratv.errors import BadInputError, LoratvError
+from loratv.errors import BadInputError
 from loratv.io import safetensors_format as stf
 from loratv.io.checkpoint import Checkpoint
 
@@ -46,38 +46,7 @@ class StateDictCheckpoint(Checkpoint):
             self.entries[name] = stf.TensorEntry(name, code, tuple(tensor.shape), self.path, 0,
                                                  tensor.numel() * tensor.element_size())
 
-    # ---- queries ----
-    def names(self) -> list[str]:
-        """Every tensor name, in the state dict's order.
-
-        Returns:
-            A new list of the names.
-        """
-        return list(self.entries)
-
-    def __contains__(self, name) -> bool:
-        return name in self.entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def entry(self, name: str) -> stf.TensorEntry:
-        """The entry of one tensor: dtype code, shape and byte size (file: the "<state dict>" pseudo-path, start 0).
-
-        Args:
-            name: the tensor name.
-
-        Returns:
-            The TensorEntry.
-
-        Raises:
-            LoratvError: the state dict has no tensor of that name.
-        """
-        try:
-            return self.entries[name]
-        except KeyError:
-            raise LoratvError(f"{self.label}: has no tensor '{name}'.") from None
-
+    # ---- queries: names, entry, `in` and len come from Checkpoint (they read self.entries) ----
     @property
     def config(self) -> dict | None:
         """A copy of the config given at construction, or None when none was."""

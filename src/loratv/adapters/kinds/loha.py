@@ -1,12 +1,11 @@
 """LoHa (peft_type LOHA): ΔW = s·(w1a@w1b) ⊙ (w2a@w2b), reshaped to the stored weight (docs/peft-format.md §4,
 PEFT's src/peft/tuners/loha/layer.py)."""
 
-import math
 
 import torch
 
 from loratv.adapters.kind import AdapterKind, TunerModule, module_tensors, rank_and_scale, require, tensor_shape
-from loratv.adapters.kinds.lycoris import LYCORIS_FIELDS
+from loratv.adapters.kinds.lycoris import LYCORIS_FIELDS, reshape_problem
 from loratv.errors import LoratvError
 
 
@@ -37,10 +36,7 @@ class LohaKind(AdapterKind):
                            {"delta_shape": (w1a[0], w1b[1])})
 
     def fit_problem(self, adapter, module: TunerModule, shape: tuple) -> str | None:
-        # PEFT reshapes LyCORIS deltas: the element count must match
-        if math.prod(module.options["delta_shape"]) != math.prod(shape):
-            return f"has {math.prod(shape)} elements but the update has {math.prod(module.options['delta_shape'])}"
-        return None
+        return reshape_problem(module, shape)
 
     def additive_delta(self, adapter, module, shape, dtype, device, absolute=False, exact_scale=False):
         """ΔW as PEFT computes it (the scale a float32 tensor; float64 with `exact_scale`)."""

@@ -6,7 +6,7 @@ import math
 import torch
 
 from loratv.adapters.kind import AdapterKind, TunerModule, module_tensors, rank_and_scale, tensor_shape
-from loratv.adapters.kinds.lycoris import LYCORIS_FIELDS
+from loratv.adapters.kinds.lycoris import LYCORIS_FIELDS, reshape_problem
 from loratv.errors import LoratvError
 
 
@@ -48,9 +48,7 @@ class LokrKind(AdapterKind):
         return TunerModule(module, module + ".weight", "LOKR", keys, r, alpha, scale, {"delta_shape": (elements,)})
 
     def fit_problem(self, adapter, module: TunerModule, shape: tuple) -> str | None:
-        if math.prod(module.options["delta_shape"]) != math.prod(shape):
-            return f"has {math.prod(shape)} elements but the update has {math.prod(module.options['delta_shape'])}"
-        return None
+        return reshape_problem(module, shape)
 
     def additive_delta(self, adapter, module, shape, dtype, device, absolute=False, exact_scale=False):
         """ΔW as PEFT's make_kron computes it (the scale a Python float)."""

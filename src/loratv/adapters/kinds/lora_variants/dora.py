@@ -216,12 +216,6 @@ class DoraVariant(LoraVariant):
     def check_bound(self, adapter, module, base, target: str) -> None:
         """m has one value per output feature of the bound base tensor.
 
-        Args:
-            adapter: the adapter.
-            module: the bound LoraModule.
-            base: the base checkpoint.
-            target: the base tensor the module merges into.
-
         Raises:
             LoratvError: the magnitude's shape does not match the output features.
         """

@@ -49,12 +49,6 @@ class LoraBiasVariant(LoraVariant):
     def check_bound(self, adapter, module, base, target: str) -> None:
         """The base stores `<module>.bias`, of lora_B.bias's shape.
 
-        Args:
-            adapter: the adapter.
-            module: the bound LoraModule.
-            base: the base checkpoint.
-            target: the base tensor the module merges into.
-
         Raises:
             LoratvError: the base has no such bias, or its shape differs.
         """
