@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 import loratv
 from loratv.errors import cli_message
-from tiny_models import build_adapter, build_base, peft_merged_state
+from tiny_models import build_adapter, build_base, load_model, peft_merged_state
 
 pytest.importorskip("peft")
 
@@ -141,6 +142,56 @@ def test_adapter_deltas_match_peft(llama):
     assert bound.delta("model.norm.weight") is None
     with pytest.raises(loratv.LoratvError):
         bound.delta("no.such.tensor")
+
+
+def _tuner_adapter(base, folder, config):
+    """A PEFT adapter of a non-LoRA tuner on `base`, every trainable parameter given a seeded random value."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(load_model(base, torch.float32), config)
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=gen) + (1.0 if p.dim() == 1 else 0.0))
+        model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("tuner", ["LOHA", "LOKR", "ADALORA", "VERA"])
+def test_additive_tuner_deltas_match_peft(llama, tuner, tmp_path):
+    """W + delta(name) is PEFT's merge bit for bit for the additive tuners (the kind's own ΔW)."""
+    from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, VeraConfig
+
+    base, _ = llama
+    targets = ["q_proj", "v_proj"]
+    config = {"LOHA": LoHaConfig(r=4, alpha=8, target_modules=targets),
+              "LOKR": LoKrConfig(r=4, alpha=8, target_modules=targets),
+              "ADALORA": AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets),
+              "VERA": VeraConfig(r=8, target_modules=targets)}[tuner]
+    adapter = _tuner_adapter(base, tmp_path / "adapter", config)
+    oracle = peft_merged_state(base, adapter)
+    base_state = load_file(base / "model.safetensors")
+    bound = loratv.load_adapter(adapter).bind(base)
+    assert len(bound.targeted) == 4
+    for name in bound.targeted:
+        delta = bound.delta(name)
+        assert delta is not None and not torch.equal(delta, torch.zeros_like(delta))
+        assert _same_bits(base_state[name] + delta, oracle[name]), name
+
+
+def test_a_multiplicative_tuner_has_no_delta(llama, tmp_path):
+    from peft import IA3Config
+
+    base, _ = llama
+    adapter = _tuner_adapter(base, tmp_path / "adapter", IA3Config(target_modules=["v_proj"], feedforward_modules=[]))
+    bound = loratv.load_adapter(adapter).bind(base)
+    name = bound.targeted[0]
+    with pytest.raises(loratv.UnsupportedAdapterError, match="merged value"):
+        bound.delta(name)
+    assert _same_bits(bound.merged(name), peft_merged_state(base, adapter)[name])
 
 
 # ---------------------------------------------------------------- task vectors

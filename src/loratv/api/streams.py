@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from loratv.adapters import adapter as _adapters
+from loratv.adapters.registry import kind_for
 from loratv.adapters.structures import LoraModule
 from loratv.api.functions import ModelSource, PathLike, _named, _source
 from loratv.common import dtypes
@@ -189,7 +190,8 @@ class BoundAdapter:
         return tuple(n for n in self._prepared.base.names() if n in touched)
 
     def delta(self, name: str) -> torch.Tensor | None:
-        """ΔW = s·B@A (plus s·lora_B.bias for a bias) of one base tensor in the compute dtype, as merge adds it;
+        """ΔW of one base tensor in the compute dtype, as merge adds it: s·B@A (plus s·lora_B.bias for a bias) for LoRA,
+        the kind's update for LoHa, LoKr, AdaLoRA and VeRA;
         None for a tensor the adapter does not change.
 
         Args:
@@ -200,7 +202,7 @@ class BoundAdapter:
 
         Raises:
             LoratvError: a name the base does not hold.
-            UnsupportedAdapterError: a tensor changed other than additively (DoRA, IA³, OFT, …, a saved
+            UnsupportedAdapterError: a tensor changed other than additively (DoRA, IA³, OFT, a saved
                 replacement): use `merged(name)`.
         """
         plan, adapter, base = self._prepared.plan, self._prepared.adapter, self._prepared.base
@@ -208,13 +210,18 @@ class BoundAdapter:
             base.entry(name)  # an unknown name is an error, not "unchanged"
             return None
         modules = plan.deltas.get(name, [])
-        if name in plan.replacements or any(not isinstance(m, LoraModule) or not m.additive for m in modules):
+        if name in plan.replacements or any(not m.additive if isinstance(m, LoraModule) else m.multiplicative
+                                             for m in modules):
             raise UnsupportedAdapterError(f"{adapter.path}: '{name}' is not changed by an additive ΔW (a "
-                                          "replacement, DoRA or another tuner); ask for its merged value instead.")
-        rows = base.entry(name).shape[0] if base.entry(name).shape else 1
-        total = torch.zeros(base.entry(name).shape, dtype=self._compute, device=self._dev)
+                                          "replacement, DoRA, IA³ or OFT); ask for its merged value instead.")
+        shape = tuple(base.entry(name).shape)
+        rows = shape[0] if shape else 1
+        total = torch.zeros(shape, dtype=self._compute, device=self._dev)
         for module in modules:
-            total += _adapters.delta_rows(adapter, module, 0, rows, self._compute, self._dev)
+            if isinstance(module, LoraModule):
+                total += _adapters.delta_rows(adapter, module, 0, rows, self._compute, self._dev)
+            else:  # LoHa, LoKr, AdaLoRA, VeRA: the kind's ΔW, as merge adds it
+                total += kind_for(module.peft_type).additive_delta(adapter, module, shape, self._compute, self._dev)
         bias_module = plan.bias_additions.get(name)
         if bias_module is not None:
             total += _adapters.bias_delta(adapter, bias_module, self._compute, self._dev)
