@@ -55,7 +55,7 @@ def test_scaling_plain_and_rslora():
 @pytest.mark.parametrize(
     "config, word",
     [
-        ({"peft_type": "BOFT"}, "BOFT"),
+        ({"peft_type": "FROD"}, "FRoD"),
         ({"peft_type": "PROMPT_TUNING"}, "no weights to merge"),
         ({"peft_type": "VERA", "save_projection": False}, "save_projection"),
         ({"peft_type": "OFT", "coft": True}, "coft"),

@@ -11,9 +11,11 @@ from safetensors.torch import load_file, save_file
 from loratv.adapters import registry
 from loratv.adapters.config import OTHER_TUNERS, parse_config
 from loratv.adapters.kind import AdapterKind, TunerModule, require, tensor_shape
+from loratv.adapters.kinds.peft_backed import TUNERS as PEFT_BACKED
+from loratv.adapters.kinds.peft_backed import PeftBackedKind
 from loratv.errors import LoratvError
 
-MERGED = {"LORA", "LOHA", "LOKR", "ADALORA", "VERA", "IA3", "OFT"}
+MERGED = {"LORA", "LOHA", "LOKR", "ADALORA", "VERA", "IA3", "OFT"} | set(PEFT_BACKED)
 INTERFACE_ATTRIBUTES = ("peft_type", "display_name", "config_fields", "refused_fields", "stored_tensor_roles",
                         "shared_tensors", "multiplicative", "supports_conv", "fixed_orientation", "refuses_conv1d",
                         "factored", "rank_field", "alpha_field", "update")
@@ -38,9 +40,14 @@ def test_every_kind_implements_the_whole_interface(kind):
     assert isinstance(kind, AdapterKind)
     for name in INTERFACE_ATTRIBUTES:
         assert hasattr(kind, name), name
-    assert kind.display_name and kind.update and kind.stored_tensor_roles and kind.config_fields
     for name in INTERFACE_METHODS:
         assert callable(getattr(kind, name)), name
+    if isinstance(kind, PeftBackedKind):  # PEFT's own config class and layer: fields and tensors come from PEFT
+        assert kind.display_name and kind.update and kind.multiplicative
+        for name in ("parse_settings", "map_keys", "bind_module", "merged_value", "bound_terms"):
+            assert getattr(PeftBackedKind, name) is not getattr(AdapterKind, name), name
+        return
+    assert kind.display_name and kind.update and kind.stored_tensor_roles and kind.config_fields
     overridden = {name for name in ("build_module", "depth") if getattr(type(kind), name) is not getattr(AdapterKind, name)}
     assert overridden == {"build_module", "depth"}
     if kind.factored:

@@ -1,5 +1,7 @@
-"""adapters/peft_backed.py: one module at a time through PEFT's own layer code, against PEFT's merge_and_unload of
-the whole model (the oracle), for every tuner PEFT merges that loratv has no formula for, in fp32 and bf16.
+"""adapters/peft_backed.py and the kinds built on it (adapters/kinds/peft_backed.py): one module at a time through
+PEFT's own layer code, against PEFT's merge_and_unload of the whole model (the oracle), for every tuner PEFT merges
+that loratv has no formula for, in fp32 and bf16 — the engine on PEFT's MLP, and `loratv merge` on tiny StarCoder2
+(biases everywhere) and Llama models.
 
 The model is the small MLP of PEFT's own custom-model tests; every adapter parameter gets a seeded random value so
 that no merge is trivially the identity."""
@@ -13,8 +15,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from helpers_io import assert_nothing_at, assert_one_line_error, run_cli
+from loratv.adapters.kinds.peft_backed import TUNERS as REGISTERED
 from loratv.adapters.peft_backed import peft_merged_module
 from loratv.errors import BadInputError, UnsupportedAdapterError
+from tiny_models import build_base, load_model, peft_merged_state
 
 peft = pytest.importorskip("peft")
 
@@ -103,3 +108,104 @@ def test_without_peft_the_refusal_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(UnsupportedAdapterError, match=r"pip install 'loratv\[peft\]'"):
         peft_merged_module(config, _layers(state, "lin0", torch.float32), "lin0", tensors)
+
+
+# ---------------------------------------------------------------- `loratv merge` on transformers models
+
+
+def _model_adapter(base, folder, tuner: str, dtype: torch.dtype, targets=("q_proj", "v_proj")):
+    from peft import get_peft_model
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = PEFT_TYPE_TO_CONFIG_MAPPING[tuner](target_modules=list(targets), **TUNERS[tuner])
+        model = get_peft_model(load_model(base, dtype), config)
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_((0.05 * torch.randn(p.shape, generator=gen)).to(p.dtype))
+        model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft_backed_bases")
+    return {(kind, dtype): build_base(kind, root / f"{kind}-{str(dtype)[6:]}", dtype=dtype)
+            for kind in ("starcoder2", "llama", "gpt2") for dtype in (torch.float32, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tuner", list(REGISTERED))
+def test_loratv_merge_is_merge_and_unload_bit_for_bit(tuner, dtype, bases, tmp_path, capsys):
+    base = bases[("starcoder2", dtype)]
+    adapter = _model_adapter(base, tmp_path / "adapter", tuner, dtype)
+    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
+    assert rc == 0, err
+    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    want = peft_merged_state(base, adapter, dtype)
+    original = load_file(str(base / "model.safetensors"))
+    changed = {n for n in got if not torch.equal(got[n], original[n])}
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed), sorted(changed)
+    for name, value in got.items():
+        assert value.dtype == want[name].dtype and torch.equal(value, want[name]), name
+
+
+def test_merge_without_biases_and_inspect(bases, tmp_path, capsys):
+    base = bases[("llama", torch.float32)]
+    adapter = _model_adapter(base, tmp_path / "adapter", "HRA", torch.float32)
+    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
+    assert rc == 0, err
+    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    want = peft_merged_state(base, adapter, torch.float32)
+    assert all(torch.equal(v, want[n]) for n, v in got.items())
+    rc, out, err = run_cli(capsys, "inspect", adapter, "--json")
+    assert rc == 0, err
+    record = json.loads(out)
+    stored = load_file(str(adapter / "adapter_model.safetensors"))
+    assert record["peft_type"] == "HRA" and record["ranks"] == {"4": 4} and len(record["modules"]) == 4
+    assert record["stored_parameters"] == sum(t.numel() for t in stored.values())
+
+
+def test_compare_is_refused_by_name_for_now(bases, tmp_path, capsys):
+    base = bases[("llama", torch.float32)]
+    adapter = _model_adapter(base, tmp_path / "adapter", "BOFT", torch.float32)
+    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "compare", "--base", base, "--adapter", adapter, "--finetuned", tmp_path / "merged",
+                         "-o", tmp_path / "cmp")
+    assert_one_line_error(rc, err, "BOFT", "compare")
+    assert_nothing_at(tmp_path / "cmp")
+
+
+def test_a_conv1d_target_is_refused_by_name(bases, tmp_path, capsys):
+    base = bases[("gpt2", torch.float32)]
+    adapter = _model_adapter(base, tmp_path / "adapter", "HIRA", torch.float32, targets=("c_attn",))
+    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
+    assert_one_line_error(rc, err, "HiRA", "c_attn", "Linear")
+    assert_nothing_at(tmp_path / "merged")
+
+
+def test_without_peft_merge_names_the_extra(bases, tmp_path, capsys, monkeypatch):
+    base = bases[("llama", torch.float32)]
+    adapter = _model_adapter(base, tmp_path / "adapter", "HRA", torch.float32)
+    monkeypatch.setitem(sys.modules, "peft", None)
+    monkeypatch.setitem(sys.modules, "peft.mapping", None)
+    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
+    assert_one_line_error(rc, err, "pip install 'loratv[peft]'")
+    assert_nothing_at(tmp_path / "merged")
+
+
+def test_commands_on_lora_factors_refuse_in_one_sentence(bases, tmp_path, capsys):
+    """convert and analyze need LoRA factors: one sentence, exit 2, and it names only the commands that take it."""
+    base = bases[("llama", torch.float32)]
+    adapter = _model_adapter(base, tmp_path / "adapter", "HRA", torch.float32)
+    rc, _, err = run_cli(capsys, "convert", adapter, "-o", tmp_path / "k.safetensors", "--to", "kohya")
+    assert_one_line_error(rc, err, "HRA", "convert", "merge and inspect")
+    assert_nothing_at(tmp_path / "k.safetensors")
+    rc, _, err = run_cli(capsys, "analyze", "--base", base, "--adapter", adapter, "--finetuned", base, "-o",
+                         tmp_path / "a")
+    assert_one_line_error(rc, err, "HRA", "analyze", "merge and inspect")
+    assert_nothing_at(tmp_path / "a")

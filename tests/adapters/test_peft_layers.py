@@ -367,7 +367,7 @@ def test_readme_refusal_list_matches_the_code():
     assert {field for field, _, _ in REFUSED_FIELDS} == set(names)
     for field, phrase in names.items():
         assert phrase in listed, (field, phrase)
-    assert "BOFT" in listed and "prompt-learning" in listed and set(OTHER_TUNERS) >= {"BOFT", "PROMPT_TUNING"}
+    assert "FRoD" in listed and "prompt-learning" in listed and set(OTHER_TUNERS) >= {"FROD", "UNILORA", "PROMPT_TUNING"}
     for phrase in ("grouped convolutions", "OFT on Embedding", "nn.MultiheadAttention", "coft"):
         assert phrase in listed, phrase
     # what this issue made mergeable is no longer listed as refused

@@ -230,8 +230,8 @@ def test_refusals_name_the_reason(tmp_path, bases, capsys):
     cases["coft"] = oft
     arch, config = configs()["ia3"]
     ia3 = make_adapter(base, tmp_path / "ia3", config)
-    edit_adapter_config(ia3, peft_type="BOFT")
-    cases["BOFT"] = ia3
+    edit_adapter_config(ia3, peft_type="FROD")
+    cases["FRoD"] = ia3
     for reason, adapter in cases.items():
         capsys.readouterr()
         rc = run_cli("merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "out")

@@ -298,9 +298,10 @@ def refuse_non_lora(adapter: "Adapter", command: str) -> None:
     Raises:
         LoratvError: naming the config file, when the adapter's kind has no LoRA factors (not `factored`).
     """
-    if not kind_for(adapter.settings.peft_type, adapter.config_path).factored:
+    kind = kind_for(adapter.settings.peft_type, adapter.config_path)
+    if not kind.factored:
+        takes = "merge, compare, validate and inspect take" if kind.compared else "merge and inspect take"
         raise LoratvError(f"{adapter.config_path}: {adapter.settings.tuner_name} adapters have no LoRA factors; "
-                          f"loratv {command} takes LoRA adapters only (merge, compare, validate and inspect take "
-                          f"{adapter.settings.tuner_name}).")
+                          f"loratv {command} takes LoRA adapters only ({takes} {adapter.settings.tuner_name}).")
 
 

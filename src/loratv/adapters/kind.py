@@ -79,6 +79,7 @@ class AdapterKind:
         rank_field: the config field holding the rank.
         alpha_field: the config field holding alpha.
         update: inspect's one-line description of the update.
+        compared: whether compare (and validate, precision) can check its merges; False refuses them by name.
     """
 
     peft_type: str = ""
@@ -95,6 +96,7 @@ class AdapterKind:
     rank_field: str = "r"
     alpha_field: str = "alpha"
     update: str = ""
+    compared: bool = True  # compare (and validate, precision) can check its merges
 
     # --- configuration ---
 

@@ -5,12 +5,14 @@ tests, and add one line to KINDS below (docs/adapter-kinds.md walks through it).
 """
 
 from loratv.adapters.kind import AdapterKind
-from loratv.adapters.kinds import adalora, ia3, loha, lokr, lora, oft, vera
+from loratv.adapters.kinds import adalora, ia3, loha, lokr, lora, oft, peft_backed, vera
 from loratv.errors import UnsupportedAdapterError
 
 # PEFT tuners loratv refuses by name, with the reason (anything else unknown gets its peft_type only)
 REFUSED_TUNERS = {
-    "BOFT": "BOFT (butterfly OFT; its permutations are not rebuilt by loratv)",
+    "FROD": "FRoD (its bases come from a joint decomposition of every targeted base weight, not one module at a time)",
+    "UNILORA": "UniLoRA (it stores one shared vector and no tensor per module, so its modules cannot be read "
+               "from the file)",
     "PROMPT_TUNING": "prompt tuning (no weights to merge)", "PREFIX_TUNING": "prefix tuning (no weights to merge)",
     "P_TUNING": "p-tuning (no weights to merge)", "ADAPTION_PROMPT": "adaption prompt (no weights to merge)",
 }
@@ -105,6 +107,7 @@ KINDS = (
     vera.KIND,
     oft.KIND,
     ia3.KIND,
+    *peft_backed.KINDS,  # 22 tuners merged by PEFT's own layer code (adapters/kinds/peft_backed.py)
 )
 for _kind in KINDS:
     register(_kind)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from loratv.adapters.adapter import CONFIG_NAME, PREFIX, bind, load_adapter
+from loratv.adapters.adapter import CONFIG_NAME, PREFIX, bind, load_adapter, refuse_non_lora
 from loratv.adapters.config import parse_config
 from loratv.adapters.kohya import (
     COMPONENTS,
@@ -67,6 +67,7 @@ def convert(source, out, *, to: str, base=None, force: bool = False) -> dict:
     if to not in TARGETS:
         raise BadInputError(f"{param('to', to)}: choose one of {', '.join(TARGETS)}.")
     adapter = load_adapter(source)
+    refuse_non_lora(adapter, "convert")  # only LoRA factors have a kohya form
     kind = adapter.format if isinstance(adapter, SingleFileAdapter) else "peft"
     if kind == to:
         raise LoratvError(f"{adapter.path}: is already a {FORMAT_NAMES[kind]} LoRA; nothing to convert.")
