@@ -169,22 +169,76 @@ def test_merge_without_biases_and_inspect(bases, tmp_path, capsys):
     assert record["stored_parameters"] == sum(t.numel() for t in stored.values())
 
 
-def test_compare_is_refused_by_name_for_now(bases, tmp_path, capsys):
-    base = bases[("llama", torch.float32)]
-    adapter = _model_adapter(base, tmp_path / "adapter", "BOFT", torch.float32)
-    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
+def _write(folder, state: dict, base):
+    """`state`'s tensors that the base stores, as a model folder."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    names = load_file(str(base / "model.safetensors"))
+    save_file({k: v.contiguous().clone() for k, v in state.items() if k in names}, str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compare_holds_peft_merges_to_a_stated_tolerance_and_catches_a_planted_error(dtype, bases, tmp_path, capsys):
+    """PEFT's own merge_and_unload output is EQUIVALENT within tolerance (never certified); one element moved by
+    a few of its ulps past the tolerance is NOT EQUIVALENT and named."""
+    base = bases[("llama", dtype)]
+    adapter = _model_adapter(base, tmp_path / "adapter", "BOFT", dtype)
+    merged = peft_merged_state(base, adapter, dtype)
+    _write(tmp_path / "peft", merged, base)
+    rc, out, err = run_cli(capsys, "compare", "--base", base, "--adapter", adapter, "--finetuned", tmp_path / "peft",
+                           "-o", tmp_path / "cmp")
     assert rc == 0, err
-    rc, _, err = run_cli(capsys, "compare", "--base", base, "--adapter", adapter, "--finetuned", tmp_path / "merged",
-                         "-o", tmp_path / "cmp")
-    assert_one_line_error(rc, err, "BOFT", "compare")
-    assert_nothing_at(tmp_path / "cmp")
+    record = json.loads((tmp_path / "cmp" / "comparison_results.json").read_text())
+    summary = record["summary"]
+    assert summary["verdict"] == "EQUIVALENT within tolerance" and not summary["certified"]
+    assert summary["uncertified_tensors"] == 4 and summary["max_tolerance_ratio"] <= 1
+    assert any("no rounding bound" in r for r in summary["reasons"])
+    targeted = [t for t in record["tensors"] if t["targeted"]]
+    assert all(t["certificate_ratio"] is None and t["tolerance_ratio"] is not None for t in targeted)
+
+    name = "model.layers.1.self_attn.q_proj.weight"
+    row = next(t for t in targeted if t["name"] == name)
+    tolerance = row["max_abs_diff"] / row["tolerance_ratio"] if row["tolerance_ratio"] else row["reference_error"] * 4
+    planted = dict(merged)
+    planted[name] = merged[name].clone()
+    planted[name][3, 5] += 3 * max(tolerance, torch.finfo(dtype).eps * float(merged[name][3, 5].abs()) * 4)
+    _write(tmp_path / "planted", planted, base)
+    rc, out, err = run_cli(capsys, "compare", "--base", base, "--adapter", adapter, "--finetuned",
+                           tmp_path / "planted", "-o", tmp_path / "cmp2")
+    assert rc == 1, err
+    record = json.loads((tmp_path / "cmp2" / "comparison_results.json").read_text())
+    assert record["summary"]["verdict"] == "NOT EQUIVALENT"
+    assert record["summary"]["worst_tensors"][0] == name
+    assert next(t for t in record["tensors"] if t["name"] == name)["worst_element"] == [3, 5]
 
 
-def test_a_conv1d_target_is_refused_by_name(bases, tmp_path, capsys):
+def test_a_gpt2_conv1d_target_merges_bit_identical(bases, tmp_path, capsys):
+    """transformers' Conv1D (GPT-2's c_attn, stored transposed) is wrapped by PEFT's own Conv1D code."""
     base = bases[("gpt2", torch.float32)]
     adapter = _model_adapter(base, tmp_path / "adapter", "HIRA", torch.float32, targets=("c_attn",))
     rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
-    assert_one_line_error(rc, err, "HiRA", "c_attn", "Linear")
+    assert rc == 0, err
+    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    want = peft_merged_state(base, adapter, torch.float32)
+    assert any(not torch.equal(got[n], load_file(str(base / "model.safetensors"))[n]) for n in got)
+    assert all(torch.equal(v, want[n]) for n, v in got.items())
+
+
+def test_a_layer_peft_cannot_wrap_is_refused_in_one_sentence(bases, tmp_path, capsys):
+    """PEFT has no HRA layer for transformers' Conv1D: the refusal is one sentence naming the tuner and the
+    module, and nothing is written."""
+    from safetensors.torch import save_file
+
+    base = bases[("gpt2", torch.float32)]
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "HRA", "r": 4, "target_modules": ["c_attn"]}))
+    width = load_file(str(base / "model.safetensors"))["transformer.h.0.attn.c_attn.weight"].shape[0]
+    save_file({f"base_model.model.transformer.h.{i}.attn.c_attn.hra_u": torch.randn(width, 4) for i in range(2)},
+              str(adapter / "adapter_model.safetensors"))
+    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
+    assert_one_line_error(rc, err, "HRA", "c_attn")
     assert_nothing_at(tmp_path / "merged")
 
 
@@ -203,9 +257,9 @@ def test_commands_on_lora_factors_refuse_in_one_sentence(bases, tmp_path, capsys
     base = bases[("llama", torch.float32)]
     adapter = _model_adapter(base, tmp_path / "adapter", "HRA", torch.float32)
     rc, _, err = run_cli(capsys, "convert", adapter, "-o", tmp_path / "k.safetensors", "--to", "kohya")
-    assert_one_line_error(rc, err, "HRA", "convert", "merge and inspect")
+    assert_one_line_error(rc, err, "HRA", "convert", "merge, compare, validate and inspect")
     assert_nothing_at(tmp_path / "k.safetensors")
     rc, _, err = run_cli(capsys, "analyze", "--base", base, "--adapter", adapter, "--finetuned", base, "-o",
                          tmp_path / "a")
-    assert_one_line_error(rc, err, "HRA", "analyze", "merge and inspect")
+    assert_one_line_error(rc, err, "HRA", "analyze", "merge, compare, validate and inspect")
     assert_nothing_at(tmp_path / "a")

@@ -508,6 +508,8 @@ class TunerTerms:
     abs_value: torch.Tensor | None = None  # additive: G
     cache: dict = field(default_factory=dict)  # multiplicative: the float64 vector or rotations, per device
     kind: AdapterKind | None = None  # the module's kind (its apply_rows)
+    certified = True  # delta_and_bound gives a derived rounding bound (PEFT-backed kinds: a stated tolerance)
+    reference_error: float | None = None  # uncertified terms: the error the tolerance is built from
 
     def to(self, device) -> "TunerTerms":
         """A copy with the float64 delta tensors on `device` (the per-device cache starts empty).

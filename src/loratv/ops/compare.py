@@ -17,6 +17,7 @@ import torch
 
 from loratv.adapters.adapter import TOKEN_ROWS, bind, load_adapter, token_replacement
 from loratv.adapters.kinds.lora_variants.dora import DoraTerms
+from loratv.adapters.kinds.peft_backed import TOLERANCE_FACTOR
 from loratv.adapters.layouts import piece_factors
 from loratv.adapters.tuner_bounds import TunerTerms, tuner_terms
 from loratv.adapters.tuners import TunerModule
@@ -116,6 +117,8 @@ class TensorComparison:
     max_abs_t: float = 0.0
     max_abs_diff: float = 0.0
     certificate_ratio: float | None = None
+    tolerance_ratio: float | None = None  # tensors with no derived bound (PEFT-backed tuners): max |T − ΔW| / tolerance
+    reference_error: float | None = None  # their E: the largest error of PEFT's own merge against the reference
     worst_element: list | None = None
     worst_element_diff: float | None = None  # |T − ΔW| at worst_element
     max_error_ulps: float | None = None
@@ -175,6 +178,8 @@ class TensorComparison:
             "max_abs_diff": self.max_abs_diff,
             "relative_frobenius_error": math.sqrt(self.diff_sumsq) / t_norm if self.targeted and t_norm > 0 else None,
             "certificate_ratio": self.certificate_ratio,
+            "tolerance_ratio": self.tolerance_ratio,
+            "reference_error": self.reference_error,
             "worst_element": self.worst_element,
             "worst_element_diff": self.worst_element_diff,
             "max_error_ulps": self.max_error_ulps,
@@ -264,6 +269,7 @@ class _TargetedAccumulator:
         self.ulps = 0.0
         self.worst: int | None = None
         self.worst_diff: float | None = None
+        self.certified = delta.tuner is None or delta.tuner.certified
 
     def add_rows(self, w_rows: torch.Tensor, raw_rows: torch.Tensor | None, start: int, stop: int, tv) -> torch.Tensor:
         """Rows [start, stop) of the base and of the task vector input as read (None: T = 0); returns the rows of
@@ -383,7 +389,11 @@ class _TargetedAccumulator:
         if not self.dense_only:
             s.dot = sum(i.value() for i in self.inner)
             s.d_sumsq = norm_sq(self.delta.parts)
-        s.certificate_ratio = self.ratio
+        if self.certified:
+            s.certificate_ratio = self.ratio
+        elif self.delta.tuner is not None:  # held to a stated tolerance, not a derived bound (PeftTerms)
+            s.tolerance_ratio = self.ratio
+            s.reference_error = self.delta.tuner.reference_error
         s.max_error_ulps = self.ulps
         s.worst_element = list(_unravel(self.worst, s.shape)) if self.worst is not None else None
         s.worst_element_diff = self.worst_diff
@@ -686,13 +696,18 @@ def build_record(base, adapter, tv, plan, comparisons: dict, tolerance: float, c
     t_targeted = sum(t.t_sumsq for t in targeted)
     d_all = sum(t.d_sumsq for t in targeted)
 
-    certified = all(t.certificate_ratio <= 1 for t in targeted) and not by["unexplained"]
-    within = all(t.max_abs_diff <= tolerance for t in targeted + by["unexplained"])
+    bounded = [t for t in targeted if t.tolerance_ratio is None]
+    held = [t for t in targeted if t.tolerance_ratio is not None]  # no derived bound: a stated tolerance
+    certified = all(t.certificate_ratio <= 1 for t in bounded) and not held and not by["unexplained"]
+    within = (all(t.max_abs_diff <= tolerance for t in bounded + by["unexplained"])
+              and all(t.tolerance_ratio <= 1 for t in held))
     verdict = CERTIFIED if certified else WITHIN_TOLERANCE if within else NOT_EQUIVALENT
-    worst = sorted((t for t in targeted if t.certificate_ratio > 1), key=lambda t: -t.certificate_ratio)
+    worst = sorted((t for t in targeted if _ratio(t) > 1), key=lambda t: -_ratio(t))
     reasons = [_reason_targeted(t) for t in worst[:5]]
     if len(worst) > 5:
-        reasons.append(f"… and {len(worst) - 5} more targeted tensors exceed their rounding bound.")
+        reasons.append(f"… and {len(worst) - 5} more targeted tensors exceed their rounding bound or tolerance.")
+    if held and not worst:
+        reasons.append(_reason_held(held, adapter.settings.tuner_name))
     unexplained = sorted(by["unexplained"], key=lambda t: -t.max_abs_t)
     reasons += [_reason_unexplained(t) for t in unexplained[:5]]
     if len(unexplained) > 5:
@@ -719,7 +734,9 @@ def build_record(base, adapter, tv, plan, comparisons: dict, tolerance: float, c
         "perfect_matches": sum(c > PERFECT_MATCH for c in cosines),
         "perfect_match_threshold": PERFECT_MATCH,
         "max_abs_diff": max((t.max_abs_diff for t in targeted), default=0.0),
-        "max_certificate_ratio": max((t.certificate_ratio for t in targeted), default=None),
+        "max_certificate_ratio": max((t.certificate_ratio for t in bounded), default=None),
+        "uncertified_tensors": len(held),
+        "max_tolerance_ratio": max((t.tolerance_ratio for t in held), default=None),
         "relative_frobenius_error": (
             math.sqrt(sum(t.diff_sumsq for t in targeted) / t_targeted) if t_targeted > 0 else None
         ),
@@ -764,16 +781,30 @@ def _cosine(dot: float, a: float, b: float) -> float | None:
     return max(-1.0, min(1.0, dot / math.sqrt(a * b)))
 
 
+def _ratio(t: TensorComparison) -> float:
+    """How far past its bound (or, with no derived bound, its tolerance) a targeted tensor is."""
+    ratio = t.certificate_ratio if t.tolerance_ratio is None else t.tolerance_ratio
+    return 0.0 if ratio is None else ratio
+
+
 def _reason_targeted(t: TensorComparison) -> str:
     where = f" at element {t.worst_element}" if t.worst_element is not None else ""
-    text = (
-        f"{t.name}: max |T − ΔW| = {t.max_abs_diff:.3e}, {t.certificate_ratio:.3g}× its rounding bound{where}"
-    )
+    limit = "rounding bound" if t.tolerance_ratio is None else "tolerance (no rounding bound is derived)"
+    text = f"{t.name}: max |T − ΔW| = {t.max_abs_diff:.3e}, {_ratio(t):.3g}× its {limit}{where}"
     if not t.changed:
         text += "; the adapter changes this tensor but the task vector does not"
     elif t.cosine is not None and t.cosine < PERFECT_MATCH:
         text += f"; cosine {t.cosine:.6f}"
     return text + "."
+
+
+def _reason_held(held: list, tuner: str) -> str:
+    worst = max(held, key=lambda t: t.tolerance_ratio)
+    error = max(t.reference_error or 0.0 for t in held)
+    return (f"{len(held)} tensors are merged by PEFT's own {tuner} code, for which loratv derives no rounding bound: "
+            f"each is within its tolerance (½ ulp of the output dtype + {TOLERANCE_FACTOR} × the largest error of "
+            f"PEFT's own merge of it against its float64 evaluation, at most {error:.3e}); the largest ratio is "
+            f"{worst.tolerance_ratio:.3g} ({worst.name}). Not certified.")
 
 
 def _reason_unexplained(t: TensorComparison) -> str:

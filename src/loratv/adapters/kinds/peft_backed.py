@@ -3,23 +3,28 @@ FourierFT, VBLoRA, RandLoRA, C3A, DeLoRA, GLoRA, GraLoRA, HiRA, MiSS, PSOFT, PVe
 LN Tuning, BEFT, DEFT, PEANuT and SuperTuning (FRoD and UniLoRA are refused by name: registry.REFUSED_TUNERS).
 
 Each module's stored tensors are the ones under PEFT's tuner prefix (`hra_u`, `boft_R`, …); tensors outside
-`base_model.model.` are shared (VBLoRA's bank, RandLoRA's bases). A module merges into its Linear layer's weight and
-bias together (BEFT and LN Tuning change the bias), computed by PEFT in the base tensors' dtype, exactly as
-`merge_and_unload` does on a model loaded in that dtype, then rounded once to the output dtype. Only nn.Linear
-targets are merged so far; Conv1D, ConvNd, Embedding and MultiheadAttention targets are refused by name, and so is
-compare (no rounding bound is derived for these tuners yet).
+`base_model.model.` are shared (VBLoRA's bank, RandLoRA's bases). A module's layer is the base architecture's own
+(transformers builds the model from config.json on the meta device: Linear, Conv1D, Embedding, ConvNd, LayerNorm …);
+without a config transformers can build, it is told from the stored shapes and names (layer_template). Every
+parameter of the layer the base stores (weight, bias) comes out of one PEFT merge in the base tensors' dtype, exactly
+as `merge_and_unload` does on a model loaded in that dtype, and is rounded once to the output dtype.
+
+compare evaluates PEFT's same program in float64 on float64 inputs as its reference. No rounding bound is derived
+for these tuners, so they are never certified: each tensor is checked against a stated tolerance built from the
+error PEFT's own merge makes on it (PeftTerms).
 """
 
-from dataclasses import fields
+import threading
+from dataclasses import dataclass, fields
 
 import torch
-from torch import nn
 
 from loratv.adapters.kind import PREFIX, AdapterKind, TunerModule, TunerTerms
-from loratv.adapters.peft_backed import EXTRA, peft_merged_module
+from loratv.adapters.peft_backed import EXTRA, PeftMerger
+from loratv.adapters.peft_layers import layer_template
 from loratv.adapters.settings import LoraSettings, check_bias, modules_to_save
-from loratv.adapters.structures import CONV1D_MODEL_TYPES, CONV1D_MODULES
 from loratv.errors import LoratvError, UnsupportedAdapterError
+from loratv.numerics.precision import unit_roundoff
 
 # peft_type -> how messages name it
 TUNERS = {
@@ -29,7 +34,9 @@ TUNERS = {
     "WAVEFT": "WaveFT", "LN_TUNING": "LN Tuning", "BEFT": "BEFT", "DEFT": "DEFT", "PEANUT": "PEANuT",
     "SUPERTUNING": "SuperTuning",
 }
-INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "shared")
+# tuners whose shared state PEFT sizes from every targeted layer: PEFT's model is built once around all of them
+WHOLE_MODEL = ("RANDLORA", "PVERA", "TINYLORA")
+TOLERANCE_FACTOR = 4  # compare's tolerance: ½ulp of the output plus this many times PEFT's own largest error
 
 
 def _peft_tuner(peft_type: str, path):
@@ -51,7 +58,6 @@ class PeftBackedKind(AdapterKind):
     """A tuner whose merge is PEFT's layer `merge()`, run on one module at a time."""
 
     multiplicative = True  # the merged tensor comes whole from the base tensor, not as W + ΔW
-    compared = False  # no rounding bound derived yet: compare refuses (bound_terms)
     fixed_orientation = True
 
     def __init__(self, peft_type: str):
@@ -121,17 +127,18 @@ class PeftBackedKind(AdapterKind):
         if not groups:
             raise LoratvError(f"{adapter.tensors.path}: holds no {self.display_name} module tensor "
                               f"(no name part starting with '{prefix}').")
-        layers: dict[str, tuple] = {}  # module -> (weight shape, has bias), filled as modules bind
+        state: dict = {"templates": {}, "owned": groups, "lock": threading.Lock()}  # shared by the adapter's modules: layers, PEFT's model
         for module, keys in groups.items():
             built = TunerModule(module, module + ".weight", self.peft_type, {**keys, **shared},
                                 r=adapter.settings.r or None,
-                                options={"layers": layers, "shared": shared, "own": dict(keys)})
+                                options={"state": state, "shared": shared, "own": dict(keys)})
             built.multiplicative = True
             adapter.modules[module] = built
 
     def bind_module(self, adapter, module: TunerModule, base, target: str, model_type, deltas: dict,
                     copies: int = 1) -> None:
-        """Bind to `<module>.weight` (and `<module>.bias` when the base stores it): both come out of PEFT's merge.
+        """Bind to every parameter of the module's layer that the base stores (weight, and bias where there is
+        one): all of them come out of PEFT's merge together.
 
         Args:
             adapter: the adapter.
@@ -143,32 +150,78 @@ class PeftBackedKind(AdapterKind):
             copies: unused (1).
 
         Raises:
-            UnsupportedAdapterError: a target that is not a Linear layer (not merged by this kind yet).
+            LoratvError: the layer's stored tensors do not have the shapes of its layer.
         """
-        shape = tuple(base.entry(target).shape)
-        leaf = module.module.rsplit(".", 1)[-1]
-        if len(shape) != 2 or leaf in INPUT_EMBEDDINGS or (model_type in CONV1D_MODEL_TYPES and leaf in CONV1D_MODULES):
-            raise UnsupportedAdapterError(
-                f"{adapter.tensors.path}: {self.display_name} module '{module.module}' targets a layer that is not a "
-                f"Linear ('{target}' {list(shape)}); loratv merges {self.display_name} into Linear layers only so far.")
-        bias = module.module + ".bias"
-        has_bias = bias in base
-        module.kind = "linear"
-        module.options["layers"][module.module] = (shape, has_bias)
-        module.options["base"] = base
-        deltas.setdefault(target, []).append(module)
-        if has_bias:
-            bias_module = TunerModule(module.module, bias, self.peft_type, module.keys, options=module.options)
-            bias_module.multiplicative = True
-            bias_module.kind = "linear"
-            deltas.setdefault(bias, []).append(bias_module)
+        state = module.options["state"]
+        template = layer_template(state, base, module.module, model_type)
+        state["templates"][module.module] = template
+        state["base"] = base
+        module.kind = type(template).__name__
+        params = [name for name, _ in template.named_parameters(recurse=False) if f"{module.module}.{name}" in base]
+        module.options["params"] = params
+        for name in params:
+            bound = module if name == "weight" else TunerModule(module.module, f"{module.module}.{name}",
+                                                                 self.peft_type, module.keys, options=module.options)
+            bound.multiplicative = True
+            bound.kind = module.kind
+            deltas.setdefault(bound.target, []).append(bound)
+
+    def merged_params(self, adapter, module: TunerModule, dtype: torch.dtype | None = None, *,
+                      reference: bool = False) -> dict:
+        """The module's merged parameters from PEFT's merge: in the base tensors' dtype (as `merge` writes), in
+        `dtype` (the base cast first, as PEFT on a model loaded in that dtype), or (reference) PEFT's program
+        evaluated in float64 on float64 base and adapter tensors. The current module's results are kept, so its
+        weight and bias come from one merge.
+
+        Args:
+            adapter: the adapter.
+            module: a bound module.
+            dtype: the dtype the merge runs in (None: the base tensors' own).
+            reference: evaluate in float64, adapter tensors included (compare's reference).
+
+        Returns:
+            Parameter name -> merged tensor.
+
+        Raises:
+            LoratvError: PEFT cannot merge the module, or a stored tensor does not fit it.
+        """
+        options = module.options
+        state = options["state"]
+        with state["lock"]:  # compare works on two tensors at once; PEFT's model is shared
+            results = state.setdefault("results", {})
+            key = (module.module, dtype, reference)
+            if key in results:
+                return results[key]
+            base = state["base"]
+            params = {name: base.read(f"{module.module}.{name}") for name in options["params"]}
+            if dtype is None or reference:
+                dtype = params["weight"].dtype if "weight" in params else next(iter(params.values())).dtype
+            params = {name: value.to(dtype) for name, value in params.items()}
+            if state.get("merger") is None:
+                state["merger"] = self._merger(adapter, state, options["shared"])
+            merged = state["merger"].merge(module.module, params, reference=reference)
+            if any(k[0] != module.module for k in results):
+                results.clear()  # one module's results held at a time
+            results[key] = merged
+            return merged
+
+    def _merger(self, adapter, state: dict, shared: dict) -> PeftMerger:
+        owned = state["owned"]
+
+        def load(name):
+            keys = [k for m in ([name] if name is not None else owned) for k in owned[m].values()]
+            return {k: adapter.factor(k) for k in [*keys, *shared.values()]}
+
+        config = {**adapter.settings.raw, "task_type": None, "modules_to_save": None}
+        return PeftMerger(config, state["templates"], load, whole_model=self.peft_type in WHOLE_MODEL,
+                          source=str(adapter.tensors.path))
 
     def merged_value(self, adapter, module: TunerModule, w: torch.Tensor) -> torch.Tensor:
         """The merged weight or bias of the module, from PEFT's merge in the base dtype.
 
         Args:
             adapter: the adapter.
-            module: the bound module (its target the weight or the bias).
+            module: the bound module (its target one of the layer's parameters).
             w: the base tensor in the compute dtype (its value is read again in the base dtype).
 
         Returns:
@@ -177,25 +230,8 @@ class PeftBackedKind(AdapterKind):
         Raises:
             LoratvError: PEFT cannot merge the module, or a stored tensor does not fit it.
         """
-        options = module.options
-        base = options["base"]
-        weight_name = module.module + ".weight"
-        weight = base.read(weight_name)
-        layers = {}
-        for name, (shape, has_bias) in options["layers"].items():
-            layers[name] = nn.Linear(shape[1], shape[0], bias=has_bias, dtype=weight.dtype, device="meta")
-        (out_features, in_features), has_bias = options["layers"][module.module]
-        real = nn.Linear(in_features, out_features, bias=has_bias, dtype=weight.dtype)
-        with torch.no_grad():
-            real.weight.copy_(weight)
-            if has_bias:
-                real.bias.copy_(base.read(module.module + ".bias").to(weight.dtype))
-        layers[module.module] = real
-        tensors = {key: adapter.factor(key) for key in {**options["own"], **options["shared"]}.values()}
-        config = {**adapter.settings.raw, "task_type": None, "modules_to_save": None}
-        merged = peft_merged_module(config, layers, module.module, tensors, source=str(adapter.tensors.path))
-        leaf = "weight" if module.target == weight_name else "bias"
-        return merged[leaf].to(device=w.device, dtype=w.dtype)
+        merged = self.merged_params(adapter, module)
+        return merged[module.target[len(module.module) + 1:]].to(device=w.device, dtype=w.dtype)
 
     def own_keys(self, module: TunerModule) -> list:
         """The module's own stored tensors (the shared ones excluded).
@@ -208,8 +244,8 @@ class PeftBackedKind(AdapterKind):
         """
         return list(module.options["own"].values())
 
-    def bound_terms(self, adapter, module: TunerModule, shape: tuple) -> TunerTerms:
-        """Refused: no rounding bound is derived for PEFT-backed tuners yet.
+    def bound_terms(self, adapter, module: TunerModule, shape: tuple) -> "PeftTerms":
+        """compare's terms: PEFT's program in float64 as the reference, with a stated tolerance (no derived bound).
 
         Args:
             adapter: the adapter.
@@ -217,13 +253,80 @@ class PeftBackedKind(AdapterKind):
             shape: the base tensor's shape.
 
         Returns:
-            Never.
-
-        Raises:
-            UnsupportedAdapterError: always, naming the tuner.
+            The module's PeftTerms.
         """
-        raise UnsupportedAdapterError(f"{adapter.config_path}: compare of {self.display_name} adapters is not "
-                                      f"available yet (merge is: it runs PEFT's own {self.display_name} code).")
+        return PeftTerms(adapter, module, 0, kind=self)
+
+
+@dataclass
+class PeftTerms(TunerTerms):
+    """compare's view of a PEFT-backed module: the reference is PEFT's own program evaluated in float64 on float64
+    inputs; with no derived rounding bound, each element is held to a tolerance of
+
+        ½·ulp_d(M) + TOLERANCE_FACTOR · E,   E = max |PEFT's merge of this tensor − reference|
+
+    where PEFT's merge runs in the base dtype (what `loratv merge` and `merge_and_unload` on a model loaded in it
+    compute) and, for an output dtype narrower than the base, also in the output dtype (the base cast first). A
+    tensor within it is `EQUIVALENT within tolerance`, never certified."""
+
+    certified = False
+
+    def to(self, device) -> "PeftTerms":
+        """A copy for `device` (the reference is computed there on first use).
+
+        Args:
+            device: the torch device.
+
+        Returns:
+            The new PeftTerms.
+        """
+        return PeftTerms(self.adapter, self.module, self.depth, kind=self.kind)
+
+    def reference_and_error(self, base_dtype: torch.dtype, out_dtype: torch.dtype, device) -> tuple:
+        """The float64 reference of the whole tensor and E, the largest error of PEFT's own merges of it.
+
+        Args:
+            base_dtype: the base tensor's stored dtype.
+            out_dtype: the dtype of the model compared.
+            device: where the reference is wanted.
+
+        Returns:
+            (reference tensor, E as a float).
+        """
+        key = ("reference", str(device))
+        if key not in self.cache:
+            kind, leaf = self.kind, self.module.target[len(self.module.module) + 1:]
+            assert isinstance(kind, PeftBackedKind)
+            reference = kind.merged_params(self.adapter, self.module, reference=True)[leaf]
+            dtypes = [base_dtype] + ([out_dtype] if unit_roundoff(out_dtype) > unit_roundoff(base_dtype) else [])
+            error = max(float((kind.merged_params(self.adapter, self.module, dtype)[leaf].to(torch.float64)
+                               - reference).abs().max()) for dtype in dtypes)
+            self.cache[key] = (reference.to(device), error)
+        reference, self.reference_error = self.cache[key]
+        return reference, self.reference_error
+
+    def delta_and_bound(self, w: torch.Tensor, start: int, stop: int, base_dtype, out_dtype):
+        """Rows of D = reference − W (float64), the bound on the float64 subtraction, and the tolerance function.
+
+        Args:
+            w: rows [start, stop) of the base tensor, float64, on the device of the terms.
+            start: first row.
+            stop: one past the last row.
+            base_dtype: the base tensor's stored dtype.
+            out_dtype: the dtype the merge writes.
+
+        Returns:
+            (D, its evaluation error, tolerance(m, ulp_m)), shaped like `w`.
+        """
+        reference, error = self.reference_and_error(base_dtype, out_dtype, w.device)
+        rows = reference[start:stop].reshape(w.shape)
+        d = rows - w
+        evaluation = 2 * unit_roundoff(torch.float64) * (rows.abs() + w.abs())
+
+        def tolerance(m, ulp_m):
+            return torch.add(0.5 * ulp_m, TOLERANCE_FACTOR * error)
+
+        return d, evaluation, tolerance
 
 
 KINDS = tuple(PeftBackedKind(peft_type) for peft_type in TUNERS)

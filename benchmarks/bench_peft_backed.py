@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Benchmark `loratv merge` of PEFT-backed tuners (HRA, BOFT) against a LoRA merge, on a StarCoder2-3B-shaped base.
+
+    python benchmarks/bench_peft_backed.py --workdir /tmp/loratv-bench-peft                # 30 layers, ~12.1 GB
+    python benchmarks/bench_peft_backed.py --workdir /tmp/loratv-bench-peft --layers 2     # quick check
+
+One run:
+  1. writes a random fp32 StarCoder2-3B-shaped base and an r=16 LoRA adapter on q/k/v/o_proj (make_starcoder2_3b.py),
+     an HRA adapter (r=8) and a BOFT adapter (block size 32, one butterfly factor) on the same modules, their
+     tensors laid out by PEFT itself (get_peft_model on one layer of the real shapes) and filled with seeded values;
+  2. times, each in a fresh subprocess after `sync` and dropping the page cache (when permitted), `--repeat` times
+     interleaved, keeping the fastest: `cp -r BASE COPY` (the I/O floor), `loratv merge` of the LoRA, HRA and BOFT
+     adapters, recording wall seconds (+ the `sync` after) and peak RSS as bench_merge_extract.py does;
+  3. checks, untimed, one HRA- and one BOFT-merged module against PEFT's merge of that module (--no-verify skips);
+  4. prints a Markdown report (ratios against the LoRA merge measured in the same run) and writes results.json.
+
+Goal (issue 17): a BOFT or HRA merge within 2× the LoRA merge's time, peak RSS < 2 GB.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_merge_extract import (  # noqa: E402
+    loratv_runner,
+    machine_info,
+    measure,
+    prepare_workdir,
+    rmtree,
+)
+from make_starcoder2_3b import HIDDEN, KV_DIM, LORA_TARGETS, config_json, make_adapter, make_model  # noqa: E402
+
+TUNERS = {"HRA": {"r": 8}, "BOFT": {"boft_block_size": 32, "boft_n_butterfly_factor": 1}}
+OUT_FEATURES = {"q_proj": HIDDEN, "k_proj": KV_DIM, "v_proj": KV_DIM, "o_proj": HIDDEN}
+GOALS = {"time_vs_lora_max": 2.0, "rss_max_mb": 2000.0}
+
+
+def one_layer_state(tuner: str) -> dict:
+    """PEFT's adapter tensors for one layer's q/k/v/o_proj (names under model.layers.0), seeded random values."""
+    from peft import get_peft_model
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import get_peft_model_state_dict
+    from torch import nn
+
+    root = nn.Module()
+    attn = nn.Module()
+    root.add_module("model", nn.Module())
+    root.model.add_module("layers", nn.ModuleList([nn.Module()]))
+    root.model.layers[0].add_module("self_attn", attn)
+    for name, out in OUT_FEATURES.items():
+        layer = nn.Linear(HIDDEN, out, device="meta")
+        layer.weight = nn.Parameter(torch.zeros(1).expand(out, HIDDEN), requires_grad=False)
+        layer.bias = nn.Parameter(torch.zeros(1).expand(out), requires_grad=False)
+        attn.add_module(name, layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = PEFT_TYPE_TO_CONFIG_MAPPING[tuner](target_modules=list(LORA_TARGETS), **TUNERS[tuner])
+        model = get_peft_model(root, config)
+    state = get_peft_model_state_dict(model)
+    return state, config.to_dict()
+
+
+def make_tuner_adapter(tuner: str, out: Path, base: Path, layers: int, seed: int) -> dict:
+    state, config = one_layer_state(tuner)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for key, value in state.items():
+            if value.is_floating_point():
+                tensors[key.replace("layers.0.", f"layers.{layer}.")] = 0.02 * torch.randn(value.shape, generator=gen)
+            else:
+                tensors[key.replace("layers.0.", f"layers.{layer}.")] = value.clone()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    config.update(peft_type=tuner, base_model_name_or_path=str(base), task_type=None)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+    return {"tensors": len(tensors), "params": sum(t.numel() for t in tensors.values())}
+
+
+def verify(tuner: str, base: Path, adapter: Path, merged: Path) -> dict:
+    """One module (layer 0's q_proj and k_proj) merged by PEFT itself, against loratv's output."""
+    from loratv.adapters.peft_backed import peft_merged_module
+    from torch import nn
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"] \
+        if (base / "model.safetensors.index.json").exists() else None
+    merged_index = json.loads((merged / "model.safetensors.index.json").read_text())["weight_map"] \
+        if (merged / "model.safetensors.index.json").exists() else None
+
+    def read(folder, idx, name):
+        with safe_open(str(folder / (idx[name] if idx else "model.safetensors")), "pt") as f:
+            return f.get_tensor(name)
+
+    checked = {}
+    for leaf in ("q_proj", "k_proj"):
+        module = f"model.layers.0.self_attn.{leaf}"
+        layers = {}
+        for layer_index in range(config_layers(base)):
+            for name, out in OUT_FEATURES.items():
+                layers[f"model.layers.{layer_index}.self_attn.{name}"] = nn.Linear(HIDDEN, out, device="meta")
+        real = nn.Linear(HIDDEN, OUT_FEATURES[leaf])
+        with torch.no_grad():
+            real.weight.copy_(read(base, index, f"{module}.weight"))
+            real.bias.copy_(read(base, index, f"{module}.bias"))
+        layers[module] = real
+        want = peft_merged_module(config, layers, module, tensors)
+        got = read(merged, merged_index, f"{module}.weight")
+        checked[module] = bool(torch.equal(got, want["weight"]))
+    return checked
+
+
+def config_layers(base: Path) -> int:
+    return json.loads((base / "config.json").read_text())["num_hidden_layers"]
+
+
+def report(results: dict) -> str:
+    best = results["best"]
+    lora = best["merge_lora"]
+    lines = [
+        f"StarCoder2-3B-shaped base, {results['layers']} layers, fp32; fastest of {results['repeat']} run(s).",
+        "",
+        "| step | wall + sync (s) | × LoRA merge | peak RSS (MB) | goal |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in best.items():
+        ratio = row["total_s"] / lora["total_s"]
+        goal = ""
+        if name in ("merge_hra", "merge_boft"):
+            ok = ratio <= GOALS["time_vs_lora_max"] and row["peak_rss_mb"] < GOALS["rss_max_mb"]
+            goal = f"≤ {GOALS['time_vs_lora_max']}×, < {GOALS['rss_max_mb']:.0f} MB: {'met' if ok else 'MISSED'}"
+        lines.append(f"| {name} | {row['total_s']:.1f} | {ratio:.2f} | {row['peak_rss_mb']:.0f} | {goal} |")
+    if results.get("verified"):
+        lines += ["", f"bit-identical to PEFT's merge of the same module: {json.dumps(results['verified'])}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, required=True, help="scratch folder outside the repository (tens of GB)")
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--snapshot", help="run loratv from `git archive` of this commit (e.g. HEAD)")
+    ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    args = ap.parse_args(argv)
+    wd, logdir = prepare_workdir(ap, args.workdir)
+    loratv, env, commit = loratv_runner(wd, args.snapshot)
+    base = wd / "base"
+    adapters = {"lora": wd / "adapter-lora", "hra": wd / "adapter-hra", "boft": wd / "adapter-boft"}
+    if not (base / "config.json").exists() or config_layers(base) != args.layers:
+        rmtree(base)
+        make_model(base, args.layers, seed=0)
+    assert json.loads((base / "config.json").read_text()) == config_json(args.layers)
+    rmtree(adapters["lora"])
+    make_adapter(adapters["lora"], base, args.layers, seed=0)
+    for tuner in ("HRA", "BOFT"):
+        rmtree(adapters[tuner.lower()])
+        make_tuner_adapter(tuner, adapters[tuner.lower()], base, args.layers, seed=1)
+
+    runs: dict = {}
+    verified = {}
+    for attempt in range(args.repeat):
+        copy = wd / "copy"
+        rmtree(copy)
+        runs.setdefault("cp_floor", []).append(measure("cp_floor", ["cp", "-r", base, copy], logdir))
+        rmtree(copy)
+        for name, adapter in adapters.items():
+            out = wd / f"merged-{name}"
+            rmtree(out)
+            step = measure(f"merge_{name}", [*loratv, "merge", "--base", base, "--adapter", adapter, "-o", out,
+                                             "--quiet"], logdir, env=env)
+            if step["rc"] != 0:
+                print(step["output_tail"], file=sys.stderr)
+                return 1
+            runs.setdefault(f"merge_{name}", []).append(step)
+            if attempt == 0 and name != "lora" and not args.no_verify:
+                verified[name] = verify(name.upper(), base, adapter, out)
+            rmtree(out)
+    best = {name: min(rows, key=lambda r: r["total_s"]) for name, rows in runs.items()}
+    results = {"layers": args.layers, "repeat": args.repeat, "snapshot": commit, "best": best, "runs": runs,
+               "verified": verified, "machine": machine_info(wd, loratv)}
+    (wd / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    text = report(results)
+    (wd / "results.md").write_text(text + "\n")
+    print(text)
+    if not args.keep:
+        for path in (base, *adapters.values()):
+            rmtree(path)
+    shutil.rmtree(wd / "loratv-src", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
