@@ -79,7 +79,7 @@ def make_tuner_adapter(tuner: str, out: Path, base: Path, layers: int, seed: int
             else:
                 tensors[key.replace("layers.0.", f"layers.{layer}.")] = value.clone()
     out.mkdir(parents=True, exist_ok=True)
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     config.update(peft_type=tuner, base_model_name_or_path=str(base), task_type=None)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
