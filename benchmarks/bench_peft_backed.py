@@ -12,6 +12,8 @@ One run:
      interleaved, keeping the fastest: `cp -r BASE COPY` (the I/O floor), `loratv merge` of the LoRA, HRA and BOFT
      adapters, recording wall seconds (+ the `sync` after) and peak RSS as bench_merge_extract.py does;
   3. checks, untimed, one HRA- and one BOFT-merged module against PEFT's merge of that module (--no-verify skips);
+     with --with-peft, also times PEFT itself (peft_merge_reference.py: transformers load, merge_and_unload,
+     save_pretrained) on each adapter and compares the whole outputs tensor by tensor;
   4. prints a Markdown report (ratios against the LoRA merge measured in the same run) and writes results.json.
 
 Goal (issue 17): a BOFT or HRA merge within 2× the LoRA merge's time, peak RSS < 2 GB.
@@ -30,6 +32,7 @@ from safetensors.torch import load_file, safe_open, save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_merge_extract import (  # noqa: E402
+    compare_merges,
     loratv_runner,
     machine_info,
     measure,
@@ -88,8 +91,9 @@ def make_tuner_adapter(tuner: str, out: Path, base: Path, layers: int, seed: int
 
 def verify(tuner: str, base: Path, adapter: Path, merged: Path) -> dict:
     """One module (layer 0's q_proj and k_proj) merged by PEFT itself, against loratv's output."""
-    from loratv.adapters.peft_backed import peft_merged_module
     from torch import nn
+
+    from loratv.adapters.peft_backed import peft_merged_module
 
     config = json.loads((adapter / "adapter_config.json").read_text())
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
@@ -140,6 +144,10 @@ def report(results: dict) -> str:
             ok = ratio <= GOALS["time_vs_lora_max"] and row["peak_rss_mb"] < GOALS["rss_max_mb"]
             goal = f"≤ {GOALS['time_vs_lora_max']}×, < {GOALS['rss_max_mb']:.0f} MB: {'met' if ok else 'MISSED'}"
         lines.append(f"| {name} | {row['total_s']:.1f} | {ratio:.2f} | {row['peak_rss_mb']:.0f} | {goal} |")
+    for name in ("lora", "hra", "boft"):
+        if f"peft_{name}" in best:
+            speed = best[f"peft_{name}"]["total_s"] / best[f"merge_{name}"]["total_s"]
+            lines.append(f"\nPEFT's own merge of the {name.upper()} adapter / loratv merge: {speed:.2f}×")
     if results.get("verified"):
         lines += ["", f"bit-identical to PEFT's merge of the same module: {json.dumps(results['verified'])}"]
     return "\n".join(lines)
@@ -152,6 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--snapshot", help="run loratv from `git archive` of this commit (e.g. HEAD)")
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--with-peft", action="store_true", help="also time PEFT's own merge (needs ~2× the model in RAM)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     args = ap.parse_args(argv)
     wd, logdir = prepare_workdir(ap, args.workdir)
@@ -186,6 +195,15 @@ def main(argv=None) -> int:
             runs.setdefault(f"merge_{name}", []).append(step)
             if attempt == 0 and name != "lora" and not args.no_verify:
                 verified[name] = verify(name.upper(), base, adapter, out)
+            if args.with_peft:
+                peft_out = wd / f"peft-{name}"
+                rmtree(peft_out)
+                step = measure(f"peft_{name}", [sys.executable, HERE / "peft_merge_reference.py", "--base", base,
+                                                "--adapter", adapter, "-o", peft_out], logdir, env=env)
+                runs.setdefault(f"peft_{name}", []).append(step)
+                if attempt == 0 and step["rc"] == 0 and not args.no_verify:
+                    verified[f"{name} whole model vs PEFT"] = compare_merges(out, peft_out, base)
+                rmtree(peft_out)
             rmtree(out)
     best = {name: min(rows, key=lambda r: r["total_s"]) for name, rows in runs.items()}
     results = {"layers": args.layers, "repeat": args.repeat, "snapshot": commit, "best": best, "runs": runs,

@@ -140,3 +140,40 @@ def test_merge_compare_and_a_planted_error(tuner, layer_type, dtype, tmp_path, c
     assert rc == 1 and record["summary"]["verdict"] == "NOT EQUIVALENT", err
     row = next(t for t in record["tensors"] if t["name"] == name)
     assert row["tolerance_ratio"] > 1 and row["worst_element"] == [0] * len(want[name].shape)
+
+
+# native tuners' cases loratv has no formula for, merged by PEFT's code (AdapterKind.routed), and standalone
+# TrainableTokens: (peft_type, config kwargs, layer type)
+ROUTED_CASES = {
+    "loha-tucker-conv2d": ("LOHA", {"use_effective_conv2d": True, "r": 4}, "conv2d"),
+    "lokr-tucker-conv2d": ("LOKR", {"use_effective_conv2d": True, "r": 4}, "conv2d"),
+    "oft-coft-linear": ("OFT", {"coft": True, "oft_block_size": 8, "r": 0}, "linear"),
+    "oft-embedding": ("OFT", {"oft_block_size": 8, "r": 0}, "emb"),
+    "trainable-tokens": ("TRAINABLE_TOKENS", {"token_indices": [1, 5, 7]}, "emb"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(ROUTED_CASES))
+def test_routed_cases_merge_bit_identical_and_compare(case, dtype, tmp_path, capsys):
+    tuner, options, layer_type = ROUTED_CASES[case]
+    OPTIONS[tuner] = options
+    try:
+        base, adapter, want = _case(tuner, layer_type, dtype, tmp_path)
+    finally:
+        OPTIONS.pop(tuner)
+    rc, out, err = run_cli(capsys, "inspect", adapter, "--json")
+    assert rc == 0, err
+    assert json.loads(out)["peft_type"] == tuner  # PEFT's name, not the registry's key
+    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
+    assert rc == 0, err
+    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    original = load_file(str(base / "model.safetensors"))
+    assert any(not torch.equal(got[n], original[n]) for n in got), "the oracle changed nothing"
+    assert all(v.dtype == want[n].dtype and torch.equal(v, want[n]) for n, v in got.items())
+    _write(tmp_path / "peft", want)
+    rc, _, err = run_cli(capsys, "compare", "--base", base, "--adapter", adapter, "--finetuned", tmp_path / "peft",
+                         "-o", tmp_path / "cmp")
+    assert rc == 0, err
+    record = json.loads((tmp_path / "cmp" / "comparison_results.json").read_text())
+    assert record["summary"]["verdict"] == "EQUIVALENT within tolerance"

@@ -41,7 +41,7 @@ from loratv.adapters.kinds.lora_variants.trainable_tokens import (  # noqa: F401
 )
 from loratv.adapters.kohya import load_single_file
 from loratv.adapters.layouts import layout_for
-from loratv.adapters.registry import kind_for
+from loratv.adapters.registry import kind_for, kind_for_adapter
 from loratv.adapters.structures import (  # noqa: F401  (re-exported: the loading API names them)
     CONFIG_NAME,
     CONV1D_MODEL_TYPES,
@@ -167,7 +167,7 @@ def load_adapter(source) -> Adapter:
 
 
 def _map_keys(adapter: Adapter) -> None:
-    kind_for(adapter.settings.peft_type, adapter.config_path).map_keys(adapter)
+    kind_for_adapter(adapter).map_keys(adapter)
     _check_layer_and_exclude_rules(adapter)
     file = adapter.tensors.path
     # `<targeted module>.base_layer.<param>` is the module's own parameter (saved bias or saved embedding)

@@ -32,6 +32,9 @@ FOREIGN = re.compile(r"\.(lora_|hada_|lokr_|vera_|ia3_|oft_|boft_)")
 U64 = unit_roundoff(torch.float64)
 
 
+ROUTED_KEY = "{}+PEFT"  # registry key of a native tuner's cases merged by PEFT's code (kinds/peft_backed.ROUTED)
+
+
 @dataclass
 class TunerModule:
     """One non-LoRA module: the tensors that make its update and how they combine (kind-specific `options`)."""
@@ -99,6 +102,18 @@ class AdapterKind:
     compared: bool = True  # compare (and validate, precision) can check its merges
 
     # --- configuration ---
+
+    def routed(self, adapter) -> str | None:
+        """The registry key of the kind that merges this adapter instead, for a case this kind has no formula for
+        (kind-specific; default: None, this kind merges it).
+
+        Args:
+            adapter: the adapter, with `settings` and `tensors` set (before its keys are mapped).
+
+        Returns:
+            A registered key, or None.
+        """
+        return None
 
     def check_config(self, config: dict, path) -> None:
         """Kind-specific: refuse a configuration whose merge loratv cannot reproduce (after the unknown-field check).

@@ -98,6 +98,28 @@ def display_names() -> dict[str, str]:
     return {k.peft_type: k.display_name for k in _KINDS.values()}
 
 
+def kind_for_adapter(adapter) -> AdapterKind:
+    """The kind that maps and merges a loaded adapter: its peft_type's, unless that kind routes this adapter's case
+    to another registered kind (AdapterKind.routed), whose settings then replace the adapter's.
+
+    Args:
+        adapter: the adapter, with `settings` and `tensors` set.
+
+    Returns:
+        The kind.
+
+    Raises:
+        UnsupportedAdapterError: the peft_type (or the kind routed to) is not registered.
+        LoratvError: the kind routed to refuses the config.
+    """
+    kind = kind_for(adapter.settings.peft_type, adapter.config_path)
+    key = kind.routed(adapter)
+    if key is not None:
+        kind = kind_for(key, adapter.config_path)
+        adapter.settings = kind.parse_settings(adapter.settings.raw, adapter.config_path)
+    return kind
+
+
 # --- the registrations: one line per kind ---
 KINDS = (
     lora.KIND,
@@ -107,7 +129,8 @@ KINDS = (
     vera.KIND,
     oft.KIND,
     ia3.KIND,
-    *peft_backed.KINDS,  # 22 tuners merged by PEFT's own layer code (adapters/kinds/peft_backed.py)
+    *peft_backed.KINDS,  # 23 tuners merged by PEFT's own layer code (adapters/kinds/peft_backed.py)
+    *peft_backed.ROUTED.values(),  # native tuners' cases with no loratv formula (coft, Tucker), through PEFT
 )
 for _kind in KINDS:
     register(_kind)

@@ -37,6 +37,11 @@ class LoraSettings:
     peft_type: str = "LORA"
     tuner_name: str = "LoRA"  # the kind's display name (AdapterKind.display_name)
 
+    @property
+    def peft_type_name(self) -> str:
+        """PEFT's peft_type of the adapter (upper case): `peft_type` less a routing suffix such as "+PEFT"."""
+        return self.peft_type.split("+", 1)[0]
+
     def rank_for(self, module: str) -> int:
         """The rank of `module`: its rank_pattern entry (PEFT's matcher), else `r`.
 

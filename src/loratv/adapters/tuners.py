@@ -27,7 +27,7 @@ def map_tuner_keys(adapter) -> None:
     Raises:
         LoratvError: see AdapterKind.map_keys.
     """
-    registry.kind_for(adapter.settings.peft_type, adapter.config_path).map_keys(adapter)
+    registry.kind_for_adapter(adapter).map_keys(adapter)
 
 
 def check_fits(adapter, module: TunerModule, shape: tuple) -> None:

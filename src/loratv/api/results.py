@@ -140,6 +140,12 @@ class TensorComparison:
     certificate_ratio: float | None
     cosine: float | None
     raw: Mapping[str, Any] = field(repr=False, compare=False)
+    tolerance_ratio: float | None = None  # tensors with no derived bound (PEFT-backed tuners): |T − ΔW| / tolerance
+
+    @property
+    def ratio(self) -> float | None:
+        """The certificate ratio, or the tolerance ratio where no rounding bound is derived (≤ 1 passes)."""
+        return self.certificate_ratio if self.tolerance_ratio is None else self.tolerance_ratio
 
 
 @dataclass(frozen=True)
@@ -185,20 +191,22 @@ class Comparison:
         return tuple(TensorComparison(
             name=t["name"], category=t["category"], targeted=t["targeted"], shape=tuple(t["shape"]),
             parameters=t["parameters"], max_abs_diff=t.get("max_abs_diff"),
-            certificate_ratio=t.get("certificate_ratio"), cosine=t.get("cosine"), raw=t)
+            certificate_ratio=t.get("certificate_ratio"), cosine=t.get("cosine"), raw=t,
+            tolerance_ratio=t.get("tolerance_ratio"))
             for t in self.record["tensors"])
 
     def worst(self, n: int = 5) -> tuple[TensorComparison, ...]:
-        """The n targeted tensors closest to (or furthest past) their rounding bound, worst first.
+        """The n targeted tensors closest to (or furthest past) their rounding bound (or, with no derived bound,
+        their tolerance), worst first.
 
         Args:
             n: how many to return at most.
 
         Returns:
-            Targeted tensors with a certificate ratio, sorted by it, largest first.
+            Targeted tensors with a ratio, sorted by it, largest first.
         """
-        rows = [t for t in self.tensors if t.targeted and t.certificate_ratio is not None]
-        return tuple(sorted(rows, key=lambda t: -(t.certificate_ratio or 0.0))[:n])
+        rows = [t for t in self.tensors if t.targeted and t.ratio is not None]
+        return tuple(sorted(rows, key=lambda t: -(t.ratio or 0.0))[:n])
 
     def to_dict(self) -> JSONRecord:
         """The record, exactly as comparison_results.json holds it (also when nothing was written).

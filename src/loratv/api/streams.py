@@ -260,5 +260,5 @@ def load_adapter(path: PathLike, *, adapter_name: str | None = None) -> Adapter:
     resolved = _named(path, adapter_name)
     loaded = _adapters.load_adapter(resolved)
     settings = loaded.settings
-    return Adapter(path=Path(resolved), peft_type=str(settings.peft_type), r=settings.r)
+    return Adapter(path=Path(resolved), peft_type=str(settings.peft_type_name), r=settings.r)
 

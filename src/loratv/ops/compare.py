@@ -753,7 +753,7 @@ def build_record(base, adapter, tv, plan, comparisons: dict, tolerance: float, c
             "task_vector": tv.source if not tv.live else None,
             "finetuned": tv.source if tv.live else None,
             "adapter_config": {
-                "peft_type": settings.peft_type,
+                "peft_type": settings.peft_type_name,
                 "r": settings.r,
                 "lora_alpha": settings.lora_alpha,
                 "use_rslora": settings.use_rslora,

@@ -359,7 +359,7 @@ def describe_adapter(source, base=None) -> dict:
         "kind": "adapter",
         "path": str(adapter.path),
         "format": getattr(adapter, "format", "peft"),
-        "peft_type": s.peft_type,
+        "peft_type": s.peft_type_name,
         "tuner": s.tuner_name,
         "peft_version": s.peft_version,
         "base_model_name_or_path": s.base_model_name_or_path,

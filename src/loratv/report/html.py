@@ -440,6 +440,11 @@ def _lead(rec: dict) -> str:
         parts.append(f"Every one of the {targeted:,} tensors the adapter targets equals the task vector within the "
                      f"floating-point rounding bound of its merge (largest ratio to the bound "
                      f"{sci(s.get('max_certificate_ratio'))}; at most 1 is certified).")
+    elif s["verdict"] == "EQUIVALENT within tolerance" and s.get("uncertified_tensors"):
+        parts.append(f"The {s['uncertified_tensors']:,} targeted tensors are merged by PEFT's own code, for which "
+                     "loratv derives no rounding bound: each is within its tolerance (½ ulp of the output dtype "
+                     "plus 4 × the largest error of PEFT's own merge of it against its float64 evaluation; largest "
+                     f"ratio {sci(s.get('max_tolerance_ratio'))}). Equivalent, not certified.")
     elif s["verdict"] == "EQUIVALENT within tolerance":
         parts.append(f"The rounding certificate fails, but every difference is within the tolerance "
                      f"{sci(rec.get('tolerance'))}.")
@@ -486,6 +491,10 @@ def _comparison_numbers(rec: dict) -> str:
         ("Max |T − ΔW|", sci(g("max_abs_diff")), f"weight units (tolerance {sci(rec.get('tolerance'))}); "
                                                   f"‖T − ΔW‖ / ‖T‖ = {sci(g('relative_frobenius_error'))}"),
         ("Max certificate ratio", sci(g("max_certificate_ratio")), "|T − ΔW| / rounding bound; ≤ 1 is certified"),
+        *([("Max tolerance ratio", sci(g("max_tolerance_ratio")),
+            f"{integer(g('uncertified_tensors'))} tensors merged by PEFT's own code with no derived bound: "
+            "|T − ΔW| / (½ ulp + 4 × PEFT's own error); ≤ 1 is within tolerance, never certified")]
+          if g("uncertified_tensors") else []),
     ])
 
 
@@ -590,7 +599,8 @@ TENSOR_HEADERS = [
     ("parameters", "num", None),
     ("cosine", "num", "cosine between the task vector T and the LoRA delta ΔW"),
     ("max |T − ΔW|", "num", "largest element-wise difference (weight units); for untargeted tensors max |T|"),
-    ("certificate ratio", "num", "max |T − ΔW| / rounding bound, per element; ≤ 1 is certified"),
+    ("certificate ratio", "num", "max |T − ΔW| / rounding bound, per element; ≤ 1 is certified (for tensors "
+                                 "with no derived bound: / tolerance, ≤ 1 is within it)"),
     ("max error (ulps)", "num", "max |T − ΔW| in units in the last place of the fine-tuned dtype"),
     ("‖T‖", "num", "Frobenius norm of the task vector"),
     ("‖ΔW‖", "num", "Frobenius norm of the LoRA delta"),
@@ -619,7 +629,7 @@ def tensor_table(rec: dict, prefix: str, table_id: str) -> str:
             _field(t, "parameters", integer),
             _field(t, "cosine", cos),
             _field(t, "max_abs_diff", sci),
-            _field(t, "certificate_ratio", sci),
+            _field(t, "certificate_ratio" if t.get("tolerance_ratio") is None else "tolerance_ratio", sci),
             _field(t, "max_error_ulps", sci),
             _field(t, "task_vector_norm", sci),
             _field(t, "lora_delta_norm", sci),

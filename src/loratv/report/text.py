@@ -111,6 +111,9 @@ def _statistics(summary) -> list[str]:
         (f"perfect matches (cos > {threshold})", f"{summary.get('perfect_matches', 0)} of {shared} shared tensors"),
         ("max |T − ΔW| (targeted)", _fmt(summary.get("max_abs_diff"), ".3e")),
         ("max certificate ratio", _fmt(summary.get("max_certificate_ratio"), ".3g") + "  (≤ 1 is certified)"),
+        *([("max tolerance ratio", _fmt(summary.get("max_tolerance_ratio"), ".3g")
+            + f"  ({summary['uncertified_tensors']} tensors with no derived bound; ≤ 1 is within tolerance)")]
+          if summary.get("uncertified_tensors") else []),
         ("relative Frobenius error", _fmt(summary.get("relative_frobenius_error"), ".3e")),
         ("worst tensors", ", ".join(summary.get("worst_tensors") or []) or DASH),
     ])
@@ -127,10 +130,17 @@ def _per_layer(tensors) -> list[str]:
     return _section("Tensors per layer and category") + _table(["layer", *CATEGORIES, "total"], rows)
 
 
+def _over(t: dict) -> float:
+    """A targeted tensor's certificate ratio, or its tolerance ratio where no bound is derived."""
+    ratio = t.get("certificate_ratio") if t.get("tolerance_ratio") is None else t.get("tolerance_ratio")
+    return ratio or 0.0
+
+
 def _targeted(tensors) -> list[str]:
     rows = [[_name(t["name"]), t["category"], _fmt(t["cosine"], ".12f"),
              _fmt(None if t["cosine"] is None else 1 - t["cosine"], ".2e"), _fmt(t["max_abs_diff"], ".3e"),
-             _fmt(t["certificate_ratio"], ".3g"), _fmt(t["max_error_ulps"], ".3g"),
+             _fmt(t["certificate_ratio"] if t.get("tolerance_ratio") is None else t["tolerance_ratio"], ".3g")
+             + ("" if t.get("tolerance_ratio") is None else " (tol)"), _fmt(t["max_error_ulps"], ".3g"),
              _fmt(t["relative_frobenius_error"], ".3e")]
             for t in tensors if t["targeted"]]
     headers = ["tensor", "category", "cosine", "1 − cos", "max|T−ΔW|", "cert ratio", "max ulps", "rel frob err"]
@@ -178,8 +188,7 @@ def worst_tensor_lines(record: dict, limit: int = 5) -> list:
         Lines to print (empty when nothing exceeds its bound and nothing is unexplained).
     """
     tensors = record.get("tensors") or []
-    over = sorted((t for t in tensors if t.get("targeted") and (t.get("certificate_ratio") or 0) > 1),
-                  key=lambda t: -t["certificate_ratio"])
+    over = sorted((t for t in tensors if t.get("targeted") and _over(t) > 1), key=lambda t: -_over(t))
     unexplained = sorted((t for t in tensors if t.get("category") == "unexplained"),
                          key=lambda t: -(t.get("max_abs_task_vector") or 0))
     lines = []
@@ -190,7 +199,8 @@ def worst_tensor_lines(record: dict, limit: int = 5) -> list:
             diff = t.get("worst_element_diff")
             at = f" at element {where}" if where is not None else ""
             there = f": |T − ΔW| = {diff:.3e}" if diff is not None else f": max |T − ΔW| = {t['max_abs_diff']:.3e}"
-            lines.append(f"  {t['name']}{at}{there}, {t['certificate_ratio']:.3g}× the rounding bound")
+            limit_name = "the rounding bound" if t.get("tolerance_ratio") is None else "the tolerance (no derived bound)"
+            lines.append(f"  {t['name']}{at}{there}, {_over(t):.3g}× {limit_name}")
         if len(over) > limit:
             lines.append(f"  … and {len(over) - limit} more")
     if unexplained:

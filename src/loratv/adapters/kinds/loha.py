@@ -4,7 +4,7 @@ PEFT's src/peft/tuners/loha/layer.py)."""
 
 import torch
 
-from loratv.adapters.kind import AdapterKind, TunerModule, module_tensors, rank_and_scale, require, tensor_shape
+from loratv.adapters.kind import ROUTED_KEY, AdapterKind, TunerModule, module_tensors, rank_and_scale, require, tensor_shape
 from loratv.adapters.kinds.lycoris import LYCORIS_FIELDS, reshape_problem
 from loratv.errors import LoratvError
 
@@ -19,6 +19,20 @@ class LohaKind(AdapterKind):
     supports_conv = True
     fixed_orientation = True
     update = "additive: ΔW = s·(w1a@w1b) ⊙ (w2a@w2b)"
+
+    def routed(self, adapter) -> str | None:
+        """Effective-conv (Tucker) factors are merged by PEFT's own code (kinds/peft_backed.py).
+
+        Args:
+            adapter: the adapter, before its keys are mapped.
+
+        Returns:
+            "LOHA+PEFT" when the file holds a Tucker factor, else None.
+        """
+        tucker = ("hada_t1", "hada_t2")
+        if any(k.rsplit(".", 1)[-1] in tucker for k in adapter.tensors.names()):
+            return ROUTED_KEY.format("LOHA")
+        return None
 
     def build_module(self, adapter, module: str, keys: dict) -> TunerModule:
         if "hada_t1" in keys or "hada_t2" in keys:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from loratv.adapters.kind import AdapterKind, TunerModule, module_tensors, rank_and_scale, tensor_shape
+from loratv.adapters.kind import ROUTED_KEY, AdapterKind, TunerModule, module_tensors, rank_and_scale, tensor_shape
 from loratv.adapters.kinds.lycoris import LYCORIS_FIELDS, reshape_problem
 from loratv.errors import LoratvError
 
@@ -20,6 +20,20 @@ class LokrKind(AdapterKind):
     supports_conv = True
     fixed_orientation = True
     update = "additive: ΔW = s·kron(w1, w2)"
+
+    def routed(self, adapter) -> str | None:
+        """Effective-conv (Tucker) factors are merged by PEFT's own code (kinds/peft_backed.py).
+
+        Args:
+            adapter: the adapter, before its keys are mapped.
+
+        Returns:
+            "LOKR+PEFT" when the file holds a Tucker factor, else None.
+        """
+        tucker = ("lokr_t2",)
+        if any(k.rsplit(".", 1)[-1] in tucker for k in adapter.tensors.names()):
+            return ROUTED_KEY.format("LOKR")
+        return None
 
     def build_module(self, adapter, module: str, keys: dict) -> TunerModule:
         if "lokr_t2" in keys:

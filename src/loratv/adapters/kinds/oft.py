@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from loratv.adapters.kind import AdapterKind, TunerModule, tensor_shape
+from loratv.adapters.kind import ROUTED_KEY, AdapterKind, TunerModule, tensor_shape
 from loratv.errors import LoratvError
 
 
@@ -63,10 +63,19 @@ class OftKind(AdapterKind):
     refuses_conv1d = True
     update = "multiplicative: W' = W @ Rᵀ, R block-diagonal orthogonal (Cayley)"
 
-    def check_config(self, config: dict, path) -> None:
-        if config.get("coft"):
-            raise LoratvError(f"{path}: constrained OFT (coft = true) projects its parameters at merge time; loratv "
-                              "does not merge it.")
+    def routed(self, adapter) -> str | None:
+        """Constrained OFT (coft: its parameters projected at merge time) and OFT on Embedding layers
+        (oft_embedding_R) are merged by PEFT's own code (kinds/peft_backed.py).
+
+        Args:
+            adapter: the adapter, before its keys are mapped.
+
+        Returns:
+            "OFT+PEFT" for those cases, else None.
+        """
+        if adapter.settings.raw.get("coft") or any(".oft_embedding_R" in k for k in adapter.tensors.names()):
+            return ROUTED_KEY.format("OFT")
+        return None
 
     def check_key(self, adapter, key: str, name: str) -> None:
         if ".oft_embedding_R" in name:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from loratv.adapters.kind import PREFIX, AdapterKind, TunerModule, TunerTerms
+from loratv.adapters.kind import PREFIX, ROUTED_KEY, AdapterKind, TunerModule, TunerTerms
 from loratv.adapters.peft_backed import EXTRA, PeftMerger
 from loratv.adapters.peft_layers import layer_template
 from loratv.adapters.settings import LoraSettings, check_bias, modules_to_save
@@ -32,26 +32,26 @@ TUNERS = {
     "DELORA": "DeLoRA", "GLORA": "GLoRA", "GRALORA": "GraLoRA", "HIRA": "HiRA", "MISS": "MiSS", "PSOFT": "PSOFT",
     "PVERA": "PVeRA", "ROAD": "RoAd", "SHIRA": "SHiRA", "TINYLORA": "TinyLoRA",
     "WAVEFT": "WaveFT", "LN_TUNING": "LN Tuning", "BEFT": "BEFT", "DEFT": "DEFT", "PEANUT": "PEANuT",
-    "SUPERTUNING": "SuperTuning",
+    "SUPERTUNING": "SuperTuning", "TRAINABLE_TOKENS": "TrainableTokens",
 }
 # tuners whose shared state PEFT sizes from every targeted layer: PEFT's model is built once around all of them
 WHOLE_MODEL = ("RANDLORA", "PVERA", "TINYLORA")
 TOLERANCE_FACTOR = 4  # compare's tolerance: ½ulp of the output plus this many times PEFT's own largest error
 
 
-def _peft_tuner(peft_type: str, path):
+def _peft_tuner(peft_type: str, name: str, path):
     """(config class, tuner prefix) of PEFT's tuner, or the sentence naming the extra to install."""
     try:
         from peft import PeftType
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     except ImportError:
-        raise UnsupportedAdapterError(f"{path}: {TUNERS[peft_type]} adapters are merged by PEFT's own layer code; "
+        raise UnsupportedAdapterError(f"{path}: {name} adapters are merged by PEFT's own layer code; "
                                       f"install it with `{EXTRA}`.") from None
     try:
         key = PeftType(peft_type)
         return PEFT_TYPE_TO_CONFIG_MAPPING[key], PEFT_TYPE_TO_TUNER_MAPPING[key].prefix
     except (ValueError, KeyError):
-        raise UnsupportedAdapterError(f"{path}: the installed PEFT has no {TUNERS[peft_type]} tuner; upgrade it.") from None
+        raise UnsupportedAdapterError(f"{path}: the installed PEFT has no {name} tuner; upgrade it.") from None
 
 
 class PeftBackedKind(AdapterKind):
@@ -60,9 +60,10 @@ class PeftBackedKind(AdapterKind):
     multiplicative = True  # the merged tensor comes whole from the base tensor, not as W + ΔW
     fixed_orientation = True
 
-    def __init__(self, peft_type: str):
-        self.peft_type = peft_type
-        self.display_name = TUNERS[peft_type]
+    def __init__(self, tuner: str, display_name: str, key: str | None = None):
+        self.tuner = tuner  # PEFT's peft_type
+        self.peft_type = key or tuner  # the registry's key
+        self.display_name = display_name
         self.update = "PEFT's own merge of the module (loratv/adapters/peft_backed.py)"
 
     def parse_settings(self, config: dict, path) -> LoraSettings:
@@ -79,7 +80,7 @@ class PeftBackedKind(AdapterKind):
             UnsupportedAdapterError: PEFT is not installed, or a field the installed PEFT does not know.
             LoratvError: PEFT's config class refuses a value.
         """
-        config_class, _ = _peft_tuner(self.peft_type, path)
+        config_class, _ = _peft_tuner(self.tuner, self.display_name, path)
         known = {f.name for f in fields(config_class)}
         unknown = sorted(k for k in config if k not in known)
         if unknown:
@@ -108,7 +109,7 @@ class PeftBackedKind(AdapterKind):
         Raises:
             LoratvError: no module found.
         """
-        _, prefix = _peft_tuner(self.peft_type, adapter.config_path)
+        _, prefix = _peft_tuner(self.tuner, self.display_name, adapter.config_path)
         groups: dict[str, dict] = {}
         shared: dict[str, str] = {}
         for key in adapter.tensors.names():
@@ -213,7 +214,7 @@ class PeftBackedKind(AdapterKind):
             return {k: adapter.factor(k) for k in [*keys, *shared.values()]}
 
         config = {**adapter.settings.raw, "task_type": None, "modules_to_save": None}
-        return PeftMerger(config, state["templates"], load, whole_model=self.peft_type in WHOLE_MODEL,
+        return PeftMerger(config, state["templates"], load, whole_model=self.tuner in WHOLE_MODEL,
                           source=str(adapter.tensors.path))
 
     def merged_value(self, adapter, module: TunerModule, w: torch.Tensor) -> torch.Tensor:
@@ -329,4 +330,10 @@ class PeftTerms(TunerTerms):
         return d, evaluation, tolerance
 
 
-KINDS = tuple(PeftBackedKind(peft_type) for peft_type in TUNERS)
+KINDS = tuple(PeftBackedKind(peft_type, name) for peft_type, name in TUNERS.items())
+# the cases of natively merged tuners that loratv has no formula for, merged by PEFT's code instead (AdapterKind.routed)
+ROUTED = {
+    "OFT": PeftBackedKind("OFT", "OFT (constrained or on Embedding, through PEFT)", ROUTED_KEY.format("OFT")),
+    "LOHA": PeftBackedKind("LOHA", "LoHa (Tucker factors, through PEFT)", ROUTED_KEY.format("LOHA")),
+    "LOKR": PeftBackedKind("LOKR", "LoKr (Tucker factors, through PEFT)", ROUTED_KEY.format("LOKR")),
+}
