@@ -58,7 +58,7 @@ def test_scaling_plain_and_rslora():
         ({"peft_type": "FROD"}, "FRoD"),
         ({"peft_type": "PROMPT_TUNING"}, "no weights to merge"),
         ({"peft_type": "VERA", "save_projection": False}, "save_projection"),
-        ({"peft_type": "OFT", "coft": True}, "coft"),
+        ({"peft_type": "LILY"}, "Lily"),
         ({"peft_type": "IA3", "lora_alpha": 8}, "unknown IA³ config field"),
         ({"peft_type": "ADALORA", "use_dora": True}, "AdaLoRA"),
         ({"target_parameters": ["experts.down_proj"], "use_dora": True}, "ParamWrapper"),

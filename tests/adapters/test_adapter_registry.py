@@ -12,10 +12,11 @@ from loratv.adapters import registry
 from loratv.adapters.config import OTHER_TUNERS, parse_config
 from loratv.adapters.kind import AdapterKind, TunerModule, require, tensor_shape
 from loratv.adapters.kinds.peft_backed import TUNERS as PEFT_BACKED
-from loratv.adapters.kinds.peft_backed import PeftBackedKind
+from loratv.adapters.kinds.peft_backed import ROUTED, PeftBackedKind
 from loratv.errors import LoratvError
 
 MERGED = {"LORA", "LOHA", "LOKR", "ADALORA", "VERA", "IA3", "OFT"} | set(PEFT_BACKED)
+ROUTED_KEYS = {f"{peft_type}+PEFT" for peft_type in ("OFT", "LOHA", "LOKR")}  # native kinds' cases PEFT merges
 INTERFACE_ATTRIBUTES = ("peft_type", "display_name", "config_fields", "refused_fields", "stored_tensor_roles",
                         "shared_tensors", "multiplicative", "supports_conv", "fixed_orientation", "refuses_conv1d",
                         "factored", "rank_field", "alpha_field", "update")
@@ -28,7 +29,8 @@ def test_every_merged_peft_type_has_exactly_one_kind():
     kinds = registry.all_kinds()
     types = [k.peft_type for k in kinds]
     assert len(types) == len(set(types))
-    assert set(types) == MERGED
+    assert set(types) == MERGED | ROUTED_KEYS
+    assert {k.peft_type for k in ROUTED.values()} == ROUTED_KEYS
     for peft_type in MERGED:
         assert registry.kind_for(peft_type).peft_type == peft_type
         assert registry.kind_for(peft_type.lower()) is registry.kind_for(peft_type)

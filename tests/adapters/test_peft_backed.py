@@ -30,6 +30,7 @@ TUNERS = {
     "DELORA": {}, "GLORA": {}, "GRALORA": {}, "HIRA": {}, "MISS": {"r": 8}, "PSOFT": {"r": 8}, "PVERA": {"r": 4},
     "ROAD": {"group_size": 16}, "SHIRA": {"r": 2}, "TINYLORA": {}, "UNILORA": {}, "WAVEFT": {"n_frequency": 50},
     "LN_TUNING": {}, "BEFT": {}, "DEFT": {}, "FROD": {}, "PEANUT": {}, "SUPERTUNING": {},
+    "TRAINABLE_TOKENS": {"token_indices": [1, 5, 7]},
 }
 SHAPES = {"lin0": (128, 64), "lin1": (64, 128)}
 
@@ -151,6 +152,22 @@ def test_loratv_merge_is_merge_and_unload_bit_for_bit(tuner, dtype, bases, tmp_p
     assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed), sorted(changed)
     for name, value in got.items():
         assert value.dtype == want[name].dtype and torch.equal(value, want[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_trainable_tokens_on_tied_embeddings(dtype, bases, tmp_path, capsys):
+    """Standalone TrainableTokens on StarCoder2's tied embed_tokens: the rows PEFT trained, bit for bit."""
+    base = bases[("starcoder2", dtype)]
+    adapter = _model_adapter(base, tmp_path / "adapter", "TRAINABLE_TOKENS", dtype, targets=("embed_tokens",))
+    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
+    assert rc == 0, err
+    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    want = peft_merged_state(base, adapter, dtype)
+    original = load_file(str(base / "model.safetensors"))
+    name = "model.embed_tokens.weight"
+    changed_rows = (got[name] != original[name]).any(dim=1).nonzero().flatten().tolist()
+    assert changed_rows == [1, 5, 7]
+    assert all(torch.equal(v, want[n]) for n, v in got.items())
 
 
 def test_merge_without_biases_and_inspect(bases, tmp_path, capsys):

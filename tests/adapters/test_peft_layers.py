@@ -368,8 +368,8 @@ def test_readme_refusal_list_matches_the_code():
     for field, phrase in names.items():
         assert phrase in listed, (field, phrase)
     assert "FRoD" in listed and "prompt-learning" in listed and set(OTHER_TUNERS) >= {"FROD", "UNILORA", "PROMPT_TUNING"}
-    for phrase in ("grouped convolutions", "OFT on Embedding", "nn.MultiheadAttention", "coft"):
+    for phrase in ("grouped convolutions", "nn.MultiheadAttention", "Lily", "X-LoRA"):
         assert phrase in listed, phrase
-    # what this issue made mergeable is no longer listed as refused
-    for phrase in ("VeLoRA", "MonteCLoRA", "IA³"):
+    # what issues 15 and 17 made mergeable is no longer listed as refused
+    for phrase in ("VeLoRA", "MonteCLoRA", "IA³", "coft", "OFT on Embedding", "Tucker"):
         assert phrase not in listed, phrase

@@ -224,10 +224,6 @@ def test_refusals_name_the_reason(tmp_path, bases, capsys):
     vera = make_adapter(base, tmp_path / "vera", config)
     edit_adapter_config(vera, save_projection=False)
     cases["save_projection"] = vera
-    arch, config = configs()["oft"]
-    oft = make_adapter(base, tmp_path / "oft", config)
-    edit_adapter_config(oft, coft=True)
-    cases["coft"] = oft
     arch, config = configs()["ia3"]
     ia3 = make_adapter(base, tmp_path / "ia3", config)
     edit_adapter_config(ia3, peft_type="FROD")

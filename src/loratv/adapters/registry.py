@@ -15,6 +15,12 @@ REFUSED_TUNERS = {
                "from the file)",
     "PROMPT_TUNING": "prompt tuning (no weights to merge)", "PREFIX_TUNING": "prefix tuning (no weights to merge)",
     "P_TUNING": "p-tuning (no weights to merge)", "ADAPTION_PROMPT": "adaption prompt (no weights to merge)",
+    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning (no weights to merge)", "CPT": "CPT (a prompt method: no "
+    "weights to merge)", "CARTRIDGE": "Cartridges (a trained KV prefix: no weights to merge)",
+    "LILY": "Lily (its shared projectors are mixed per input by a router: PEFT itself cannot merge it)",
+    "XLORA": "X-LoRA (a learned mixture of LoRAs chosen per token: nothing static to merge)",
+    "POLY": "Poly (a routed mixture of LoRA skills per task: nothing static to merge)",
+    "SHADOW": "ShadowPEFT (an input-dependent trajectory: PEFT itself cannot merge it)",
 }
 
 _KINDS: dict[str, AdapterKind] = {}

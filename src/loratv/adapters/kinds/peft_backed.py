@@ -64,7 +64,7 @@ class PeftBackedKind(AdapterKind):
         self.tuner = tuner  # PEFT's peft_type
         self.peft_type = key or tuner  # the registry's key
         self.display_name = display_name
-        self.update = "PEFT's own merge of the module (loratv/adapters/peft_backed.py)"
+        self.update = f"PEFT's own {tuner} layer merge(), one module at a time (loratv/adapters/peft_backed.py)"
 
     def parse_settings(self, config: dict, path) -> LoraSettings:
         """Validate the config against PEFT's own config class of the tuner (its fields, and its checks).
