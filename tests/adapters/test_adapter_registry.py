@@ -16,7 +16,7 @@ from loratv.adapters.kinds.peft_backed import ROUTED, PeftBackedKind
 from loratv.errors import LoratvError
 
 MERGED = {"LORA", "LOHA", "LOKR", "ADALORA", "VERA", "IA3", "OFT"} | set(PEFT_BACKED)
-ROUTED_KEYS = {f"{peft_type}+PEFT" for peft_type in ("OFT", "LOHA", "LOKR")}  # native kinds' cases PEFT merges
+ROUTED_KEYS = {f"{peft_type}+PEFT" for peft_type in ("OFT", "LOHA", "LOKR", "ADALORA")}  # native kinds' cases PEFT merges
 INTERFACE_ATTRIBUTES = ("peft_type", "display_name", "config_fields", "refused_fields", "stored_tensor_roles",
                         "shared_tensors", "multiplicative", "supports_conv", "fixed_orientation", "refuses_conv1d",
                         "factored", "rank_field", "alpha_field", "update")

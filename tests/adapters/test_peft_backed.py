@@ -30,7 +30,7 @@ TUNERS = {
     "DELORA": {}, "GLORA": {}, "GRALORA": {}, "HIRA": {}, "MISS": {"r": 8}, "PSOFT": {"r": 8}, "PVERA": {"r": 4},
     "ROAD": {"group_size": 16}, "SHIRA": {"r": 2}, "TINYLORA": {}, "UNILORA": {}, "WAVEFT": {"n_frequency": 50},
     "LN_TUNING": {}, "BEFT": {}, "DEFT": {}, "FROD": {}, "PEANUT": {}, "SUPERTUNING": {},
-    "TRAINABLE_TOKENS": {"token_indices": [1, 5, 7]},
+    "TRAINABLE_TOKENS": {"token_indices": [1, 5, 7]}, "OSF": {},
 }
 SHAPES = {"lin0": (128, 64), "lin1": (64, 128)}
 

@@ -67,7 +67,7 @@ def _randomise(model, seed: int) -> None:
 
 def _case(tuner: str, layer_type: str, dtype: torch.dtype, root):
     """(base folder, adapter folder, PEFT's merged state) — or a skip with PEFT's own reason."""
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     torch.manual_seed(0)
@@ -89,8 +89,18 @@ def _case(tuner: str, layer_type: str, dtype: torch.dtype, root):
             pytest.skip(f"PEFT does not build {tuner} on {layer_type}: {str(exc).splitlines()[0][:120]}")
         _randomise(peft_model, 3)
         peft_model.save_pretrained(root / "adapter")
+        if not load_file(str(root / "adapter" / "adapter_model.safetensors")):
+            pytest.skip(f"PEFT builds {tuner} on {layer_type} but adapts nothing there (it saves no tensor)")
+        # the oracle: PEFT loading the saved adapter onto a fresh copy of the base (what a user's merge sees; PEFT
+        # keeps some unsaved training state, e.g. AdaLoRA's ranknum, out of the file)
+        if layer_type == "gpt2":
+            fresh = load_model(base, dtype)
+        else:
+            fresh = Custom(layer_type).to(dtype)
+            fresh.load_state_dict(load_file(str(base / "model.safetensors")))
+        reloaded = PeftModel.from_pretrained(fresh, root / "adapter")
         try:
-            merged = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+            merged = {k: v.detach().clone() for k, v in reloaded.merge_and_unload().state_dict().items()}
         except AttributeError as exc:  # LN Tuning on MultiheadAttention: PEFT's own unload fails
             pytest.skip(f"PEFT's own merge_and_unload of {tuner} on {layer_type} fails: {exc}")
     stored = load_file(str(base / "model.safetensors"))
@@ -149,6 +159,7 @@ ROUTED_CASES = {
     "lokr-tucker-conv2d": ("LOKR", {"use_effective_conv2d": True, "r": 1}, "conv2d"),  # r=1: w2 decomposed
     "oft-coft-linear": ("OFT", {"coft": True, "oft_block_size": 8, "r": 0}, "linear"),
     "oft-embedding": ("OFT", {"oft_block_size": 8, "r": 0}, "emb"),
+    "adalora-conv2d": ("ADALORA", {"init_r": 4, "total_step": 10}, "conv2d"),
 }
 
 

@@ -221,6 +221,14 @@ def bind(adapter: Adapter, base: Checkpoint) -> MergePlan:
         method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
         raise LoratvError(f"{base.path}: the base is quantized (quant_method {method}); an adapter trained on it saw "
                           "dequantized weights, so no merge from the file is exact: give the unquantized base.")
+    routed = kind_for(adapter.settings.peft_type, adapter.config_path).routed_on_base(adapter, base)
+    if routed is not None:  # a case only the base reveals (AdaLoRA on a convolution): map the keys again
+        adapter.settings = kind_for(routed, adapter.config_path).parse_settings(adapter.settings.raw,
+                                                                               adapter.config_path)
+        adapter.modules.clear()
+        adapter.replacements.clear()
+        adapter.saved_layers.clear()
+        _map_keys(adapter)
     if adapter.resolve_names in (None, _resolve_target_parameters):  # names final: the base's layout may differ
 
         layout = layout_for(adapter, base)

@@ -115,6 +115,18 @@ class AdapterKind:
         """
         return None
 
+    def routed_on_base(self, adapter, base) -> str | None:
+        """Like `routed`, for a case only the base reveals (kind-specific; default: None).
+
+        Args:
+            adapter: the adapter, its keys mapped by this kind.
+            base: the base checkpoint it is about to be bound to.
+
+        Returns:
+            A registered key, or None.
+        """
+        return None
+
     def check_config(self, config: dict, path) -> None:
         """Kind-specific: refuse a configuration whose merge loratv cannot reproduce (after the unknown-field check).
 

@@ -21,6 +21,7 @@ REFUSED_TUNERS = {
     "XLORA": "X-LoRA (a learned mixture of LoRAs chosen per token: nothing static to merge)",
     "POLY": "Poly (a routed mixture of LoRA skills per task: nothing static to merge)",
     "SHADOW": "ShadowPEFT (an input-dependent trajectory: PEFT itself cannot merge it)",
+    "ADAMSS": "AdaMSS (its initialisation clusters each base weight with scikit-learn; not supported yet)",
 }
 
 _KINDS: dict[str, AdapterKind] = {}
@@ -135,7 +136,7 @@ KINDS = (
     vera.KIND,
     oft.KIND,
     ia3.KIND,
-    *peft_backed.KINDS,  # 23 tuners merged by PEFT's own layer code (adapters/kinds/peft_backed.py)
+    *peft_backed.KINDS,  # 24 tuners merged by PEFT's own layer code (adapters/kinds/peft_backed.py)
     *peft_backed.ROUTED.values(),  # native tuners' cases with no loratv formula (coft, Tucker), through PEFT
 )
 for _kind in KINDS:

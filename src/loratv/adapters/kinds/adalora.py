@@ -3,7 +3,7 @@
 
 import torch
 
-from loratv.adapters.kind import PREFIX, AdapterKind, TunerModule, module_tensors, require, tensor_shape
+from loratv.adapters.kind import PREFIX, ROUTED_KEY, AdapterKind, TunerModule, module_tensors, require, tensor_shape
 from loratv.adapters.kinds.lora import LORA_FIELDS, REFUSED_FIELDS
 from loratv.adapters.settings import check_refused_fields
 from loratv.errors import LoratvError
@@ -26,6 +26,22 @@ class AdaloraKind(AdapterKind):
         check_refused_fields(config, path, self.refused_fields)
         if config.get("use_dora") or config.get("lora_bias") or config.get("use_rslora"):
             raise LoratvError(f"{path}: AdaLoRA with use_dora, lora_bias or use_rslora is not a PEFT configuration.")
+
+    def routed_on_base(self, adapter, base) -> str | None:
+        """AdaLoRA on a convolution (PEFT's SVDConv2d: A flattened to (r, in·k·k)) is merged by PEFT's own code;
+        only the base's shapes tell it from a Linear.
+
+        Args:
+            adapter: the adapter, its keys mapped.
+            base: the base checkpoint.
+
+        Returns:
+            "ADALORA+PEFT" when a module's weight in the base has more than two dimensions, else None.
+        """
+        for module in adapter.modules.values():
+            if module.target in base and len(base.entry(module.target).shape) > 2:
+                return ROUTED_KEY.format("ADALORA")
+        return None
 
     def build_module(self, adapter, module: str, keys: dict) -> TunerModule:
         require(adapter, module, keys, "lora_A", "lora_B", "lora_E")

@@ -1,6 +1,8 @@
 """Tuners merged by PEFT's own layer code (adapters/peft_backed.py), one base module at a time: BOFT, HRA,
 FourierFT, VBLoRA, RandLoRA, C3A, DeLoRA, GLoRA, GraLoRA, HiRA, MiSS, PSOFT, PVeRA, RoAd, SHiRA, TinyLoRA, WaveFT,
-LN Tuning, BEFT, DEFT, PEANuT and SuperTuning (FRoD and UniLoRA are refused by name: registry.REFUSED_TUNERS).
+LN Tuning, BEFT, DEFT, PEANuT, SuperTuning, OSF and standalone TrainableTokens, and the cases of native kinds with no
+loratv formula (ROUTED: constrained OFT, OFT on Embedding, LoHa/LoKr Tucker factors). FRoD and UniLoRA are refused by
+name (registry.REFUSED_TUNERS).
 
 Each module's stored tensors are the ones under PEFT's tuner prefix (`hra_u`, `boft_R`, …); tensors outside
 `base_model.model.` are shared (VBLoRA's bank, RandLoRA's bases). A module's layer is the base architecture's own
@@ -32,7 +34,7 @@ TUNERS = {
     "DELORA": "DeLoRA", "GLORA": "GLoRA", "GRALORA": "GraLoRA", "HIRA": "HiRA", "MISS": "MiSS", "PSOFT": "PSOFT",
     "PVERA": "PVeRA", "ROAD": "RoAd", "SHIRA": "SHiRA", "TINYLORA": "TinyLoRA",
     "WAVEFT": "WaveFT", "LN_TUNING": "LN Tuning", "BEFT": "BEFT", "DEFT": "DEFT", "PEANUT": "PEANuT",
-    "SUPERTUNING": "SuperTuning", "TRAINABLE_TOKENS": "TrainableTokens",
+    "SUPERTUNING": "SuperTuning", "TRAINABLE_TOKENS": "TrainableTokens", "OSF": "OSF",
 }
 # tuners whose shared state PEFT sizes from every targeted layer: PEFT's model is built once around all of them
 WHOLE_MODEL = ("RANDLORA", "PVERA", "TINYLORA")
@@ -336,4 +338,5 @@ ROUTED = {
     "OFT": PeftBackedKind("OFT", "OFT (constrained or on Embedding, through PEFT)", ROUTED_KEY.format("OFT")),
     "LOHA": PeftBackedKind("LOHA", "LoHa (Tucker factors, through PEFT)", ROUTED_KEY.format("LOHA")),
     "LOKR": PeftBackedKind("LOKR", "LoKr (Tucker factors, through PEFT)", ROUTED_KEY.format("LOKR")),
+    "ADALORA": PeftBackedKind("ADALORA", "AdaLoRA (on a convolution, through PEFT)", ROUTED_KEY.format("ADALORA")),
 }
