@@ -38,6 +38,7 @@ TUNERS = {
 }
 # tuners whose shared state PEFT sizes from every targeted layer: PEFT's model is built once around all of them
 WHOLE_MODEL = ("RANDLORA", "PVERA", "TINYLORA")
+HELD_MODULES = 2  # modules whose merged tensors are kept (compare works on two tensors at once)
 TOLERANCE_FACTOR = 4  # compare's tolerance: ½ulp of the output plus this many times PEFT's own largest error
 
 
@@ -173,8 +174,8 @@ class PeftBackedKind(AdapterKind):
                       reference: bool = False) -> dict:
         """The module's merged parameters from PEFT's merge: in the base tensors' dtype (as `merge` writes), in
         `dtype` (the base cast first, as PEFT on a model loaded in that dtype), or (reference) PEFT's program
-        evaluated in float64 on float64 base and adapter tensors. The current module's results are kept, so its
-        weight and bias come from one merge.
+        evaluated in float64 on float64 base and adapter tensors. The last two modules' results are kept, so a
+        module's weight and bias come from one merge.
 
         Args:
             adapter: the adapter.
@@ -203,8 +204,14 @@ class PeftBackedKind(AdapterKind):
             if state.get("merger") is None:
                 state["merger"] = self._merger(adapter, state, options["shared"])
             merged = state["merger"].merge(module.module, params, reference=reference)
-            if any(k[0] != module.module for k in results):
-                results.clear()  # one module's results held at a time
+            recent = state.setdefault("recent", [])  # modules whose results are held, most recent last
+            if module.module in recent:
+                recent.remove(module.module)
+            recent.append(module.module)
+            for old in recent[:-HELD_MODULES]:
+                for stale in [k for k in results if k[0] == old]:
+                    del results[stale]
+            del recent[:-HELD_MODULES]
             results[key] = merged
             return merged
 
