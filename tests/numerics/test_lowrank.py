@@ -28,7 +28,7 @@ def test_norm_of_a_rank_one_delta_is_exact():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compensated_rows_meet_their_bound_against_exact_rationals(dtype):
+def test_compensated_pair_meets_its_bound_against_exact_rationals(dtype):
     from fractions import Fraction
 
     from loratv.numerics.lowrank import Factors
@@ -39,12 +39,15 @@ def test_compensated_rows_meet_their_bound_against_exact_rationals(dtype):
     # terms of mixed sign and magnitude, so that plain float64 summation cancels and rounds
     a = (torch.randn(r, n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (r, 1), generator=gen)).to(dtype)
     b = torch.randn(m, r, generator=gen, dtype=torch.float64).to(dtype)
-    f = Factors.from_lora(a, b, 0.75, transposed=False)
-    got = f.rows_compensated(0, m)
+    scale = 16 / 2**0.5  # rsLoRA's s: not a power of two, so the multiply by s rounds
+    f = Factors.from_lora(a, b, scale, transposed=False)
+    high, low, scaled_error = f.rows_compensated_pair(0, m)
     g = f.abs_rows(0, m)
     u = 2.0**-53
     for i in range(m):
         for j in range(n):
-            exact = Fraction(0.75) * sum(Fraction(float(b[i, k])) * Fraction(float(a[k, j])) for k in range(r))
-            err = abs(Fraction(float(got[i, j])) - exact)
-            assert err <= Fraction(2 * u * abs(float(got[i, j])) + gamma(r, torch.float64) ** 2 * float(g[i, j])) * (1 + 1e-12)
+            exact = Fraction(scale) * sum(Fraction(float(b[i, k])) * Fraction(float(a[k, j])) for k in range(r))
+            err = abs(Fraction(float(high[i, j])) + Fraction(float(low[i, j])) - exact)
+            bound = (2 * u * (abs(float(low[i, j])) + abs(float(scaled_error[i, j])))
+                     + gamma(r, torch.float64) ** 2 * float(g[i, j]))
+            assert err <= Fraction(bound) * (1 + 1e-12)

@@ -69,17 +69,17 @@ class Factors:
         """
         return (self.left[start:stop] @ self.right).mul_(self.scale)
 
-    def rows_compensated(self, start: int, stop: int) -> torch.Tensor:
-        """Rows of s·L@R as if computed in twice float64's precision (Ogita, Rump & Oishi's Dot2: TwoProduct, exact
-        for free when the factors have ≤ 26 significant bits, and TwoSum per step): |result − s·Σ_k L_ik R_kj| ≤
-        2u·|result| + γ_r(u)²·|s|·Σ_k |L_ik R_kj|, u = 2⁻⁵³ (the 2u: Dot2's final rounding and the multiply by s).
+    def rows_compensated_pair(self, start: int, stop: int) -> tuple:
+        """Rows of s·L@R as an unevaluated sum high + low (Dot2's pair, then Dekker's exact product by s):
+        |high + low − s·Σ_k L_ik R_kj| ≤ γ_r(u)²·|s|·Σ_k |L_ik R_kj| + 2u·(|low| + |s·e|), e the pair's low part
+        before the multiply by s (returned as the third element, already multiplied by s).
 
         Args:
             start: first row (inclusive), in the base tensor's stored orientation.
             stop: last row (exclusive).
 
         Returns:
-            A (stop - start, n) float64 tensor on the factors' device.
+            (high, low, s·e), each a (stop - start, n) float64 tensor on the factors' device.
         """
         total = torch.zeros((stop - start, self.right.shape[1]), dtype=torch.float64, device=self.left.device)
         error = torch.zeros_like(total)
@@ -88,11 +88,15 @@ class Factors:
             product = torch.outer(column, row)
             if not self.exact_products:
                 error += _product_error(column, row, product)
-            new_total = total + product
-            virtual = new_total - total
-            error += (total - (new_total - virtual)) + (product - virtual)
-            total = new_total
-        return total.add_(error).mul_(self.scale)
+            total, step_error = two_sum(total, product)
+            error += step_error
+        scale = torch.tensor(float(self.scale), dtype=torch.float64, device=total.device)
+        high = total * scale
+        sh, sl = _split(scale)
+        th, tl = _split(total)
+        product_error = ((th * sh - high) + th * sl + tl * sh) + tl * sl  # Dekker: high + this == s·total exactly
+        scaled_error = error * scale
+        return high, product_error + scaled_error, scaled_error
 
     def abs_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows of |s|·(|L|@|R|): the scale of the rounding error of any evaluation of those rows.
@@ -182,6 +186,21 @@ class ExpertFactors:
             A non-negative float64 tensor shaped as `rows(start, stop)`.
         """
         return self._product(self.a.abs(), self.b.abs(), start, stop).mul_(abs(self.scale))
+
+
+def two_sum(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """Knuth's TwoSum: (fl(a + b), the exact error of that addition).
+
+    Args:
+        a: a float tensor.
+        b: a float tensor of a's shape.
+
+    Returns:
+        (sum, error) with sum + error == a + b exactly (barring overflow).
+    """
+    total = a + b
+    virtual = total - a
+    return total, (a - (total - virtual)) + (b - virtual)
 
 
 def _split(x: torch.Tensor):

@@ -30,7 +30,7 @@ from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.safetensors_format import SafetensorsWriter, tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint, source_name
-from loratv.numerics.lowrank import ExpertFactors, Factors, InnerProduct, norm_sq
+from loratv.numerics.lowrank import ExpertFactors, Factors, InnerProduct, norm_sq, two_sum
 from loratv.numerics.precision import FLOAT_DTYPES, compute_dtype_for, gamma, merge_error_bound, ulp, unit_roundoff
 from loratv.ops.task_vector_input import LiveTaskVector, StoredTaskVector
 from loratv.report.plots import write_comparison_plots
@@ -270,6 +270,7 @@ class _TargetedAccumulator:
         self.worst: int | None = None
         self.worst_diff: float | None = None
         self.certified = delta.tuner is None or delta.tuner.certified
+        self.low: torch.Tensor | None = None  # ΔW's low part, where ΔW is evaluated as a pair (float64 merges)
 
     def add_rows(self, w_rows: torch.Tensor, raw_rows: torch.Tensor | None, start: int, stop: int, tv) -> torch.Tensor:
         """Rows [start, stop) of the base and of the task vector input as read (None: T = 0); returns the rows of
@@ -291,7 +292,7 @@ class _TargetedAccumulator:
         s, delta, out_dtype = self.stats, self.delta, self.out_dtype
         s.w_sumsq += float(torch.dot(w.reshape(-1), w.reshape(-1)))
         w_eff = w if delta.replacement is None else _rows(delta.replacement, start, stop).to(torch.float64)
-        dora_bound = tuner_bound = None
+        dora_bound = tuner_bound = low = None
         if delta.tuner is not None:
             d, evaluation_error, tuner_bound = delta.tuner.delta_and_bound(w, start, stop, self.base_dtype, out_dtype)
         elif delta.dora is not None:
@@ -301,12 +302,14 @@ class _TargetedAccumulator:
         else:
             d, g, ge, extra = self._delta_rows(w, w_eff, start, stop)
             evaluation_error = g * ge if extra is None else extra.add_(g, alpha=ge)
+            low = self.low
         if t is not None:
             for inner in self.inner:
                 inner.add_rows(t.view(stop - start, -1), start, stop)
         else:
             t = torch.zeros_like(w)
-        diff = torch.sub(t, d).abs_()
+        # T − (high + low) where ΔW is a pair: (T − high) is small, so both subtractions round at its scale
+        diff = torch.sub(t, d).abs_() if low is None else torch.sub(t, d).sub_(low).abs_()
         m = w + t  # the fine-tuned value: exact when T is stored exactly
         if self.t_rounding is None:
             t_error = None
@@ -358,18 +361,27 @@ class _TargetedAccumulator:
         to (the replacement, if the adapter saved one), both float64."""
         delta, u = self.delta, unit_roundoff(torch.float64)
         shape = (stop - start, *self.stats.shape[1:]) if self.stats.shape else ()
-        d = g = extra = None
+        d = g = extra = low = None
         ge = 0.0
         for part in delta.parts:
             part_g = part.abs_rows(start, stop).view(shape)
             if self.compensated and isinstance(part, Factors):
-                part_d = part.rows_compensated(start, stop).view(shape)
-                extra = part_d.abs().mul_(3 * u) if extra is None else extra.add_(part_d.abs(), alpha=3 * u)
+                # ΔW as high + low (twice float64's precision): T − ΔW is then measured against the pair
+                part_d, part_low, scaled_error = (x.view(shape) for x in part.rows_compensated_pair(start, stop))
+                part_extra = part_low.abs().add_(scaled_error.abs()).mul_(2 * u)
+                extra = part_extra if extra is None else extra.add_(part_extra)
+                low = part_low if low is None else low.add_(part_low)
                 ge = max(ge, gamma(part.rank, torch.float64) ** 2)
             else:
                 part_d = part.rows(start, stop).view(shape)
                 ge = max(ge, gamma(part.rank + 2, torch.float64))
-            d = part_d if d is None else d.add_(part_d)
+            if d is None:
+                d = part_d
+            elif low is not None:
+                d, sum_error = two_sum(d, part_d)
+                low.add_(sum_error)
+            else:
+                d = d.add_(part_d)
             g = part_g if g is None else g.add_(part_g)
         if d is None:
             d = torch.zeros(shape, dtype=torch.float64, device=self.device)
@@ -379,9 +391,16 @@ class _TargetedAccumulator:
         if delta.bias is not None:
             bias = _rows(delta.bias, start, stop)
             magnitude = bias.abs()
-            d.add_(bias)
+            if low is not None:
+                d, sum_error = two_sum(d, bias)
+                low.add_(sum_error)
+            else:
+                d.add_(bias)
             g.add_(magnitude)
             extra = magnitude * (2 * u) if extra is None else extra.add_(magnitude, alpha=2 * u)
+        if low is not None:  # each addition into low rounds (≤ u·|low| each), and so does T − high − low once
+            extra.add_(low.abs(), alpha=(2 * len(delta.parts) + 3) * u)
+        self.low = low
         return d, g, ge, extra
 
     def finish(self) -> None:
