@@ -213,6 +213,11 @@ def test_compare_holds_peft_merges_to_a_stated_tolerance_and_catches_a_planted_e
     assert any("no rounding bound" in r for r in summary["reasons"])
     targeted = [t for t in record["tensors"] if t["targeted"]]
     assert all(t["certificate_ratio"] is None and t["tolerance_ratio"] is not None for t in targeted)
+    # the text report and report.html say which limit applies, and that it is not a certificate
+    text = (tmp_path / "cmp" / "detailed_comparison_report.txt").read_text()
+    assert "max tolerance ratio" in text and "4 tensors with no derived bound" in text and "(tol)" in text
+    html = (tmp_path / "cmp" / "report.html").read_text()
+    assert "Max tolerance ratio" in html and "Equivalent, not certified" in html
 
     name = "model.layers.1.self_attn.q_proj.weight"
     row = next(t for t in targeted if t["name"] == name)
@@ -228,6 +233,9 @@ def test_compare_holds_peft_merges_to_a_stated_tolerance_and_catches_a_planted_e
     assert record["summary"]["verdict"] == "NOT EQUIVALENT"
     assert record["summary"]["worst_tensors"][0] == name
     assert next(t for t in record["tensors"] if t["name"] == name)["worst_element"] == [3, 5]
+    text = (tmp_path / "cmp2" / "detailed_comparison_report.txt").read_text()
+    assert "× its tolerance (no rounding bound is derived) at element [3, 5]" in text
+    assert f"{name} at element [3, 5]" in out and "× the tolerance (no derived bound)" in out  # the CLI's summary
 
 
 def test_a_gpt2_conv1d_target_merges_bit_identical(bases, tmp_path, capsys):
