@@ -166,6 +166,7 @@ class PeftMerger:
             if reference:
                 _adapter_to_float64(model)
             self._built[key] = model
+            return model  # the module's real tensors went in before the build
         model = self._built[key]
         layer = model.base_model.model.get_submodule(module)
         _set_real(layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer, params)

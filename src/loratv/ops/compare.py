@@ -270,7 +270,6 @@ class _TargetedAccumulator:
         self.worst: int | None = None
         self.worst_diff: float | None = None
         self.certified = delta.tuner is None or delta.tuner.certified
-        self.low: torch.Tensor | None = None  # ΔW's low part, where ΔW is evaluated as a pair (float64 merges)
 
     def add_rows(self, w_rows: torch.Tensor, raw_rows: torch.Tensor | None, start: int, stop: int, tv) -> torch.Tensor:
         """Rows [start, stop) of the base and of the task vector input as read (None: T = 0); returns the rows of
@@ -300,9 +299,8 @@ class _TargetedAccumulator:
             d, evaluation_error, dora_bound = delta.dora.delta_and_bound(
                 w_eff, w, part.rows(start, stop).view(w.shape), part.abs_rows(start, stop).view(w.shape), start, stop)
         else:
-            d, g, ge, extra = self._delta_rows(w, w_eff, start, stop)
+            d, low, g, ge, extra = self._delta_rows(w, w_eff, start, stop)
             evaluation_error = g * ge if extra is None else extra.add_(g, alpha=ge)
-            low = self.low
         if t is not None:
             for inner in self.inner:
                 inner.add_rows(t.view(stop - start, -1), start, stop)
@@ -356,8 +354,9 @@ class _TargetedAccumulator:
         return d
 
     def _delta_rows(self, w, w_eff, start, stop):
-        """Rows of ΔW (float64) and of G = Σ|s|·|L|@|R| (+|s·bias|), and the bound ge·G + extra (extra may be None)
-        on the error of this float64 evaluation of ΔW. `w` is the base rows, `w_eff` the value the deltas are added
+        """Rows of ΔW (float64; with its low part where ΔW is evaluated as a pair, for float64 merges, else None)
+        and of G = Σ|s|·|L|@|R| (+|s·bias|), and the bound ge·G + extra (extra may be None) on the error of this
+        float64 evaluation of ΔW. `w` is the base rows, `w_eff` the value the deltas are added
         to (the replacement, if the adapter saved one), both float64."""
         delta, u = self.delta, unit_roundoff(torch.float64)
         shape = (stop - start, *self.stats.shape[1:]) if self.stats.shape else ()
@@ -400,8 +399,7 @@ class _TargetedAccumulator:
             extra = magnitude * (2 * u) if extra is None else extra.add_(magnitude, alpha=2 * u)
         if low is not None:  # each addition into low rounds (≤ u·|low| each), and so does T − high − low once
             extra.add_(low.abs(), alpha=(2 * len(delta.parts) + 3) * u)
-        self.low = low
-        return d, g, ge, extra
+        return d, low, g, ge, extra
 
     def finish(self) -> None:
         s = self.stats

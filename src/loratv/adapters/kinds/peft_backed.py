@@ -131,11 +131,12 @@ class PeftBackedKind(AdapterKind):
         if not groups:
             raise LoratvError(f"{adapter.tensors.path}: holds no {self.display_name} module tensor "
                               f"(no name part starting with '{prefix}').")
-        state: dict = {"templates": {}, "owned": groups, "lock": threading.Lock()}  # shared by the adapter's modules: layers, PEFT's model
+        # shared by the adapter's modules: their own and the shared tensor keys, layers, PEFT's model
+        state: dict = {"templates": {}, "owned": groups, "shared": shared, "lock": threading.Lock()}
         for module, keys in groups.items():
             built = TunerModule(module, module + ".weight", self.peft_type, {**keys, **shared},
                                 r=adapter.settings.r or None,
-                                options={"state": state, "shared": shared, "own": dict(keys)})
+                                options={"state": state})
             built.multiplicative = True
             adapter.modules[module] = built
 
@@ -202,7 +203,7 @@ class PeftBackedKind(AdapterKind):
                 dtype = params["weight"].dtype if "weight" in params else next(iter(params.values())).dtype
             params = {name: value.to(dtype) for name, value in params.items()}
             if state.get("merger") is None:
-                state["merger"] = self._merger(adapter, state, options["shared"])
+                state["merger"] = self._merger(adapter, state)
             merged = state["merger"].merge(module.module, params, reference=reference)
             recent = state.setdefault("recent", [])  # modules whose results are held, most recent last
             if module.module in recent:
@@ -215,8 +216,8 @@ class PeftBackedKind(AdapterKind):
             results[key] = merged
             return merged
 
-    def _merger(self, adapter, state: dict, shared: dict) -> PeftMerger:
-        owned = state["owned"]
+    def _merger(self, adapter, state: dict) -> PeftMerger:
+        owned, shared = state["owned"], state["shared"]
 
         def load(name):
             keys = [k for m in ([name] if name is not None else owned) for k in owned[m].values()]
@@ -252,7 +253,7 @@ class PeftBackedKind(AdapterKind):
         Returns:
             Adapter keys.
         """
-        return list(module.options["own"].values())
+        return list(module.options["state"]["owned"][module.module].values())
 
     def bound_terms(self, adapter, module: TunerModule, shape: tuple) -> "PeftTerms":
         """compare's terms: PEFT's program in float64 as the reference, with a stated tolerance (no derived bound).
