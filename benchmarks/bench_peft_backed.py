@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark `loratv merge` of PEFT-backed tuners (HRA, BOFT) against a LoRA merge, on a StarCoder2-3B-shaped base.
+"""Benchmark `loratv merge` of HRA and BOFT against a LoRA merge, on a StarCoder2-3B-shaped base.
 
     python benchmarks/bench_peft_backed.py --workdir /tmp/loratv-bench-peft                # 30 layers, ~12.1 GB
     python benchmarks/bench_peft_backed.py --workdir /tmp/loratv-bench-peft --layers 2     # quick check
@@ -10,8 +10,11 @@ One run:
      tensors laid out by PEFT itself (get_peft_model on one layer of the real shapes) and filled with seeded values;
   2. times, each in a fresh subprocess after `sync` and dropping the page cache (when permitted), `--repeat` times
      interleaved, keeping the fastest: `cp -r BASE COPY` (the I/O floor), `loratv merge` of the LoRA, HRA and BOFT
-     adapters, recording wall seconds (+ the `sync` after) and peak RSS as bench_merge_extract.py does;
-  3. checks, untimed, one HRA- and one BOFT-merged module against PEFT's merge of that module (--no-verify skips);
+     adapters, and of HRA again with --peft-arithmetic (PEFT's own program, PEFT's bits), recording wall seconds
+     (+ the `sync` after) and peak RSS as bench_merge_extract.py does;
+  3. checks, untimed (--no-verify skips), layer 0's q_proj and k_proj: BOFT's and `hra_peft`'s bit for bit against
+     PEFT's merge of that module; HRA's default (the compact WY form in float64, rounded once) and PEFT's merge
+     against the product of the reflections in float64, as the largest error in half-ulps of the output;
      with --with-peft, also times PEFT itself (peft_merge_reference.py: transformers load, merge_and_unload,
      save_pretrained) on each adapter and compares the whole outputs tensor by tensor;
   4. prints a Markdown report (ratios against the LoRA merge measured in the same run) and writes results.json.
@@ -89,8 +92,10 @@ def make_tuner_adapter(tuner: str, out: Path, base: Path, layers: int, seed: int
     return {"tensors": len(tensors), "params": sum(t.numel() for t in tensors.values())}
 
 
-def verify(tuner: str, base: Path, adapter: Path, merged: Path) -> dict:
-    """One module (layer 0's q_proj and k_proj) merged by PEFT itself, against loratv's output."""
+def verify(tuner: str, base: Path, adapter: Path, merged: Path, exact: bool = False) -> dict:
+    """One module (layer 0's q_proj and k_proj) merged by PEFT itself, against loratv's output: True when bit for
+    bit; with `exact` (HRA), the largest error of loratv's and of PEFT's merge instead, in half-ulps of their value,
+    against the float64 product of the module's reflections."""
     from torch import nn
 
     from loratv.adapters.peft_backed import peft_merged_module
@@ -117,11 +122,31 @@ def verify(tuner: str, base: Path, adapter: Path, merged: Path) -> dict:
         with torch.no_grad():
             real.weight.copy_(read(base, index, f"{module}.weight"))
             real.bias.copy_(read(base, index, f"{module}.bias"))
+        got = read(merged, merged_index, f"{module}.weight")
+        truth = hra_exact(real.weight.detach(), tensors[f"base_model.model.{module}.hra_u"]) if exact else None
         layers[module] = real
         want = peft_merged_module(config, layers, module, tensors)
-        got = read(merged, merged_index, f"{module}.weight")
-        checked[module] = bool(torch.equal(got, want["weight"]))
+        if truth is not None:
+            checked[module] = {"loratv_half_ulps": round(half_ulps(got, truth), 3),
+                               "peft_half_ulps": round(half_ulps(want["weight"], truth), 3)}
+        else:
+            checked[module] = bool(torch.equal(got, want["weight"]))
     return checked
+
+
+def hra_exact(weight: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """W·H₁⋯H_r in float64, the reflections applied one at a time (an evaluation independent of the WY form)."""
+    w = weight.double()
+    for i in range(u.shape[1]):
+        unit = u[:, i].double() / u[:, i].double().norm()
+        w = w - 2 * torch.outer(w @ unit, unit)
+    return w
+
+
+def half_ulps(got: torch.Tensor, exact: torch.Tensor) -> float:
+    """max |got − exact| / (½ ulp(got)) for a float32 tensor."""
+    spacing = (torch.nextafter(got.abs(), torch.tensor(float("inf"))) - got.abs()).double()
+    return float(((got.double() - exact).abs() / (0.5 * spacing)).max())
 
 
 def config_layers(base: Path) -> int:
@@ -140,7 +165,7 @@ def report(results: dict) -> str:
     for name, row in best.items():
         ratio = row["total_s"] / lora["total_s"]
         goal = ""
-        if name in ("merge_hra", "merge_boft"):
+        if name in ("merge_hra", "merge_boft", "merge_hra_peft"):
             ok = ratio <= GOALS["time_vs_lora_max"] and row["peak_rss_mb"] < GOALS["rss_max_mb"]
             goal = f"≤ {GOALS['time_vs_lora_max']}×, < {GOALS['rss_max_mb']:.0f} MB: {'met' if ok else 'MISSED'}"
         lines.append(f"| {name} | {row['total_s']:.1f} | {ratio:.2f} | {row['peak_rss_mb']:.0f} | {goal} |")
@@ -149,7 +174,8 @@ def report(results: dict) -> str:
             speed = best[f"peft_{name}"]["total_s"] / best[f"merge_{name}"]["total_s"]
             lines.append(f"\nPEFT's own merge of the {name.upper()} adapter / loratv merge: {speed:.2f}×")
     if results.get("verified"):
-        lines += ["", f"bit-identical to PEFT's merge of the same module: {json.dumps(results['verified'])}"]
+        lines += ["", "checks (BOFT, hra_peft: bit-identical to PEFT's merge of the module; HRA: loratv's and PEFT's "
+                  f"largest error in half-ulps against the float64 product): {json.dumps(results['verified'])}"]
     return "\n".join(lines)
 
 
@@ -177,6 +203,9 @@ def main(argv=None) -> int:
         rmtree(adapters[tuner.lower()])
         make_tuner_adapter(tuner, adapters[tuner.lower()], base, args.layers, seed=1)
 
+    # timed merges: name -> (adapter folder, extra flags)
+    merges = {**{name: (folder, []) for name, folder in adapters.items()},
+              "hra_peft": (adapters["hra"], ["--peft-arithmetic"])}
     runs: dict = {}
     verified = {}
     for attempt in range(args.repeat):
@@ -184,18 +213,18 @@ def main(argv=None) -> int:
         rmtree(copy)
         runs.setdefault("cp_floor", []).append(measure("cp_floor", ["cp", "-r", base, copy], logdir))
         rmtree(copy)
-        for name, adapter in adapters.items():
+        for name, (adapter, flags) in merges.items():
             out = wd / f"merged-{name}"
             rmtree(out)
             step = measure(f"merge_{name}", [*loratv, "merge", "--base", base, "--adapter", adapter, "-o", out,
-                                             "--quiet"], logdir, env=env)
+                                             "--quiet", *flags], logdir, env=env)
             if step["rc"] != 0:
                 print(step["output_tail"], file=sys.stderr)
                 return 1
             runs.setdefault(f"merge_{name}", []).append(step)
             if attempt == 0 and name != "lora" and not args.no_verify:
-                verified[name] = verify(name.upper(), base, adapter, out)
-            if args.with_peft:
+                verified[name] = verify(name.split("_")[0].upper(), base, adapter, out, exact=name == "hra")
+            if args.with_peft and name in adapters:
                 peft_out = wd / f"peft-{name}"
                 rmtree(peft_out)
                 step = measure(f"peft_{name}", [sys.executable, HERE / "peft_merge_reference.py", "--base", base,

@@ -143,7 +143,9 @@ def bases(tmp_path_factory):
 def test_loratv_merge_is_merge_and_unload_bit_for_bit(tuner, dtype, bases, tmp_path, capsys):
     base = bases[("starcoder2", dtype)]
     adapter = _model_adapter(base, tmp_path / "adapter", tuner, dtype)
-    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
+    # HRA's default merge is its own float64 evaluation (tests/adapters/test_hra.py); PEFT's bits on request
+    flags = ["--peft-arithmetic"] if tuner == "HRA" else []
+    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged", *flags)
     assert rc == 0, err
     got = load_file(str(tmp_path / "merged" / "model.safetensors"))
     want = peft_merged_state(base, adapter, dtype)
@@ -173,7 +175,8 @@ def test_trainable_tokens_on_tied_embeddings(dtype, bases, tmp_path, capsys):
 def test_merge_without_biases_and_inspect(bases, tmp_path, capsys):
     base = bases[("llama", torch.float32)]
     adapter = _model_adapter(base, tmp_path / "adapter", "HRA", torch.float32)
-    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged")
+    rc, _, err = run_cli(capsys, "merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "merged",
+                         "--peft-arithmetic")
     assert rc == 0, err
     got = load_file(str(tmp_path / "merged" / "model.safetensors"))
     want = peft_merged_state(base, adapter, torch.float32)

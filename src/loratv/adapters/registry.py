@@ -5,7 +5,7 @@ tests, and add one line to KINDS below (docs/adapter-kinds.md walks through it).
 """
 
 from loratv.adapters.kind import AdapterKind
-from loratv.adapters.kinds import adalora, ia3, loha, lokr, lora, oft, peft_backed, vera
+from loratv.adapters.kinds import adalora, hra, ia3, loha, lokr, lora, oft, peft_backed, vera
 from loratv.errors import UnsupportedAdapterError
 
 # PEFT tuners loratv refuses by name, with the reason (anything else unknown gets its peft_type only)
@@ -136,7 +136,8 @@ KINDS = (
     vera.KIND,
     oft.KIND,
     ia3.KIND,
-    *peft_backed.KINDS,  # 24 tuners merged by PEFT's own layer code (adapters/kinds/peft_backed.py)
+    *peft_backed.KINDS,  # 23 tuners merged by PEFT's own layer code (adapters/kinds/peft_backed.py)
+    hra.KIND,  # PEFT's HRA, merged through the compact WY form of its reflections (PEFT's merge on request)
     *peft_backed.ROUTED.values(),  # native tuners' cases with no loratv formula (coft, Tucker), through PEFT
 )
 for _kind in KINDS:

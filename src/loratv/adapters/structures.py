@@ -87,6 +87,8 @@ class Adapter:
     param_groups: dict = field(default_factory=dict)
     # delta_rows: the whole s·B@A of the module being merged, kept across its row chunks (see delta_rows)
     products: dict = field(default_factory=dict, repr=False)
+    # merge with PEFT's own program where loratv evaluates the same product faster (HRA): PEFT's bits, PEFT's time
+    peft_arithmetic: bool = False
 
     @property
     def source(self) -> str:

@@ -60,6 +60,7 @@ def merge(
     adapter_name: str | None = None,
     cast_base_first: bool = False,
     autocast_adapter_dtype: bool = True,
+    peft_arithmetic: bool = False,
     max_shard_size: int | str | None = None,
     base_config: Mapping[str, object] | None = None,
     force: bool = False,
@@ -80,6 +81,8 @@ def merge(
         adapter_name: one of several named adapters saved in one folder (PEFT's subfolders).
         cast_base_first: reproduce PEFT on a model loaded in the output dtype (docs/math.md §6).
         autocast_adapter_dtype: PEFT's parameter of that name, with `cast_base_first`.
+        peft_arithmetic: for HRA, PEFT's own merge (its n×n product and an n³ matmul per module) instead of loratv's
+            compact WY evaluation in float64: PEFT's bits at PEFT's cost (docs/adapter-kinds.md).
         max_shard_size: split the output into shards of at most this many bytes, or a size such as "5GB"
             (None: the base's layout).
         base_config: for a state-dict base, its config.json as a dict (optional; it tells e.g. Conv1D layouts).
@@ -104,7 +107,7 @@ def merge(
     result = _merge.merge(_source(base), adapter_path, os.fspath(output), precision=precision,
                           compute_dtype=compute_dtype, device=device, max_shard_size=max_shard_size,
                           cast_base_first=cast_base_first, autocast_adapter_dtype=autocast_adapter_dtype,
-                          base_config=dict(base_config) if base_config is not None else None, force=force,
+                          peft_arithmetic=peft_arithmetic, base_config=dict(base_config) if base_config is not None else None, force=force,
                           progress=progress)
     return _merge_result(result, Path(output))
 

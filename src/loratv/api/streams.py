@@ -35,6 +35,7 @@ def iter_merged(
     adapter_name: str | None = None,
     cast_base_first: bool = False,
     autocast_adapter_dtype: bool = True,
+    peft_arithmetic: bool = False,
     base_config: Mapping[str, object] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The merged model, one (name, tensor) at a time, in the order `merge` writes it; nothing is written.
@@ -51,6 +52,7 @@ def iter_merged(
         adapter_name: one of several named adapters in one folder.
         cast_base_first: PEFT on a model loaded in the output dtype (see `merge`).
         autocast_adapter_dtype: PEFT's parameter of that name, with `cast_base_first`.
+        peft_arithmetic: PEFT's own merge where loratv has a faster evaluation (HRA; see `merge`).
         base_config: for a state-dict base, its config.json as a dict (optional).
 
     Returns:
@@ -63,7 +65,7 @@ def iter_merged(
     """
     return _merge.iter_merged(_source(base), _named(adapter, adapter_name), precision=precision,
                               compute_dtype=compute_dtype, device=device, cast_base_first=cast_base_first,
-                              autocast_adapter_dtype=autocast_adapter_dtype,
+                              autocast_adapter_dtype=autocast_adapter_dtype, peft_arithmetic=peft_arithmetic,
                               base_config=dict(base_config) if base_config is not None else None)
 
 

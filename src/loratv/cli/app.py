@@ -113,6 +113,10 @@ def add_merge_arguments(p):
                    help="with --cast-base-first: PEFT with autocast_adapter_dtype=False instead, the adapter's "
                         "factors rounded to d too, the delta computed from them in fp32 (PEFT's CPU arithmetic) and "
                         "rounded to d, the sum rounded in d")
+    p.add_argument("--peft-arithmetic", action="store_true",
+                   help="HRA: run PEFT's own merge (its n×n reflection product, then an n³ matmul per module) for "
+                        "PEFT's bits, instead of loratv's compact WY evaluation in float64 rounded once (faster, "
+                        "within half an ulp)")
     add_output_flags(p)
 
 
@@ -425,7 +429,7 @@ def cmd_merge(args) -> int:
     result = merge(base, adapter, out, precision=args.precision, compute_dtype=args.compute_dtype, device=args.device,
                    max_shard_size=args.max_shard_size, cast_base_first=getattr(args, "cast_base_first", False),
                    autocast_adapter_dtype=not getattr(args, "no_autocast_adapter_dtype", False),
-                   force=args.force, progress=not args.quiet)
+                   peft_arithmetic=getattr(args, "peft_arithmetic", False), force=args.force, progress=not args.quiet)
     if not args.quiet:
         for note in result.notes:
             print(f"note: {note}")

@@ -92,6 +92,7 @@ def merge(
     max_shard_size: int | None = None,
     cast_base_first: bool = False,
     autocast_adapter_dtype: bool = True,
+    peft_arithmetic: bool = False,
     force: bool = False,
     progress: bool = False,
     base_config: dict | None = None,
@@ -112,6 +113,8 @@ def merge(
             factors stay fp32, ΔW is computed in `compute_dtype` and added by `W_d += ΔW` (the sum in fp32, rounded to
             d; an Embedding's or ParamWrapper's ΔW is rounded to d before the add, as PEFT does). False: the factors
             are rounded to d, ΔW computed from them in fp32 and rounded to d, the sum rounded in d (PEFT's CPU path).
+        peft_arithmetic: where loratv evaluates a tuner's product faster than PEFT (HRA, through its compact WY form
+            in float64), run PEFT's own merge instead: PEFT's bits, at PEFT's cost (n³ per module).
         force: replace an existing output folder.
         progress: show a progress bar.
         base_config: for a state-dict base, its config.json as a dict (optional).
@@ -124,7 +127,7 @@ def merge(
             without cast_base_first.
     """
     prepared = _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first,
-                        autocast_adapter_dtype, base_config)
+                        autocast_adapter_dtype, base_config, peft_arithmetic)
     base, adapter, plan, specs, shard_of = prepared.base, prepared.adapter, prepared.plan, prepared.specs, prepared.shard_of
     shards = layout_by_size(specs, max_shard_size) if max_shard_size else layout_like(specs, shard_of, base.files)
     metadata = {
@@ -139,6 +142,8 @@ def merge(
     }
     if cast_base_first:
         metadata["autocast_adapter_dtype"] = str(autocast_adapter_dtype).lower()
+    if peft_arithmetic:
+        metadata["peft_arithmetic"] = "true"
     result = MergeResult(output=Path(out), total_tensors=len(specs), notes=list(plan.notes))
     total_bytes = sum(s.nbytes for s in specs)
     with atomic_output_dir(out, [base.path, adapter.path], force=force) as tmp:
@@ -172,6 +177,7 @@ def iter_merged(
     device: str = "cpu",
     cast_base_first: bool = False,
     autocast_adapter_dtype: bool = True,
+    peft_arithmetic: bool = False,
     base_config: dict | None = None,
     result: MergeResult | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -189,6 +195,7 @@ def iter_merged(
         device: where ΔW and the sums are computed.
         cast_base_first: reproduce PEFT's merge_and_unload on a model loaded in the output dtype (as `merge`).
         autocast_adapter_dtype: with cast_base_first, PEFT's parameter of that name (as `merge`).
+        peft_arithmetic: PEFT's own merge where loratv has a faster evaluation (as `merge`).
         base_config: for a state-dict base, its config.json as a dict (optional).
         result: filled in place (counts, lists and notes) when given; the output path is not set.
 
@@ -200,7 +207,7 @@ def iter_merged(
             Inf in a merged tensor, raised when that tensor is reached).
     """
     prepared = _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first,
-                        autocast_adapter_dtype, base_config)
+                        autocast_adapter_dtype, base_config, peft_arithmetic)
     if result is None:
         result = MergeResult(output=Path(), total_tensors=len(prepared.specs))
     result.total_tensors = len(prepared.specs)
@@ -214,7 +221,7 @@ def iter_merged(
 
 def prepare_merge(base_source, adapter_source, *, precision: str = "auto", compute_dtype: str = "fp32",
                   device: str = "cpu", cast_base_first: bool = False, autocast_adapter_dtype: bool = True,
-                  base_config: dict | None = None) -> "_Prepared":
+                  base_config: dict | None = None, peft_arithmetic: bool = False) -> "_Prepared":
     """The opened base and adapter, bound, with the output tensors in order: what `merged_tensor` computes from.
 
     Args:
@@ -226,6 +233,7 @@ def prepare_merge(base_source, adapter_source, *, precision: str = "auto", compu
         cast_base_first: reproduce PEFT's merge_and_unload on a model loaded in the output dtype (as `merge`).
         autocast_adapter_dtype: with cast_base_first, PEFT's parameter of that name (as `merge`).
         base_config: for a state-dict base, its config.json as a dict (optional).
+        peft_arithmetic: PEFT's own merge where loratv has a faster evaluation (as `merge`).
 
     Returns:
         The prepared merge (base, adapter, merge plan, output specs in order, compute dtype and device).
@@ -234,7 +242,7 @@ def prepare_merge(base_source, adapter_source, *, precision: str = "auto", compu
         LoratvError: as `merge`: a bad flag (BadInputError), or an input that cannot be read or bound.
     """
     return _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first,
-                    autocast_adapter_dtype, base_config)
+                    autocast_adapter_dtype, base_config, peft_arithmetic)
 
 
 def merged_tensor(prepared: "_Prepared", name: str, result: MergeResult | None = None) -> torch.Tensor:
@@ -301,7 +309,7 @@ class _TensorSink:
 
 
 def _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first, autocast_adapter_dtype,
-             base_config) -> _Prepared:
+             base_config, peft_arithmetic=False) -> _Prepared:
     if precision not in PRECISIONS:
         raise BadInputError(f"{param('precision', precision)}: choose one of {', '.join(PRECISIONS)}.")
     if compute_dtype not in COMPUTE_DTYPES:
@@ -314,6 +322,7 @@ def _prepare(base_source, adapter_source, precision, compute_dtype, device, cast
     compute = dtypes.PRECISION_NAMES[compute_dtype]
     base = open_checkpoint(base_source, label=f"base {source_name(base_source)}", config=base_config)
     adapter = load_adapter(adapter_source)
+    adapter.peft_arithmetic = peft_arithmetic
     plan = bind(adapter, base)
 
     # output tensors in base order; a tensor the base does not store follows the one it was tied to

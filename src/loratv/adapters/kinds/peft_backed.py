@@ -340,7 +340,9 @@ class PeftTerms(TunerTerms):
         return d, evaluation, tolerance
 
 
-KINDS = tuple(PeftBackedKind(peft_type, name) for peft_type, name in TUNERS.items())
+# tuners with a PeftBackedKind subclass of their own (a faster evaluation of the same product): kinds/hra.py
+OWN_HOME = ("HRA",)
+KINDS = tuple(PeftBackedKind(peft_type, name) for peft_type, name in TUNERS.items() if peft_type not in OWN_HOME)
 # the cases of natively merged tuners that loratv has no formula for, merged by PEFT's code instead (AdapterKind.routed)
 ROUTED = {
     "OFT": PeftBackedKind("OFT", "OFT (constrained or on Embedding, through PEFT)", ROUTED_KEY.format("OFT")),
