@@ -20,6 +20,7 @@ from loratv.api.results import (
     ConvertResult,
     Inspection,
     MergeResult,
+    ModelMergeResult,
     PrecisionStudy,
     TaskVectorResult,
     ToLoraResult,
@@ -35,6 +36,7 @@ from loratv.ops import convert as _convert
 from loratv.ops import extract as _extract
 from loratv.ops import inspect as _inspect
 from loratv.ops import merge as _merge
+from loratv.ops import merge_models as _merge_models
 from loratv.ops import precision_study as _precision
 from loratv.ops import to_lora as _to_lora
 from loratv.ops import validate as _validate
@@ -110,6 +112,52 @@ def merge(
                           peft_arithmetic=peft_arithmetic, base_config=dict(base_config) if base_config is not None else None, force=force,
                           progress=progress)
     return _merge_result(result, Path(output))
+
+
+def merge_models(
+    config: PathLike,
+    output: PathLike,
+    *,
+    compute_dtype: str = "fp32",
+    device: str = "cpu",
+    max_shard_size: int | str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> ModelMergeResult:
+    """Merge several models of one architecture by a mergekit YAML recipe and write the merged model folder.
+
+    The recipe is mergekit's (`models`, `merge_method`, `base_model`, `parameters` with layer gradients and `filter:`
+    rules, `dtype`, `out_dtype`); the arithmetic is mergekit's, in `compute_dtype`, rounded once to the output dtype
+    (docs/merging.md). Memory: one tensor of every input at a time.
+
+    Args:
+        config: the YAML configuration file.
+        output: the folder to write; it appears only once complete.
+        compute_dtype: "fp32" or "fp64".
+        device: "cpu", "cuda" or "cuda:N".
+        max_shard_size: split output shards at this many bytes, or a size such as "5GB" (None: the reference
+            model's layout).
+        force: replace an existing output.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        ModelMergeResult: what was merged and copied.
+
+    Raises:
+        BadInputError: a bad recipe, parameter or input (models of different shapes or architectures, NaN/Inf).
+        UnsupportedAdapterError: a method, key or layout loratv refuses by name.
+        OutputExistsError: `output` exists and `force` is False.
+        LoratvError: any other refusal.
+    """
+    if isinstance(max_shard_size, str):
+        try:
+            max_shard_size = parse_size(max_shard_size)
+        except ValueError as exc:
+            raise BadInputError(f"{param('max_shard_size', max_shard_size)}: {exc}.") from None
+    result = _merge_models.merge_models(os.fspath(config), os.fspath(output), compute_dtype=compute_dtype,
+                                        device=device, max_shard_size=max_shard_size, force=force, progress=progress)
+    return ModelMergeResult(output=Path(output), method=result.method, inputs=tuple(result.inputs),
+                            merged=tuple(result.merged), copied=tuple(result.copied))
 
 
 def _merge_result(result: _merge.MergeResult, output: Path | None) -> MergeResult:

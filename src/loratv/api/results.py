@@ -16,6 +16,25 @@ def _copy(record: Mapping[str, Any]) -> JSONRecord:
 
 
 @dataclass(frozen=True)
+class ModelMergeResult:
+    """What `loratv.merge_models` wrote.
+
+    Attributes:
+        output: the merged model's folder.
+        method: the recipe's merge method.
+        inputs: the input models, in the order the method sees them (`models:`, then the base if unlisted).
+        merged: names of the floating-point tensors merged.
+        copied: names of the non-floating tensors copied from the reference model.
+    """
+
+    output: Path
+    method: str
+    inputs: tuple[str, ...]
+    merged: tuple[str, ...] = ()
+    copied: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class MergeResult:
     """What `loratv.merge` wrote.
 

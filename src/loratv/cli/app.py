@@ -18,6 +18,7 @@ from loratv.ops.convert import convert
 from loratv.ops.extract import extract
 from loratv.ops.inspect import describe, render_text
 from loratv.ops.merge import merge
+from loratv.ops.merge_models import merge_models
 from loratv.ops.model_diff import RESULTS_FILE as DIFF_RESULTS_FILE
 from loratv.ops.model_diff import diff_models, write_diff
 from loratv.ops.precision_study import PATHS, precision_study
@@ -117,6 +118,23 @@ def add_merge_arguments(p):
                    help="HRA: run PEFT's own merge (its n×n reflection product, then an n³ matmul per module) for "
                         "PEFT's bits, instead of loratv's compact WY evaluation in float64 rounded once (faster, "
                         "within half an ulp)")
+    add_output_flags(p)
+
+
+def add_merge_models_arguments(p):
+    """Add the flags of `loratv merge-models`: the recipe, output, compute dtype, device, sharding.
+
+    Args:
+        p: the parser (or subparser) to add them to.
+    """
+    p.add_argument("recipe", metavar="CONFIG", help="mergekit YAML merge configuration (models, merge_method, base_model, parameters, "
+                   "dtype, out_dtype)")
+    p.add_argument("-o", "--output", required=True, help="output model folder")
+    p.add_argument("--compute-dtype", default="fp32", choices=["fp32", "fp64"],
+                   help="dtype the method computes in before the one rounding to the output dtype (default: fp32)")
+    add_device_flag(p)
+    p.add_argument("--max-shard-size", type=_size, default=None,
+                   help="split output shards at this many bytes, e.g. 5GB (default: the reference model's layout)")
     add_output_flags(p)
 
 
@@ -272,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge a LoRA adapter into a base model, one tensor at a time")
     add_merge_arguments(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("merge-models", help="merge several models of one architecture by a mergekit YAML recipe "
+                       "(linear, task_arithmetic, ties, breadcrumbs, breadcrumbs_ties), streamed, one rounding")
+    add_merge_models_arguments(p)
+    p.set_defaults(func=cmd_merge_models)
 
     p = sub.add_parser("extract", help="extract the task vector (fine-tuned minus base), exact, rounded once to the storage dtype")
     add_extract_arguments(p)
@@ -433,6 +456,22 @@ def cmd_merge(args) -> int:
     if not args.quiet:
         for note in result.notes:
             print(f"note: {note}")
+        print(result.summary())
+    return 0
+
+
+def cmd_merge_models(args) -> int:
+    """Run `loratv merge-models`: merge the recipe's models and print what was written.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once the merged model is written; 2 on bad input, via run_guarded).
+    """
+    result = merge_models(args.recipe, args.output, compute_dtype=args.compute_dtype, device=args.device,
+                          max_shard_size=args.max_shard_size, force=args.force, progress=not args.quiet)
+    if not args.quiet:
         print(result.summary())
     return 0
 

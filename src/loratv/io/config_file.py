@@ -22,7 +22,7 @@ def _read_yaml(path):
     except OSError as exc:
         raise BadInputError(f"{path}: cannot be read ({exc.strerror}).") from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise BadInputError(f"{path}: not an options file (larger than {MAX_CONFIG_BYTES >> 20} MiB).")
+        raise BadInputError(f"{path}: not a configuration file (larger than {MAX_CONFIG_BYTES >> 20} MiB).")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -36,6 +36,21 @@ def _read_yaml(path):
         raise BadInputError(f"{path}: not valid YAML.") from None
     except RecursionError:
         raise BadInputError(f"{path}: not valid YAML (nested too deeply).") from None
+
+
+def read_yaml_data(path) -> object:
+    """A YAML file read as plain data (the safe loader: no `!!python/...` tags), at most 1 MiB.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The parsed data (a mapping, list or scalar).
+
+    Raises:
+        BadInputError: unreadable, too large, not UTF-8, not valid YAML, or holding a non-data tag.
+    """
+    return _read_yaml(path)
 
 
 def _scalar(path, key, action, value):

@@ -1,0 +1,84 @@
+"""Sparsification of one task vector as mergekit 0.1.5 defines it (`mergekit/sparsify.py`): magnitude top-k (TIES's
+trim) and magnitude with outliers removed (Model Breadcrumbs), each optionally rescaled to the L1 norm it had.
+
+The kept set is "the k largest |δ|" (breadcrumbs: the elements ranked n_bottom … n_bottom + k − 1 by increasing
+|δ|). Where elements of equal |δ| straddle the cut, which of them are kept is torch's sort order on the CPU, as in
+mergekit: deterministic for a given input (and thread count), not the lowest index (torch's CPU argsort is not stable
+beyond a few hundred elements). docs/merging.md states this; with no tie at the cut the set is unique.
+"""
+
+import torch
+
+RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
+
+
+def rescaled(tensor: torch.Tensor, kept: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """tensor·kept, times ‖tensor‖₁/‖tensor·kept‖₁ when `rescale` (mergekit's rescaled_masked_tensor, L1 norm),
+    skipped when either norm is below 1e-7.
+
+    Args:
+        tensor: the task vector.
+        kept: the mask, in the tensor's dtype (1 kept, 0 dropped), shaped like it.
+        rescale: apply the L1 rescale.
+
+    Returns:
+        The sparsified tensor.
+    """
+    masked = tensor * kept
+    if not rescale:
+        return masked
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.abs().reshape(-1)
+    return flat.float() if flat.device.type == "cpu" else flat  # mergekit sorts float32 magnitudes on the CPU
+
+
+def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Keep the max(1, int(density·numel)) largest |values| (TIES's trim); density ≤ 0 keeps none.
+
+    Args:
+        tensor: the task vector of one tensor.
+        density: the fraction kept.
+        rescale: the L1 rescale of the kept values.
+
+    Returns:
+        The sparsified tensor (the input itself when density ≥ 1).
+    """
+    if density >= 1:
+        return tensor
+    if density <= 0 or tensor.numel() == 0:
+        return torch.zeros_like(tensor)
+    k = max(1, int(density * tensor.numel()))
+    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    mask[torch.argsort(_magnitudes(tensor), descending=True)[:k]] = 1
+    return rescaled(tensor, mask.reshape_as(tensor), rescale)
+
+
+def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
+    """Model Breadcrumbs: drop the int(gamma·numel) largest |values| and the smallest ones, keeping
+    int(density·numel) (fewer outliers dropped when density + gamma > 1).
+
+    Args:
+        tensor: the task vector of one tensor.
+        density: the fraction kept.
+        gamma: the fraction of largest values dropped.
+        rescale: the L1 rescale of the kept values.
+
+    Returns:
+        The sparsified tensor (the input itself when density ≥ 1).
+    """
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bottom = max(0, n - target - n_top)
+    order = torch.sort(_magnitudes(tensor), descending=False).indices
+    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+    mask[order[n_bottom:n_bottom + target]] = 1
+    return rescaled(tensor, mask.reshape_as(tensor), rescale)

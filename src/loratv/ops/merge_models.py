@@ -1,0 +1,226 @@
+"""`merge-models`: several models of one architecture merged by a mergekit recipe, streamed tensor by tensor.
+
+For each tensor of the reference model (the base model, or the first input without one), every input's tensor is
+read, cast to the compute dtype (float32, or float64 on request), merged by the recipe's method with the parameters
+resolved for that tensor (merging/recipe.py, merging/methods.py), and rounded once to the output dtype: the config's
+`out_dtype`, else its `dtype`, else the tensor's stored dtype. Tensors that are not floating point are copied from the
+reference. Memory: the inputs of one tensor at a time, in the compute dtype, plus the method's work (the stacked task
+vectors); the output is sharded like the reference (or by `max_shard_size`), atomic, with a manifest, the recipe in
+every shard's metadata, and a model card (README.md) listing the recipe and the inputs' file hashes.
+"""
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loratv.common import dtypes
+from loratv.common.devices import resolve_device
+from loratv.common.progress import progress_bar
+from loratv.errors import BadInputError, LoratvError, param
+from loratv.io.checkpoint import Checkpoint
+from loratv.io.integrity import checkpoint_record, write_manifest
+from loratv.io.outputs import atomic_output_dir
+from loratv.io.safetensors_format import tensor_to_bytes
+from loratv.io.state_dict import open_checkpoint
+from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like
+from loratv.merging.recipe import Recipe, check_densities, layer_fraction, load_recipe
+from loratv.version import __version__
+
+COMPUTE_DTYPES = ("fp32", "fp64")
+RECORD_FILE = "merge_models.json"
+SCHEMA = "loratv.merge_models"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ModelMergeResult:
+    """What `merge_models` wrote.
+
+    Attributes:
+        output: the output folder.
+        method: the merge method.
+        inputs: the input models, in the method's order.
+        merged: names of the tensors merged.
+        copied: names of the non-floating tensors copied from the reference.
+    """
+
+    output: Path
+    method: str
+    inputs: list
+    merged: list = field(default_factory=list)
+    copied: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: what was merged and where it was written.
+
+        Returns:
+            The line.
+        """
+        return (f"merged {len(self.merged)} tensors of {len(self.inputs)} models with {self.method} "
+                f"({len(self.copied)} non-floating tensors copied) -> {self.output}")
+
+
+def _open_inputs(recipe: Recipe) -> dict[str, Checkpoint]:
+    opened = {ref: open_checkpoint(ref, label=f"model {ref}") for ref in recipe.inputs()}
+    kinds = {ref: (c.config or {}).get("model_type") for ref, c in opened.items()}
+    if len({k for k in kinds.values() if k is not None}) > 1:
+        listed = ", ".join(f"{ref} ({kind})" for ref, kind in kinds.items())
+        raise BadInputError(f"{recipe.path}: the models are of different architectures: {listed}.")
+    return opened
+
+
+def _check_tensors(recipe: Recipe, reference_ref: str, opened: dict[str, Checkpoint]) -> None:
+    reference = opened[reference_ref]
+    for ref, ckpt in opened.items():
+        for name in reference.names():
+            if name not in ckpt:
+                raise BadInputError(f"{ckpt.path}: model '{ref}' has no tensor {name}, which '{reference_ref}' has; "
+                                    "the models of a merge must share every tensor.")
+            want, got = reference.entry(name).shape, ckpt.entry(name).shape
+            if tuple(want) != tuple(got):
+                raise BadInputError(f"{ckpt.path}: tensor {name} of model '{ref}' has shape {list(got)}, not "
+                                    f"{list(want)} as in '{reference_ref}'.")
+
+
+def _num_layers(config: dict | None) -> int | None:
+    config = config or {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _out_dtype(recipe: Recipe, stored: torch.dtype) -> torch.dtype:
+    name = recipe.out_dtype or recipe.dtype
+    return dtypes.PRECISION_NAMES[name] if name else stored
+
+
+def _merged_tensor(recipe: Recipe, name: str, opened: dict[str, Checkpoint], reference: Checkpoint, compute, dev,
+                   num_layers) -> torch.Tensor:
+    """One tensor merged in the compute dtype (inputs read one by one; the method holds what it needs)."""
+    method, base_ref = recipe.method, recipe.base_model
+    t = layer_fraction(name, num_layers)
+    shared = recipe.shared_values(name, t)
+    refs = recipe.inputs()
+    weighted = refs if method.base_weighted or base_ref is None else [r for r in refs if r != base_ref]
+    values = [recipe.model_values(ref, name, t) for ref in weighted]
+    check_densities(recipe, name, values)
+    per_model = {p.name: [v[p.name] for v in values] for p in method.parameters if p.per_model}
+
+    def read(ref):
+        tensor = opened[ref].read(name)
+        if not dtypes.all_finite(tensor):
+            raise BadInputError(f"{opened[ref].shard_of(name)}: tensor {name} of model '{ref}' holds a NaN or Inf.")
+        return tensor.to(device=dev, dtype=compute)
+
+    base = read(base_ref) if method.needs_base else None
+    return method.merge(base, [read(ref) for ref in weighted], per_model, shared)
+
+
+def _model_card(recipe: Recipe, records: dict) -> str:
+    lines = [f"# Merged model ({recipe.method.name})", "",
+             f"Made by loratv {__version__} `merge-models` from the recipe below, one rounding per element.", "",
+             "## Recipe", "", "```yaml", recipe.text.rstrip("\n"), "```", "", "## Inputs", ""]
+    for ref, record in records.items():
+        lines.append(f"- `{ref}`")
+        for file, info in sorted(record.get("files", {}).items()):
+            digest = info.get("header_sha256") or info.get("sha256") or info.get("head_sha256")
+            lines.append(f"  - `{file}`: {info.get('size')} bytes, sha256 {digest}")
+    return "\n".join(lines) + "\n"
+
+
+def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str = "cpu",
+                 max_shard_size: int | None = None, force: bool = False,
+                 progress: bool = False) -> ModelMergeResult:
+    """Merge the models of a mergekit recipe into one model folder.
+
+    Args:
+        config_path: the mergekit YAML configuration.
+        out: the output folder (written beside its final path, renamed into place when complete).
+        compute_dtype: "fp32" or "fp64": the dtype the method computes in before the one rounding.
+        device: where the arithmetic runs ("cpu", "cuda", "cuda:N").
+        max_shard_size: split shards at this many bytes (None: the reference model's layout).
+        force: replace an existing output.
+        progress: show a progress bar.
+
+    Returns:
+        What was merged and copied.
+
+    Raises:
+        LoratvError: a bad recipe or input (one sentence naming the file), or an output that exists.
+    """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise BadInputError(f"{param('compute_dtype', compute_dtype)}: choose one of {', '.join(COMPUTE_DTYPES)}.")
+    recipe = load_recipe(config_path)
+    dev = resolve_device(device)
+    compute = dtypes.PRECISION_NAMES[compute_dtype]
+    opened = _open_inputs(recipe)
+    reference_ref = recipe.base_model or recipe.inputs()[0]
+    reference = opened[reference_ref]
+    _check_tensors(recipe, reference_ref, opened)
+    num_layers = _num_layers(reference.config)
+
+    specs, shard_of = [], {}
+    for name in reference.names():
+        entry = reference.entry(name)
+        stored = entry.torch_dtype
+        dtype = _out_dtype(recipe, stored) if stored.is_floating_point else stored
+        specs.append(OutTensor(name, dtypes.code_of(dtype), tuple(entry.shape)))
+        shard_of[name] = entry.file
+    shards = layout_by_size(specs, max_shard_size) if max_shard_size else layout_like(specs, shard_of, reference.files)
+    metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "merge-models",
+                "merge_method": recipe.method.name, "compute_dtype": compute_dtype, "recipe": recipe.text}
+    result = ModelMergeResult(output=Path(out), method=recipe.method.name, inputs=recipe.inputs())
+    records = {ref: checkpoint_record(ckpt) for ref, ckpt in opened.items()}
+    paths = [Path(recipe.path)] + [ckpt.path for ckpt in opened.values() if ckpt.path.exists()]
+    with atomic_output_dir(out, paths, force=force) as tmp:
+        writer = ShardedWriter(tmp, shards, metadata)
+        with progress_bar(sum(s.nbytes for s in specs), "merge-models", enabled=progress) as bar:
+            try:
+                for _file, group in shards:
+                    for spec in group:
+                        writer.begin(spec.name)
+                        if reference.entry(spec.name).torch_dtype.is_floating_point:
+                            merged = _merged_tensor(recipe, spec.name, opened, reference, compute, dev, num_layers)
+                            value = merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu()
+                            if not dtypes.all_finite(value):
+                                raise LoratvError(f"{recipe.path}: the merge of tensor {spec.name} overflows "
+                                                  f"{spec.dtype} (a NaN or Inf).")
+                            result.merged.append(spec.name)
+                        else:
+                            value = reference.read(spec.name)
+                            result.copied.append(spec.name)
+                        writer.write(tensor_to_bytes(value.contiguous()))
+                        writer.end()
+                        bar.update(spec.nbytes)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        _write_aux(recipe, reference, tmp)
+        (tmp / "README.md").write_text(_model_card(recipe, records), encoding="utf-8")
+        record = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "loratv_version": __version__,
+                  "merge_method": recipe.method.name, "compute_dtype": compute_dtype, "inputs": recipe.inputs(),
+                  "base_model": recipe.base_model, "merged": result.merged, "copied": result.copied}
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_manifest(tmp, "merge-models", records, writer.digests)
+    return result
+
+
+def _write_aux(recipe: Recipe, reference: Checkpoint, folder: Path) -> None:
+    """The reference's tokenizer and other files, and its config.json with the output dtype."""
+    for path in reference.aux_files():
+        if path.name not in ("config.json", "README.md"):
+            shutil.copy2(path, folder / path.name)
+    config = reference.config
+    if config is None:
+        return
+    name = recipe.out_dtype or recipe.dtype
+    if name:
+        config["torch_dtype"] = dtypes.CONFIG_NAMES[dtypes.PRECISION_NAMES[name]]
+        if "dtype" in config:
+            config["dtype"] = config["torch_dtype"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,245 @@
+"""`loratv merge-models` against mergekit 0.1.5 itself (the oracle, in its own environment: helpers_mergekit.py)
+and against float64 NumPy: tiny 4-layer Llama (untied head, no biases) and StarCoder2 (biases, tied embeddings)
+bases with three fine-tunes each, in fp32 and bf16, for every deterministic method loratv runs, with and without
+`normalize`, with layer gradients and `filter:` rules. Both tools compute in float32 (`dtype: float32`), so every
+tensor mergekit writes must be equal bit for bit. Bad recipes and inputs end in one sentence, exit 2, nothing
+written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from helpers_io import assert_nothing_at, assert_one_line_error, run_cli
+from helpers_mergekit import run_mergekit
+from tiny_models import tiny_config
+
+LAYERS = 4
+
+
+def _family(root, arch: str, dtype: torch.dtype) -> dict:
+    """A base and three fine-tunes (the base plus seeded noise of different sizes), as model folders."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch)
+    config.num_hidden_layers = LAYERS
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    base = root / f"{arch}-{str(dtype)[6:]}-base"
+    model.save_pretrained(base)
+    state = load_file(str(base / "model.safetensors"))
+    folders = {"base": base}
+    for i in range(1, 4):
+        gen = torch.Generator().manual_seed(i)
+        tuned = {k: (v.float() + (0.01 * i) * torch.randn(v.shape, generator=gen)).to(v.dtype)
+                 if v.is_floating_point() else v for k, v in state.items()}
+        folder = root / f"{arch}-{str(dtype)[6:]}-ft{i}"
+        shutil.copytree(base, folder)
+        save_file(tuned, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        folders[f"ft{i}"] = folder
+    return folders
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge_models")
+    return {(arch, dtype): _family(root, arch, dtype)
+            for arch in ("llama", "starcoder2") for dtype in (torch.float32, torch.bfloat16)}
+
+
+# name -> (arch, dtype, method, top-level parameters, per-fine-tune parameters, base listed in models)
+CASES = {
+    "linear-llama-fp32": ("llama", torch.float32, "linear", {"normalize": True},
+                          [{"weight": [1.0, 0.5]}, {"weight": 0.3},
+                           {"weight": [{"filter": "mlp", "value": 0.7}, {"value": 0.2}]}], False),
+    "linear-starcoder2-bf16": ("starcoder2", torch.bfloat16, "linear", {"normalize": False},
+                               [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], False),
+    "task_arithmetic-llama-bf16": ("llama", torch.bfloat16, "task_arithmetic", {"lambda": 0.7},
+                                   [{"weight": [0.2, 1.0, 0.4]}, {"weight": 0.5}, {"weight": -0.3}], True),
+    "task_arithmetic-starcoder2-fp32": ("starcoder2", torch.float32, "task_arithmetic", {"normalize": True},
+                                        [{"weight": [{"filter": "self_attn", "value": 0.9}, {"value": 0.4}]},
+                                         {"weight": 0.5}, {"weight": 0.25}], False),
+    "ties-llama-fp32": ("llama", torch.float32, "ties", {},
+                        [{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": 0.5},
+                         {"weight": [0.3, 0.9], "density": 0.7}], False),
+    "ties-starcoder2-bf16": ("starcoder2", torch.bfloat16, "ties", {"normalize": False, "int8_mask": True},
+                             [{"weight": 0.5, "density": [0.3, 0.9]}, {"weight": 0.4, "density": 0.6},
+                              {"weight": 0.3, "density": 0.5}], True),
+    "breadcrumbs-llama-fp32": ("llama", torch.float32, "breadcrumbs", {},
+                               [{"weight": 0.5, "density": 0.8, "gamma": 0.05}, {"weight": 0.4, "density": 0.8},
+                                {"weight": 0.3, "density": 0.9, "gamma": 0.02}], False),
+    "breadcrumbs-starcoder2-bf16": ("starcoder2", torch.bfloat16, "breadcrumbs", {"rescale": True},
+                                    [{"weight": 0.5, "density": [0.5, 0.9], "gamma": 0.02},
+                                     {"weight": 0.4, "density": 0.7}, {"weight": 0.3, "density": 0.6}], False),
+    "breadcrumbs_ties-llama-bf16": ("llama", torch.bfloat16, "breadcrumbs_ties", {"normalize": True},
+                                    [{"weight": 0.5, "density": 0.7, "gamma": 0.02}, {"weight": 0.4, "density": 0.7},
+                                     {"weight": 0.3, "density": 0.7}], False),
+    "breadcrumbs_ties-starcoder2-fp32": ("starcoder2", torch.float32, "breadcrumbs_ties", {"lambda": 1.3},
+                                         [{"weight": 0.5, "density": 0.9}, {"weight": 0.4, "density": 0.9},
+                                          {"weight": 0.3, "density": 0.8, "gamma": 0.05}], False),
+}
+
+
+def _config(folders: dict, method: str, shared: dict, per_model: list, base_listed: bool, dtype) -> dict:
+    models = [{"model": str(folders[f"ft{i + 1}"]), "parameters": p} for i, p in enumerate(per_model)]
+    config = {"merge_method": method, "models": models, "dtype": "float32",
+              "out_dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"}
+    if method != "linear":
+        config["base_model"] = str(folders["base"])
+        if base_listed:
+            models.insert(0, {"model": str(folders["base"])})
+    if shared:
+        config["parameters"] = shared
+    return config
+
+
+def _tensors(folder) -> dict:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(families, tmp_path_factory):
+    """Every case merged by mergekit, in one mergekit process."""
+    root = tmp_path_factory.mktemp("mergekit_runs")
+    jobs = []
+    for name, (arch, dtype, method, shared, per_model, base_listed) in CASES.items():
+        config = root / f"{name}.yml"
+        config.write_text(yaml.safe_dump(_config(families[(arch, dtype)], method, shared, per_model, base_listed,
+                                                 dtype)))
+        jobs.append((config, root / name))
+    run_mergekit(jobs)
+    return root
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_tensor_mergekit_writes_is_loratvs_bit_for_bit(case, mergekit_outputs, tmp_path, capsys):
+    config = mergekit_outputs / f"{case}.yml"
+    rc, out, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "merged")
+    assert rc == 0, err
+    ours, theirs = _tensors(tmp_path / "merged"), _tensors(mergekit_outputs / case)
+    recipe = yaml.safe_load(config.read_text())
+    base = _tensors(Path(recipe.get("base_model") or recipe["models"][0]["model"]))
+    assert theirs and set(theirs) <= set(ours), sorted(set(theirs) - set(ours))
+    changed = 0
+    for name, value in theirs.items():
+        assert ours[name].dtype == value.dtype, name
+        assert torch.equal(ours[name], value), (name, float((ours[name].float() - value.float()).abs().max()))
+        changed += not torch.equal(value, base[name].to(value.dtype))
+    assert changed > len(theirs) // 2, "the merge changed almost nothing: the test would prove little"
+    record = json.loads((tmp_path / "merged" / "merge_models.json").read_text())
+    assert record["merge_method"] == CASES[case][2] and len(record["merged"]) == len(ours)
+    assert (tmp_path / "merged" / "README.md").read_text().count("sha256") >= 3
+
+
+def test_ties_against_float64_numpy(families, tmp_path, capsys):
+    """TIES from its definition, in float64 NumPy: trim each δ to its top-k |δ|, elect the sign of Σ wᵢδᵢ, sum the
+    agreeing weighted deltas, divide by the agreeing weights; loratv in fp64 rounds that once to fp32."""
+    folders = families[("llama", torch.float32)]
+    weights, density = [1.0, 0.6, 0.3], 0.5
+    config = {"merge_method": "ties", "base_model": str(folders["base"]),
+              "models": [{"model": str(folders[f"ft{i + 1}"]), "parameters": {"weight": w, "density": density}}
+                         for i, w in enumerate(weights)]}
+    path = tmp_path / "ties.yml"
+    path.write_text(yaml.safe_dump(config))
+    rc, _, err = run_cli(capsys, "merge-models", path, "-o", tmp_path / "out", "--compute-dtype", "fp64")
+    assert rc == 0, err
+    got = _tensors(tmp_path / "out")
+    base = {k: v.double().numpy() for k, v in _tensors(folders["base"]).items()}
+    fts = [{k: v.double().numpy() for k, v in _tensors(folders[f"ft{i}"]).items()} for i in (1, 2, 3)]
+    for name in ("model.layers.2.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight"):
+        deltas = []
+        for ft, w in zip(fts, weights, strict=True):
+            d = (ft[name] - base[name]).reshape(-1)
+            k = max(1, int(density * d.size))
+            keep = np.zeros(d.size, bool)
+            keep[np.argsort(-np.abs(d), kind="stable")[:k]] = True
+            deltas.append(w * np.where(keep, d, 0.0))
+        stacked = np.stack(deltas)
+        sign = np.where(stacked.sum(0) >= 0, 1.0, -1.0)
+        agree = np.sign(stacked) == sign
+        divisor = (np.array(weights)[:, None] * agree).sum(0)
+        divisor[divisor == 0] = 1
+        want = base[name].reshape(-1) + (stacked * agree).sum(0) / divisor
+        np.testing.assert_array_equal(got[name].reshape(-1).numpy(), want.astype(np.float32))
+
+
+def _write_config(path, config: dict):
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("edit, phrase", [
+    (lambda c: c.update(merge_method="frankenmerge"), "merge_method 'frankenmerge' is unknown"),
+    (lambda c: c.update(merge_method="slerp"), "not run by merge-models yet"),
+    (lambda c: c.update(slices=[{"sources": []}]), "'slices' is a slice layout"),
+    (lambda c: c.update(tokenizer_sourse="base"), "key 'tokenizer_sourse' is not a mergekit configuration key"),
+    (lambda c: c["models"][0]["parameters"].update(density=1.5), "density 1.5"),
+    (lambda c: c["models"][0]["parameters"].update(densty=0.5), "sets 'densty'"),
+    (lambda c: c["models"][0]["parameters"].pop("weight"), "needs parameter 'weight'"),
+    (lambda c: c["models"][0].update(model="/no/such/model"), "/no/such/model"),
+    (lambda c: c["models"][0].update(model=c["models"][0]["model"] + "+/some/lora"), "model+LoRA"),
+    (lambda c: c.pop("base_model"), "needs 'base_model'"),
+])
+def test_bad_recipes_are_one_sentence_and_write_nothing(edit, phrase, families, tmp_path, capsys):
+    folders = families[("llama", torch.float32)]
+    config = {"merge_method": "ties", "base_model": str(folders["base"]),
+              "models": [{"model": str(folders["ft1"]), "parameters": {"weight": 1.0, "density": 0.5}},
+                         {"model": str(folders["ft2"]), "parameters": {"weight": 0.5, "density": 0.5}}]}
+    edit(config)
+    path = _write_config(tmp_path / "bad.yml", config)
+    rc, _, err = run_cli(capsys, "merge-models", path, "-o", tmp_path / "out")
+    assert_one_line_error(rc, err, phrase)
+    assert_nothing_at(tmp_path / "out")
+
+
+def test_inputs_that_do_not_fit_are_refused(families, tmp_path, capsys):
+    """Another architecture, a tensor of another shape, a NaN: one sentence naming the model, nothing written."""
+    folders = families[("llama", torch.float32)]
+    other = families[("starcoder2", torch.float32)]["ft1"]
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["ft2"], broken)
+    state = load_file(str(broken / "model.safetensors"))
+    nan = tmp_path / "nan"
+    shutil.copytree(folders["ft2"], nan)
+    poisoned = dict(state)
+    poisoned["model.norm.weight"] = poisoned["model.norm.weight"].clone()
+    poisoned["model.norm.weight"][3] = float("nan")
+    save_file(poisoned, str(nan / "model.safetensors"))
+    state["model.norm.weight"] = state["model.norm.weight"][:-1].clone()
+    save_file(state, str(broken / "model.safetensors"))
+    for second, phrase in ((other, "different architectures"), (broken, "has shape"), (nan, "NaN or Inf")):
+        config = {"merge_method": "task_arithmetic", "base_model": str(folders["base"]),
+                  "models": [{"model": str(folders["ft1"]), "parameters": {"weight": 1.0}},
+                             {"model": str(second), "parameters": {"weight": 0.5}}]}
+        path = _write_config(tmp_path / "config.yml", config)
+        rc, _, err = run_cli(capsys, "merge-models", path, "-o", tmp_path / "out")
+        assert_one_line_error(rc, err, phrase)
+        assert_nothing_at(tmp_path / "out")
+
+
+def test_the_api_and_an_existing_output(families, tmp_path):
+    import loratv
+    from loratv.errors import OutputExistsError
+
+    folders = families[("starcoder2", torch.bfloat16)]
+    config = _write_config(tmp_path / "linear.yml", {
+        "merge_method": "linear", "models": [{"model": str(folders["ft1"]), "parameters": {"weight": 1.0}},
+                                             {"model": str(folders["ft2"]), "parameters": {"weight": 3.0}}]})
+    result = loratv.merge_models(config, tmp_path / "out", max_shard_size="20KB")
+    assert result.method == "linear" and result.inputs == (str(folders["ft1"]), str(folders["ft2"]))
+    written = _tensors(tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1  # split by size
+    a, b = _tensors(folders["ft1"]), _tensors(folders["ft2"])
+    name = "model.embed_tokens.weight"  # bf16 inputs, no dtype: computed in fp32, rounded once to bf16
+    want = ((a[name].float() * 1.0 + b[name].float() * 3.0) / 4.0).bfloat16()
+    assert torch.equal(written[name], want)
+    with pytest.raises(OutputExistsError):
+        loratv.merge_models(config, tmp_path / "out")
