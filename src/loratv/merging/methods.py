@@ -48,6 +48,9 @@ class MergeMethod:
             entry in `models` only carries parameters and it is never a task vector of itself.
         randomised: its masks are drawn at random (DARE, DELLA).
         merge: (base, inputs, per-model values by parameter, shared values) -> merged tensor in the compute dtype.
+        min_models: the fewest models besides the base.
+        max_models: the most models besides the base (None: any number).
+        uses_base: reads the base when the config names one, even if it does not need one (nuslerp).
     """
 
     name: str
@@ -56,6 +59,9 @@ class MergeMethod:
     base_weighted: bool
     randomised: bool
     merge: Callable[..., torch.Tensor]
+    min_models: int = 1
+    max_models: int | None = None
+    uses_base: bool = False
 
     def parameter(self, name: str) -> Parameter | None:
         """The parameter called `name`, or None.
@@ -148,6 +154,132 @@ def _gta(name: str, sparsification: str | None, consensus: bool, normalize: bool
                        merge=_task_arithmetic_family(sparsification, consensus))
 
 
+def slerp(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict) -> torch.Tensor:
+    """Spherical interpolation from the base (t = 0) to the other model (t = 1) on the whole flattened tensor, with
+    mergekit's arithmetic: norms taken chunk by chunk (2²⁰ elements) and combined as a norm of norms, the dot of the
+    normalised chunks summed, a near-colinear pair (|cos| > 0.9995) interpolated linearly.
+
+    Args:
+        base: the base tensor (v0).
+        inputs: [the other model's tensor] (v1).
+        per_model: unused.
+        shared: {"t": t}.
+
+    Returns:
+        The merged tensor, in the compute dtype.
+    """
+    assert base is not None
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    a, b = base.reshape(1, -1), inputs[0].reshape(1, -1)
+    t = torch.tensor([shared["t"]], dtype=torch.float32, device=base.device).reshape(-1, 1).to(work)
+    if not a.shape[1]:
+        return ((1 - t) * a + t * b).reshape(base.shape).to(base.dtype)
+    chunk = SLERP_CHUNK
+    spans = range(0, a.shape[1], chunk)
+    norm_a = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(a[:, i:i + chunk].to(work), dim=1, keepdim=True) for i in spans]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(b[:, i:i + chunk].to(work), dim=1, keepdim=True) for i in spans]), dim=0)
+    norm_a = torch.where(norm_a > SLERP_EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > SLERP_EPS, norm_b, 1)
+    dot = torch.stack([((a[:, i:i + chunk].to(work) / norm_a) * (b[:, i:i + chunk].to(work) / norm_b))
+                       .sum(dim=1, keepdim=True) for i in spans]).sum(dim=0).clamp(-1, 1)
+    linear_pair = dot.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear_pair, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear_pair, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(linear_pair, t, torch.sin(t * theta) / sin_theta)
+    result = torch.empty_like(a)
+    for i in spans:
+        result[:, i:i + chunk] = coef_a * a[:, i:i + chunk].to(work) + coef_b * b[:, i:i + chunk].to(work)
+    return result.reshape(base.shape)
+
+
+def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
+    """mergekit's nuslerp of two tensors: per row (or per column, or flattened) spherical interpolation."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+
+    def unit(x):
+        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+
+    cos_theta = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= NUSLERP_EPS ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    sin_theta = torch.sin(theta)
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def nuslerp(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict) -> torch.Tensor:
+    """NuSLERP: spherical interpolation of two models at t = w₂/(w₁ + w₂) (0.5 when the weights cancel), of their
+    task vectors when a base is given.
+
+    Args:
+        base: the base tensor, or None.
+        inputs: the two models' tensors.
+        per_model: {"weight": [w₁, w₂]}.
+        shared: {"nuslerp_row_wise": bool, "nuslerp_flatten": bool}.
+
+    Returns:
+        The merged tensor, in the compute dtype.
+    """
+    weights = per_model["weight"]
+    total = sum(weights)
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    row_wise, flatten = shared["nuslerp_row_wise"], shared["nuslerp_flatten"]
+    if base is not None:
+        return base + _nuslerp_pair(t, inputs[0] - base, inputs[1] - base, row_wise, flatten)
+    return _nuslerp_pair(t, inputs[0], inputs[1], row_wise, flatten)
+
+
+def model_stock(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict) -> torch.Tensor:
+    """Model Stock: t = k·cos/(1 + (k − 1)·cos) from the mean pairwise cosine of the k task vectors (per row with
+    `filter_wise`), then t·mean(models) + (1 − t)·base; the base where 1 + (k − 1)·cos is within 1e-6 of zero.
+
+    Args:
+        base: the base tensor.
+        inputs: the k ≥ 2 models' tensors.
+        per_model: unused.
+        shared: {"filter_wise": bool}.
+
+    Returns:
+        The merged tensor, in the compute dtype.
+    """
+    assert base is not None
+    shape = base.shape
+    if shared["filter_wise"]:
+        w0, ws = (base.unsqueeze(0), [w.unsqueeze(0) for w in inputs]) if base.dim() == 1 else (base, list(inputs))
+    else:
+        w0, ws = base.reshape(-1), [w.reshape(-1) for w in inputs]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, first in enumerate(offsets):
+        for second in offsets[i + 1:]:
+            norms = torch.norm(first, dim=-1) * torch.norm(second, dim=-1)
+            cosines.append(((first * second).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos_theta = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    count = len(ws)
+    denominator = 1 + (count - 1) * cos_theta
+    singular = denominator.abs() < 1e-6
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe)
+    average = sum(ws) / count
+    return (t * average + (1 - t) * w0).reshape(shape)
+
+
+SLERP_CHUNK = 1024 * 1024  # mergekit's _CHUNK_ELEMENTS: the norms and the dot are summed chunk by chunk
+SLERP_EPS = 1e-8
+SLERP_DOT_THRESHOLD = 0.9995
+NUSLERP_NORM_EPS = 1e-7
+NUSLERP_EPS = 1e-8
+
 METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("linear", (Parameter("weight", float, True), Parameter("normalize", bool, False, True)),
                 needs_base=False, base_weighted=True, randomised=False, merge=linear),
@@ -155,6 +287,14 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     _gta("ties", "magnitude", consensus=True, normalize=True, rescale=False),
     _gta("breadcrumbs", "magnitude_outliers", consensus=False, normalize=False, rescale=False),
     _gta("breadcrumbs_ties", "magnitude_outliers", consensus=True, normalize=False, rescale=False),
+    MergeMethod("slerp", (Parameter("t", float, False),), needs_base=True, base_weighted=False, randomised=False,
+                merge=slerp, min_models=1, max_models=1),
+    MergeMethod("nuslerp", (Parameter("weight", float, True), Parameter("nuslerp_row_wise", bool, False, False),
+                            Parameter("nuslerp_flatten", bool, False, True)),
+                needs_base=False, base_weighted=False, randomised=False, merge=nuslerp, min_models=2, max_models=2,
+                uses_base=True),
+    MergeMethod("model_stock", (Parameter("filter_wise", bool, False, False),), needs_base=True,
+                base_weighted=False, randomised=False, merge=model_stock, min_models=2),
 )}
 # mergekit methods loratv does not run yet: refused by name (never approximated)
-NOT_YET = ("dare_linear", "dare_ties", "della", "della_linear", "slerp", "nuslerp", "model_stock")
+NOT_YET = ("dare_linear", "dare_ties", "della", "della_linear")

@@ -261,8 +261,12 @@ def load_recipe(path: str | Path) -> Recipe:
     recipe = Recipe(path=path, text=path.read_text(encoding="utf-8"), method=method, models=tuple(models),
                     base_model=base, parameters=shared, dtype=_dtype(data.get("dtype"), path, "dtype"),
                     out_dtype=_dtype(data.get("out_dtype"), path, "out_dtype"))
-    if not method.base_weighted and method.needs_base and all(m.model == base for m in models):
-        raise BadInputError(f"{path}: 'models' lists only the base model: there is no task vector to merge.")
+    others = [m for m in recipe.inputs() if method.base_weighted or m != base]
+    if len(others) < method.min_models or (method.max_models is not None and len(others) > method.max_models):
+        wanted = (f"exactly {method.min_models}" if method.max_models == method.min_models
+                  else f"at least {method.min_models}")
+        raise BadInputError(f"{path}: merge_method '{name}' takes {wanted} model(s) besides the base; 'models' gives "
+                            f"{len(others)}.")
     return recipe
 
 

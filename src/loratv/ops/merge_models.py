@@ -116,7 +116,7 @@ def _merged_tensor(recipe: Recipe, name: str, opened: dict[str, Checkpoint], ref
             raise BadInputError(f"{opened[ref].shard_of(name)}: tensor {name} of model '{ref}' holds a NaN or Inf.")
         return tensor.to(device=dev, dtype=compute)
 
-    base = read(base_ref) if method.needs_base else None
+    base = read(base_ref) if base_ref is not None and (method.needs_base or method.uses_base) else None
     return method.merge(base, [read(ref) for ref in weighted], per_model, shared)
 
 
