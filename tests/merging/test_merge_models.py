@@ -190,7 +190,8 @@ def _write_config(path, config: dict):
 
 @pytest.mark.parametrize("edit, phrase", [
     (lambda c: c.update(merge_method="frankenmerge"), "merge_method 'frankenmerge' is unknown"),
-    (lambda c: c.update(merge_method="dare_ties"), "not run by merge-models yet"),
+    (lambda c: c.update(merge_method="della") or c["models"][0]["parameters"].update(epsilon=0.6),
+     "density ± epsilon outside (0, 1)"),
     (lambda c: [c.update(merge_method="slerp", parameters={"t": 0.5})] + [m.pop("parameters") for m in c["models"]],
      "exactly 1 model(s) besides the base"),
     (lambda c: c.update(slices=[{"sources": []}]), "'slices' is a slice layout"),
@@ -257,3 +258,112 @@ def test_the_api_and_an_existing_output(families, tmp_path):
     assert torch.equal(written[name], want)
     with pytest.raises(OutputExistsError):
         loratv.merge_models(config, tmp_path / "out")
+
+
+def _recipe(tmp_path, name: str, folders: dict, method: str, per_model: list, shared: dict | None = None):
+    config = {"merge_method": method, "base_model": str(folders["base"]),
+              "models": [{"model": str(folders[f"ft{i + 1}"]), "parameters": p} for i, p in enumerate(per_model)]}
+    if shared:
+        config["parameters"] = shared
+    return _write_config(tmp_path / f"{name}.yml", config)
+
+
+@pytest.mark.parametrize("random_method, deterministic, shared", [
+    ("dare_linear", "task_arithmetic", {}),
+    ("dare_ties", "ties", {"normalize": True}),
+    ("della", "ties", {}),
+    ("della_linear", "task_arithmetic", {}),
+])
+def test_density_one_is_the_deterministic_method(random_method, deterministic, shared, families, tmp_path, capsys):
+    folders = families[("starcoder2", torch.bfloat16)]
+    per_model = [{"weight": 0.7, "density": 1.0}, {"weight": 0.4, "density": 1.0}]
+    outputs = {}
+    for method in (random_method, deterministic):
+        config = _recipe(tmp_path, method, folders, method, per_model, shared)
+        rc, _, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / method, "--seed", "7")
+        assert rc == 0, err
+        outputs[method] = _tensors(tmp_path / method)
+    assert outputs[random_method].keys() == outputs[deterministic].keys()
+    assert all(torch.equal(v, outputs[deterministic][k]) for k, v in outputs[random_method].items())
+
+
+def _kept_and_scale(out: dict, base: dict, tuned: dict):
+    """Per floating tensor: which elements moved off the base, δ, and the merged values and base (float64)."""
+    rows = {}
+    for name, value in out.items():
+        if not value.is_floating_point() or value.numel() < 64:
+            continue
+        delta = tuned[name].double() - base[name].double()
+        moved = (value.double() - base[name].double()) != 0
+        rows[name] = (moved, delta, (value, base[name].double()))
+    return rows
+
+
+def test_dare_keeps_the_density_and_rescales_by_the_l1_ratio(families, tmp_path, capsys):
+    """One fine-tune, weight 1, density 0.3, computed in fp64 and stored in fp32: about 30% of every tensor's
+    elements move (binomial, within 6σ over the model), each by δ·‖δ‖₁/‖kept δ‖₁ (mergekit's L1 rescale)."""
+    folders = families[("llama", torch.float32)]
+    config = _recipe(tmp_path, "dare", folders, "dare_linear", [{"weight": 1.0, "density": 0.3}])
+    rc, _, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "out", "--compute-dtype", "fp64")
+    assert rc == 0, err
+    rows = _kept_and_scale(_tensors(tmp_path / "out"), _tensors(folders["base"]), _tensors(folders["ft1"]))
+    kept = sum(int(m.sum()) for m, _, _ in rows.values())
+    total = sum(m.numel() for m, _, _ in rows.values())
+    assert abs(kept / total - 0.3) < 6 * (0.3 * 0.7 / total) ** 0.5
+    for name, (moved, delta, (value, base)) in rows.items():
+        scale = delta.abs().sum() / delta[moved].abs().sum()
+        exact = base + torch.where(moved, delta * scale, 0)
+        half_ulp = 0.5 * (torch.nextafter(value.abs(), torch.tensor(float("inf"))) - value.abs()).double()
+        assert ((value.double() - exact).abs() <= half_ulp * (1 + 1e-9)).all(), name  # rounded once from fp64
+
+
+def test_della_keeps_larger_changes_more_often(families, tmp_path, capsys):
+    folders = families[("llama", torch.float32)]
+    config = _recipe(tmp_path, "della", folders, "della_linear", [{"weight": 1.0, "density": 0.5, "epsilon": 0.4}])
+    rc, _, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "out", "--compute-dtype", "fp64")
+    assert rc == 0, err
+    rows = _kept_and_scale(_tensors(tmp_path / "out"), _tensors(folders["base"]), _tensors(folders["ft1"]))
+    small = large = small_n = large_n = 0
+    for moved, delta, _ in rows.values():
+        flat_moved, magnitude = moved.reshape(-1), delta.abs().reshape(-1)
+        cut = magnitude.median()
+        small += int(flat_moved[magnitude < cut].sum())
+        small_n += int((magnitude < cut).sum())
+        large += int(flat_moved[magnitude > cut].sum())
+        large_n += int((magnitude > cut).sum())
+    total = small_n + large_n
+    assert abs((small + large) / total - 0.5) < 0.02  # mean keep probability = density
+    assert large / large_n - small / small_n > 0.3  # probabilities 0.1 … 0.9 by rank: halves near 0.3 and 0.7
+
+
+def test_masks_do_not_depend_on_threads_order_or_layout_but_on_the_seed(families, tmp_path):
+    import loratv
+
+    folders = families[("llama", torch.float32)]
+    config = _recipe(tmp_path, "dare", folders, "dare_ties",
+                     [{"weight": 0.6, "density": 0.4}, {"weight": 0.5, "density": 0.6}])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        loratv.merge_models(config, tmp_path / "one-thread", max_shard_size="10KB")  # another write order of files
+    finally:
+        torch.set_num_threads(threads)
+    loratv.merge_models(config, tmp_path / "default")
+    loratv.merge_models(config, tmp_path / "other-seed", seed=1)
+    a, b, c = (_tensors(tmp_path / n) for n in ("one-thread", "default", "other-seed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(b[k], c[k]) for k in b)
+
+
+def test_a_mask_is_a_function_of_its_key_alone():
+    """The counter-based stream: the same (seed, tensor, input) gives the same mask whatever was drawn before, and
+    any change of the key gives another."""
+    from loratv.merging.random_masks import keep_mask
+
+    first = keep_mask(3, "model.layers.0.mlp.up_proj.weight", 1, 0.5, (64, 32))
+    keep_mask(3, "model.layers.1.mlp.up_proj.weight", 0, 0.5, (64, 32))  # other draws in between
+    again = keep_mask(3, "model.layers.0.mlp.up_proj.weight", 1, 0.5, (64, 32))
+    assert torch.equal(first, again) and 0.4 < first.float().mean() < 0.6
+    for other in ((4, "model.layers.0.mlp.up_proj.weight", 1), (3, "model.layers.0.mlp.up_proj.bias", 1),
+                  (3, "model.layers.0.mlp.up_proj.weight", 0)):
+        assert not torch.equal(first, keep_mask(*other, 0.5, (64, 32)))

@@ -121,6 +121,7 @@ def merge_models(
     compute_dtype: str = "fp32",
     device: str = "cpu",
     max_shard_size: int | str | None = None,
+    seed: int = 0,
     force: bool = False,
     progress: bool = False,
 ) -> ModelMergeResult:
@@ -137,6 +138,8 @@ def merge_models(
         device: "cpu", "cuda" or "cuda:N".
         max_shard_size: split output shards at this many bytes, or a size such as "5GB" (None: the reference
             model's layout).
+        seed: keys DARE's and DELLA's masks with the tensor name, the input's position and the element index: the
+            same masks whatever the processing order, thread count or device.
         force: replace an existing output.
         progress: show a progress bar on stderr.
 
@@ -155,7 +158,8 @@ def merge_models(
         except ValueError as exc:
             raise BadInputError(f"{param('max_shard_size', max_shard_size)}: {exc}.") from None
     result = _merge_models.merge_models(os.fspath(config), os.fspath(output), compute_dtype=compute_dtype,
-                                        device=device, max_shard_size=max_shard_size, force=force, progress=progress)
+                                        device=device, max_shard_size=max_shard_size, seed=seed, force=force,
+                                        progress=progress)
     return ModelMergeResult(output=Path(output), method=result.method, inputs=tuple(result.inputs),
                             merged=tuple(result.merged), copied=tuple(result.copied))
 

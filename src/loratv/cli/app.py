@@ -135,6 +135,9 @@ def add_merge_models_arguments(p):
     add_device_flag(p)
     p.add_argument("--max-shard-size", type=_size, default=None,
                    help="split output shards at this many bytes, e.g. 5GB (default: the reference model's layout)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="key of DARE's and DELLA's masks, with the tensor name, the input's position and the element "
+                        "index: the same masks on any thread count, processing order or device (default: 0)")
     add_output_flags(p)
 
 
@@ -292,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("merge-models", help="merge several models of one architecture by a mergekit YAML recipe "
-                       "(linear, task_arithmetic, ties, breadcrumbs, breadcrumbs_ties), streamed, one rounding")
+                       "(linear, task_arithmetic, ties, breadcrumbs(_ties), dare_*, della(_linear), slerp, nuslerp, model_stock), "
+                       "streamed, one rounding")
     add_merge_models_arguments(p)
     p.set_defaults(func=cmd_merge_models)
 
@@ -470,7 +474,8 @@ def cmd_merge_models(args) -> int:
         the exit code (0 once the merged model is written; 2 on bad input, via run_guarded).
     """
     result = merge_models(args.recipe, args.output, compute_dtype=args.compute_dtype, device=args.device,
-                          max_shard_size=args.max_shard_size, force=args.force, progress=not args.quiet)
+                          max_shard_size=args.max_shard_size, seed=args.seed, force=args.force,
+                          progress=not args.quiet)
     if not args.quiet:
         print(result.summary())
     return 0

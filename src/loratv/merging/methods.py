@@ -46,7 +46,7 @@ class MergeMethod:
         needs_base: the config must name a `base_model`.
         base_weighted: the base model is one of the weighted inputs when listed in `models` (linear); otherwise its
             entry in `models` only carries parameters and it is never a task vector of itself.
-        randomised: its masks are drawn at random (DARE, DELLA).
+        randomised: its masks are drawn at random (DARE, DELLA); its merge also takes `key=(seed, tensor name)`.
         merge: (base, inputs, per-model values by parameter, shared values) -> merged tensor in the compute dtype.
         min_models: the fewest models besides the base.
         max_models: the most models besides the base (None: any number).
@@ -109,18 +109,23 @@ def _task_arithmetic_family(sparsification: str | None, consensus: bool) -> Call
     """The generalized task arithmetic of mergekit (GTATask): sparsify each δᵢ = xᵢ − base, weigh, elect signs,
     sum, divide by the weights that agree (`normalize`), times `lambda`, added to the base."""
 
-    def merge(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict) -> torch.Tensor:
+    def merge(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict,
+              key: tuple = (0, "")) -> torch.Tensor:
         assert base is not None
         if not inputs:
             return base
         deltas = base.new_empty((len(inputs), *base.shape))
         for index, tensor in enumerate(inputs):
             delta = tensor - base
+            density = per_model["density"][index]
             if sparsification == "magnitude":
-                delta = sparsify.magnitude(delta, per_model["density"][index], shared["rescale"])
+                delta = sparsify.magnitude(delta, density, shared["rescale"])
             elif sparsification == "magnitude_outliers":
-                delta = sparsify.magnitude_outliers(delta, per_model["density"][index], per_model["gamma"][index],
-                                                    shared["rescale"])
+                delta = sparsify.magnitude_outliers(delta, density, per_model["gamma"][index], shared["rescale"])
+            elif sparsification == "random":
+                delta = sparsify.random_drop(delta, density, shared["rescale"], key, index)
+            elif sparsification == "della_magprune":
+                delta = sparsify.della_drop(delta, density, per_model["epsilon"][index], shared["rescale"], key, index)
             deltas[index] = delta
         weights = torch.tensor(per_model["weight"], dtype=deltas.dtype, device=deltas.device)
         while deltas.dim() > weights.dim():
@@ -150,7 +155,10 @@ def _gta(name: str, sparsification: str | None, consensus: bool, normalize: bool
               Parameter("weight", float, True), Parameter("density", float, True, 1.0)]
     if sparsification == "magnitude_outliers":
         params.append(Parameter("gamma", float, True, 0.01))
-    return MergeMethod(name, tuple(params), needs_base=True, base_weighted=False, randomised=False,
+    if sparsification == "della_magprune":
+        params.append(Parameter("epsilon", float, True, 0.15))
+    return MergeMethod(name, tuple(params), needs_base=True, base_weighted=False,
+                       randomised=sparsification in ("random", "della_magprune"),
                        merge=_task_arithmetic_family(sparsification, consensus))
 
 
@@ -287,6 +295,10 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     _gta("ties", "magnitude", consensus=True, normalize=True, rescale=False),
     _gta("breadcrumbs", "magnitude_outliers", consensus=False, normalize=False, rescale=False),
     _gta("breadcrumbs_ties", "magnitude_outliers", consensus=True, normalize=False, rescale=False),
+    _gta("dare_linear", "random", consensus=False, normalize=False, rescale=True),
+    _gta("dare_ties", "random", consensus=True, normalize=False, rescale=True),
+    _gta("della", "della_magprune", consensus=True, normalize=True, rescale=True),
+    _gta("della_linear", "della_magprune", consensus=False, normalize=False, rescale=True),
     MergeMethod("slerp", (Parameter("t", float, False),), needs_base=True, base_weighted=False, randomised=False,
                 merge=slerp, min_models=1, max_models=1),
     MergeMethod("nuslerp", (Parameter("weight", float, True), Parameter("nuslerp_row_wise", bool, False, False),
@@ -297,4 +309,4 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in (
                 base_weighted=False, randomised=False, merge=model_stock, min_models=2),
 )}
 # mergekit methods loratv does not run yet: refused by name (never approximated)
-NOT_YET = ("dare_linear", "dare_ties", "della", "della_linear")
+NOT_YET: tuple[str, ...] = ()

@@ -286,19 +286,26 @@ def layer_fraction(tensor: str, num_layers: int | None) -> float:
     return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
 
 
-def check_densities(recipe: Recipe, tensor: str, values: list[dict]) -> None:
-    """A density outside (0, 1] is refused (mergekit would keep at least one element, or none, silently).
+def check_densities(recipe: Recipe, tensor: str, models: list[str], values: list[dict]) -> None:
+    """A density outside (0, 1] is refused (mergekit would keep at least one element, or none, silently), and so is
+    a DELLA epsilon that puts density ± epsilon outside (0, 1).
 
     Args:
         recipe: the recipe.
         tensor: the tensor the values were resolved for.
-        values: each input's per-model values.
+        models: the models the values belong to.
+        values: each model's per-model values.
 
     Raises:
-        BadInputError: a density outside (0, 1].
+        BadInputError: a density outside (0, 1], or such an epsilon.
     """
-    for model, v in zip(recipe.inputs(), values, strict=False):
+    for model, v in zip(models, values, strict=True):
         density = v.get("density")
         if density is not None and not 0 < density <= 1:
             raise BadInputError(f"{recipe.path}: density {density} for model '{model}' (tensor {tensor}) is outside "
                                 "(0, 1].")
+        epsilon = v.get("epsilon")
+        if epsilon is not None and density is not None and density < 1 and not (
+                density - epsilon > 0 and density + epsilon < 1):
+            raise BadInputError(f"{recipe.path}: epsilon {epsilon} for model '{model}' (tensor {tensor}) puts the keep "
+                                f"probabilities density ± epsilon outside (0, 1) (density {density}).")

@@ -1,5 +1,7 @@
 """Sparsification of one task vector as mergekit 0.1.5 defines it (`mergekit/sparsify.py`): magnitude top-k (TIES's
-trim) and magnitude with outliers removed (Model Breadcrumbs), each optionally rescaled to the L1 norm it had.
+trim), magnitude with outliers removed (Model Breadcrumbs), DARE's random drop and DELLA's magnitude-ranked random
+drop, each optionally rescaled to the L1 norm it had. The random drops draw from random_masks (keyed by seed,
+tensor and input, not from a global generator), so they are not mergekit's draws.
 
 The kept set is "the k largest |δ|" (breadcrumbs: the elements ranked n_bottom … n_bottom + k − 1 by increasing
 |δ|). Where elements of equal |δ| straddle the cut, which of them are kept is torch's sort order on the CPU, as in
@@ -8,6 +10,8 @@ beyond a few hundred elements). docs/merging.md states this; with no tie at the 
 """
 
 import torch
+
+from loratv.merging import random_masks
 
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
 
@@ -82,3 +86,53 @@ def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, resca
     mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
     mask[order[n_bottom:n_bottom + target]] = 1
     return rescaled(tensor, mask.reshape_as(tensor), rescale)
+
+
+def random_drop(tensor: torch.Tensor, density: float, rescale: bool, key: tuple, position: int) -> torch.Tensor:
+    """DARE: keep each element with probability `density` (an independent draw per element, from the counter-based
+    stream of random_masks keyed by the merge's seed, the tensor and the input's position), then the L1 rescale.
+
+    Args:
+        tensor: the task vector of one tensor.
+        density: the keep probability.
+        rescale: the L1 rescale of the kept values (DARE's default).
+        key: (seed, tensor name).
+        position: the input's position among the models.
+
+    Returns:
+        The sparsified tensor (the input itself when density ≥ 1: nothing is drawn).
+    """
+    if density >= 1:
+        return tensor
+    seed, name = key
+    kept = random_masks.keep_mask(seed, name, position, float(density), tuple(tensor.shape))
+    return rescaled(tensor, kept.to(device=tensor.device, dtype=tensor.dtype), rescale)
+
+
+def della_drop(tensor: torch.Tensor, density: float, epsilon: float, rescale: bool, key: tuple,
+               position: int) -> torch.Tensor:
+    """DELLA's MAGPRUNE: within each row (mergekit ranks along dim 1; a 1-D tensor is one row), the element of rank
+    ρ by increasing |δ| is kept with probability density − ε + 2ε·(ρ − 1)/(row length − 1); then the L1 rescale.
+    A row of one element is kept with probability `density`.
+
+    Args:
+        tensor: the task vector of one tensor.
+        density: the mean keep probability, with density ± epsilon inside (0, 1).
+        epsilon: half the spread of the keep probabilities.
+        rescale: the L1 rescale of the kept values (DELLA's default).
+        key: (seed, tensor name).
+        position: the input's position among the models.
+
+    Returns:
+        The sparsified tensor (the input itself when density ≥ 1).
+    """
+    if density >= 1:
+        return tensor
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(torch.float64)
+    spread = ranks.max(dim=1, keepdim=True).values - ranks.min(dim=1, keepdim=True).values
+    rank_norm = torch.where(spread > 0, (ranks - ranks.min(dim=1, keepdim=True).values) / spread.clamp(min=1), 0.5)
+    probability = (density - epsilon) + rank_norm.clamp(0, 1) * 2 * epsilon
+    seed, name = key
+    kept = random_masks.keep_mask(seed, name, position, probability, tuple(rows.shape))
+    return rescaled(rows, kept.to(device=tensor.device, dtype=tensor.dtype), rescale).reshape(tensor.shape)

@@ -98,8 +98,8 @@ def _out_dtype(recipe: Recipe, stored: torch.dtype) -> torch.dtype:
     return dtypes.PRECISION_NAMES[name] if name else stored
 
 
-def _merged_tensor(recipe: Recipe, name: str, opened: dict[str, Checkpoint], reference: Checkpoint, compute, dev,
-                   num_layers) -> torch.Tensor:
+def _merged_tensor(recipe: Recipe, name: str, opened: dict[str, Checkpoint], compute, dev, num_layers,
+                   seed: int) -> torch.Tensor:
     """One tensor merged in the compute dtype (inputs read one by one; the method holds what it needs)."""
     method, base_ref = recipe.method, recipe.base_model
     t = layer_fraction(name, num_layers)
@@ -107,7 +107,7 @@ def _merged_tensor(recipe: Recipe, name: str, opened: dict[str, Checkpoint], ref
     refs = recipe.inputs()
     weighted = refs if method.base_weighted or base_ref is None else [r for r in refs if r != base_ref]
     values = [recipe.model_values(ref, name, t) for ref in weighted]
-    check_densities(recipe, name, values)
+    check_densities(recipe, name, weighted, values)
     per_model = {p.name: [v[p.name] for v in values] for p in method.parameters if p.per_model}
 
     def read(ref):
@@ -117,7 +117,10 @@ def _merged_tensor(recipe: Recipe, name: str, opened: dict[str, Checkpoint], ref
         return tensor.to(device=dev, dtype=compute)
 
     base = read(base_ref) if base_ref is not None and (method.needs_base or method.uses_base) else None
-    return method.merge(base, [read(ref) for ref in weighted], per_model, shared)
+    inputs = [read(ref) for ref in weighted]
+    if method.randomised:
+        return method.merge(base, inputs, per_model, shared, key=(seed, name))
+    return method.merge(base, inputs, per_model, shared)
 
 
 def _model_card(recipe: Recipe, records: dict) -> str:
@@ -133,7 +136,7 @@ def _model_card(recipe: Recipe, records: dict) -> str:
 
 
 def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str = "cpu",
-                 max_shard_size: int | None = None, force: bool = False,
+                 max_shard_size: int | None = None, seed: int = 0, force: bool = False,
                  progress: bool = False) -> ModelMergeResult:
     """Merge the models of a mergekit recipe into one model folder.
 
@@ -143,6 +146,8 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
         compute_dtype: "fp32" or "fp64": the dtype the method computes in before the one rounding.
         device: where the arithmetic runs ("cpu", "cuda", "cuda:N").
         max_shard_size: split shards at this many bytes (None: the reference model's layout).
+        seed: keys DARE's and DELLA's masks (with the tensor name, the input's position and the element index), so
+            they do not depend on processing order, threads or device.
         force: replace an existing output.
         progress: show a progress bar.
 
@@ -152,6 +157,8 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
     Raises:
         LoratvError: a bad recipe or input (one sentence naming the file), or an output that exists.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise BadInputError(f"{param('seed', seed)}: give a non-negative integer.")
     if compute_dtype not in COMPUTE_DTYPES:
         raise BadInputError(f"{param('compute_dtype', compute_dtype)}: choose one of {', '.join(COMPUTE_DTYPES)}.")
     recipe = load_recipe(config_path)
@@ -173,6 +180,8 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
     shards = layout_by_size(specs, max_shard_size) if max_shard_size else layout_like(specs, shard_of, reference.files)
     metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "merge-models",
                 "merge_method": recipe.method.name, "compute_dtype": compute_dtype, "recipe": recipe.text}
+    if recipe.method.randomised:
+        metadata["seed"] = str(seed)
     result = ModelMergeResult(output=Path(out), method=recipe.method.name, inputs=recipe.inputs())
     records = {ref: checkpoint_record(ckpt) for ref, ckpt in opened.items()}
     paths = [Path(recipe.path)] + [ckpt.path for ckpt in opened.values() if ckpt.path.exists()]
@@ -184,7 +193,7 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
                     for spec in group:
                         writer.begin(spec.name)
                         if reference.entry(spec.name).torch_dtype.is_floating_point:
-                            merged = _merged_tensor(recipe, spec.name, opened, reference, compute, dev, num_layers)
+                            merged = _merged_tensor(recipe, spec.name, opened, compute, dev, num_layers, seed)
                             value = merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu()
                             if not dtypes.all_finite(value):
                                 raise LoratvError(f"{recipe.path}: the merge of tensor {spec.name} overflows "
@@ -204,6 +213,7 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
         (tmp / "README.md").write_text(_model_card(recipe, records), encoding="utf-8")
         record = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "loratv_version": __version__,
                   "merge_method": recipe.method.name, "compute_dtype": compute_dtype, "inputs": recipe.inputs(),
+                  "seed": seed if recipe.method.randomised else None,
                   "base_model": recipe.base_model, "merged": result.merged, "copied": result.copied}
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         write_manifest(tmp, "merge-models", records, writer.digests)
