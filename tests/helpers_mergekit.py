@@ -25,7 +25,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 import yaml
 for config_file, out in json.loads(sys.argv[1]):
-    options = MergeOptions(random_seed=0, write_model_card=False)
+    options = MergeOptions(random_seed=0, write_model_card=False, lora_merge_cache=sys.argv[2] or None)
     options.apply_global_options()
     text = open(config_file, encoding="utf-8").read()
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out, options=options, config_source=text)
@@ -69,11 +69,12 @@ def mergekit_python() -> Path:
     return python
 
 
-def run_mergekit(jobs: list[tuple[Path, Path]]) -> None:
+def run_mergekit(jobs: list[tuple[Path, Path]], lora_cache: Path | None = None) -> None:
     """Run mergekit on each (config, output folder), in one process, seeded, without a model card.
 
     Args:
         jobs: (YAML config, output folder) pairs; the configs must name models by absolute path.
+        lora_cache: mergekit's --lora-merge-cache, for configs with model+lora references.
 
     Raises:
         AssertionError: mergekit failed (its output is in the message).
@@ -81,6 +82,7 @@ def run_mergekit(jobs: list[tuple[Path, Path]]) -> None:
     python = mergekit_python()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
-    done = subprocess.run([str(python), "-c", DRIVER, json.dumps([[str(c), str(o)] for c, o in jobs])],
+    done = subprocess.run([str(python), "-c", DRIVER, json.dumps([[str(c), str(o)] for c, o in jobs]),
+                           str(lora_cache or "")],
                           capture_output=True, text=True, env=env, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]

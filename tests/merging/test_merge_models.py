@@ -200,7 +200,8 @@ def _write_config(path, config: dict):
     (lambda c: c["models"][0]["parameters"].update(densty=0.5), "sets 'densty'"),
     (lambda c: c["models"][0]["parameters"].pop("weight"), "needs parameter 'weight'"),
     (lambda c: c["models"][0].update(model="/no/such/model"), "/no/such/model"),
-    (lambda c: c["models"][0].update(model=c["models"][0]["model"] + "+/some/lora"), "model+LoRA"),
+    (lambda c: c["models"][0].update(model=c["models"][0]["model"] + "+/some/lora"), "/some/lora"),
+    (lambda c: c.update(base_model=c["base_model"] + "+/some/lora"), "reads only in 'models' entries"),
     (lambda c: c.pop("base_model"), "needs 'base_model'"),
 ])
 def test_bad_recipes_are_one_sentence_and_write_nothing(edit, phrase, families, tmp_path, capsys):
@@ -367,3 +368,40 @@ def test_a_mask_is_a_function_of_its_key_alone():
     for other in ((4, "model.layers.0.mlp.up_proj.weight", 1), (3, "model.layers.0.mlp.up_proj.bias", 1),
                   (3, "model.layers.0.mlp.up_proj.weight", 0)):
         assert not torch.equal(first, keep_mask(*other, 0.5, (64, 32)))
+
+
+def test_a_model_plus_lora_input_is_the_merged_model_and_mergekits(families, tmp_path, capsys):
+    """`base+adapter` in `models:` (mergekit's syntax): the adapter merged into that model tensor by tensor. A linear
+    merge of it alone with weight 1 is `loratv merge`'s output, and a task-arithmetic recipe mixing it with a
+    fine-tune equals mergekit's (which merges the adapter with PEFT into its --lora-merge-cache) bit for bit."""
+    from tiny_models import build_adapter
+
+    folders = families[("llama", torch.float32)]
+    adapter = build_adapter(folders["base"], tmp_path / "adapter", r=4, lora_alpha=8,
+                            target_modules=["q_proj", "v_proj", "down_proj"])
+    lora_ref = f"{folders['base']}+{adapter}"
+    alone = _write_config(tmp_path / "alone.yml", {"merge_method": "linear",
+                                                   "models": [{"model": lora_ref, "parameters": {"weight": 1.0}}]})
+    rc, _, err = run_cli(capsys, "merge-models", alone, "-o", tmp_path / "alone")
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "merge", "--base", folders["base"], "--adapter", adapter, "-o", tmp_path / "merged")
+    assert rc == 0, err
+    merged, via_recipe = _tensors(tmp_path / "merged"), _tensors(tmp_path / "alone")
+    assert merged.keys() == via_recipe.keys() and all(torch.equal(v, via_recipe[k]) for k, v in merged.items())
+
+    mixed = _write_config(tmp_path / "mixed.yml", {
+        "merge_method": "task_arithmetic", "base_model": str(folders["base"]), "dtype": "float32",
+        "models": [{"model": str(folders["ft1"]), "parameters": {"weight": 0.5}},
+                   {"model": lora_ref, "parameters": {"weight": 0.7}}]})
+    run_mergekit([(mixed, tmp_path / "mergekit")], lora_cache=tmp_path / "lora-cache")
+    rc, _, err = run_cli(capsys, "merge-models", mixed, "-o", tmp_path / "ours")
+    assert rc == 0, err
+    ours, theirs = _tensors(tmp_path / "ours"), _tensors(tmp_path / "mergekit")
+    assert theirs and all(torch.equal(ours[k], v) for k, v in theirs.items())
+    base, ft1 = _tensors(folders["base"]), _tensors(folders["ft1"])
+    for name, targeted in (("model.layers.0.self_attn.q_proj.weight", True),
+                           ("model.layers.0.self_attn.k_proj.weight", False)):
+        without_lora = base[name] + (ft1[name] - base[name]) * 0.5  # the adapter's model adds 0.7·0 here
+        assert torch.equal(ours[name], without_lora) != targeted, name
+    card = (tmp_path / "ours" / "README.md").read_text()
+    assert "adapter_model.safetensors" in card and "adapter_config.json" in card

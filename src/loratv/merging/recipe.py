@@ -6,7 +6,7 @@ The file a mergekit user already has is read as mergekit 0.1.5 reads a config wi
 - top level: `models`, `merge_method`, `base_model`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`
   (`base` or the base model's own only), `chat_template`; `slices:` and `modules:` layouts, a `tokenizer:` section and
   any other key are refused by name;
-- each model: `model` (a folder or hub id; `model+lora` is refused by name for now) and `parameters`;
+- each model: `model` (a folder or hub id, or mergekit's `model+lora`: an adapter on that model) and `parameters`;
 - a setting is a scalar, a list (a gradient over the layers: numeric lists interpolate linearly at
   t = layer / (layers − 1), others pick element int(t·(len − 1))), or a list of `{filter, value}` entries (the first
   whose filter is absent, `*`, or a substring of the tensor name applies); tensors outside the layers have t = 0;
@@ -172,14 +172,31 @@ def _evaluate(setting, tensor: str, t: float, parameter: Parameter, path: Path):
     return None
 
 
-def _reference(value, path: Path, key: str) -> str:
+def _reference(value, path: Path, key: str, lora_allowed: bool = False) -> str:
     if not isinstance(value, str) or not value.strip():
         raise BadInputError(f"{path}: '{key}' must name a model (a folder or hub id), not {value!r}.")
     if "+" in value:
-        raise UnsupportedAdapterError(f"{path}: '{key}' is '{value}', mergekit's model+LoRA syntax, which "
-                                      "merge-models does not read yet; merge the adapter first (`loratv merge`) "
-                                      "and name the merged folder.")
+        if not lora_allowed:
+            raise UnsupportedAdapterError(f"{path}: '{key}' is '{value}', a model+LoRA reference, which "
+                                          "merge-models reads only in 'models' entries.")
+        model, _, lora = value.partition("+")
+        if not model or not lora or "+" in lora:
+            raise BadInputError(f"{path}: '{key}' is '{value}', not MODEL+LORA (one '+' between a model and an "
+                                "adapter).")
     return value
+
+
+def split_lora(reference: str) -> tuple[str, str | None]:
+    """mergekit's `model+lora` reference split into (model, adapter), or (model, None).
+
+    Args:
+        reference: a `models:` entry's model.
+
+    Returns:
+        The model reference and the adapter reference (None without '+').
+    """
+    model, plus, lora = reference.partition("+")
+    return (model, lora) if plus else (reference, None)
 
 
 def _dtype(value, path: Path, key: str) -> str | None:
@@ -240,7 +257,8 @@ def load_recipe(path: str | Path) -> Recipe:
         parameters = entry.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise BadInputError(f"{path}: models[{i}].parameters must be a mapping.")
-        models.append(InputModel(_reference(entry["model"], path, f"models[{i}].model"), parameters))
+        models.append(InputModel(_reference(entry["model"], path, f"models[{i}].model", lora_allowed=True),
+                                 parameters))
     base = data.get("base_model")
     base = _reference(base, path, "base_model") if base is not None else None
     if method.needs_base and base is None:

@@ -21,12 +21,13 @@ from loratv.common.devices import resolve_device
 from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint
-from loratv.io.integrity import checkpoint_record, write_manifest
+from loratv.io.integrity import adapter_record, checkpoint_record, write_manifest
 from loratv.io.outputs import atomic_output_dir
 from loratv.io.safetensors_format import tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint
 from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like
-from loratv.merging.recipe import Recipe, check_densities, layer_fraction, load_recipe
+from loratv.merging.recipe import Recipe, check_densities, layer_fraction, load_recipe, split_lora
+from loratv.ops.merge import merged_tensor, prepare_merge
 from loratv.version import __version__
 
 COMPUTE_DTYPES = ("fp32", "fp64")
@@ -63,8 +64,92 @@ class ModelMergeResult:
                 f"({len(self.copied)} non-floating tensors copied) -> {self.output}")
 
 
-def _open_inputs(recipe: Recipe) -> dict[str, Checkpoint]:
-    opened = {ref: open_checkpoint(ref, label=f"model {ref}") for ref in recipe.inputs()}
+class LoraModel:
+    """A `model+lora` input: the model with the adapter merged in, one tensor at a time when read (loratv merge's
+    arithmetic in float32, row block by row block from the factors; no merged model is ever held or written)."""
+
+    def __init__(self, model: str, lora: str):
+        self.prepared = prepare_merge(model, lora, precision="fp32")
+        self.base = self.prepared.base
+        self.adapter = self.prepared.adapter
+        self.path = self.base.path
+        self.files = self.base.files
+        self._names = {s.name for s in self.prepared.specs}
+
+    @property
+    def config(self) -> dict | None:
+        """The model's config.json."""
+        return self.base.config
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def names(self) -> list[str]:
+        """The merged model's tensor names.
+
+        Returns:
+            The model's names, and any the adapter adds (an untied head).
+        """
+        return [s.name for s in self.prepared.specs]
+
+    def entry(self, name: str):
+        """The model's own header entry of a tensor (its shape is the merged tensor's).
+
+        Args:
+            name: the tensor's name.
+
+        Returns:
+            The model's TensorEntry.
+        """
+        return self.base.entry(name)
+
+    def shard_of(self, name: str) -> Path:
+        """The model's file that holds a tensor.
+
+        Args:
+            name: the tensor's name.
+
+        Returns:
+            The file's path.
+        """
+        return self.base.shard_of(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One merged tensor, computed now from the model's tensor and the adapter's factors.
+
+        Args:
+            name: the tensor's name.
+
+        Returns:
+            The merged tensor in float32 (the merge's one rounding), on the CPU.
+
+        Raises:
+            LoratvError: the merged value holds a NaN or Inf.
+        """
+        return merged_tensor(self.prepared, name)
+
+    def aux_files(self) -> list[Path]:
+        """The model's tokenizer and other files.
+
+        Returns:
+            Their paths.
+        """
+        return self.base.aux_files()
+
+
+def _open(ref: str):
+    model, lora = split_lora(ref)
+    return LoraModel(model, lora) if lora is not None else open_checkpoint(ref, label=f"model {ref}")
+
+
+def _record(opened) -> dict:
+    if isinstance(opened, LoraModel):
+        return {"model": checkpoint_record(opened.base), "adapter": adapter_record(opened.adapter)}
+    return checkpoint_record(opened)
+
+
+def _open_inputs(recipe: Recipe) -> dict:
+    opened = {ref: _open(ref) for ref in recipe.inputs()}
     kinds = {ref: (c.config or {}).get("model_type") for ref, c in opened.items()}
     if len({k for k in kinds.values() if k is not None}) > 1:
         listed = ", ".join(f"{ref} ({kind})" for ref, kind in kinds.items())
@@ -72,8 +157,7 @@ def _open_inputs(recipe: Recipe) -> dict[str, Checkpoint]:
     return opened
 
 
-def _check_tensors(recipe: Recipe, reference_ref: str, opened: dict[str, Checkpoint]) -> None:
-    reference = opened[reference_ref]
+def _check_tensors(recipe: Recipe, reference_ref: str, reference: Checkpoint, opened: dict) -> None:
     for ref, ckpt in opened.items():
         for name in reference.names():
             if name not in ckpt:
@@ -98,7 +182,7 @@ def _out_dtype(recipe: Recipe, stored: torch.dtype) -> torch.dtype:
     return dtypes.PRECISION_NAMES[name] if name else stored
 
 
-def _merged_tensor(recipe: Recipe, name: str, opened: dict[str, Checkpoint], compute, dev, num_layers,
+def _merged_tensor(recipe: Recipe, name: str, opened: dict, compute, dev, num_layers,
                    seed: int) -> torch.Tensor:
     """One tensor merged in the compute dtype (inputs read one by one; the method holds what it needs)."""
     method, base_ref = recipe.method, recipe.base_model
@@ -129,9 +213,11 @@ def _model_card(recipe: Recipe, records: dict) -> str:
              "## Recipe", "", "```yaml", recipe.text.rstrip("\n"), "```", "", "## Inputs", ""]
     for ref, record in records.items():
         lines.append(f"- `{ref}`")
-        for file, info in sorted(record.get("files", {}).items()):
-            digest = info.get("header_sha256") or info.get("sha256") or info.get("head_sha256")
-            lines.append(f"  - `{file}`: {info.get('size')} bytes, sha256 {digest}")
+        parts = [record] if "files" in record else [record["model"], record["adapter"]]
+        for part in parts:
+            for file, info in sorted(part.get("files", {}).items()):
+                digest = info.get("header_sha256") or info.get("sha256") or info.get("head_sha256")
+                lines.append(f"  - `{file}`: {info.get('size')} bytes, sha256 {digest}")
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +253,9 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
     opened = _open_inputs(recipe)
     reference_ref = recipe.base_model or recipe.inputs()[0]
     reference = opened[reference_ref]
-    _check_tensors(recipe, reference_ref, opened)
+    if isinstance(reference, LoraModel):  # the layout, config and tokenizer of the model under the adapter
+        reference = reference.base
+    _check_tensors(recipe, reference_ref, reference, opened)
     num_layers = _num_layers(reference.config)
 
     specs, shard_of = [], {}
@@ -183,8 +271,9 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
     if recipe.method.randomised:
         metadata["seed"] = str(seed)
     result = ModelMergeResult(output=Path(out), method=recipe.method.name, inputs=recipe.inputs())
-    records = {ref: checkpoint_record(ckpt) for ref, ckpt in opened.items()}
+    records = {ref: _record(ckpt) for ref, ckpt in opened.items()}
     paths = [Path(recipe.path)] + [ckpt.path for ckpt in opened.values() if ckpt.path.exists()]
+    paths += [ckpt.adapter.path for ckpt in opened.values() if isinstance(ckpt, LoraModel)]
     with atomic_output_dir(out, paths, force=force) as tmp:
         writer = ShardedWriter(tmp, shards, metadata)
         with progress_bar(sum(s.nbytes for s in specs), "merge-models", enabled=progress) as bar:
