@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
         to_lora,
         validate,
         verify,
+        verify_merge,
     )
     from loratv.api.results import (
         Analysis,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
         ConvertResult,
         Inspection,
         MergeResult,
+        MergeVerification,
         ModelMergeResult,
         PrecisionStudy,
         TaskVectorResult,
@@ -55,6 +57,7 @@ _LAZY = {
     "Inspection": "loratv.api.results",
     "MergeResult": "loratv.api.results",
     "ModelMergeResult": "loratv.api.results",
+    "MergeVerification": "loratv.api.results",
     "PrecisionStudy": "loratv.api.results",
     "TaskVectorResult": "loratv.api.results",
     "TaskVectorTensor": "loratv.api.results",
@@ -71,6 +74,7 @@ _LAZY = {
     "load_adapter": "loratv.api.streams",
     "merge": "loratv.api.functions",
     "merge_models": "loratv.api.functions",
+    "verify_merge": "loratv.api.functions",
     "precision_study": "loratv.api.functions",
     "to_lora": "loratv.api.functions",
     "validate": "loratv.api.functions",
@@ -87,6 +91,7 @@ __all__ = [
     "Inspection",
     "LoratvError",
     "MergeResult",
+    "MergeVerification",
     "ModelMergeResult",
     "OutputExistsError",
     "PrecisionStudy",
@@ -111,6 +116,7 @@ __all__ = [
     "to_lora",
     "validate",
     "verify",
+    "verify_merge",
 ]
 
 

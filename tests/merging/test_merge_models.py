@@ -118,12 +118,19 @@ def _tensors(folder) -> dict:
     return out
 
 
+# randomised recipes mergekit also runs (its masks are its own: verify-merge can only check their consistency)
+RANDOM_CASES = {
+    "dare_ties-llama-fp32": ("llama", torch.float32, "dare_ties", {},
+                             [{"weight": 0.6, "density": 0.5}, {"weight": 0.4, "density": 0.7}], "given"),
+}
+
+
 @pytest.fixture(scope="module")
 def mergekit_outputs(families, tmp_path_factory):
     """Every case merged by mergekit, in one mergekit process."""
     root = tmp_path_factory.mktemp("mergekit_runs")
     jobs = []
-    for name, (arch, dtype, method, shared, per_model, base) in CASES.items():
+    for name, (arch, dtype, method, shared, per_model, base) in {**CASES, **RANDOM_CASES}.items():
         config = root / f"{name}.yml"
         config.write_text(yaml.safe_dump(_config(families[(arch, dtype)], method, shared, per_model, base, dtype)))
         jobs.append((config, root / name))
@@ -405,3 +412,93 @@ def test_a_model_plus_lora_input_is_the_merged_model_and_mergekits(families, tmp
         assert torch.equal(ours[name], without_lora) != targeted, name
     card = (tmp_path / "ours" / "README.md").read_text()
     assert "adapter_model.safetensors" in card and "adapter_config.json" in card
+
+
+# the verdict verify-merge gives each case's merge (mergekit's and loratv's)
+CERTIFIED_CASES = {name for name, case in CASES.items()
+                   if case[2] in ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
+                   and not case[3].get("rescale")}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_verify_merge_accepts_mergekits_and_loratvs_merges(case, mergekit_outputs, tmp_path, capsys):
+    config = mergekit_outputs / f"{case}.yml"
+    want = "EQUIVALENT (certified)" if case in CERTIFIED_CASES else "EQUIVALENT within tolerance"
+    rc, out, err = run_cli(capsys, "verify-merge", config, mergekit_outputs / case, "-o", tmp_path / "check")
+    assert rc == 0, (out, err)
+    record = json.loads((tmp_path / "check" / "verify_merge.json").read_text())
+    assert record["summary"]["verdict"] == want, record["summary"]
+    assert f"Verdict: {want}" in out
+    rc, _, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "ours")
+    assert rc == 0, err
+    rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "ours")
+    assert rc == 0 and f"Verdict: {want}" in out, (out, err)
+
+
+def _copy_with(src, dst, name: str, change) -> None:
+    shutil.copytree(src, dst)
+    files = sorted(dst.glob("*.safetensors"))
+    for file in files:
+        state = load_file(str(file))
+        if name in state:
+            state[name] = change(state[name].clone())
+            save_file(state, str(file), metadata={"format": "pt"})
+
+
+def test_verify_merge_catches_a_planted_change_a_swapped_input_and_a_wrong_weight(families, mergekit_outputs,
+                                                                                  tmp_path, capsys):
+    case = "ties-llama-fp32"
+    config = mergekit_outputs / f"{case}.yml"
+    merged = mergekit_outputs / case
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def plant(value):
+        value[3, 5] += 1e-3
+        return value
+
+    _copy_with(merged, tmp_path / "planted", name, plant)
+    rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "planted", "--json")
+    assert rc == 1, err
+    record = json.loads(out)
+    assert record["summary"]["verdict"] == "NOT EQUIVALENT" and record["summary"]["failing_tensors"] == [name]
+    row = next(r for r in record["tensors"] if r["name"] == name)
+    assert row["worst_element"] == [3, 5] and row["max_ratio"] > 1
+
+    recipe = yaml.safe_load(config.read_text())
+    swapped = json.loads(json.dumps(recipe))
+    swapped["models"][0]["model"], swapped["models"][1]["model"] = recipe["models"][1]["model"], \
+        recipe["models"][0]["model"]
+    wrong = json.loads(json.dumps(recipe))
+    wrong["models"][1]["parameters"]["weight"] = 0.61
+    for label, edited in (("swapped", swapped), ("wrong-weight", wrong)):
+        path = _write_config(tmp_path / f"{label}.yml", edited)
+        rc, out, err = run_cli(capsys, "verify-merge", path, merged)
+        assert rc == 1 and "Verdict: NOT EQUIVALENT" in out, (label, out, err)
+
+
+def test_verify_merge_of_dare(families, mergekit_outputs, tmp_path, capsys):
+    """loratv's DARE is recomputed from its seed (within tolerance: the L1 rescale is a whole-tensor sum);
+    mergekit's masks are its generator's, so only their consistency is checked, and said."""
+    case = "dare_ties-llama-fp32"
+    config = mergekit_outputs / f"{case}.yml"
+    rc, out, err = run_cli(capsys, "verify-merge", config, mergekit_outputs / case)
+    assert rc == 0 and "Verdict: CONSISTENT (masks not reproducible)" in out, (out, err)
+    assert "cannot be recomputed" in out
+    rc, _, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "ours", "--seed", "5")
+    assert rc == 0, err
+    rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "ours")
+    assert rc == 0 and "Verdict: EQUIVALENT within tolerance" in out, (out, err)
+    # an element moved against every input's task vector (the TIES vote keeps one of their signs) is no mask's doing
+    name = "model.layers.0.mlp.up_proj.weight"
+    recipe = yaml.safe_load(config.read_text())
+    base = _tensors(Path(recipe["base_model"]))[name].reshape(-1)
+    signs = torch.stack([(_tensors(Path(m["model"]))[name].reshape(-1) - base).sign() for m in recipe["models"]])
+    index = int(torch.nonzero((signs == signs[0]).all(0) & (signs[0] != 0))[0])
+
+    def plant(value):
+        value.view(-1)[index] = base[index] - 0.5 * signs[0, index]
+        return value
+
+    _copy_with(mergekit_outputs / case, tmp_path / "planted", name, plant)
+    rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "planted")
+    assert rc == 1 and "elements no mask explains" in out, (out, err)

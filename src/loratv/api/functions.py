@@ -20,6 +20,7 @@ from loratv.api.results import (
     ConvertResult,
     Inspection,
     MergeResult,
+    MergeVerification,
     ModelMergeResult,
     PrecisionStudy,
     TaskVectorResult,
@@ -41,6 +42,7 @@ from loratv.ops import precision_study as _precision
 from loratv.ops import to_lora as _to_lora
 from loratv.ops import validate as _validate
 from loratv.ops import verify as _verify
+from loratv.ops import verify_merge as _verify_merge
 
 PathLike = Union[str, "os.PathLike[str]"]
 StateDict = Mapping[str, torch.Tensor]
@@ -162,6 +164,35 @@ def merge_models(
                                         progress=progress)
     return ModelMergeResult(output=Path(output), method=result.method, inputs=tuple(result.inputs),
                             merged=tuple(result.merged), copied=tuple(result.copied))
+
+
+def verify_merge(config: PathLike, merged: PathLike, output: PathLike | None = None, *,
+                 force: bool = False) -> MergeVerification:
+    """Check a merged model (loratv's, mergekit's or anyone's) against its mergekit recipe applied to the inputs.
+
+    Deterministic methods are held to the rounding bound of the recipe's float32 arithmetic (certified); slerp,
+    nuslerp, model_stock and rescaled task vectors to a stated tolerance; DARE/DELLA masks that loratv did not draw to
+    what any mask allows (docs/merging.md).
+
+    Args:
+        config: the YAML recipe.
+        merged: the merged model (folder, file or hub id).
+        output: a folder for verify_merge.json (None: nothing is written).
+        force: replace an existing output.
+
+    Returns:
+        MergeVerification: the verdict, the failing tensors and the whole record.
+
+    Raises:
+        BadInputError: a bad recipe, input or merged model.
+        UnsupportedAdapterError: a method, key or layout loratv refuses by name.
+        LoratvError: any other refusal.
+    """
+    record = _verify_merge.verify_merge(os.fspath(config), os.fspath(merged),
+                                        os.fspath(output) if output is not None else None, force=force)
+    summary = record["summary"]
+    return MergeVerification(verdict=summary["verdict"], certified=summary["certified"],
+                             failing_tensors=tuple(summary["failing_tensors"]), record=record)
 
 
 def _merge_result(result: _merge.MergeResult, output: Path | None) -> MergeResult:

@@ -16,6 +16,29 @@ def _copy(record: Mapping[str, Any]) -> JSONRecord:
 
 
 @dataclass(frozen=True)
+class MergeVerification:
+    """What `loratv.verify_merge` found.
+
+    Attributes:
+        verdict: "EQUIVALENT (certified)", "EQUIVALENT within tolerance", "CONSISTENT (masks not reproducible)" or
+            "NOT EQUIVALENT".
+        certified: every tensor is within the derived rounding bound of the recipe's arithmetic.
+        failing_tensors: the tensors (up to ten, worst first) beyond what is allowed.
+        record: the whole JSON record (docs/merging.md).
+    """
+
+    verdict: str
+    certified: bool
+    failing_tensors: tuple[str, ...]
+    record: dict
+
+    @property
+    def equivalent(self) -> bool:
+        """Whether the merged model passed (certified, within tolerance, or consistent)."""
+        return self.verdict != "NOT EQUIVALENT"
+
+
+@dataclass(frozen=True)
 class ModelMergeResult:
     """What `loratv.merge_models` wrote.
 

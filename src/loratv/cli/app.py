@@ -28,6 +28,7 @@ from loratv.ops.task_vector_summary import summarize_task_vector, write_summary
 from loratv.ops.to_lora import DEFAULT_RANK, FIDELITY_FILE, Criterion, to_lora
 from loratv.ops.validate import validate
 from loratv.ops.verify import render, verify
+from loratv.ops.verify_merge import render_verify_merge, verify_merge
 from loratv.report.analysis_text import render_analysis_summary
 from loratv.report.changes_text import render_diff_text, render_summary_text
 from loratv.report.html import write_report
@@ -300,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_models_arguments(p)
     p.set_defaults(func=cmd_merge_models)
 
+    p = sub.add_parser("verify-merge", help="check a merged model (loratv's, mergekit's or anyone's) against its "
+                       "mergekit recipe applied to the inputs (exit 0 equivalent, 1 not, 2 bad input)")
+    p.add_argument("recipe", metavar="CONFIG", help="the mergekit YAML recipe the model claims to be")
+    p.add_argument("merged", metavar="MERGED", help="the merged model (folder, file or hub id)")
+    p.add_argument("-o", "--output", help="folder for verify_merge.json (default: write nothing)")
+    p.add_argument("--json", action="store_true", help="print the record (JSON) instead of the summary")
+    add_output_flags(p)
+    p.set_defaults(func=cmd_verify_merge)
+
     p = sub.add_parser("extract", help="extract the task vector (fine-tuned minus base), exact, rounded once to the storage dtype")
     add_extract_arguments(p)
     p.set_defaults(func=cmd_extract)
@@ -479,6 +489,23 @@ def cmd_merge_models(args) -> int:
     if not args.quiet:
         print(result.summary())
     return 0
+
+
+def cmd_verify_merge(args) -> int:
+    """Run `loratv verify-merge`: recompute the recipe and check the merged model against it.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        0 equivalent (or consistent), 1 not equivalent (2 on bad input, via run_guarded).
+    """
+    record = verify_merge(args.recipe, args.merged, args.output, force=args.force)
+    if args.json:
+        print(dump_json(record), end="")
+    elif not args.quiet:
+        print(render_verify_merge(record), end="")
+    return 1 if record["summary"]["verdict"] == "NOT EQUIVALENT" else 0
 
 
 def cmd_extract(args) -> int:

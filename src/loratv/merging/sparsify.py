@@ -58,10 +58,23 @@ def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False) -> to
         return tensor
     if density <= 0 or tensor.numel() == 0:
         return torch.zeros_like(tensor)
+    return rescaled(tensor, magnitude_mask(tensor, density).to(tensor.dtype), rescale)
+
+
+def magnitude_mask(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """The elements `magnitude` keeps, for 0 < density < 1.
+
+    Args:
+        tensor: the task vector of one tensor.
+        density: the fraction kept.
+
+    Returns:
+        A boolean mask shaped like the tensor.
+    """
     k = max(1, int(density * tensor.numel()))
-    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    mask[torch.argsort(_magnitudes(tensor), descending=True)[:k]] = 1
-    return rescaled(tensor, mask.reshape_as(tensor), rescale)
+    mask = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
+    mask[torch.argsort(_magnitudes(tensor), descending=True)[:k]] = True
+    return mask.reshape(tensor.shape)
 
 
 def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
@@ -79,13 +92,27 @@ def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float, resca
     """
     if density >= 1:
         return tensor
+    return rescaled(tensor, outliers_mask(tensor, density, gamma).to(tensor.dtype), rescale)
+
+
+def outliers_mask(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """The elements `magnitude_outliers` keeps, for density < 1.
+
+    Args:
+        tensor: the task vector of one tensor.
+        density: the fraction kept.
+        gamma: the fraction of largest values dropped.
+
+    Returns:
+        A boolean mask shaped like the tensor.
+    """
     n = tensor.numel()
     target, n_top = int(density * n), int(gamma * n)
     n_bottom = max(0, n - target - n_top)
     order = torch.sort(_magnitudes(tensor), descending=False).indices
-    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
-    mask[order[n_bottom:n_bottom + target]] = 1
-    return rescaled(tensor, mask.reshape_as(tensor), rescale)
+    mask = torch.zeros(n, dtype=torch.bool, device=tensor.device)
+    mask[order[n_bottom:n_bottom + target]] = True
+    return mask.reshape(tensor.shape)
 
 
 def random_drop(tensor: torch.Tensor, density: float, rescale: bool, key: tuple, position: int) -> torch.Tensor:
