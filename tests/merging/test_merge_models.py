@@ -138,8 +138,13 @@ def mergekit_outputs(families, tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("blocks", ["whole", "row-blocks"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_tensor_mergekit_writes_is_loratvs_bit_for_bit(case, mergekit_outputs, tmp_path, capsys):
+def test_every_tensor_mergekit_writes_is_loratvs_bit_for_bit(case, blocks, mergekit_outputs, tmp_path, capsys,
+                                                            monkeypatch):
+    """Also with row blocks of 96 elements, so every elementwise merge runs on many blocks of each tensor."""
+    if blocks == "row-blocks":
+        monkeypatch.setattr("loratv.ops.merge_models.BLOCK_ELEMENTS", 96)
     config = mergekit_outputs / f"{case}.yml"
     rc, out, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "merged")
     assert rc == 0, err

@@ -51,6 +51,9 @@ class MergeMethod:
         min_models: the fewest models besides the base.
         max_models: the most models besides the base (None: any number).
         uses_base: reads the base when the config names one, even if it does not need one (nuslerp).
+        elementwise: every operation is elementwise once the sparsification's trims are known, so the merge can
+            run on row blocks (its merge then takes `trims`, one sparsify.Trim or None per input).
+        sparsification: the sparsify.trim_of kind its task vectors go through, or None.
     """
 
     name: str
@@ -62,6 +65,8 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     uses_base: bool = False
+    elementwise: bool = False
+    sparsification: str | None = None
 
     def parameter(self, name: str) -> Parameter | None:
         """The parameter called `name`, or None.
@@ -109,24 +114,26 @@ def _task_arithmetic_family(sparsification: str | None, consensus: bool) -> Call
     """The generalized task arithmetic of mergekit (GTATask): sparsify each δᵢ = xᵢ − base, weigh, elect signs,
     sum, divide by the weights that agree (`normalize`), times `lambda`, added to the base."""
 
-    def merge(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict,
-              key: tuple = (0, "")) -> torch.Tensor:
+    def merge(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict, key: tuple = (0, ""),
+              trims: list | None = None) -> torch.Tensor:
+        """trims: each input's sparsify.Trim (or None), computed on the whole tensor; given, base and inputs may be
+        row blocks of it (every operation below is elementwise), else they are computed here."""
         assert base is not None
         if not inputs:
             return base
         deltas = base.new_empty((len(inputs), *base.shape))
         for index, tensor in enumerate(inputs):
             delta = tensor - base
-            density = per_model["density"][index]
-            if sparsification == "magnitude":
-                delta = sparsify.magnitude(delta, density, shared["rescale"])
-            elif sparsification == "magnitude_outliers":
-                delta = sparsify.magnitude_outliers(delta, density, per_model["gamma"][index], shared["rescale"])
-            elif sparsification == "random":
-                delta = sparsify.random_drop(delta, density, shared["rescale"], key, index)
-            elif sparsification == "della_magprune":
-                delta = sparsify.della_drop(delta, density, per_model["epsilon"][index], shared["rescale"], key, index)
-            deltas[index] = delta
+            if trims is not None:
+                trim = trims[index]
+            elif sparsification is not None:
+                trim = sparsify.trim_of(delta.abs(), sparsification, per_model["density"][index],
+                                        gamma=per_model.get("gamma", [0.0] * len(inputs))[index],
+                                        epsilon=per_model.get("epsilon", [0.0] * len(inputs))[index],
+                                        rescale=shared["rescale"], key=key, position=index)
+            else:
+                trim = None
+            deltas[index] = delta if trim is None else trim.apply(delta)
         weights = torch.tensor(per_model["weight"], dtype=deltas.dtype, device=deltas.device)
         while deltas.dim() > weights.dim():
             weights.unsqueeze_(-1)
@@ -159,7 +166,8 @@ def _gta(name: str, sparsification: str | None, consensus: bool, normalize: bool
         params.append(Parameter("epsilon", float, True, 0.15))
     return MergeMethod(name, tuple(params), needs_base=True, base_weighted=False,
                        randomised=sparsification in ("random", "della_magprune"),
-                       merge=_task_arithmetic_family(sparsification, consensus))
+                       merge=_task_arithmetic_family(sparsification, consensus), elementwise=True,
+                       sparsification=sparsification)
 
 
 def slerp(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict) -> torch.Tensor:
@@ -290,7 +298,7 @@ NUSLERP_EPS = 1e-8
 
 METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("linear", (Parameter("weight", float, True), Parameter("normalize", bool, False, True)),
-                needs_base=False, base_weighted=True, randomised=False, merge=linear),
+                needs_base=False, base_weighted=True, randomised=False, merge=linear, elementwise=True),
     _gta("task_arithmetic", None, consensus=False, normalize=False, rescale=False),
     _gta("ties", "magnitude", consensus=True, normalize=True, rescale=False),
     _gta("breadcrumbs", "magnitude_outliers", consensus=False, normalize=False, rescale=False),

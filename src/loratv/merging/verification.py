@@ -29,7 +29,6 @@ from loratv.numerics.precision import gamma, ulp, unit_roundoff
 
 TOLERANCE_FACTOR = 4
 CERTIFIED = ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
-SPARSIFICATION = {"ties": "magnitude", "breadcrumbs": "magnitude_outliers", "breadcrumbs_ties": "magnitude_outliers"}
 CONSENSUS = ("ties", "breadcrumbs_ties", "dare_ties", "della")
 
 
@@ -89,16 +88,13 @@ def arithmetic_dtype(tensors: list) -> torch.dtype:
 
 
 def _trim_masks(method: MergeMethod, deltas: list, per_model: dict) -> list:
-    kind = SPARSIFICATION.get(method.name)
     masks: list[torch.Tensor | None] = []
     for i, delta in enumerate(deltas):
-        density = per_model.get("density", [1.0] * len(deltas))[i]
-        if kind is None or density >= 1:
-            masks.append(None)
-        elif kind == "magnitude":
-            masks.append(sparsify.magnitude_mask(delta, density))
-        else:
-            masks.append(sparsify.outliers_mask(delta, density, per_model["gamma"][i]))
+        trim = None
+        if method.sparsification is not None:
+            trim = sparsify.trim_of(delta.abs(), method.sparsification, per_model["density"][i],
+                                    gamma=per_model.get("gamma", [0.0] * len(deltas))[i])
+        masks.append(None if trim is None else trim.mask)
     return masks
 
 

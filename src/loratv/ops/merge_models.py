@@ -4,12 +4,14 @@ For each tensor of the reference model (the base model, or the first input witho
 read, cast to the compute dtype (float32, or float64 on request), merged by the recipe's method with the parameters
 resolved for that tensor (merging/recipe.py, merging/methods.py), and rounded once to the output dtype: the config's
 `out_dtype`, else its `dtype`, else the tensor's stored dtype. Tensors that are not floating point are copied from the
-reference. Memory: the inputs of one tensor at a time, in the compute dtype, plus the method's work (the stacked task
-vectors); the output is sharded like the reference (or by `max_shard_size`), atomic, with a manifest, the recipe in
-every shard's metadata, and a model card (README.md) listing the recipe and the inputs' file hashes.
+reference. Memory (docs/merging.md): elementwise methods run on row blocks of every input after each input's trim is
+found on its whole task vector; slerp, nuslerp and model_stock hold one tensor of every input. The output is sharded
+like the reference (or by `max_shard_size`), atomic, with a manifest, the recipe in every shard's metadata, and a
+model card (README.md) listing the recipe and the inputs' file hashes.
 """
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 
 from loratv.common import dtypes
 from loratv.common.devices import resolve_device
+from loratv.common.prefetch import prefetched
 from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint
@@ -26,11 +29,13 @@ from loratv.io.outputs import atomic_output_dir
 from loratv.io.safetensors_format import tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint
 from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like
+from loratv.merging import sparsify
 from loratv.merging.recipe import Recipe, check_densities, layer_fraction, load_recipe, split_lora
 from loratv.ops.merge import merged_tensor, prepare_merge
 from loratv.version import __version__
 
 COMPUTE_DTYPES = ("fp32", "fp64")
+BLOCK_ELEMENTS = 1 << 23  # elements of each input per row block of an elementwise merge (32 MiB in float32)
 RECORD_FILE = "merge_models.json"
 SCHEMA = "loratv.merge_models"
 SCHEMA_VERSION = 1
@@ -75,6 +80,7 @@ class LoraModel:
         self.path = self.base.path
         self.files = self.base.files
         self._names = {s.name for s in self.prepared.specs}
+        self._held: tuple | None = None  # (name, merged tensor) whose rows are being read
 
     @property
     def config(self) -> dict | None:
@@ -113,6 +119,25 @@ class LoraModel:
             The file's path.
         """
         return self.base.shard_of(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of one merged tensor (merged whole once, kept while its rows are read).
+
+        Args:
+            name: the tensor's name.
+            start: first row.
+            stop: one past the last row.
+
+        Returns:
+            The rows, in float32.
+
+        Raises:
+            LoratvError: the merged value holds a NaN or Inf.
+        """
+        if self._held is None or self._held[0] != name:
+            self._held = None
+            self._held = (name, self.read(name))
+        return self._held[1][start:stop]
 
     def read(self, name: str) -> torch.Tensor:
         """One merged tensor, computed now from the model's tensor and the adapter's factors.
@@ -182,9 +207,13 @@ def _out_dtype(recipe: Recipe, stored: torch.dtype) -> torch.dtype:
     return dtypes.PRECISION_NAMES[name] if name else stored
 
 
-def _merged_tensor(recipe: Recipe, name: str, opened: dict, compute, dev, num_layers,
-                   seed: int) -> torch.Tensor:
-    """One tensor merged in the compute dtype (inputs read one by one; the method holds what it needs)."""
+def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_layers, seed: int):
+    """One tensor merged in the compute dtype, yielded as row blocks.
+
+    Elementwise methods (linear and the task-vector family) run on blocks of BLOCK_ELEMENTS per input, after their
+    whole-tensor trims (kept sets, rescale factors) are computed one input at a time; memory is then the base and
+    one input in full for a trim, else a block of each input. slerp, nuslerp and model_stock need whole-tensor norms
+    and run on the whole tensor (the inputs in full, in the compute dtype)."""
     method, base_ref = recipe.method, recipe.base_model
     t = layer_fraction(name, num_layers)
     shared = recipe.shared_values(name, t)
@@ -193,18 +222,51 @@ def _merged_tensor(recipe: Recipe, name: str, opened: dict, compute, dev, num_la
     values = [recipe.model_values(ref, name, t) for ref in weighted]
     check_densities(recipe, name, weighted, values)
     per_model = {p.name: [v[p.name] for v in values] for p in method.parameters if p.per_model}
+    uses_base = base_ref is not None and (method.needs_base or method.uses_base)
+    extra = {"key": (seed, name)} if method.randomised else {}
 
-    def read(ref):
-        tensor = opened[ref].read(name)
+    def checked(ref, tensor):
         if not dtypes.all_finite(tensor):
             raise BadInputError(f"{opened[ref].shard_of(name)}: tensor {name} of model '{ref}' holds a NaN or Inf.")
         return tensor.to(device=dev, dtype=compute)
 
-    base = read(base_ref) if base_ref is not None and (method.needs_base or method.uses_base) else None
-    inputs = [read(ref) for ref in weighted]
-    if method.randomised:
-        return method.merge(base, inputs, per_model, shared, key=(seed, name))
-    return method.merge(base, inputs, per_model, shared)
+    def read(ref):
+        return checked(ref, opened[ref].read(name))
+
+    shape = tuple(opened[refs[0]].entry(name).shape)
+    if not method.elementwise or not shape:
+        base = read(base_ref) if uses_base else None
+        yield method.merge(base, [read(ref) for ref in weighted], per_model, shared, **extra)
+        return
+    trims: list | None = None
+    if method.sparsification is not None:
+        trims = []
+        for i, ref in enumerate(weighted):
+            if per_model["density"][i] >= 1:
+                trims.append(None)
+                continue
+            magnitude = read(ref)  # a fresh tensor read from the file (inputs are folders, files or hub ids)
+            magnitude.sub_(read(base_ref)).abs_()  # |δ| in place: the base is freed at once
+            trims.append(sparsify.trim_of(magnitude, method.sparsification, per_model["density"][i],
+                                          gamma=per_model.get("gamma", [0.0] * len(weighted))[i],
+                                          epsilon=per_model.get("epsilon", [0.0] * len(weighted))[i],
+                                          rescale=shared["rescale"], key=(seed, name), position=i))
+            del magnitude
+    rows = shape[0]
+    step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+
+    def read_block(span, _slot):
+        start, stop = span
+        return ([checked(ref, opened[ref].read_rows(name, start, stop)) for ref in weighted],
+                checked(base_ref, opened[base_ref].read_rows(name, start, stop)) if uses_base else None)
+
+    for (start, stop), (inputs, base) in prefetched([(r, min(rows, r + step)) for r in range(0, rows, step)],
+                                                    read_block):
+        if method.sparsification is None:
+            yield method.merge(base, inputs, per_model, shared)
+        else:
+            block_trims = [None if trim is None else trim.rows(start, stop) for trim in trims or []]
+            yield method.merge(base, inputs, per_model, shared, trims=block_trims)
 
 
 def _model_card(recipe: Recipe, records: dict) -> str:
@@ -282,16 +344,16 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
                     for spec in group:
                         writer.begin(spec.name)
                         if reference.entry(spec.name).torch_dtype.is_floating_point:
-                            merged = _merged_tensor(recipe, spec.name, opened, compute, dev, num_layers, seed)
-                            value = merged.to(dtypes.torch_dtype_of(spec.dtype)).cpu()
-                            if not dtypes.all_finite(value):
-                                raise LoratvError(f"{recipe.path}: the merge of tensor {spec.name} overflows "
-                                                  f"{spec.dtype} (a NaN or Inf).")
+                            for block in _merged_blocks(recipe, spec.name, opened, compute, dev, num_layers, seed):
+                                value = block.to(dtypes.torch_dtype_of(spec.dtype)).cpu()
+                                if not dtypes.all_finite(value):
+                                    raise LoratvError(f"{recipe.path}: the merge of tensor {spec.name} overflows "
+                                                      f"{spec.dtype} (a NaN or Inf).")
+                                writer.write(tensor_to_bytes(value.contiguous()))
                             result.merged.append(spec.name)
                         else:
-                            value = reference.read(spec.name)
+                            writer.write(tensor_to_bytes(reference.read(spec.name).contiguous()))
                             result.copied.append(spec.name)
-                        writer.write(tensor_to_bytes(value.contiguous()))
                         writer.end()
                         bar.update(spec.nbytes)
                 writer.close()
