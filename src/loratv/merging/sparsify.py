@@ -6,9 +6,11 @@ draw from random_masks (keyed by seed, tensor and input, not from a global gener
 draws.
 
 The kept set is "the k largest |δ|" (breadcrumbs: the elements ranked n_bottom … n_bottom + k − 1 by increasing
-|δ|). Where elements of equal |δ| straddle the cut, which of them are kept is torch's sort order on the CPU, as in
-mergekit: deterministic for a given input (and thread count), not the lowest index (torch's CPU argsort is not stable
-beyond a few hundred elements). docs/merging.md states this; with no tie at the cut the set is unique.
+|δ|), found by selection (a histogram of the top 16 bits, then one bin sorted) rather than a sort. Where elements of
+equal |δ| straddle a cut, which of them are kept is torch's CPU sort order, as in mergekit, for tensors of up to
+SORT_LIMIT elements (the sort is run; torch's CPU sort is not stable, so nothing cheaper reproduces it), and the
+lowest indices first above that (a full sort of the StarCoder2-3B embedding would take 2.4 GB). docs/merging.md
+states this; with no tie at a cut the set is unique.
 """
 
 from dataclasses import dataclass
@@ -20,8 +22,8 @@ from loratv.merging import random_masks
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
 
 
-def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.abs().reshape(-1)
+def _magnitudes(magnitude: torch.Tensor) -> torch.Tensor:
+    flat = magnitude.reshape(-1)
     return flat.float() if flat.device.type == "cpu" else flat  # mergekit sorts float32 magnitudes on the CPU
 
 
@@ -37,6 +39,7 @@ class Trim:
 
     mask: torch.Tensor
     factor: torch.Tensor | None = None
+    tied: torch.Tensor | None = None  # elements equal to a cut that equal values straddle (either choice is valid)
 
     def rows(self, start: int, stop: int) -> "Trim":
         """The same trim restricted to rows [start, stop) of the first dimension.
@@ -63,16 +66,104 @@ class Trim:
         return masked if self.factor is None else masked * self.factor
 
 
-def _unique_window(values: torch.Tensor, low_rank: int, count: int) -> torch.Tensor | None:
-    """The elements ranked low_rank … low_rank + count − 1 by increasing value, when no equal values straddle either
-    end of that window (then the set is the same for every sort order); None otherwise."""
+SELECT_CHUNK = 1 << 24  # elements per step of the passes of the selection
+SORT_LIMIT = 1 << 26  # up to this many elements a straddled cut is resolved by torch's sort, as mergekit does
+
+
+def _order_statistics(values: torch.Tensor, ranks: list[int]) -> list[tuple[torch.Tensor, int, int]]:
+    """For each 0-based rank r in increasing order: (the value of rank r, how many values are smaller, how many are
+    larger), for non-negative finite values. The bits of a non-negative float32 order like the float, so one pass
+    counts the top 16 bits of every value, and only each rank's bin is gathered and sorted."""
+    n = values.numel()
+    if values.dtype != torch.float32:  # float64 magnitudes (fp64 compute off the CPU path): a selection per rank
+        out = []
+        for r in ranks:
+            value = torch.kthvalue(values, r + 1).values
+            out.append((value, _count(values, lambda c, v=value: c < v), _count(values, lambda c, v=value: c > v)))
+        return out
+    keys = values.view(torch.int32)
+    histogram = torch.zeros(1 << 16, dtype=torch.int64, device=values.device)
+    for i in range(0, n, SELECT_CHUNK):
+        histogram += torch.bincount((keys[i:i + SELECT_CHUNK] >> 16).to(torch.int64), minlength=1 << 16)
+    cumulative = histogram.cumsum(0)
+    out = []
+    for r in ranks:
+        bin_ = int(torch.searchsorted(cumulative, torch.tensor(r, device=values.device), right=True))
+        before = int(cumulative[bin_ - 1]) if bin_ else 0
+        members = torch.cat([values[i:i + SELECT_CHUNK][(keys[i:i + SELECT_CHUNK] >> 16) == bin_]
+                             for i in range(0, n, SELECT_CHUNK)])
+        ordered = torch.sort(members).values
+        value = ordered[r - before]
+        smaller = before + int((ordered < value).sum())
+        larger = n - before - members.numel() + int((ordered > value).sum())
+        out.append((value, smaller, larger))
+    return out
+
+
+def _count(values: torch.Tensor, test) -> int:
+    return sum(int(test(values[i:i + SELECT_CHUNK]).sum()) for i in range(0, values.numel(), SELECT_CHUNK))
+
+
+def _tied_by_index(values: torch.Tensor, cut: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """Of the elements equal to `cut`, those whose position among them (in index order, from 0) lies in
+    [first, last]: a stable sort's choice among equal values."""
+    equal = torch.cat([torch.nonzero(values[i:i + SELECT_CHUNK] == cut).flatten() + i
+                       for i in range(0, values.numel(), SELECT_CHUNK)])
+    keep = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    keep[equal[max(first, 0):last + 1]] = True
+    return keep
+
+
+def rank_window(values: torch.Tensor, low_rank: int, count: int,
+                top_k: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The elements ranked low_rank … low_rank + count − 1 by increasing value, and the elements whose value equals
+    a cut that equal values straddle (None when the window is the same for every sort order).
+
+    A straddled cut is resolved as mergekit's torch sort resolves it for tensors of up to SORT_LIMIT elements (the
+    sort is run: the same bits as mergekit), and above that as a stable sort would (equal values in index order:
+    the lowest indices first for the largest, the highest first at the low end of an ascending window), without
+    sorting the whole tensor (a histogram pass, then the cut values' bins).
+
+    Args:
+        values: 1-D non-negative finite values (float32 on the CPU, as mergekit sorts them).
+        low_rank: the first rank kept (0-based, increasing order).
+        count: how many are kept.
+        top_k: the window is the `count` largest (TIES): mergekit takes them from a descending argsort, whose order
+            among equal values differs from the ascending sort breadcrumbs uses.
+
+    Returns:
+        (kept mask, tied-at-a-straddled-cut mask or None).
+    """
     n = values.numel()
     if count <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=values.device)
-    low = torch.kthvalue(values, low_rank + 1).values
-    high = torch.kthvalue(values, low_rank + count).values
-    window = (values >= low) & (values <= high)
-    return window if int(window.sum()) == count else None
+        return torch.zeros(n, dtype=torch.bool, device=values.device), None
+    top = low_rank + count - 1
+    (low, below_low, _), (high, below_high, above_high) = _order_statistics(values, [low_rank, top])
+    low_straddled, high_straddled = below_low < low_rank, n - above_high - 1 > top
+    if not (low_straddled or high_straddled):
+        return (values >= low) & (values <= high), None
+    tied = torch.zeros(n, dtype=torch.bool, device=values.device)
+    if low_straddled:
+        tied |= values == low
+    if high_straddled:
+        tied |= values == high
+    if n <= SORT_LIMIT:
+        kept = torch.zeros(n, dtype=torch.bool, device=values.device)
+        if top_k:
+            kept[torch.argsort(values, descending=True)[:count]] = True
+        else:
+            kept[torch.sort(values, descending=False).indices[low_rank:top + 1]] = True
+        return kept, tied
+    if top_k:  # a stable descending order: among the values equal to the cut, the lowest indices come first
+        kept = values > low
+        return kept | _tied_by_index(values, low, 0, count - _count(values, lambda c: c > low) - 1), tied
+    kept = (values > low) & (values < high)
+    if bool(low == high):
+        kept |= _tied_by_index(values, low, low_rank - below_low, top - below_low)
+    else:
+        kept |= _tied_by_index(values, low, low_rank - below_low, n)
+        kept |= _tied_by_index(values, high, 0, top - below_high)
+    return kept, tied
 
 
 def trim_of(magnitude: torch.Tensor, kind: str, density: float, *, gamma: float = 0.0, epsilon: float = 0.0,
@@ -98,26 +189,17 @@ def trim_of(magnitude: torch.Tensor, kind: str, density: float, *, gamma: float 
         return None
     shape, n = magnitude.shape, magnitude.numel()
     flat = magnitude.reshape(-1)
+    tied = None
     if kind == "magnitude":
         if density <= 0 or n == 0:
             mask = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
         else:
             k = max(1, int(density * n))
-            values = _magnitudes(magnitude)
-            window = _unique_window(values, n - k, k)
-            if window is None:
-                window = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
-                window[torch.argsort(values, descending=True)[:k]] = True
-            mask = window
+            mask, tied = rank_window(_magnitudes(magnitude), n - k, k, top_k=True)
     elif kind == "magnitude_outliers":
         target, n_top = int(density * n), int(gamma * n)
         n_bottom = max(0, n - target - n_top)
-        values = _magnitudes(magnitude)
-        window = _unique_window(values, n_bottom, target)
-        if window is None:
-            window = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
-            window[torch.sort(values, descending=False).indices[n_bottom:n_bottom + target]] = True
-        mask = window
+        mask, tied = rank_window(_magnitudes(magnitude), n_bottom, target)
     elif kind == "random":
         seed, name = key
         mask = random_masks.keep_mask(seed, name, position, float(density), tuple(shape)).reshape(-1)
@@ -133,10 +215,11 @@ def trim_of(magnitude: torch.Tensor, kind: str, density: float, *, gamma: float 
     else:
         raise ValueError(f"unknown sparsification {kind}")
     mask = mask.to(magnitude.device).reshape(shape)
+    tied = None if tied is None else tied.reshape(shape)
     factor = None
     if rescale:
         before = flat.sum()
         after = (magnitude * mask.to(magnitude.dtype)).sum()
         if not (before < RESCALE_EPS or after < RESCALE_EPS):
             factor = before / after
-    return Trim(mask, factor)
+    return Trim(mask, factor, tied)

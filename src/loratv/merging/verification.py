@@ -39,7 +39,8 @@ class TensorCheck:
     Attributes:
         reference: the recipe evaluated in float64 (shaped like the tensor).
         limit: per element, the allowed |M − reference| before the output rounding (γ_N·G, or 4·E).
-        alternative: where an elected sign is ambiguous, the reference with the other sign (else None).
+        alternatives: other admissible references (an ambiguous sign election elected the other way; equal
+            magnitudes at a straddled cut all kept, or all dropped).
         certified: the limit is a derived bound (else a measured tolerance).
         kept: per input, the fraction of its task vector's nonzero elements that enter the merge (None: all).
         sign_conflicts: the fraction of elements where the inputs' nonzero weighted task vectors disagree in sign.
@@ -47,14 +48,14 @@ class TensorCheck:
 
     reference: torch.Tensor
     limit: torch.Tensor
-    alternative: torch.Tensor | None = None
+    alternatives: list = field(default_factory=list)
     certified: bool = True
     kept: list = field(default_factory=list)
     sign_conflicts: float = 0.0
 
     def ratio(self, merged: torch.Tensor, out_dtype: torch.dtype, arithmetic: torch.dtype) -> torch.Tensor:
-        """|M − reference| over the allowed difference, per element (≤ 1 passes); against the better of the two
-        references where the sign election is ambiguous.
+        """|M − reference| over the allowed difference, per element (≤ 1 passes); against the closest of the
+        admissible references.
 
         Args:
             merged: the merged model's tensor.
@@ -69,8 +70,8 @@ class TensorCheck:
         if unit_roundoff(out_dtype) > unit_roundoff(arithmetic) or not self.certified:
             allowed += 0.5 * ulp(m, out_dtype)
         diff = (m - self.reference).abs()
-        if self.alternative is not None:
-            diff = torch.minimum(diff, (m - self.alternative).abs())
+        for other in self.alternatives:
+            diff = torch.minimum(diff, (m - other).abs())
         tiny = torch.finfo(torch.float64).tiny
         return torch.where(allowed > 0, diff / allowed.clamp(min=tiny), torch.where(diff > 0, torch.inf, 0.0))
 
@@ -87,15 +88,15 @@ def arithmetic_dtype(tensors: list) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _trim_masks(method: MergeMethod, deltas: list, per_model: dict) -> list:
-    masks: list[torch.Tensor | None] = []
+def _trims(method: MergeMethod, deltas: list, per_model: dict) -> list:
+    trims = []
     for i, delta in enumerate(deltas):
         trim = None
         if method.sparsification is not None:
             trim = sparsify.trim_of(delta.abs(), method.sparsification, per_model["density"][i],
                                     gamma=per_model.get("gamma", [0.0] * len(deltas))[i])
-        masks.append(None if trim is None else trim.mask)
-    return masks
+        trims.append(trim)
+    return trims
 
 
 def _linear_check(inputs: list, per_model: dict, shared: dict, arithmetic: torch.dtype) -> TensorCheck:
@@ -120,60 +121,66 @@ def _gta_check(method: MergeMethod, base: torch.Tensor, inputs: list, per_model:
     k = len(inputs)
     base_a = base.to(arithmetic)
     deltas_a = [t.to(arithmetic) - base_a for t in inputs]
-    masks = _trim_masks(method, deltas_a, per_model)
-    trimmed_a = [d if m is None else d * m for d, m in zip(deltas_a, masks, strict=True)]
-    w_a = torch.tensor(weights, dtype=arithmetic).tolist()
-    weighted_a = torch.stack([t * w for t, w in zip(trimmed_a, w_a, strict=True)])
-    signs = weighted_a.sign()
-    nonzero = signs != 0
-    conflicts = float(((signs > 0) & nonzero).any(0).logical_and(((signs < 0) & nonzero).any(0)).double().mean())
-    kept = [None if m is None else float((m & (d != 0)).sum()) / max(1, int((d != 0).sum()))
-            for d, m in zip(deltas_a, masks, strict=True)]
+    trims = _trims(method, deltas_a, per_model)
+    masks = [None if t is None else t.mask for t in trims]
     base64 = base.to(torch.float64)
-    wt = torch.stack([w * (x.to(torch.float64) - base64) * (1 if m is None else m)
-                      for w, x, m in zip(weights, inputs, masks, strict=True)])
+    deltas64 = [x.to(torch.float64) - base64 for x in inputs]
+    w_a = torch.tensor(weights, dtype=arithmetic).tolist()
     lam = float(shared["lambda"])
     consensus = method.name in CONSENSUS
+    wcol = torch.tensor(weights, dtype=torch.float64).reshape(-1, *([1] * base64.dim()))
 
-    def evaluate(agree):
+    def evaluate(masks: list, agree):
+        """The float64 reference and its bound for given kept sets and elected agreement (None: no election)."""
+        wt = torch.stack([w * (d if m is None else d * m) for w, d, m in zip(weights, deltas64, masks, strict=True)])
         if agree is None:
-            mixed = wt.sum(0)
-            absolute = wt.abs().sum(0)
+            mixed, absolute = wt.sum(0), wt.abs().sum(0)
             d = torch.full_like(base64, float(sum(weights)))
             d = torch.where(d.abs() < 1e-8, 1.0, d)
             dabs = torch.full_like(base64, float(sum(abs(w) for w in weights)))
         else:
-            mixed = (wt * agree).sum(0)
-            absolute = (wt.abs() * agree).sum(0)
-            wcol = torch.tensor(weights, dtype=torch.float64).reshape(-1, *([1] * base64.dim()))
+            mixed, absolute = (wt * agree).sum(0), (wt.abs() * agree).sum(0)
             d = (wcol * agree).sum(0)
             d = torch.where(d == 0, 1.0, d)
             dabs = (wcol.abs() * agree).sum(0)
         if not shared["normalize"]:
-            d = torch.ones_like(base64)
-            dabs = torch.zeros_like(base64)
-        reference = base64 + lam * mixed / d
+            d, dabs = torch.ones_like(base64), torch.zeros_like(base64)
         step = lam * mixed / d
         limit = gamma(k + 8, arithmetic) * (base64.abs() + abs(lam) * absolute / d.abs()) + \
             step.abs() * gamma(k, arithmetic) * dabs / d.abs()
-        return reference, limit
+        return base64 + step, limit
 
-    if not consensus:
-        reference, limit = evaluate(None)
-        return TensorCheck(reference, limit, kept=kept, sign_conflicts=conflicts)
-    total_a = weighted_a.sum(0)
-    majority = torch.where(total_a >= 0, 1.0, -1.0).to(arithmetic)
-    agree = (signs == majority).to(torch.float64)
-    reference, limit = evaluate(agree)
-    # another summation order may round a near-zero sum to the other side: either election passes there
-    ambiguous = total_a.abs().to(torch.float64) <= gamma(k, arithmetic) * weighted_a.abs().sum(0).to(torch.float64)
-    alternative = None
-    if bool(ambiguous.any()):
-        flipped = (signs == -majority).to(torch.float64)
-        other, other_limit = evaluate(torch.where(ambiguous, flipped, agree))
-        alternative = torch.where(ambiguous, other, reference)
-        limit = torch.where(ambiguous, torch.maximum(limit, other_limit), limit)
-    return TensorCheck(reference, limit, alternative, kept=kept, sign_conflicts=conflicts)
+    def candidates(masks: list) -> list:
+        """(reference, limit) for these kept sets: the election as the arithmetic makes it, and where the weighted
+        sum is within its own rounding error of zero (another summation order may round it to the other side),
+        the other election too."""
+        if not consensus:
+            return [evaluate(masks, None)]
+        weighted_a = torch.stack([(d if m is None else d * m) * w for d, m, w in zip(deltas_a, masks, w_a,
+                                                                                    strict=True)])
+        signs, total_a = weighted_a.sign(), weighted_a.sum(0)
+        majority = torch.where(total_a >= 0, 1.0, -1.0).to(arithmetic)
+        agree = (signs == majority).to(torch.float64)
+        found = [evaluate(masks, agree)]
+        ambiguous = total_a.abs().to(torch.float64) <= \
+            gamma(k, arithmetic) * weighted_a.abs().sum(0).to(torch.float64)
+        if bool(ambiguous.any()):
+            found.append(evaluate(masks, torch.where(ambiguous, (signs == -majority).to(torch.float64), agree)))
+        return found
+
+    found = candidates(masks)
+    if any(t is not None and t.tied is not None for t in trims):
+        # equal magnitudes straddle a cut: another sort keeps others of them; every tied element kept, or none
+        for keep_tied in (True, False):
+            found += candidates([None if t is None else (t.mask | t.tied if keep_tied else t.mask & ~t.tied)
+                                 if t.tied is not None else t.mask for t in trims])
+    signs = torch.stack([(d if m is None else d * m) * w for d, m, w in zip(deltas_a, masks, w_a, strict=True)]).sign()
+    conflicts = float(((signs > 0).any(0) & (signs < 0).any(0)).double().mean())
+    kept = [None if m is None else float((m & (d != 0)).sum()) / max(1, int((d != 0).sum()))
+            for d, m in zip(deltas_a, masks, strict=True)]
+    reference, limit = found[0]
+    limit = torch.stack([f[1] for f in found]).amax(0)
+    return TensorCheck(reference, limit, [f[0] for f in found[1:]], kept=kept, sign_conflicts=conflicts)
 
 
 def check_tensor(method: MergeMethod, base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict,
