@@ -125,14 +125,27 @@ RANDOM_CASES = {
 }
 
 
+# bf16 recipes without `dtype`: mergekit computes in bf16 (linear and slerp in float32, rounded back to bf16)
+NO_DTYPE_CASES = {
+    "ties-llama-bf16-no-dtype": CASES["ties-llama-fp32"][:1] + (torch.bfloat16,) + CASES["ties-llama-fp32"][2:],
+    "task_arithmetic-starcoder2-bf16-no-dtype": ("starcoder2", torch.bfloat16) + CASES["task_arithmetic-llama-bf16"][2:],
+    "linear-llama-bf16-no-dtype": ("llama", torch.bfloat16) + CASES["linear-llama-fp32"][2:],
+    "slerp-starcoder2-bf16-no-dtype": CASES["slerp-starcoder2-bf16"],
+    "model_stock-llama-bf16-no-dtype": ("llama", torch.bfloat16) + CASES["model_stock-llama-fp32"][2:],
+}
+
+
 @pytest.fixture(scope="module")
 def mergekit_outputs(families, tmp_path_factory):
     """Every case merged by mergekit, in one mergekit process."""
     root = tmp_path_factory.mktemp("mergekit_runs")
     jobs = []
-    for name, (arch, dtype, method, shared, per_model, base) in {**CASES, **RANDOM_CASES}.items():
+    for name, (arch, dtype, method, shared, per_model, base) in {**CASES, **RANDOM_CASES, **NO_DTYPE_CASES}.items():
         config = root / f"{name}.yml"
-        config.write_text(yaml.safe_dump(_config(families[(arch, dtype)], method, shared, per_model, base, dtype)))
+        recipe = _config(families[(arch, dtype)], method, shared, per_model, base, dtype)
+        if name in NO_DTYPE_CASES:
+            del recipe["dtype"], recipe["out_dtype"]
+        config.write_text(yaml.safe_dump(recipe))
         jobs.append((config, root / name))
     run_mergekit(jobs)
     return root
@@ -507,3 +520,25 @@ def test_verify_merge_of_dare(families, mergekit_outputs, tmp_path, capsys):
     _copy_with(mergekit_outputs / case, tmp_path / "planted", name, plant)
     rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "planted")
     assert rc == 1 and "elements no mask explains" in out, (out, err)
+
+
+@pytest.mark.parametrize("case", list(NO_DTYPE_CASES))
+def test_dtype_like_mergekit_reproduces_its_bf16_arithmetic(case, mergekit_outputs, tmp_path, capsys):
+    """Without `dtype`, mergekit computes bf16 inputs in bf16: --dtype-like-mergekit gives its bits, and
+    verify-merge --dtype-like-mergekit holds its output to bf16 arithmetic; loratv's default (float32, one
+    rounding) differs from it and is certified against the float32 recipe."""
+    config = mergekit_outputs / f"{case}.yml"
+    theirs = _tensors(mergekit_outputs / case)
+    rc, _, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "like", "--dtype-like-mergekit")
+    assert rc == 0, err
+    like = _tensors(tmp_path / "like")
+    assert all(like[k].dtype == v.dtype and torch.equal(like[k], v) for k, v in theirs.items())
+    rc, out, err = run_cli(capsys, "verify-merge", config, mergekit_outputs / case, "--dtype-like-mergekit")
+    assert rc == 0 and "NOT EQUIVALENT" not in out, (out, err)
+    rc, _, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "default")
+    assert rc == 0, err
+    default = _tensors(tmp_path / "default")
+    if NO_DTYPE_CASES[case][2] not in ("slerp", "linear"):  # those two compute in float32 in mergekit too
+        assert any(not torch.equal(default[k], v) for k, v in theirs.items()), "bf16 and fp32 arithmetic agreed"
+    rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "default")
+    assert rc == 0 and "NOT EQUIVALENT" not in out, (out, err)

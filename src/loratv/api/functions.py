@@ -124,6 +124,7 @@ def merge_models(
     device: str = "cpu",
     max_shard_size: int | str | None = None,
     seed: int = 0,
+    dtype_like_mergekit: bool = False,
     force: bool = False,
     progress: bool = False,
 ) -> ModelMergeResult:
@@ -142,6 +143,8 @@ def merge_models(
             model's layout).
         seed: keys DARE's and DELLA's masks with the tensor name, the input's position and the element index: the
             same masks whatever the processing order, thread count or device.
+        dtype_like_mergekit: compute in the dtype mergekit does (the config's `dtype`, else the inputs' own)
+            instead of `compute_dtype`: mergekit's bits and roundings.
         force: replace an existing output.
         progress: show a progress bar on stderr.
 
@@ -160,14 +163,14 @@ def merge_models(
         except ValueError as exc:
             raise BadInputError(f"{param('max_shard_size', max_shard_size)}: {exc}.") from None
     result = _merge_models.merge_models(os.fspath(config), os.fspath(output), compute_dtype=compute_dtype,
-                                        device=device, max_shard_size=max_shard_size, seed=seed, force=force,
-                                        progress=progress)
+                                        device=device, max_shard_size=max_shard_size, seed=seed,
+                                        dtype_like_mergekit=dtype_like_mergekit, force=force, progress=progress)
     return ModelMergeResult(output=Path(output), method=result.method, inputs=tuple(result.inputs),
                             merged=tuple(result.merged), copied=tuple(result.copied))
 
 
 def verify_merge(config: PathLike, merged: PathLike, output: PathLike | None = None, *,
-                 force: bool = False) -> MergeVerification:
+                 dtype_like_mergekit: bool = False, force: bool = False) -> MergeVerification:
     """Check a merged model (loratv's, mergekit's or anyone's) against its mergekit recipe applied to the inputs.
 
     Deterministic methods are held to the rounding bound of the recipe's float32 arithmetic (certified); slerp,
@@ -178,6 +181,8 @@ def verify_merge(config: PathLike, merged: PathLike, output: PathLike | None = N
         config: the YAML recipe.
         merged: the merged model (folder, file or hub id).
         output: a folder for verify_merge.json (None: nothing is written).
+        dtype_like_mergekit: hold the model to the arithmetic mergekit uses without `dtype: float32` (the config's
+            dtype, else the inputs' own) instead of float32.
         force: replace an existing output.
 
     Returns:
@@ -189,7 +194,8 @@ def verify_merge(config: PathLike, merged: PathLike, output: PathLike | None = N
         LoratvError: any other refusal.
     """
     record = _verify_merge.verify_merge(os.fspath(config), os.fspath(merged),
-                                        os.fspath(output) if output is not None else None, force=force)
+                                        os.fspath(output) if output is not None else None,
+                                        dtype_like_mergekit=dtype_like_mergekit, force=force)
     summary = record["summary"]
     return MergeVerification(verdict=summary["verdict"], certified=summary["certified"],
                              failing_tensors=tuple(summary["failing_tensors"]), record=record)

@@ -139,6 +139,9 @@ def add_merge_models_arguments(p):
     p.add_argument("--seed", type=int, default=0,
                    help="key of DARE's and DELLA's masks, with the tensor name, the input's position and the element "
                         "index: the same masks on any thread count, processing order or device (default: 0)")
+    p.add_argument("--dtype-like-mergekit", action="store_true",
+                   help="compute each tensor in the dtype mergekit does (the config's dtype, else the inputs' own: "
+                        "bf16 arithmetic for bf16 inputs) instead of --compute-dtype: mergekit's bits and roundings")
     add_output_flags(p)
 
 
@@ -307,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("merged", metavar="MERGED", help="the merged model (folder, file or hub id)")
     p.add_argument("-o", "--output", help="folder for verify_merge.json (default: write nothing)")
     p.add_argument("--json", action="store_true", help="print the record (JSON) instead of the summary")
+    p.add_argument("--dtype-like-mergekit", action="store_true",
+                   help="hold the model to the arithmetic mergekit uses without `dtype: float32` (the config's "
+                        "dtype, else the inputs' own, e.g. bf16) instead of float32")
     add_output_flags(p)
     p.set_defaults(func=cmd_verify_merge)
 
@@ -484,8 +490,8 @@ def cmd_merge_models(args) -> int:
         the exit code (0 once the merged model is written; 2 on bad input, via run_guarded).
     """
     result = merge_models(args.recipe, args.output, compute_dtype=args.compute_dtype, device=args.device,
-                          max_shard_size=args.max_shard_size, seed=args.seed, force=args.force,
-                          progress=not args.quiet)
+                          max_shard_size=args.max_shard_size, seed=args.seed,
+                          dtype_like_mergekit=args.dtype_like_mergekit, force=args.force, progress=not args.quiet)
     if not args.quiet:
         print(result.summary())
     return 0
@@ -500,7 +506,8 @@ def cmd_verify_merge(args) -> int:
     Returns:
         0 equivalent (or consistent), 1 not equivalent (2 on bad input, via run_guarded).
     """
-    record = verify_merge(args.recipe, args.merged, args.output, force=args.force)
+    record = verify_merge(args.recipe, args.merged, args.output, dtype_like_mergekit=args.dtype_like_mergekit,
+                          force=args.force)
     if args.json:
         print(dump_json(record), end="")
     elif not args.quiet:

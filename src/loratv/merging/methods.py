@@ -81,7 +81,8 @@ class MergeMethod:
 
 
 def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict) -> torch.Tensor:
-    """Σ wᵢ·xᵢ (÷ Σ wᵢ with `normalize`): mergekit's linear_merge, accumulated by addcmul in input order.
+    """Σ wᵢ·xᵢ (÷ Σ wᵢ with `normalize`): mergekit's linear_merge, accumulated by addcmul in input order, in float32
+    (float64 for float64 inputs) whatever the inputs' dtype, and returned in the inputs' dtype.
 
     Args:
         base: unused (linear weighs every input, the base included when listed).
@@ -93,13 +94,14 @@ def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dic
         The merged tensor, in the compute dtype.
     """
     first = inputs[0]
-    weights = torch.tensor([per_model["weight"]], dtype=first.dtype, device=first.device)  # (1, K), as mergekit
-    result = torch.zeros_like(first)
+    work = torch.float64 if first.dtype == torch.float64 else torch.float32  # mergekit's, whatever the inputs' dtype
+    weights = torch.tensor([per_model["weight"]], dtype=work, device=first.device)  # (1, K), as mergekit
+    result = torch.zeros_like(first, dtype=work)
     for tensor, coefficient in zip(inputs, weights.unbind(1), strict=True):
         result.addcmul_(tensor, coefficient.reshape((1,) * first.ndim) if first.ndim else coefficient.reshape(()))
     if shared["normalize"]:
         result.div_(weights.sum(dim=1).reshape((1,) * first.ndim) if first.ndim else weights.sum(dim=1).reshape(()))
-    return result
+    return result.to(first.dtype)
 
 
 def _consensus_mask(weighted: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:

@@ -9,8 +9,9 @@ The kept set is "the k largest |δ|" (breadcrumbs: the elements ranked n_bottom 
 |δ|), found by selection (a histogram of the top 16 bits, then one bin sorted) rather than a sort. Where elements of
 equal |δ| straddle a cut, which of them are kept is torch's CPU sort order, as in mergekit, for tensors of up to
 SORT_LIMIT elements (the sort is run; torch's CPU sort is not stable, so nothing cheaper reproduces it), and the
-lowest indices first above that (a full sort of the StarCoder2-3B embedding would take 2.4 GB). docs/merging.md
-states this; with no tie at a cut the set is unique.
+lowest indices first above that (equal magnitudes straddle the cut of most large float32 tensors, and sorting each
+one, as mergekit does, is what makes its TIES slow). docs/merging.md states this; with no tie at a cut the set is
+unique.
 """
 
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ class Trim:
 
 
 SELECT_CHUNK = 1 << 24  # elements per step of the passes of the selection
-SORT_LIMIT = 1 << 26  # up to this many elements a straddled cut is resolved by torch's sort, as mergekit does
+SORT_LIMIT = 1 << 20  # up to this many elements a straddled cut is resolved by torch's sort, as mergekit does
 
 
 def _order_statistics(values: torch.Tensor, ranks: list[int]) -> list[tuple[torch.Tensor, int, int]]:

@@ -44,6 +44,7 @@ class TensorCheck:
         certified: the limit is a derived bound (else a measured tolerance).
         kept: per input, the fraction of its task vector's nonzero elements that enter the merge (None: all).
         sign_conflicts: the fraction of elements where the inputs' nonzero weighted task vectors disagree in sign.
+        arithmetic: the dtype the recipe's arithmetic runs in (the bound's unit roundoff).
     """
 
     reference: torch.Tensor
@@ -52,6 +53,7 @@ class TensorCheck:
     certified: bool = True
     kept: list = field(default_factory=list)
     sign_conflicts: float = 0.0
+    arithmetic: torch.dtype = torch.float32
 
     def ratio(self, merged: torch.Tensor, out_dtype: torch.dtype, arithmetic: torch.dtype) -> torch.Tensor:
         """|M − reference| over the allowed difference, per element (≤ 1 passes); against the closest of the
@@ -184,7 +186,7 @@ def _gta_check(method: MergeMethod, base: torch.Tensor, inputs: list, per_model:
 
 
 def check_tensor(method: MergeMethod, base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict,
-                 key: tuple | None = None) -> TensorCheck:
+                 key: tuple | None = None, arithmetic: torch.dtype | None = None) -> TensorCheck:
     """The reference and allowed difference of one merged tensor.
 
     Args:
@@ -194,11 +196,19 @@ def check_tensor(method: MergeMethod, base: torch.Tensor | None, inputs: list, p
         per_model: the per-model parameter values, by parameter.
         shared: the shared parameter values.
         key: (seed, tensor name) for a randomised method whose masks are loratv's.
+        arithmetic: the dtype the recipe's arithmetic runs in (None: float32, float64 for float64 inputs).
 
     Returns:
         The TensorCheck.
     """
-    arithmetic = arithmetic_dtype(inputs + ([base] if base is not None else []))
+    arithmetic = arithmetic or arithmetic_dtype(inputs + ([base] if base is not None else []))
+    check = _check(method, base, inputs, per_model, shared, key, arithmetic)
+    check.arithmetic = arithmetic
+    return check
+
+
+def _check(method: MergeMethod, base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict,
+           key: tuple | None, arithmetic: torch.dtype) -> TensorCheck:
     rescale = bool(shared.get("rescale"))
     if method.name == "linear":
         return _linear_check(inputs, per_model, shared, arithmetic)

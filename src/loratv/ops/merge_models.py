@@ -120,13 +120,14 @@ class LoraModel:
         """
         return self.base.shard_of(name)
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, name: str, start: int, stop: int, into: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) of one merged tensor (merged whole once, kept while its rows are read).
 
         Args:
             name: the tensor's name.
             start: first row.
             stop: one past the last row.
+            into: unused (the rows are a view of the merged tensor).
 
         Returns:
             The rows, in float32.
@@ -207,7 +208,28 @@ def _out_dtype(recipe: Recipe, stored: torch.dtype) -> torch.dtype:
     return dtypes.PRECISION_NAMES[name] if name else stored
 
 
-def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_layers, seed: int):
+def _arithmetic_like_mergekit(recipe: Recipe, name: str, opened: dict) -> torch.dtype:
+    """The dtype mergekit computes a tensor in: the config's `dtype` (every input cast to it as it is loaded), else
+    the promotion of the inputs' stored dtypes (bf16 for bf16 inputs)."""
+    if recipe.dtype is not None:
+        return dtypes.PRECISION_NAMES[recipe.dtype]
+    stored = [opened[ref].entry(name).torch_dtype for ref in recipe.inputs()]
+    promoted = stored[0]
+    for dtype in stored[1:]:
+        promoted = torch.promote_types(promoted, dtype)
+    return promoted
+
+
+def _buffer(buffers: dict, slot: int, reader: int, nbytes: int) -> torch.Tensor:
+    """A uint8 read buffer for (prefetch slot, input), reused across blocks and tensors: no allocation churn."""
+    held = buffers.get((slot, reader))
+    if held is None or held.numel() < nbytes:
+        held = buffers[(slot, reader)] = torch.empty(nbytes, dtype=torch.uint8)
+    return held
+
+
+def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_layers, seed: int,
+                   buffers: dict | None = None):
     """One tensor merged in the compute dtype, yielded as row blocks.
 
     Elementwise methods (linear and the task-vector family) run on blocks of BLOCK_ELEMENTS per input, after their
@@ -255,10 +277,16 @@ def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_la
     rows = shape[0]
     step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
 
-    def read_block(span, _slot):
+    readers = weighted + ([base_ref] if uses_base else [])
+    row_bytes = max(opened[ref].entry(name).nbytes // rows for ref in readers)
+    held = {} if buffers is None else buffers
+    slots = [[_buffer(held, slot, i, row_bytes * step) for i in range(len(readers))] for slot in (0, 1)]
+
+    def read_block(span, slot):
         start, stop = span
-        return ([checked(ref, opened[ref].read_rows(name, start, stop)) for ref in weighted],
-                checked(base_ref, opened[base_ref].read_rows(name, start, stop)) if uses_base else None)
+        read = [checked(ref, opened[ref].read_rows(name, start, stop, into=slots[slot][i]))
+                for i, ref in enumerate(readers)]
+        return (read[:len(weighted)], read[len(weighted)] if uses_base else None)
 
     for (start, stop), (inputs, base) in prefetched([(r, min(rows, r + step)) for r in range(0, rows, step)],
                                                     read_block):
@@ -284,8 +312,8 @@ def _model_card(recipe: Recipe, records: dict) -> str:
 
 
 def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str = "cpu",
-                 max_shard_size: int | None = None, seed: int = 0, force: bool = False,
-                 progress: bool = False) -> ModelMergeResult:
+                 max_shard_size: int | None = None, seed: int = 0, dtype_like_mergekit: bool = False,
+                 force: bool = False, progress: bool = False) -> ModelMergeResult:
     """Merge the models of a mergekit recipe into one model folder.
 
     Args:
@@ -296,6 +324,9 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
         max_shard_size: split shards at this many bytes (None: the reference model's layout).
         seed: keys DARE's and DELLA's masks (with the tensor name, the input's position and the element index), so
             they do not depend on processing order, threads or device.
+        dtype_like_mergekit: compute each tensor in the dtype mergekit does — the config's `dtype`, else the
+            inputs' own (bf16 arithmetic for bf16 inputs; linear and slerp work in float32 and round back) — instead
+            of `compute_dtype`: mergekit's bits, with its roundings (docs/merging.md).
         force: replace an existing output.
         progress: show a progress bar.
 
@@ -329,13 +360,15 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
         shard_of[name] = entry.file
     shards = layout_by_size(specs, max_shard_size) if max_shard_size else layout_like(specs, shard_of, reference.files)
     metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "merge-models",
-                "merge_method": recipe.method.name, "compute_dtype": compute_dtype, "recipe": recipe.text}
+                "merge_method": recipe.method.name, "recipe": recipe.text,
+                "compute_dtype": "like mergekit" if dtype_like_mergekit else compute_dtype}
     if recipe.method.randomised:
         metadata["seed"] = str(seed)
     result = ModelMergeResult(output=Path(out), method=recipe.method.name, inputs=recipe.inputs())
     records = {ref: _record(ckpt) for ref, ckpt in opened.items()}
     paths = [Path(recipe.path)] + [ckpt.path for ckpt in opened.values() if ckpt.path.exists()]
     paths += [ckpt.adapter.path for ckpt in opened.values() if isinstance(ckpt, LoraModel)]
+    buffers: dict = {}  # read buffers of the row blocks, kept for the whole merge
     with atomic_output_dir(out, paths, force=force) as tmp:
         writer = ShardedWriter(tmp, shards, metadata)
         with progress_bar(sum(s.nbytes for s in specs), "merge-models", enabled=progress) as bar:
@@ -344,7 +377,10 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
                     for spec in group:
                         writer.begin(spec.name)
                         if reference.entry(spec.name).torch_dtype.is_floating_point:
-                            for block in _merged_blocks(recipe, spec.name, opened, compute, dev, num_layers, seed):
+                            arithmetic = _arithmetic_like_mergekit(recipe, spec.name, opened) \
+                                if dtype_like_mergekit else compute
+                            for block in _merged_blocks(recipe, spec.name, opened, arithmetic, dev, num_layers,
+                                                        seed, buffers):
                                 value = block.to(dtypes.torch_dtype_of(spec.dtype)).cpu()
                                 if not dtypes.all_finite(value):
                                     raise LoratvError(f"{recipe.path}: the merge of tensor {spec.name} overflows "
@@ -363,7 +399,8 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
         _write_aux(recipe, reference, tmp)
         (tmp / "README.md").write_text(_model_card(recipe, records), encoding="utf-8")
         record = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "loratv_version": __version__,
-                  "merge_method": recipe.method.name, "compute_dtype": compute_dtype, "inputs": recipe.inputs(),
+                  "merge_method": recipe.method.name, "inputs": recipe.inputs(),
+                  "compute_dtype": "like mergekit" if dtype_like_mergekit else compute_dtype,
                   "seed": seed if recipe.method.randomised else None,
                   "base_model": recipe.base_model, "merged": result.merged, "copied": result.copied}
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -19,7 +19,13 @@ from loratv.io.outputs import atomic_output_dir
 from loratv.io.state_dict import open_checkpoint
 from loratv.merging.recipe import check_densities, layer_fraction, load_recipe
 from loratv.merging.verification import check_tensor, support_violations
-from loratv.ops.merge_models import LoraModel, _check_tensors, _num_layers, _open_inputs
+from loratv.ops.merge_models import (
+    LoraModel,
+    _arithmetic_like_mergekit,
+    _check_tensors,
+    _num_layers,
+    _open_inputs,
+)
 from loratv.report.records import dump_json
 from loratv.version import __version__
 
@@ -40,13 +46,16 @@ def _seed_of(merged) -> int | None:
     return None
 
 
-def verify_merge(config_path, merged_source, out=None, *, force: bool = False) -> dict:
+def verify_merge(config_path, merged_source, out=None, *, dtype_like_mergekit: bool = False,
+                 force: bool = False) -> dict:
     """Check a merged model against its recipe applied to the inputs.
 
     Args:
         config_path: the mergekit YAML recipe.
         merged_source: the merged model (folder, file or hub id).
         out: a folder for verify_merge.json (None: nothing is written).
+        dtype_like_mergekit: the recipe's arithmetic is mergekit's without `dtype: float32` (the config's dtype,
+            else the inputs' own): decisions and bounds in that dtype.
         force: replace an existing `out`.
 
     Returns:
@@ -99,9 +108,10 @@ def verify_merge(config_path, merged_source, out=None, *, force: bool = False) -
                                                                         value))
             kinds.add("consistent")
         else:
+            arithmetic = _arithmetic_like_mergekit(recipe, name, opened) if dtype_like_mergekit else None
             check = check_tensor(method, base, inputs, per_model, shared,
-                                 key=(seed, name) if seed is not None else None)
-            arithmetic = torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
+                                 key=(seed, name) if seed is not None else None, arithmetic=arithmetic)
+            arithmetic = check.arithmetic
             ratio = check.ratio(value, value.dtype, arithmetic)
             worst = int(torch.argmax(ratio.reshape(-1))) if ratio.numel() else 0
             row.update(kind="certified" if check.certified else "tolerance", max_ratio=float(ratio.max()),
