@@ -447,6 +447,9 @@ def test_verify_merge_accepts_mergekits_and_loratvs_merges(case, mergekit_output
     record = json.loads((tmp_path / "check" / "verify_merge.json").read_text())
     assert record["summary"]["verdict"] == want, record["summary"]
     assert f"Verdict: {want}" in out
+    page = (tmp_path / "check" / "report.html").read_text()
+    assert f'data-verdict="{want}"' in page and page.count('<tr id="vm-t') == len(record["tensors"])
+    assert all(f"<code>{entry['model']}</code>" in page for entry in record["inputs"])
     rc, _, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "ours")
     assert rc == 0, err
     rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "ours")
@@ -475,9 +478,13 @@ def test_verify_merge_catches_a_planted_change_a_swapped_input_and_a_wrong_weigh
         return value
 
     _copy_with(merged, tmp_path / "planted", name, plant)
-    rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "planted", "--json")
+    rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "planted", "--json", "-o", tmp_path / "check")
     assert rc == 1, err
     record = json.loads(out)
+    page = (tmp_path / "check" / "report.html").read_text()
+    assert 'data-verdict="NOT EQUIVALENT"' in page and "Density kept per layer" in page
+    rc, _, err = run_cli(capsys, "report", tmp_path / "check")  # re-rendered from the JSON alone
+    assert rc == 0 and (tmp_path / "check" / "report.html").read_text().count('<tr id="vm-t') == len(record["tensors"])
     assert record["summary"]["verdict"] == "NOT EQUIVALENT" and record["summary"]["failing_tensors"] == [name]
     row = next(r for r in record["tensors"] if r["name"] == name)
     assert row["worst_element"] == [3, 5] and row["max_ratio"] > 1
@@ -542,3 +549,19 @@ def test_dtype_like_mergekit_reproduces_its_bf16_arithmetic(case, mergekit_outpu
         assert any(not torch.equal(default[k], v) for k, v in theirs.items()), "bf16 and fp32 arithmetic agreed"
     rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "default")
     assert rc == 0 and "NOT EQUIVALENT" not in out, (out, err)
+
+
+@pytest.mark.parametrize("case", ["ties-starcoder2-bf16", "breadcrumbs_ties-llama-bf16"])
+def test_above_the_sort_limit_ties_at_a_cut_may_go_either_way(case, mergekit_outputs, tmp_path, capsys, monkeypatch):
+    """With SORT_LIMIT at 0 every tensor takes the large-tensor rule (lowest indices among the largest): where equal
+    magnitudes straddle a cut loratv keeps other elements than mergekit's sort, yet verify-merge certifies both."""
+    monkeypatch.setattr("loratv.merging.sparsify.SORT_LIMIT", 0)
+    config = mergekit_outputs / f"{case}.yml"
+    rc, _, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "ours")
+    assert rc == 0, err
+    ours, theirs = _tensors(tmp_path / "ours"), _tensors(mergekit_outputs / case)
+    assert any(not torch.equal(ours[k], v) for k, v in theirs.items()), "no straddled tie: the case proves nothing"
+    want = "EQUIVALENT (certified)"
+    for merged in (mergekit_outputs / case, tmp_path / "ours"):
+        rc, out, err = run_cli(capsys, "verify-merge", config, merged)
+        assert rc == 0 and f"Verdict: {want}" in out, (merged, out, err)

@@ -19,6 +19,7 @@ sines; the L1 rescale, a sum over a whole tensor) are held, like PEFT-backed tun
 loratv's seed it is; otherwise only what holds for any mask is checked (see `support_violations`).
 """
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ from loratv.merging.methods import MergeMethod
 from loratv.numerics.precision import gamma, ulp, unit_roundoff
 
 TOLERANCE_FACTOR = 4
+MAX_TIED_INPUTS = 6  # inputs with a straddled cut whose kept/dropped combinations are all tried (2^6 at most)
 CERTIFIED = ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
 CONSENSUS = ("ties", "breadcrumbs_ties", "dare_ties", "della")
 
@@ -171,11 +173,18 @@ def _gta_check(method: MergeMethod, base: torch.Tensor, inputs: list, per_model:
         return found
 
     found = candidates(masks)
-    if any(t is not None and t.tied is not None for t in trims):
-        # equal magnitudes straddle a cut: another sort keeps others of them; every tied element kept, or none
-        for keep_tied in (True, False):
-            found += candidates([None if t is None else (t.mask | t.tied if keep_tied else t.mask & ~t.tied)
-                                 if t.tied is not None else t.mask for t in trims])
+    tied_inputs = [i for i, t in enumerate(trims) if t is not None and t.tied is not None]
+    if tied_inputs:
+        # equal magnitudes straddle a cut: another sort keeps others of them. An element's value depends only on
+        # whether each input keeps it, so every combination of kept/dropped over the inputs tied there is admissible
+        choices = itertools.product((True, False), repeat=len(tied_inputs)) if len(tied_inputs) <= MAX_TIED_INPUTS \
+            else [(True,) * len(tied_inputs), (False,) * len(tied_inputs)]
+        for choice in choices:
+            variant = list(masks)
+            for i, keep in zip(tied_inputs, choice, strict=True):
+                trim = trims[i]
+                variant[i] = trim.mask | trim.tied if keep else trim.mask & ~trim.tied
+            found += candidates(variant)
     signs = torch.stack([(d if m is None else d * m) * w for d, m, w in zip(deltas_a, masks, w_a, strict=True)]).sign()
     conflicts = float(((signs > 0).any(0) & (signs < 0).any(0)).double().mean())
     kept = [None if m is None else float((m & (d != 0)).sum()) / max(1, int((d != 0).sum()))

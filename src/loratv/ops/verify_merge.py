@@ -7,9 +7,10 @@ DARE and DELLA made with masks loratv cannot recompute, to what any mask allows 
 reproducible)`). Otherwise `NOT EQUIVALENT`, naming the tensors, the worst elements and their ratios. Exit codes as
 `compare`: 0 equivalent or consistent, 1 not equivalent, 2 bad input. The record also gives, per tensor, each input's
 kept fraction and the sign-conflict rate, and per input the norm of its task vector and its cosine with the merged
-model's (merged − base).
+model's (merged − base); with an output folder, report.html renders it (report/html.py).
 """
 
+import shlex
 from pathlib import Path
 
 import torch
@@ -26,10 +27,11 @@ from loratv.ops.merge_models import (
     _num_layers,
     _open_inputs,
 )
+from loratv.report.html import VERIFY_MERGE_FILE, write_report
 from loratv.report.records import dump_json
 from loratv.version import __version__
 
-RECORD_FILE = "verify_merge.json"
+RECORD_FILE = VERIFY_MERGE_FILE
 SCHEMA = "loratv.verify_merge"
 SCHEMA_VERSION = 1
 WORST = 10  # tensors named in the summary
@@ -147,6 +149,9 @@ def verify_merge(config_path, merged_source, out=None, *, dtype_like_mergekit: b
     record = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "loratv_version": __version__,
         "recipe": str(recipe.path), "merged": str(merged.path), "merge_method": method.name, "seed": seed,
+        "command": shlex.join(["loratv", "verify-merge", str(recipe.path), str(merged.path)]
+                              + (["--dtype-like-mergekit"] if dtype_like_mergekit else [])
+                              + (["-o", str(out)] if out is not None else [])),
         "summary": {"verdict": verdict, "certified": verdict == "EQUIVALENT (certified)", "tensors": len(rows),
                     "failing_tensors": [r["name"] for r in failing[:WORST]], "failing_count": len(failing),
                     "missing_tensors": missing, "shape_mismatches": mismatched,
@@ -160,6 +165,7 @@ def verify_merge(config_path, merged_source, out=None, *, dtype_like_mergekit: b
     if out is not None:
         with atomic_output_dir(out, [Path(recipe.path), merged.path], force=force) as tmp:
             (tmp / RECORD_FILE).write_text(dump_json(record))
+            write_report(tmp)
     return record
 
 

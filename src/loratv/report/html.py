@@ -33,6 +33,7 @@ REPORT_FILE = "report.html"
 COMPARISON_FILE, COMPARISON_SCHEMA = "comparison_results.json", "loratv.comparison"
 PRECISION_FILE, PRECISION_SCHEMA = "precision_results.json", "loratv.precision"
 ANALYSIS_FILE, ANALYSIS_SCHEMA = "analysis_results.json", "loratv.analysis"
+VERIFY_MERGE_FILE, VERIFY_MERGE_SCHEMA = "verify_merge.json", "loratv.verify_merge"
 PRECISION_PLOT = "precision_comparison.png"
 SCHEMA_VERSION = 1
 CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
@@ -51,7 +52,7 @@ MEANING = {
     "task-vector-only": "changed in the task vector, not by the adapter",
 }
 VERDICT_CLASS = {"EQUIVALENT (certified)": "v-certified", "EQUIVALENT within tolerance": "v-tolerance",
-                 "NOT EQUIVALENT": "v-not"}
+                 "CONSISTENT (masks not reproducible)": "v-tolerance", "NOT EQUIVALENT": "v-not"}
 VERDICT_MARK = {"v-certified": "✓", "v-tolerance": "≈", "v-not": "✗", "v-none": "?"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+@([\w./-]+)$")  # org/name@revision, as checkpoint.py accepts
 
@@ -64,6 +65,7 @@ class Records:
     precision: dict | None = None
     paths: dict = field(default_factory=dict)  # precision path name -> its comparison record
     analysis: dict | None = None
+    verification: dict | None = None  # verify-merge's record
 
 
 # ---------------------------------------------------------------- reading and writing
@@ -104,6 +106,13 @@ def _check_fields(record: dict, schema: str, path: Path) -> None:
             if t["category"] not in CATEGORIES:
                 raise LoratvError(f"{path}: tensors[{i}] has category {t['category']!r}, not one of "
                                   f"{', '.join(CATEGORIES)}; nothing was written.")
+    elif schema == VERIFY_MERGE_SCHEMA:
+        _require(record, ("summary", "tensors", "inputs", "merge_method"), "the record", path)
+        _require(record["summary"], ("verdict", "tensors"), "summary", path)
+        _require(record["tensors"], (), "tensors", path, list)
+        _require(record["inputs"], (), "inputs", path, list)
+        for i, t in enumerate(record["tensors"]):
+            _require(t, ("name", "kind"), f"tensors[{i}]", path)
     elif schema == PRECISION_SCHEMA:
         _require(record, ("paths",), "the record", path)
         _require(record["paths"], (), "paths", path, list)
@@ -136,7 +145,8 @@ def load_records(folder) -> Records:
     records = Records(folder)
     for attr, name, schema in (("comparison", COMPARISON_FILE, COMPARISON_SCHEMA),
                                ("precision", PRECISION_FILE, PRECISION_SCHEMA),
-                               ("analysis", ANALYSIS_FILE, ANALYSIS_SCHEMA)):
+                               ("analysis", ANALYSIS_FILE, ANALYSIS_SCHEMA),
+                               ("verification", VERIFY_MERGE_FILE, VERIFY_MERGE_SCHEMA)):
         if (folder / name).is_file():
             setattr(records, attr, _read_record(folder / name, schema))
     if records.precision is not None:
@@ -145,9 +155,10 @@ def load_records(folder) -> Records:
             sub = folder / name / COMPARISON_FILE
             if re.fullmatch(r"[\w.+-]+", name) and name not in (".", "..") and sub.is_file():
                 records.paths[name] = _read_record(sub, COMPARISON_SCHEMA)
-    if records.comparison is None and records.precision is None and records.analysis is None:
-        raise LoratvError(f"{folder}: holds no {COMPARISON_FILE}, {PRECISION_FILE} or {ANALYSIS_FILE}; nothing to "
-                          "report, nothing was written.")
+    if records.comparison is None and records.precision is None and records.analysis is None and \
+            records.verification is None:
+        raise LoratvError(f"{folder}: holds no {COMPARISON_FILE}, {PRECISION_FILE}, {ANALYSIS_FILE} or "
+                          f"{VERIFY_MERGE_FILE}; nothing to report, nothing was written.")
     return records
 
 
@@ -958,6 +969,8 @@ def _layer_table(rec: dict) -> str:
 
 def _reconstructed(rec: dict, kind: str) -> str:
     """An equivalent command from the recorded inputs, for records saved without `command`."""
+    if kind == "verification":
+        return f"loratv verify-merge {rec.get('recipe')} {rec.get('merged')} -o OUT"
     inputs = rec.get("inputs") or {}
     if kind == "comparison":
         parts = ["loratv compare", f"--base {inputs.get('base')}", f"--adapter {inputs.get('adapter')}"]
@@ -979,7 +992,8 @@ def _reconstructed(rec: dict, kind: str) -> str:
 
 def _reproduce(records: Records) -> str:
     items = []
-    for kind, label in (("comparison", "comparison"), ("precision", "precision study"), ("analysis", "analysis")):
+    for kind, label in (("comparison", "comparison"), ("precision", "precision study"), ("analysis", "analysis"),
+                        ("verification", "merge verification")):
         rec = getattr(records, kind)
         if rec is None:
             continue
@@ -1004,6 +1018,10 @@ def _subtitle(records: Records) -> str:
     if records.precision is not None:
         return (f"The adapter <code>{_e(records.precision.get('adapter'))}</code> merged into "
                 f"<code>{_e(records.precision.get('base'))}</code> along {len(records.precision['paths'])} dtype paths.")
+    if records.verification is not None:
+        rec = records.verification
+        return (f"Is <code>{_e(rec.get('merged'))}</code> the {_e(rec['merge_method'])} merge that "
+                f"<code>{_e(rec.get('recipe'))}</code> describes?")
     assert records.analysis is not None  # load_records raises when a folder holds no record
     inputs = records.analysis.get("inputs") or {}
     return (f"The task vector <code>{_e(inputs.get('task_vector'))}</code> against the LoRA delta "
@@ -1015,6 +1033,8 @@ def _title(records: Records) -> str:
         return f"loratv report: {records.comparison['summary']['verdict']}"
     if records.precision is not None:
         return "loratv report: precision study"
+    if records.analysis is None and records.verification is not None:
+        return f"loratv report: merge {records.verification['summary']['verdict']}"
     return "loratv report: analysis"
 
 
@@ -1041,6 +1061,78 @@ def page_head(title_html: str, extra_css: str = "") -> str:
 </head>"""
 
 
+def verification_sections(rec: dict) -> list:
+    """(section id, nav title, html) for a verify-merge record: the verdict, the inputs' task vectors against the
+    merged one, the kept density per layer, and every tensor's ratio to what it may differ by.
+
+    Args:
+        rec: the verify-merge record.
+
+    Returns:
+        The sections, in page order.
+    """
+    s = rec["summary"]
+    tensors, inputs = rec["tensors"], rec["inputs"]
+    ratios = [t.get("max_ratio") for t in tensors if t.get("max_ratio") is not None]
+    conflicts = [t["sign_conflicts"] for t in tensors if t.get("sign_conflicts") is not None]
+    numbers = _numbers([
+        ("Tensors checked", integer(s["tensors"]), f"{integer(s.get('failing_count'))} beyond what is allowed"),
+        ("Largest ratio", sci(max(ratios)) if ratios else DASH, "of |M − reference| to the allowed difference"),
+        ("Sign conflicts", f"{sci(sum(conflicts) / len(conflicts))}" if conflicts else DASH,
+         "mean fraction of elements whose inputs' task vectors disagree in sign"),
+        ("Missing tensors", integer(len(s.get("missing_tensors") or [])), "of the recipe, absent from the model"),
+    ])
+    head = (_heading(2, "merge-verification", f"Merge verification: {rec['merge_method']}")
+            + _verdict_block(s, "merge-verdict") + numbers
+            + _kv([("Recipe", _source(rec.get("recipe"))), ("Merged model", _source(rec.get("merged"))),
+                   ("Seed", _e(rec.get("seed") if rec.get("seed") is not None else DASH)),
+                   ("loratv", _e(rec.get("loratv_version", DASH)))])
+            + (f'<p class="note">{_e(s["not_reproducible"])}.</p>' if s.get("not_reproducible") else ""))
+    rows = "".join(f"<tr><td><code>{_e(i['model'])}</code></td><td>{sci(i.get('task_vector_norm'))}</td>"
+                   f"<td>{cos(i.get('cosine_with_merged'))}</td></tr>" for i in inputs)
+    contributions = (_heading(3, "merge-inputs", "Each input's task vector against the merged one")
+                     + '<div class="scroll"><table class="data"><thead><tr><th>input</th><th>‖task vector‖</th>'
+                       f"<th>cosine with merged − base</th></tr></thead><tbody>{rows}</tbody></table></div>")
+    layers: dict = {}
+    for t in tensors:
+        match = re.search(r"\.(?:layers|h|blocks)\.(\d+)\.", t["name"])
+        kept = t.get("kept") or []
+        if match and kept and any(k is not None for k in kept):
+            layers.setdefault(int(match.group(1)), []).append(kept)
+    density = ""
+    if layers:
+        width = max(len(k) for rows_ in layers.values() for k in rows_)
+        body = ""
+        for layer in sorted(layers):
+            cells = []
+            for i in range(width):
+                values = [k[i] for k in layers[layer] if i < len(k) and k[i] is not None]
+                cells.append(f"<td>{sci(sum(values) / len(values)) if values else DASH}</td>")
+            body += f"<tr><td>{layer}</td>{''.join(cells)}</tr>"
+        labels = "".join(f"<th>input {i + 1}</th>" for i in range(width))
+        density = (_heading(3, "merge-density", "Density kept per layer")
+                   + '<p class="note">The mean over the layer\'s tensors of the fraction of each input\'s nonzero task '
+                     "vector that the sparsification kept.</p>"
+                   + f'<div class="scroll"><table class="data"><thead><tr><th>layer</th>{labels}</tr></thead>'
+                     f"<tbody>{body}</tbody></table></div>")
+    table_rows = []
+    for i, t in enumerate(tensors):
+        kept = ", ".join(DASH if k is None else sci(k) for k in (t.get("kept") or [])) or DASH
+        ratio = t.get("max_ratio")
+        table_rows.append((_row_id("vm", i), t["kind"], [
+            f"<td><code>{_e(t['name'])}</code></td>", f"<td>{_e(t['kind'])}</td>",
+            _num_cell(ratio, sci(ratio)) if ratio is not None else f"<td>{integer(t.get('violations'))} unexplained</td>",
+            f"<td>{_e(t.get('worst_element', DASH))}</td>", f"<td>{kept}</td>",
+            _num_cell(t.get("sign_conflicts"), sci(t.get("sign_conflicts")))]))
+    table = _data_table("merge-tensors", "tensors", "Every tensor: ratio ≤ 1 passes (certified: against the derived "
+                        "rounding bound; tolerance: against ½ ulp + 4 × the measured float32 error).",
+                        [("tensor", "text", None), ("check", "text", None), ("max ratio", "num", None),
+                         ("worst element", "text", None), ("kept per input", "text", None),
+                         ("sign conflicts", "num", None)], table_rows)
+    return [("merge-verification", "Merge verification", head + contributions + density),
+            ("merge-tensors", "Merged tensors", _heading(3, "merge-tensors-h", "Tensor by tensor") + table)]
+
+
 def render_report(records: Records, images: dict) -> str:
     """The whole page, from the records and the PNG bytes (file name -> bytes) alone.
 
@@ -1058,10 +1150,13 @@ def render_report(records: Records, images: dict) -> str:
         sections += precision_sections(records.precision, records.paths, images)
     if records.analysis is not None:
         sections += analysis_sections(records.analysis, images)
+    if records.verification is not None:
+        sections += verification_sections(records.verification)
     sections.append(("reproduce", "How to reproduce", _reproduce(records)))
     nav = "".join(f'<li><a href="#{_e(ident)}">{_e(title)}</a></li>' for ident, title, _ in sections)
     sources = [name for name, rec in ((COMPARISON_FILE, records.comparison), (PRECISION_FILE, records.precision),
-                                      (ANALYSIS_FILE, records.analysis)) if rec is not None]
+                                      (ANALYSIS_FILE, records.analysis), (VERIFY_MERGE_FILE, records.verification))
+               if rec is not None]
     sources += [f"{name}/{COMPARISON_FILE}" for name in records.paths]
     body = "\n".join(f"<section aria-labelledby=\"{_e(ident)}\">{content}</section>" for ident, _, content in sections)
     title = _title(records)
