@@ -185,6 +185,9 @@ def trim_of(magnitude: torch.Tensor, kind: str, density: float, *, gamma: float 
 
     Returns:
         The Trim, or None when density ≥ 1 (nothing is dropped).
+
+    Raises:
+        ValueError: an unknown kind.
     """
     if density >= 1:
         return None
