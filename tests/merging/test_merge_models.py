@@ -173,6 +173,8 @@ def test_every_tensor_mergekit_writes_is_loratvs_bit_for_bit(case, blocks, merge
     assert changed > len(theirs) // 2, "the merge changed almost nothing: the test would prove little"
     record = json.loads((tmp_path / "merged" / "merge_models.json").read_text())
     assert record["merge_method"] == CASES[case][2] and len(record["merged"]) == len(ours)
+    certified = case in CERTIFIED_CASES
+    assert all((row["max_rounding_bound"] is not None) == certified for row in record["tensors"])
     assert (tmp_path / "merged" / "README.md").read_text().count("sha256") == len(record["inputs"])  # one shard each
 
 
@@ -189,6 +191,7 @@ def test_ties_against_float64_numpy(families, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "merge-models", path, "-o", tmp_path / "out", "--compute-dtype", "fp64")
     assert rc == 0, err
     got = _tensors(tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "merge_models.json").read_text())
     base = {k: v.double().numpy() for k, v in _tensors(folders["base"]).items()}
     fts = [{k: v.double().numpy() for k, v in _tensors(folders[f"ft{i}"]).items()} for i in (1, 2, 3)]
     for name in ("model.layers.2.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight"):
@@ -206,6 +209,12 @@ def test_ties_against_float64_numpy(families, tmp_path, capsys):
         divisor[divisor == 0] = 1
         want = base[name].reshape(-1) + (stacked * agree).sum(0) / divisor
         np.testing.assert_array_equal(got[name].reshape(-1).numpy(), want.astype(np.float32))
+        # the bound merge-models records for the tensor covers the float64 evaluation's error (half an fp32 ulp added)
+        row = next(r for r in record["tensors"] if r["name"] == name)
+        assert row["arithmetic"] == "float64" and row["plus_half_ulp_of_output"]
+        error = np.abs(got[name].reshape(-1).double().numpy() - want) - 0.5 * np.spacing(
+            np.abs(got[name].reshape(-1).numpy())).astype(np.float64)
+        assert error.max() <= row["max_rounding_bound"]
 
 
 def _write_config(path, config: dict):
@@ -565,3 +574,21 @@ def test_above_the_sort_limit_ties_at_a_cut_may_go_either_way(case, mergekit_out
     for merged in (mergekit_outputs / case, tmp_path / "ours"):
         rc, out, err = run_cli(capsys, "verify-merge", config, merged)
         assert rc == 0 and f"Verdict: {want}" in out, (merged, out, err)
+
+
+def test_tensors_that_are_not_floating_point_are_copied_byte_for_byte(families, tmp_path):
+    import loratv
+
+    folders = families[("llama", torch.float32)]
+    copies = {}
+    for label in ("base", "ft1", "ft2"):
+        copies[label] = tmp_path / label
+        shutil.copytree(folders[label], copies[label])
+        state = load_file(str(copies[label] / "model.safetensors"))
+        state["model.position_ids"] = torch.arange(64, dtype=torch.int64).reshape(1, 64)
+        save_file(state, str(copies[label] / "model.safetensors"), metadata={"format": "pt"})
+    config = _recipe(tmp_path, "ta", copies, "task_arithmetic", [{"weight": 0.5}, {"weight": 0.5}])
+    result = loratv.merge_models(config, tmp_path / "out")
+    assert result.copied == ("model.position_ids",) and "model.position_ids" not in result.merged
+    written = _tensors(tmp_path / "out")["model.position_ids"]
+    assert written.dtype == torch.int64 and torch.equal(written, torch.arange(64).reshape(1, 64))

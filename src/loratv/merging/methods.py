@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from loratv.merging import sparsify
+from loratv.numerics.precision import gamma
 
 REQUIRED = object()  # a parameter with no default
 
@@ -80,7 +81,8 @@ class MergeMethod:
         return next((p for p in self.parameters if p.name == name), None)
 
 
-def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict) -> torch.Tensor:
+def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict,
+           bounds: list | None = None) -> torch.Tensor:
     """Σ wᵢ·xᵢ (÷ Σ wᵢ with `normalize`): mergekit's linear_merge, accumulated by addcmul in input order, in float32
     (float64 for float64 inputs) whatever the inputs' dtype, and returned in the inputs' dtype.
 
@@ -89,6 +91,8 @@ def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dic
         inputs: the input tensors, in the compute dtype.
         per_model: {"weight": [w per input]}.
         shared: {"normalize": bool}.
+        bounds: when given, the largest rounding bound of this evaluation is appended: γ_{2K+1}(u)·Σ|wᵢ||xᵢ|, or
+            with `normalize` γ_{2K+3}(u)·Σ|wᵢ||xᵢ|/|Σwᵢ| + |M|·γ_K(u)·Σ|wᵢ|/|Σwᵢ| (docs/merging.md).
 
     Returns:
         The merged tensor, in the compute dtype.
@@ -101,6 +105,15 @@ def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dic
         result.addcmul_(tensor, coefficient.reshape((1,) * first.ndim) if first.ndim else coefficient.reshape(()))
     if shared["normalize"]:
         result.div_(weights.sum(dim=1).reshape((1,) * first.ndim) if first.ndim else weights.sum(dim=1).reshape(()))
+    if bounds is not None and first.numel():
+        k, total = len(inputs), float(sum(per_model["weight"]))
+        magnitude = sum(abs(w) * x.abs().to(work) for w, x in zip(per_model["weight"], inputs, strict=True))
+        if shared["normalize"]:
+            limit = gamma(2 * k + 3, work) * magnitude / abs(total) + \
+                result.abs() * gamma(k, work) * sum(abs(w) for w in per_model["weight"]) / abs(total)
+        else:
+            limit = gamma(2 * k + 1, work) * magnitude
+        bounds.append(float(limit.max()) * BOUND_SLACK)
     return result.to(first.dtype)
 
 
@@ -117,9 +130,10 @@ def _task_arithmetic_family(sparsification: str | None, consensus: bool) -> Call
     sum, divide by the weights that agree (`normalize`), times `lambda`, added to the base."""
 
     def merge(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict, key: tuple = (0, ""),
-              trims: list | None = None) -> torch.Tensor:
+              trims: list | None = None, bounds: list | None = None) -> torch.Tensor:
         """trims: each input's sparsify.Trim (or None), computed on the whole tensor; given, base and inputs may be
-        row blocks of it (every operation below is elementwise), else they are computed here."""
+        row blocks of it (every operation below is elementwise), else they are computed here. bounds: when given,
+        the largest rounding bound of this evaluation is appended (rounding_bound_gta)."""
         assert base is not None
         if not inputs:
             return base
@@ -146,16 +160,56 @@ def _task_arithmetic_family(sparsification: str | None, consensus: bool) -> Call
             divisor = (weights * mask).sum(dim=0)
             divisor[divisor == 0] = 1
         else:
+            mask = None
             mixed = deltas.sum(dim=0)
             divisor = weights.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
+        magnitudes = None
+        if bounds is not None:  # Σ over the agreeing inputs of |wᵢδᵢ| and of |wᵢ|, before `mixed` changes in place
+            magnitudes = ((deltas.abs() * mask).sum(dim=0) if mask is not None else deltas.abs().sum(dim=0),
+                          (weights.abs() * mask).sum(dim=0) if mask is not None else weights.abs().sum(dim=0))
         if shared["normalize"]:
             mixed /= divisor
         if shared["lambda"] != 1:
             mixed *= shared["lambda"]
+        if bounds is not None and magnitudes is not None:
+            bounds.append(rounding_bound_gta(base, mixed, divisor, *magnitudes, len(inputs), shared))
         return (base + mixed).to(base.dtype)
 
     return merge
+
+
+BOUND_SLACK = 1 + 2.0 ** -20  # the bound's own float32 evaluation, covered
+
+
+def rounding_bound_gta(base: torch.Tensor, step: torch.Tensor, divisor: torch.Tensor, absolute: torch.Tensor,
+                       weights_abs: torch.Tensor, k: int, shared: dict) -> float:
+    """The largest element of the task-vector methods' rounding bound (docs/merging.md, "Proof of a merge"):
+    γ_{K+8}(u)·(|base| + |λ|·Σ|wᵢδᵢ|/|D|) + |λ·Σwᵢδᵢ/D|·γ_K(u)·Σ|wᵢ|/|D| with `normalize` (D = 1 without), in the
+    arithmetic's unit roundoff u; the one verify-merge holds each element to.
+
+    Args:
+        base: the base (block), in the arithmetic dtype.
+        step: λ·Σwᵢδᵢ/D, the value added to the base.
+        divisor: D.
+        absolute: Σ over the agreeing inputs of |wᵢδᵢ|.
+        weights_abs: Σ over the agreeing inputs of |wᵢ|.
+        k: the number of task vectors.
+        shared: the shared parameters (normalize, lambda).
+
+    Returns:
+        The largest bound over the block, as a float (0 for an empty block).
+    """
+    if not base.numel():
+        return 0.0
+    u_dtype = base.dtype
+    lam = abs(float(shared["lambda"]))
+    if shared["normalize"]:
+        g = base.abs() + lam * absolute / divisor.abs()
+        limit = gamma(k + 8, u_dtype) * g + step.abs() * gamma(k, u_dtype) * weights_abs / divisor.abs()
+    else:
+        limit = gamma(k + 8, u_dtype) * (base.abs() + lam * absolute)
+    return float(limit.max()) * BOUND_SLACK
 
 
 def _gta(name: str, sparsification: str | None, consensus: bool, normalize: bool, rescale: bool) -> MergeMethod:

@@ -31,6 +31,8 @@ from loratv.io.state_dict import open_checkpoint
 from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like
 from loratv.merging import sparsify
 from loratv.merging.recipe import Recipe, check_densities, layer_fraction, load_recipe, split_lora
+from loratv.merging.verification import CERTIFIED
+from loratv.numerics.precision import unit_roundoff
 from loratv.ops.merge import merged_tensor, prepare_merge
 from loratv.version import __version__
 
@@ -229,7 +231,7 @@ def _buffer(buffers: dict, slot: int, reader: int, nbytes: int) -> torch.Tensor:
 
 
 def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_layers, seed: int,
-                   buffers: dict | None = None):
+                   buffers: dict | None = None, bounds: list | None = None):
     """One tensor merged in the compute dtype, yielded as row blocks.
 
     Elementwise methods (linear and the task-vector family) run on blocks of BLOCK_ELEMENTS per input, after their
@@ -245,7 +247,9 @@ def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_la
     check_densities(recipe, name, weighted, values)
     per_model = {p.name: [v[p.name] for v in values] for p in method.parameters if p.per_model}
     uses_base = base_ref is not None and (method.needs_base or method.uses_base)
-    extra = {"key": (seed, name)} if method.randomised else {}
+    extra: dict = {"key": (seed, name)} if method.randomised else {}
+    if bounds is not None and method.name in CERTIFIED and not shared.get("rescale"):
+        extra["bounds"] = bounds  # the method appends each block's largest rounding bound
 
     def checked(ref, tensor):
         if not dtypes.all_finite(tensor):
@@ -291,10 +295,10 @@ def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_la
     for (start, stop), (inputs, base) in prefetched([(r, min(rows, r + step)) for r in range(0, rows, step)],
                                                     read_block):
         if method.sparsification is None:
-            yield method.merge(base, inputs, per_model, shared)
+            yield method.merge(base, inputs, per_model, shared, **extra)
         else:
             block_trims = [None if trim is None else trim.rows(start, stop) for trim in trims or []]
-            yield method.merge(base, inputs, per_model, shared, trims=block_trims)
+            yield method.merge(base, inputs, per_model, shared, trims=block_trims, **extra)
 
 
 def _model_card(recipe: Recipe, records: dict) -> str:
@@ -369,6 +373,7 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
     paths = [Path(recipe.path)] + [ckpt.path for ckpt in opened.values() if ckpt.path.exists()]
     paths += [ckpt.adapter.path for ckpt in opened.values() if isinstance(ckpt, LoraModel)]
     buffers: dict = {}  # read buffers of the row blocks, kept for the whole merge
+    rows: list = []  # per merged tensor: its arithmetic and the largest rounding bound of what was computed
     with atomic_output_dir(out, paths, force=force) as tmp:
         writer = ShardedWriter(tmp, shards, metadata)
         with progress_bar(sum(s.nbytes for s in specs), "merge-models", enabled=progress) as bar:
@@ -379,16 +384,26 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
                         if reference.entry(spec.name).torch_dtype.is_floating_point:
                             arithmetic = _arithmetic_like_mergekit(recipe, spec.name, opened) \
                                 if dtype_like_mergekit else compute
+                            bounds: list = []
                             for block in _merged_blocks(recipe, spec.name, opened, arithmetic, dev, num_layers,
-                                                        seed, buffers):
+                                                        seed, buffers, bounds):
                                 value = block.to(dtypes.torch_dtype_of(spec.dtype)).cpu()
                                 if not dtypes.all_finite(value):
                                     raise LoratvError(f"{recipe.path}: the merge of tensor {spec.name} overflows "
                                                       f"{spec.dtype} (a NaN or Inf).")
                                 writer.write(tensor_to_bytes(value.contiguous()))
                             result.merged.append(spec.name)
-                        else:
-                            writer.write(tensor_to_bytes(reference.read(spec.name).contiguous()))
+                            out_dtype = dtypes.torch_dtype_of(spec.dtype)
+                            rows.append({"name": spec.name, "arithmetic": str(arithmetic).replace("torch.", ""),
+                                         "max_rounding_bound": max(bounds) if bounds else None,
+                                         "plus_half_ulp_of_output": bool(bounds) and
+                                         unit_roundoff(out_dtype) > unit_roundoff(arithmetic)})
+                        else:  # not floating point: the reference's bytes, kernel-copied from a safetensors file
+                            entry = reference.entry(spec.name)
+                            if reference.format == "safetensors" and entry.dtype == spec.dtype:
+                                writer.copy_from(entry.file, entry.start, entry.nbytes)
+                            else:
+                                writer.write(tensor_to_bytes(reference.read(spec.name).contiguous()))
                             result.copied.append(spec.name)
                         writer.end()
                         bar.update(spec.nbytes)
@@ -402,7 +417,8 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
                   "merge_method": recipe.method.name, "inputs": recipe.inputs(),
                   "compute_dtype": "like mergekit" if dtype_like_mergekit else compute_dtype,
                   "seed": seed if recipe.method.randomised else None,
-                  "base_model": recipe.base_model, "merged": result.merged, "copied": result.copied}
+                  "base_model": recipe.base_model, "merged": result.merged, "copied": result.copied,
+                  "tensors": rows}
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         write_manifest(tmp, "merge-models", records, writer.digests)
     return result
