@@ -91,8 +91,9 @@ def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dic
         inputs: the input tensors, in the compute dtype.
         per_model: {"weight": [w per input]}.
         shared: {"normalize": bool}.
-        bounds: when given, the largest rounding bound of this evaluation is appended: γ_{2K+1}(u)·Σ|wᵢ||xᵢ|, or
-            with `normalize` γ_{2K+3}(u)·Σ|wᵢ||xᵢ|/|Σwᵢ| + |M|·γ_K(u)·Σ|wᵢ|/|Σwᵢ| (docs/merging.md).
+        bounds: when given, a bound on every element's rounding error is appended, from the inputs' maxima: the
+            elementwise γ_{2K+1}(u)·Σ|wᵢ||xᵢ|, or with `normalize` γ_{2K+3}(u)·Σ|wᵢ||xᵢ|/|Σwᵢ| +
+            |M|·γ_K(u)·Σ|wᵢ|/|Σwᵢ| (docs/merging.md), with Σ|wᵢ||xᵢ| ≤ Σ|wᵢ|·max|xᵢ|.
 
     Returns:
         The merged tensor, in the compute dtype.
@@ -105,15 +106,17 @@ def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dic
         result.addcmul_(tensor, coefficient.reshape((1,) * first.ndim) if first.ndim else coefficient.reshape(()))
     if shared["normalize"]:
         result.div_(weights.sum(dim=1).reshape((1,) * first.ndim) if first.ndim else weights.sum(dim=1).reshape(()))
-    if bounds is not None and first.numel():
+    if bounds is not None and first.numel():  # from maxima: Σ|wᵢ||xᵢ| ≤ Σ|wᵢ|·max|xᵢ|, |M| ≤ that / |Σwᵢ|
         k, total = len(inputs), float(sum(per_model["weight"]))
-        magnitude = sum(abs(w) * x.abs().to(work) for w, x in zip(per_model["weight"], inputs, strict=True))
-        if shared["normalize"]:
-            limit = gamma(2 * k + 3, work) * magnitude / abs(total) + \
-                result.abs() * gamma(k, work) * sum(abs(w) for w in per_model["weight"]) / abs(total)
+        magnitude = sum(abs(w) * float(torch.linalg.vector_norm(x, ord=float("inf")))
+                        for w, x in zip(per_model["weight"], inputs, strict=True))
+        if not shared["normalize"]:
+            bounds.append(gamma(2 * k + 1, work) * magnitude * BOUND_SLACK)
+        elif total == 0:
+            bounds.append(None)
         else:
-            limit = gamma(2 * k + 1, work) * magnitude
-        bounds.append(float(limit.max()) * BOUND_SLACK)
+            spread = sum(abs(w) for w in per_model["weight"]) / abs(total)
+            bounds.append((gamma(2 * k + 3, work) + gamma(k, work) * spread) * magnitude / abs(total) * BOUND_SLACK)
     return result.to(first.dtype)
 
 
@@ -164,16 +167,12 @@ def _task_arithmetic_family(sparsification: str | None, consensus: bool) -> Call
             mixed = deltas.sum(dim=0)
             divisor = weights.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
-        magnitudes = None
-        if bounds is not None:  # Σ over the agreeing inputs of |wᵢδᵢ| and of |wᵢ|, before `mixed` changes in place
-            magnitudes = ((deltas.abs() * mask).sum(dim=0) if mask is not None else deltas.abs().sum(dim=0),
-                          (weights.abs() * mask).sum(dim=0) if mask is not None else weights.abs().sum(dim=0))
+        if bounds is not None:  # before `mixed` is divided in place
+            bounds.append(rounding_bound_gta(base, deltas, per_model["weight"], shared))
         if shared["normalize"]:
             mixed /= divisor
         if shared["lambda"] != 1:
             mixed *= shared["lambda"]
-        if bounds is not None and magnitudes is not None:
-            bounds.append(rounding_bound_gta(base, mixed, divisor, *magnitudes, len(inputs), shared))
         return (base + mixed).to(base.dtype)
 
     return merge
@@ -182,34 +181,36 @@ def _task_arithmetic_family(sparsification: str | None, consensus: bool) -> Call
 BOUND_SLACK = 1 + 2.0 ** -20  # the bound's own float32 evaluation, covered
 
 
-def rounding_bound_gta(base: torch.Tensor, step: torch.Tensor, divisor: torch.Tensor, absolute: torch.Tensor,
-                       weights_abs: torch.Tensor, k: int, shared: dict) -> float:
-    """The largest element of the task-vector methods' rounding bound (docs/merging.md, "Proof of a merge"):
-    γ_{K+8}(u)·(|base| + |λ|·Σ|wᵢδᵢ|/|D|) + |λ·Σwᵢδᵢ/D|·γ_K(u)·Σ|wᵢ|/|D| with `normalize` (D = 1 without), in the
-    arithmetic's unit roundoff u; the one verify-merge holds each element to.
+def rounding_bound_gta(base: torch.Tensor, weighted: torch.Tensor, weights: list, shared: dict) -> float | None:
+    """A bound on every element's rounding error in the task-vector methods, from maxima alone (K + 1 reductions, no
+    temporary the size of the block): the elementwise bound of docs/merging.md,
+
+        γ_{K+8}(u)·(|base| + |λ|·Σ_agreeing|wᵢδᵢ| / |D|) + |λ·Σwᵢδᵢ/D|·γ_K(u)·Σ_agreeing|wᵢ| / |D|   (D = 1 unnormalised),
+
+    bounded above: Σ|wᵢδᵢ| ≤ Σ maxᵢ|wᵢδᵢ|, and with `normalize` and weights of one sign, a weighted mean of |δᵢ| is at
+    most maxᵢ max|δᵢ| and Σ|wᵢ|/|D| = 1 (weights of both signs: None, since an agreeing subset's Σwᵢ may be near
+    zero).
 
     Args:
         base: the base (block), in the arithmetic dtype.
-        step: λ·Σwᵢδᵢ/D, the value added to the base.
-        divisor: D.
-        absolute: Σ over the agreeing inputs of |wᵢδᵢ|.
-        weights_abs: Σ over the agreeing inputs of |wᵢ|.
-        k: the number of task vectors.
+        weighted: the stacked wᵢ·δᵢ after trimming, (K, *block).
+        weights: the weights wᵢ.
         shared: the shared parameters (normalize, lambda).
 
     Returns:
-        The largest bound over the block, as a float (0 for an empty block).
+        The bound as a float (0 for an empty block), or None.
     """
     if not base.numel():
         return 0.0
-    u_dtype = base.dtype
-    lam = abs(float(shared["lambda"]))
-    if shared["normalize"]:
-        g = base.abs() + lam * absolute / divisor.abs()
-        limit = gamma(k + 8, u_dtype) * g + step.abs() * gamma(k, u_dtype) * weights_abs / divisor.abs()
-    else:
-        limit = gamma(k + 8, u_dtype) * (base.abs() + lam * absolute)
-    return float(limit.max()) * BOUND_SLACK
+    k, lam, dtype = len(weights), abs(float(shared["lambda"])), base.dtype
+    base_max = float(torch.linalg.vector_norm(base, ord=float("inf")))
+    term_max = [float(torch.linalg.vector_norm(weighted[i], ord=float("inf"))) for i in range(k)]
+    if not shared["normalize"]:
+        return gamma(k + 8, dtype) * (base_max + lam * sum(term_max)) * BOUND_SLACK
+    if all(w > 0 for w in weights) or all(w < 0 for w in weights):
+        delta_max = max((m / abs(w) for m, w in zip(term_max, weights, strict=True) if w), default=0.0)
+        return (gamma(k + 8, dtype) * (base_max + lam * delta_max) + gamma(k, dtype) * lam * delta_max) * BOUND_SLACK
+    return None  # weights of both signs with `normalize`: no bound from maxima (verify-merge checks elementwise)
 
 
 def _gta(name: str, sparsification: str | None, consensus: bool, normalize: bool, rescale: bool) -> MergeMethod:

@@ -395,7 +395,8 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
                             result.merged.append(spec.name)
                             out_dtype = dtypes.torch_dtype_of(spec.dtype)
                             rows.append({"name": spec.name, "arithmetic": str(arithmetic).replace("torch.", ""),
-                                         "max_rounding_bound": max(bounds) if bounds else None,
+                                         "max_rounding_bound": max(bounds) if bounds and None not in bounds
+                                         else None,
                                          "plus_half_ulp_of_output": bool(bounds) and
                                          unit_roundoff(out_dtype) > unit_roundoff(arithmetic)})
                         else:  # not floating point: the reference's bytes, kernel-copied from a safetensors file
