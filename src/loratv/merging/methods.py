@@ -81,8 +81,7 @@ class MergeMethod:
         return next((p for p in self.parameters if p.name == name), None)
 
 
-def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict,
-           bounds: list | None = None) -> torch.Tensor:
+def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict) -> torch.Tensor:
     """Σ wᵢ·xᵢ (÷ Σ wᵢ with `normalize`): mergekit's linear_merge, accumulated by addcmul in input order, in float32
     (float64 for float64 inputs) whatever the inputs' dtype, and returned in the inputs' dtype.
 
@@ -91,10 +90,6 @@ def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dic
         inputs: the input tensors, in the compute dtype.
         per_model: {"weight": [w per input]}.
         shared: {"normalize": bool}.
-        bounds: when given, a bound on every element's rounding error is appended, from the inputs' maxima: the
-            elementwise γ_{2K+1}(u)·Σ|wᵢ||xᵢ|, or with `normalize` γ_{2K+3}(u)·Σ|wᵢ||xᵢ|/|Σwᵢ| +
-            |M|·γ_K(u)·Σ|wᵢ|/|Σwᵢ| (docs/merging.md), with Σ|wᵢ||xᵢ| ≤ Σ|wᵢ|·max|xᵢ|.
-
     Returns:
         The merged tensor, in the compute dtype.
     """
@@ -106,17 +101,6 @@ def linear(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dic
         result.addcmul_(tensor, coefficient.reshape((1,) * first.ndim) if first.ndim else coefficient.reshape(()))
     if shared["normalize"]:
         result.div_(weights.sum(dim=1).reshape((1,) * first.ndim) if first.ndim else weights.sum(dim=1).reshape(()))
-    if bounds is not None and first.numel():  # from maxima: Σ|wᵢ||xᵢ| ≤ Σ|wᵢ|·max|xᵢ|, |M| ≤ that / |Σwᵢ|
-        k, total = len(inputs), float(sum(per_model["weight"]))
-        magnitude = sum(abs(w) * float(torch.linalg.vector_norm(x, ord=float("inf")))
-                        for w, x in zip(per_model["weight"], inputs, strict=True))
-        if not shared["normalize"]:
-            bounds.append(gamma(2 * k + 1, work) * magnitude * BOUND_SLACK)
-        elif total == 0:
-            bounds.append(None)
-        else:
-            spread = sum(abs(w) for w in per_model["weight"]) / abs(total)
-            bounds.append((gamma(2 * k + 3, work) + gamma(k, work) * spread) * magnitude / abs(total) * BOUND_SLACK)
     return result.to(first.dtype)
 
 
@@ -133,10 +117,9 @@ def _task_arithmetic_family(sparsification: str | None, consensus: bool) -> Call
     sum, divide by the weights that agree (`normalize`), times `lambda`, added to the base."""
 
     def merge(base: torch.Tensor | None, inputs: list, per_model: dict, shared: dict, key: tuple = (0, ""),
-              trims: list | None = None, bounds: list | None = None) -> torch.Tensor:
+              trims: list | None = None) -> torch.Tensor:
         """trims: each input's sparsify.Trim (or None), computed on the whole tensor; given, base and inputs may be
-        row blocks of it (every operation below is elementwise), else they are computed here. bounds: when given,
-        the largest rounding bound of this evaluation is appended (rounding_bound_gta)."""
+        row blocks of it (every operation below is elementwise), else they are computed here."""
         assert base is not None
         if not inputs:
             return base
@@ -167,8 +150,6 @@ def _task_arithmetic_family(sparsification: str | None, consensus: bool) -> Call
             mixed = deltas.sum(dim=0)
             divisor = weights.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
-        if bounds is not None:  # before `mixed` is divided in place
-            bounds.append(rounding_bound_gta(base, deltas, per_model["weight"], shared))
         if shared["normalize"]:
             mixed /= divisor
         if shared["lambda"] != 1:
@@ -181,36 +162,48 @@ def _task_arithmetic_family(sparsification: str | None, consensus: bool) -> Call
 BOUND_SLACK = 1 + 2.0 ** -20  # the bound's own float32 evaluation, covered
 
 
-def rounding_bound_gta(base: torch.Tensor, weighted: torch.Tensor, weights: list, shared: dict) -> float | None:
-    """A bound on every element's rounding error in the task-vector methods, from maxima alone (K + 1 reductions, no
-    temporary the size of the block): the elementwise bound of docs/merging.md,
+def rounding_bound(method: str, weights: list, shared: dict, base_max: float, input_maxes: list,
+                   dtype: torch.dtype) -> float | None:
+    """A bound on every element's rounding error of a linear or task-vector merge, from the inputs' largest
+    magnitudes alone (found while they are read): the elementwise bounds of docs/merging.md,
 
-        γ_{K+8}(u)·(|base| + |λ|·Σ_agreeing|wᵢδᵢ| / |D|) + |λ·Σwᵢδᵢ/D|·γ_K(u)·Σ_agreeing|wᵢ| / |D|   (D = 1 unnormalised),
+        linear:       γ_{2K+1}(u)·Σ|wᵢ||xᵢ|, or with `normalize` γ_{2K+3}(u)·Σ|wᵢ||xᵢ|/|Σwᵢ| + |M|·γ_K(u)·Σ|wᵢ|/|Σwᵢ|
+        task vectors: γ_{K+8}(u)·(|base| + |λ|·Σ_agreeing|wᵢδᵢ|/|D|) + |λ·Σwᵢδᵢ/D|·γ_K(u)·Σ_agreeing|wᵢ|/|D|
 
-    bounded above: Σ|wᵢδᵢ| ≤ Σ maxᵢ|wᵢδᵢ|, and with `normalize` and weights of one sign, a weighted mean of |δᵢ| is at
-    most maxᵢ max|δᵢ| and Σ|wᵢ|/|D| = 1 (weights of both signs: None, since an agreeing subset's Σwᵢ may be near
-    zero).
+    bounded above with |xᵢ| ≤ max|xᵢ|, |δᵢ| ≤ max|xᵢ| + max|base| (trimming only drops elements) and, with
+    `normalize` and weights of one sign, a weighted mean of |δᵢ| at most its largest and Σ|wᵢ|/|D| = 1.
 
     Args:
-        base: the base (block), in the arithmetic dtype.
-        weighted: the stacked wᵢ·δᵢ after trimming, (K, *block).
-        weights: the weights wᵢ.
+        method: the method's name ("linear" or a task-vector method).
+        weights: the weights wᵢ, in the method's input order.
         shared: the shared parameters (normalize, lambda).
+        base_max: max |base| (0 without a base).
+        input_maxes: max |xᵢ| per input.
+        dtype: the arithmetic dtype (its unit roundoff).
 
     Returns:
-        The bound as a float (0 for an empty block), or None.
+        The bound, or None where none follows from maxima (a normalized merge with weights summing to zero, or of
+        both signs).
     """
-    if not base.numel():
-        return 0.0
-    k, lam, dtype = len(weights), abs(float(shared["lambda"])), base.dtype
-    base_max = float(torch.linalg.vector_norm(base, ord=float("inf")))
-    term_max = [float(torch.linalg.vector_norm(weighted[i], ord=float("inf"))) for i in range(k)]
+    k = len(weights)
+    if method == "linear":
+        magnitude = sum(abs(w) * m for w, m in zip(weights, input_maxes, strict=True))
+        total = float(sum(weights))
+        if not shared["normalize"]:
+            return gamma(2 * k + 1, dtype) * magnitude * BOUND_SLACK
+        if total == 0:
+            return None
+        spread = sum(abs(w) for w in weights) / abs(total)
+        return (gamma(2 * k + 3, dtype) + gamma(k, dtype) * spread) * magnitude / abs(total) * BOUND_SLACK
+    lam = abs(float(shared["lambda"]))
+    delta_maxes = [m + base_max for m in input_maxes]
     if not shared["normalize"]:
-        return gamma(k + 8, dtype) * (base_max + lam * sum(term_max)) * BOUND_SLACK
+        return gamma(k + 8, dtype) * (base_max + lam * sum(abs(w) * d for w, d in zip(weights, delta_maxes,
+                                                                                    strict=True))) * BOUND_SLACK
     if all(w > 0 for w in weights) or all(w < 0 for w in weights):
-        delta_max = max((m / abs(w) for m, w in zip(term_max, weights, strict=True) if w), default=0.0)
+        delta_max = max(delta_maxes, default=0.0)
         return (gamma(k + 8, dtype) * (base_max + lam * delta_max) + gamma(k, dtype) * lam * delta_max) * BOUND_SLACK
-    return None  # weights of both signs with `normalize`: no bound from maxima (verify-merge checks elementwise)
+    return None
 
 
 def _gta(name: str, sparsification: str | None, consensus: bool, normalize: bool, rescale: bool) -> MergeMethod:

@@ -30,6 +30,7 @@ from loratv.io.safetensors_format import tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint
 from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like
 from loratv.merging import sparsify
+from loratv.merging.methods import rounding_bound
 from loratv.merging.recipe import Recipe, check_densities, layer_fraction, load_recipe, split_lora
 from loratv.merging.verification import CERTIFIED
 from loratv.numerics.precision import unit_roundoff
@@ -222,6 +223,14 @@ def _arithmetic_like_mergekit(recipe: Recipe, name: str, opened: dict) -> torch.
     return promoted
 
 
+def _max_abs(tensor: torch.Tensor) -> float:
+    """max |tensor| in one pass (aminmax: no temporary of the tensor's size), 0 for an empty one."""
+    if not tensor.numel():
+        return 0.0
+    low, high = torch.aminmax(tensor)
+    return max(-float(low), float(high))
+
+
 def _buffer(buffers: dict, slot: int, reader: int, nbytes: int) -> torch.Tensor:
     """A uint8 read buffer for (prefetch slot, input), reused across blocks and tensors: no allocation churn."""
     held = buffers.get((slot, reader))
@@ -248,8 +257,17 @@ def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_la
     per_model = {p.name: [v[p.name] for v in values] for p in method.parameters if p.per_model}
     uses_base = base_ref is not None and (method.needs_base or method.uses_base)
     extra: dict = {"key": (seed, name)} if method.randomised else {}
-    if bounds is not None and method.name in CERTIFIED and not shared.get("rescale"):
-        extra["bounds"] = bounds  # the method appends each block's largest rounding bound
+    bounded = bounds is not None and method.name in CERTIFIED and not shared.get("rescale")
+    weights = per_model.get("weight", [])
+
+    def bound(base, inputs, maxima=None):
+        """Append the block's rounding bound, from the largest magnitudes (given by the reader, or found here)."""
+        if not bounded or bounds is None:
+            return
+        if maxima is None:
+            maxima = [_max_abs(t) for t in inputs] + ([_max_abs(base)] if base is not None else [])
+        base_max = maxima[len(inputs)] if base is not None else 0.0
+        bounds.append(rounding_bound(method.name, weights, shared, base_max, maxima[:len(inputs)], compute))
 
     def checked(ref, tensor):
         if not dtypes.all_finite(tensor):
@@ -262,7 +280,9 @@ def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_la
     shape = tuple(opened[refs[0]].entry(name).shape)
     if not method.elementwise or not shape:
         base = read(base_ref) if uses_base else None
-        yield method.merge(base, [read(ref) for ref in weighted], per_model, shared, **extra)
+        inputs = [read(ref) for ref in weighted]
+        bound(base, inputs)
+        yield method.merge(base, inputs, per_model, shared, **extra)
         return
     trims: list | None = None
     if method.sparsification is not None:
@@ -287,13 +307,17 @@ def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_la
     slots = [[_buffer(held, slot, i, row_bytes * step) for i in range(len(readers))] for slot in (0, 1)]
 
     def read_block(span, slot):
+        """The block of every input (and the base), and their largest magnitudes, found here on the reader thread
+        (which mostly waits for the disk) when the block's bound is wanted."""
         start, stop = span
         read = [checked(ref, opened[ref].read_rows(name, start, stop, into=slots[slot][i]))
                 for i, ref in enumerate(readers)]
-        return (read[:len(weighted)], read[len(weighted)] if uses_base else None)
+        maxima = [_max_abs(t) for t in read] if bounded else None
+        return read[:len(weighted)], read[len(weighted)] if uses_base else None, maxima
 
-    for (start, stop), (inputs, base) in prefetched([(r, min(rows, r + step)) for r in range(0, rows, step)],
-                                                    read_block):
+    for (start, stop), (inputs, base, maxima) in prefetched([(r, min(rows, r + step)) for r in range(0, rows, step)],
+                                                            read_block):
+        bound(base, inputs, maxima)
         if method.sparsification is None:
             yield method.merge(base, inputs, per_model, shared, **extra)
         else:
