@@ -223,6 +223,18 @@ def _arithmetic_like_mergekit(recipe: Recipe, name: str, opened: dict) -> torch.
     return promoted
 
 
+def held_buffers(buffers: dict | None) -> dict:
+    """The merge's buffer pool, or a fresh one for a single call.
+
+    Args:
+        buffers: the pool kept for the whole merge, or None.
+
+    Returns:
+        A dict to hold the buffers in.
+    """
+    return {} if buffers is None else buffers
+
+
 def _max_abs(tensor: torch.Tensor) -> float:
     """max |tensor| in one pass (aminmax: no temporary of the tensor's size), 0 for an empty one."""
     if not tensor.numel():
@@ -285,25 +297,29 @@ def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_la
         yield method.merge(base, inputs, per_model, shared, **extra)
         return
     trims: list | None = None
+    rows = shape[0]
+    step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
     if method.sparsification is not None:
         trims = []
+        base_rows = _buffer(held_buffers(buffers), 2, 0, opened[base_ref].entry(name).nbytes // rows * step)
         for i, ref in enumerate(weighted):
             if per_model["density"][i] >= 1:
                 trims.append(None)
                 continue
             magnitude = read(ref)  # a fresh tensor read from the file (inputs are folders, files or hub ids)
-            magnitude.sub_(read(base_ref)).abs_()  # |δ| in place: the base is freed at once
+            for r in range(0, rows, step):  # |δ| in place, the base read a block at a time (never whole)
+                block = opened[base_ref].read_rows(name, r, min(rows, r + step), into=base_rows)
+                magnitude[r:r + step].sub_(checked(base_ref, block))
+            magnitude.abs_()
             trims.append(sparsify.trim_of(magnitude, method.sparsification, per_model["density"][i],
                                           gamma=per_model.get("gamma", [0.0] * len(weighted))[i],
                                           epsilon=per_model.get("epsilon", [0.0] * len(weighted))[i],
                                           rescale=shared["rescale"], key=(seed, name), position=i))
             del magnitude
-    rows = shape[0]
-    step = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
 
     readers = weighted + ([base_ref] if uses_base else [])
     row_bytes = max(opened[ref].entry(name).nbytes // rows for ref in readers)
-    held = {} if buffers is None else buffers
+    held = held_buffers(buffers)
     slots = [[_buffer(held, slot, i, row_bytes * step) for i in range(len(readers))] for slot in (0, 1)]
 
     def read_block(span, slot):
