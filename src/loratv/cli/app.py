@@ -117,8 +117,8 @@ def add_merge_arguments(p):
                         "rounded to d, the sum rounded in d")
     p.add_argument("--peft-arithmetic", action="store_true",
                    help="HRA: run PEFT's own merge (its n×n reflection product, then an n³ matmul per module) for "
-                        "PEFT's bits, instead of loratv's compact WY evaluation in float64 rounded once (faster, "
-                        "within half an ulp)")
+                        "PEFT's bits, instead of loratv's compact WY evaluation in float64 rounded once (faster, and "
+                        "within half an ulp of the exact merge plus a float64 term)")
     add_output_flags(p)
 
 

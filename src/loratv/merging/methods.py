@@ -366,5 +366,3 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("model_stock", (Parameter("filter_wise", bool, False, False),), needs_base=True,
                 base_weighted=False, randomised=False, merge=model_stock, min_models=2),
 )}
-# mergekit methods loratv does not run yet: refused by name (never approximated)
-NOT_YET: tuple[str, ...] = ()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from loratv.errors import BadInputError, UnsupportedAdapterError
 from loratv.io.config_file import read_yaml_data
-from loratv.merging.methods import METHODS, NOT_YET, REQUIRED, MergeMethod, Parameter
+from loratv.merging.methods import METHODS, REQUIRED, MergeMethod, Parameter
 
 TOP_LEVEL = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
              "chat_template", "slices", "modules", "tokenizer"}
@@ -219,8 +219,8 @@ def load_recipe(path: str | Path) -> Recipe:
     Raises:
         BadInputError: not a mapping, a missing or mistyped key, an unknown model or method parameter, a density
             outside (0, 1], or an unknown method.
-        UnsupportedAdapterError: a key or method loratv refuses by name (slices, modules, a tokenizer section,
-            model+LoRA references, a method not run yet).
+        UnsupportedAdapterError: a key loratv refuses by name (slices, modules, a tokenizer section, a model+LoRA
+            base_model, a tokenizer_source that builds a new vocabulary).
     """
     path = Path(path)
     data = read_yaml_data(path)
@@ -237,9 +237,6 @@ def load_recipe(path: str | Path) -> Recipe:
     name = data.get("merge_method")
     if not isinstance(name, str):
         raise BadInputError(f"{path}: 'merge_method' is missing (one of {', '.join(METHODS)}).")
-    if name in NOT_YET:
-        raise UnsupportedAdapterError(f"{path}: merge_method '{name}' is not run by merge-models yet (it runs "
-                                      f"{', '.join(METHODS)}); nothing is approximated.")
     if name not in METHODS:
         raise BadInputError(f"{path}: merge_method '{name}' is unknown (merge-models runs {', '.join(METHODS)}).")
     method = METHODS[name]
