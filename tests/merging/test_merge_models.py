@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers_io import assert_nothing_at, assert_one_line_error, run_cli
@@ -77,6 +78,9 @@ CASES = {
     "breadcrumbs-starcoder2-bf16": ("starcoder2", torch.bfloat16, "breadcrumbs", {"rescale": True},
                                     [{"weight": 0.5, "density": [0.5, 0.9], "gamma": 0.02},
                                      {"weight": 0.4, "density": 0.7}, {"weight": 0.3, "density": 0.6}], "given"),
+    "breadcrumbs-llama-fp32-rescale": ("llama", torch.float32, "breadcrumbs", {"rescale": True, "lambda": 0.9},
+                                       [{"weight": 0.5, "density": 0.6, "gamma": 0.02}, {"weight": 0.4, "density": 0.8},
+                                        {"weight": -0.2, "density": 0.7}], "given"),
     "breadcrumbs_ties-llama-bf16": ("llama", torch.bfloat16, "breadcrumbs_ties", {"normalize": True},
                                     [{"weight": 0.5, "density": 0.7, "gamma": 0.02}, {"weight": 0.4, "density": 0.7},
                                      {"weight": 0.3, "density": 0.7}], "given"),
@@ -173,8 +177,8 @@ def test_every_tensor_mergekit_writes_is_loratvs_bit_for_bit(case, blocks, merge
     assert changed > len(theirs) // 2, "the merge changed almost nothing: the test would prove little"
     record = json.loads((tmp_path / "merged" / "merge_models.json").read_text())
     assert record["merge_method"] == CASES[case][2] and len(record["merged"]) == len(ours)
-    certified = case in CERTIFIED_CASES
-    assert all((row["max_rounding_bound"] is not None) == certified for row in record["tensors"])
+    bounded = case in BOUNDED_CASES
+    assert all((row["max_rounding_bound"] is not None) == bounded for row in record["tensors"])
     assert (tmp_path / "merged" / "README.md").read_text().count("sha256") == len(record["inputs"])  # one shard each
 
 
@@ -442,9 +446,12 @@ def test_a_model_plus_lora_input_is_the_merged_model_and_mergekits(families, tmp
 
 
 # the verdict verify-merge gives each case's merge (mergekit's and loratv's)
-CERTIFIED_CASES = {name for name, case in CASES.items()
-                   if case[2] in ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
-                   and not case[3].get("rescale")}
+# (all but one: bf16 magnitudes tie at the cut, and with the L1 rescale another choice of the tied elements changes the
+# whole tensor's rescale, so that case is held to the measured tolerance)
+CERTIFIED_CASES = set(CASES) - {"breadcrumbs-starcoder2-bf16"}
+# the cases whose merge records a rounding bound per tensor (from the inputs' largest magnitudes)
+BOUNDED_CASES = {name for name, case in CASES.items()
+                 if case[2] not in ("slerp", "nuslerp", "model_stock") and not case[3].get("rescale")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -471,8 +478,10 @@ def _copy_with(src, dst, name: str, change) -> None:
     for file in files:
         state = load_file(str(file))
         if name in state:
+            with safe_open(str(file), "pt") as handle:
+                metadata = handle.metadata()  # loratv's provenance (the seed) kept
             state[name] = change(state[name].clone())
-            save_file(state, str(file), metadata={"format": "pt"})
+            save_file(state, str(file), metadata=metadata or {"format": "pt"})
 
 
 def test_verify_merge_catches_a_planted_change_a_swapped_input_and_a_wrong_weight(families, mergekit_outputs,
@@ -510,9 +519,51 @@ def test_verify_merge_catches_a_planted_change_a_swapped_input_and_a_wrong_weigh
         assert rc == 1 and "Verdict: NOT EQUIVALENT" in out, (label, out, err)
 
 
+def _wrong_t(recipe: dict) -> None:
+    recipe["parameters"]["t"][-1]["value"] = 0.41  # the fallback t of the mlp tensors, from 0.4
+
+
+def _wrong_weight(recipe: dict) -> None:
+    recipe["models"][1]["parameters"]["weight"] = 0.61  # from 0.6
+
+
+def _base_swapped(recipe: dict) -> None:
+    base, last = recipe["base_model"], recipe["models"][-1]["model"]
+    for entry in recipe["models"]:
+        entry["model"] = last if entry["model"] == base else base if entry["model"] == last else entry["model"]
+    recipe["base_model"] = last
+
+
+@pytest.mark.parametrize("case, edit", [("slerp-llama-fp32", _wrong_t), ("nuslerp-starcoder2-fp32", _wrong_weight),
+                                        ("model_stock-llama-fp32", _base_swapped),
+                                        ("model_stock-starcoder2-bf16", _base_swapped)])
+def test_verify_merge_catches_changes_to_interpolated_merges(case, edit, mergekit_outputs, tmp_path, capsys):
+    """slerp, nuslerp and model_stock are certified through their coefficients' intervals: a 1e-3 change to one
+    element, a wrong t or weight, and a base swapped with an input are each NOT EQUIVALENT."""
+    config = mergekit_outputs / f"{case}.yml"
+    merged = mergekit_outputs / case
+    name = "model.layers.1.mlp.down_proj.weight" if "llama" in case else "model.layers.1.mlp.c_proj.weight"
+
+    def plant(value):
+        value[3, 5] += 1e-3
+        return value
+
+    _copy_with(merged, tmp_path / "planted", name, plant)
+    rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "planted", "--json")
+    assert rc == 1, err
+    record = json.loads(out)
+    assert record["summary"]["failing_tensors"] == [name], record["summary"]
+    row = next(r for r in record["tensors"] if r["name"] == name)
+    assert row["worst_element"] == [3, 5] and row["kind"] == "certified" and row["coefficient_width"] < 0.5
+    edited = yaml.safe_load(config.read_text())
+    edit(edited)
+    rc, out, err = run_cli(capsys, "verify-merge", _write_config(tmp_path / "edited.yml", edited), merged)
+    assert rc == 1 and "Verdict: NOT EQUIVALENT" in out, (out, err)
+
+
 def test_verify_merge_of_dare(families, mergekit_outputs, tmp_path, capsys):
-    """loratv's DARE is recomputed from its seed (within tolerance: the L1 rescale is a whole-tensor sum);
-    mergekit's masks are its generator's, so only their consistency is checked, and said."""
+    """loratv's DARE is recomputed from its seed and certified (the masks exactly, each L1 rescale within its
+    interval); mergekit's masks are its generator's, so only their consistency is checked, and said."""
     case = "dare_ties-llama-fp32"
     config = mergekit_outputs / f"{case}.yml"
     rc, out, err = run_cli(capsys, "verify-merge", config, mergekit_outputs / case)
@@ -521,7 +572,20 @@ def test_verify_merge_of_dare(families, mergekit_outputs, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "ours", "--seed", "5")
     assert rc == 0, err
     rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "ours")
-    assert rc == 0 and "Verdict: EQUIVALENT within tolerance" in out, (out, err)
+    assert rc == 0 and "Verdict: EQUIVALENT (certified)" in out, (out, err)
+    rescaled = "model.layers.1.mlp.down_proj.weight"
+
+    def nudge(value):
+        value[3, 5] += 1e-3
+        return value
+
+    _copy_with(tmp_path / "ours", tmp_path / "nudged", rescaled, nudge)
+    rc, out, err = run_cli(capsys, "verify-merge", config, tmp_path / "nudged", "--json")
+    assert rc == 1 and json.loads(out)["summary"]["failing_tensors"] == [rescaled], (out, err)
+    wrong = yaml.safe_load(config.read_text())
+    wrong["models"][1]["parameters"]["weight"] = 0.41  # from 0.4
+    rc, out, err = run_cli(capsys, "verify-merge", _write_config(tmp_path / "wrong.yml", wrong), tmp_path / "ours")
+    assert rc == 1 and "Verdict: NOT EQUIVALENT" in out, (out, err)
     # an element moved against every input's task vector (the TIES vote keeps one of their signs) is no mask's doing
     name = "model.layers.0.mlp.up_proj.weight"
     recipe = yaml.safe_load(config.read_text())

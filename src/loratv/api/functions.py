@@ -173,9 +173,10 @@ def verify_merge(config: PathLike, merged: PathLike, output: PathLike | None = N
                  dtype_like_mergekit: bool = False, force: bool = False) -> MergeVerification:
     """Check a merged model (loratv's, mergekit's or anyone's) against its mergekit recipe applied to the inputs.
 
-    Deterministic methods are held to the rounding bound of the recipe's float32 arithmetic (certified); slerp,
-    nuslerp, model_stock and rescaled task vectors to a stated tolerance; DARE/DELLA masks that loratv did not draw to
-    what any mask allows (docs/merging.md).
+    Every method is held to the rounding bound of the recipe's float32 arithmetic (certified) — slerp, nuslerp,
+    model_stock and rescaled task vectors with their coefficients in the interval any order of summation allows —
+    or, where no finite bound follows, to a stated tolerance; DARE/DELLA masks that loratv did not draw to what any
+    mask allows (docs/merging.md).
 
     Args:
         config: the YAML recipe.

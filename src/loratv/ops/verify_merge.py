@@ -1,8 +1,9 @@
 """`verify-merge`: is this model the merge its recipe describes? For a model made by loratv, mergekit or anyone.
 
 Every tensor the recipe produces is recomputed from the inputs (merging/verification.py) and the merged model's
-tensor is held to the rounding bound of the recipe's arithmetic (deterministic methods: `EQUIVALENT (certified)`),
-to a stated tolerance (slerp, nuslerp, model_stock, rescaled task vectors: `EQUIVALENT within tolerance`), or, for
+tensor is held to the rounding bound of the recipe's arithmetic (`EQUIVALENT (certified)`; slerp, nuslerp,
+model_stock and rescaled task vectors with their coefficients in the interval any evaluation order allows), to a
+stated tolerance where no finite bound follows (`EQUIVALENT within tolerance`), or, for
 DARE and DELLA made with masks loratv cannot recompute, to what any mask allows (`CONSISTENT (masks not
 reproducible)`). Otherwise `NOT EQUIVALENT`, naming the tensors, the worst elements and their ratios. Exit codes as
 `compare`: 0 equivalent or consistent, 1 not equivalent, 2 bad input. The record also gives, per tensor, each input's
@@ -112,8 +113,10 @@ def verify_merge(config_path, merged_source, out=None, *, dtype_like_mergekit: b
         else:
             arithmetic = _arithmetic_like_mergekit(recipe, name, opened) if dtype_like_mergekit else None
             check = check_tensor(method, base, inputs, per_model, shared,
-                                 key=(seed, name) if seed is not None else None, arithmetic=arithmetic)
+                                 key=(seed, name) if seed is not None else None, arithmetic=arithmetic,
+                                 merged=value)
             arithmetic = check.arithmetic
+            assert arithmetic is not None  # check_tensor sets it
             ratio = check.ratio(value, value.dtype, arithmetic)
             worst = int(torch.argmax(ratio.reshape(-1))) if ratio.numel() else 0
             row.update(kind="certified" if check.certified else "tolerance", max_ratio=float(ratio.max()),
@@ -121,6 +124,8 @@ def verify_merge(config_path, merged_source, out=None, *, dtype_like_mergekit: b
                        if ratio.dim() else [],
                        max_abs_diff=float((value.double() - check.reference).abs().max()),
                        kept=check.kept, sign_conflicts=check.sign_conflicts)
+            if check.coefficient_width is not None:
+                row["coefficient_width"] = check.coefficient_width
             kinds.add(row["kind"])
         if base is not None:
             moved = value.double() - base.double()
