@@ -159,9 +159,11 @@ def mergekit_outputs(families, tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_tensor_mergekit_writes_is_loratvs_bit_for_bit(case, blocks, mergekit_outputs, tmp_path, capsys,
                                                             monkeypatch):
-    """Also with row blocks of 96 elements, so every elementwise merge runs on many blocks of each tensor."""
+    """Also with row blocks of 96 elements, each merged a row or two at a time, so every elementwise merge runs on
+    many blocks and steps of each tensor."""
     if blocks == "row-blocks":
         monkeypatch.setattr("loratv.ops.merge_models.BLOCK_ELEMENTS", 96)
+        monkeypatch.setattr("loratv.ops.merge_models.CACHE_ELEMENTS", 40)
     config = mergekit_outputs / f"{case}.yml"
     rc, out, err = run_cli(capsys, "merge-models", config, "-o", tmp_path / "merged")
     assert rc == 0, err
