@@ -18,6 +18,7 @@ from loratv.version import __version__
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads them
     from loratv.api.functions import (
         analyze,
+        combine,
         compare,
         convert,
         extract,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
     )
     from loratv.api.results import (
         Analysis,
+        CombineResult,
         Comparison,
         ConvertResult,
         Inspection,
@@ -52,6 +54,7 @@ _LAZY = {
     "Adapter": "loratv.api.streams",
     "Analysis": "loratv.api.results",
     "BoundAdapter": "loratv.api.streams",
+    "CombineResult": "loratv.api.results",
     "Comparison": "loratv.api.results",
     "ConvertResult": "loratv.api.results",
     "Inspection": "loratv.api.results",
@@ -65,6 +68,7 @@ _LAZY = {
     "ToLoraResult": "loratv.api.results",
     "VerifyResult": "loratv.api.results",
     "analyze": "loratv.api.functions",
+    "combine": "loratv.api.functions",
     "compare": "loratv.api.functions",
     "convert": "loratv.api.functions",
     "extract": "loratv.api.functions",
@@ -86,6 +90,7 @@ __all__ = [
     "Analysis",
     "BadInputError",
     "BoundAdapter",
+    "CombineResult",
     "Comparison",
     "ConvertResult",
     "Inspection",
@@ -103,6 +108,7 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "analyze",
+    "combine",
     "compare",
     "convert",
     "extract",

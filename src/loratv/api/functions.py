@@ -16,6 +16,7 @@ import torch
 from loratv.adapters.adapter import named_adapter
 from loratv.api.results import (
     Analysis,
+    CombineResult,
     Comparison,
     ConvertResult,
     Inspection,
@@ -32,6 +33,7 @@ from loratv.io import safe_json
 from loratv.io.outputs import atomic_output_dir
 from loratv.io.writer import parse_size
 from loratv.ops import analyze as _analyze
+from loratv.ops import combine as _combine
 from loratv.ops import compare as _compare
 from loratv.ops import convert as _convert
 from loratv.ops import extract as _extract
@@ -487,6 +489,49 @@ def to_lora(
                               skip_cast_artifacts=skip_cast_artifacts, dtype=dtype, device=device, force=force,
                               progress=progress)
     return ToLoraResult(record=record, output=Path(output))
+
+
+def combine(
+    adapters: Sequence[PathLike],
+    output: PathLike,
+    *,
+    weights: Sequence[float] | None = None,
+    max_rank: int | None = None,
+    max_error: float | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> CombineResult:
+    """Write a weighted sum of LoRA adapters as one PEFT LoRA adapter, with no base model (`loratv combine`).
+
+    Exact by default (ranks concatenated, each weight and scaling folded into lora_A with one rounding); with
+    `max_rank` or `max_error`, each module is recompressed by QR and SVD of its factors and the Frobenius error of what
+    was dropped is stated (docs/combine.md).
+
+    Args:
+        adapters: the PEFT LoRA adapters (folders, files in them or hub ids).
+        output: the adapter folder to write.
+        weights: one weight per adapter, negative ones subtract (None: all 1).
+        max_rank: recompress every module to at most this rank.
+        max_error: recompress every module to the fewest triplets with at most this relative Frobenius error.
+        dtype: the factors' dtype, "fp32", "fp16", "bf16" or "fp64" (None: the inputs' when they share one, else
+            fp32).
+        force: replace an existing output.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        CombineResult: the fidelity record.
+
+    Raises:
+        BadInputError: weights that do not match the adapters, a bad limit or dtype.
+        LoratvError: an adapter combine refuses (DoRA, another tuner, …), factors that do not fit one another, a
+            tensor saved whole whose adapters' weights do not sum to 1.
+    """
+    record = _combine.combine([os.fspath(a) for a in adapters], os.fspath(output),
+                              weights=None if weights is None else list(weights),
+                              recompression=_combine.Recompression(max_rank=max_rank, max_error=max_error),
+                              dtype=dtype, force=force, progress=progress)
+    return CombineResult(record=record, output=Path(output))
 
 
 def convert(

@@ -296,6 +296,16 @@ class ToLoraResult(Record):
 
 
 @dataclass(frozen=True)
+class CombineResult(Record):
+    """The record of `loratv combine` (combine_fidelity.json beside the combined PEFT adapter)."""
+
+    @property
+    def modules(self) -> tuple[Mapping[str, Any], ...]:
+        """One entry per combined module: ranks, ‖ΔW‖_F of the exact sum, dropped and stored errors."""
+        return tuple(self.record.get("modules", ()))
+
+
+@dataclass(frozen=True)
 class ConvertResult(Record):
     """The record `loratv convert --json` prints."""
 

@@ -13,6 +13,9 @@ from loratv.io.outputs import atomic_output_dir
 from loratv.io.writer import parse_size
 from loratv.ops.adapter_keys import describe_adapter_keys, render_keys_text
 from loratv.ops.analyze import run_analysis
+from loratv.ops.combine import FIDELITY_FILE as COMBINE_FIDELITY_FILE
+from loratv.ops.combine import Recompression, combine
+from loratv.ops.combine import summary_text as combine_summary
 from loratv.ops.compare import DEFAULT_TOLERANCE, DELTAS_FILE, compare, write_comparison_files
 from loratv.ops.convert import convert
 from loratv.ops.extract import extract
@@ -356,6 +359,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_to_lora_arguments(p)
     p.set_defaults(func=cmd_to_lora)
 
+    p = sub.add_parser("combine", help="write a weighted sum of LoRA adapters as one PEFT LoRA adapter, exact "
+                       "(ranks concatenated) or recompressed by SVD with the error stated; no base needed")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT LoRA adapters (folders or hub ids)")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W",
+                   help="one weight per adapter, negative ones subtract (default: all 1)")
+    p.add_argument("-o", "--output", required=True, help="adapter folder to write")
+    p.add_argument("--max-rank", type=int, help="recompress every module to at most this rank (QR + SVD of its "
+                   "factors)")
+    p.add_argument("--max-error", type=float, help="recompress every module to the fewest singular triplets whose "
+                   "relative Frobenius error is at most this, in [0, 1)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16", "fp64"),
+                   help="dtype of the written factors (default: the inputs' when they share one, else fp32)")
+    p.add_argument("--json", action="store_true", help=f"print the record ({COMBINE_FIDELITY_FILE}) instead of the "
+                   "summary")
+    add_output_flags(p)
+    p.set_defaults(func=cmd_combine)
+
     p = sub.add_parser("convert", help="rewrite a LoRA as a PEFT adapter folder or a kohya .safetensors file, "
                        "factors copied bit for bit and every scale kept exactly")
     add_convert_arguments(p)
@@ -697,6 +717,26 @@ def cmd_to_lora(args) -> int:
     elif not args.quiet:
         print(render_to_lora_text(record), end="")
         print(f"wrote {_folder(args.output)} (PEFT adapter and {FIDELITY_FILE})")
+    return 0
+
+
+def cmd_combine(args) -> int:
+    """Run `loratv combine`: write the weighted sum of the adapters and print its summary.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once the adapter is written; 2 on bad input, via run_guarded).
+    """
+    record = combine(args.adapters, args.output, weights=args.weights,
+                     recompression=Recompression(max_rank=args.max_rank, max_error=args.max_error), dtype=args.dtype,
+                     force=args.force, progress=not args.quiet and not args.json, command=_command_line())
+    if args.json:
+        sys.stdout.write(dump_json(record))
+    elif not args.quiet:
+        print(combine_summary(record, args.output))
+        print(f"wrote {_folder(args.output)} (PEFT adapter and {COMBINE_FIDELITY_FILE})")
     return 0
 
 

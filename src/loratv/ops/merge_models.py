@@ -13,6 +13,7 @@ model card (README.md) listing the recipe and the inputs' file hashes.
 import json
 import math
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,6 +255,19 @@ def _buffer(buffers: dict, slot: int, reader: int, nbytes: int) -> torch.Tensor:
     return held
 
 
+@contextmanager
+def _one_thread():
+    """Run the enclosed torch operations on one intra-op thread: cache-sized steps gain nothing from a second
+    thread, whose start-up per operation costs more than it saves and competes with the reader thread (measured in
+    docs/benchmarks.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _in_cache_steps(method, base, inputs: list, per_model: dict, shared: dict, extra: dict, trims: list | None,
                     store: torch.dtype) -> torch.Tensor:
     """An elementwise merge of one row block, CACHE_ELEMENTS rows' worth at a time, each step rounded into a block of
@@ -354,13 +368,17 @@ def _merged_blocks(recipe: Recipe, name: str, opened: dict, compute, dev, num_la
         maxima = [_max_abs(t) for t in read] if bounded else None
         return read[:len(weighted)], read[len(weighted)] if uses_base else None, maxima
 
+    stepped = store is not None and dev.type == "cpu"
     for (start, stop), (inputs, base, maxima) in prefetched([(r, min(rows, r + step)) for r in range(0, rows, step)],
                                                             read_block):
         bound(base, inputs, maxima)
         block_trims = None if method.sparsification is None else \
             [None if trim is None else trim.rows(start, stop) for trim in trims or []]
-        if store is not None and dev.type == "cpu" and inputs[0].dim():
-            yield _in_cache_steps(method, base, inputs, per_model, shared, extra, block_trims, store)
+        if stepped:
+            assert store is not None
+            with _one_thread():
+                merged = _in_cache_steps(method, base, inputs, per_model, shared, extra, block_trims, store)
+            yield merged
         elif block_trims is None:
             yield method.merge(base, inputs, per_model, shared, **extra)
         else:

@@ -24,19 +24,18 @@ from pathlib import Path
 import torch
 
 from loratv.adapters.adapter import (
-    CONFIG_NAME,
     CONV1D_MODEL_TYPES,
     CONV1D_MODULES,
     INPUT_EMBEDDING_SUFFIXES,
     OUTPUT_EMBEDDING_NAMES,
-    PREFIX,
 )
+from loratv.adapters.lora_writer import WEIGHTS_NAME, write_adapter
 from loratv.common.devices import resolve_device
 from loratv.common.dtypes import PRECISION_NAMES, torch_dtype_of
 from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.outputs import atomic_output_dir
-from loratv.io.safetensors_format import SafetensorsWriter, read_header
+from loratv.io.safetensors_format import read_header
 from loratv.numerics.precision import cast_difference
 from loratv.numerics.spectrum import truncate
 from loratv.ops.task_vector_input import finetuned_value, open_task_vector, read_difference, tensor_names
@@ -44,7 +43,6 @@ from loratv.version import __version__
 
 SCHEMA = "loratv.to_lora"
 SCHEMA_VERSION = 1
-WEIGHTS_NAME = "adapter_model.safetensors"
 FIDELITY_FILE = "to_lora_fidelity.json"
 DEFAULT_RANK = 16
 POSITION_EMBEDDING_SUFFIXES = ("wpe.weight", "embed_positions.weight", "position_embeddings.weight",
@@ -295,7 +293,8 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
             raise LoratvError(f"{tv.source}: no changed tensor is left to write (the task vector is zero or all of it was excluded).")
         bias_mode = "lora_only" if any(k.endswith(".base_layer.bias") for k in full_values) else "none"
         write_adapter(tmp, factors, base_model=str(base) if base else getattr(tv, "recorded_base", None), dtype=storage,
-                      kinds=kinds, full_values=full_values, modules_to_save=saved_modules, bias=bias_mode)
+                      kinds=kinds, full_values=full_values, modules_to_save=saved_modules, bias=bias_mode,
+                      operation="to-lora")
         record = _record(tv, base, criterion, dtype, fidelity, notes, tmp, command, names)
         (tmp / FIDELITY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
@@ -363,98 +362,6 @@ def _value_error(base, name, value, t) -> float:
     if base is None:
         return 0.0
     return _norm(value.to(torch.float64) - base.read(name).to(torch.float64) - t)
-
-
-def adapter_config(ranks: dict, base_model: str | None, *, modules_to_save=None, bias: str = "none",
-                   fan_in_fan_out: bool = False) -> dict:
-    """The adapter_config.json of a LoRA with these per-module ranks (module name -> r ≥ 1), scaling 1 each.
-
-    Args:
-        ranks: module name → rank.
-        base_model: recorded as base_model_name_or_path (may be None).
-        modules_to_save: modules saved whole (None or empty: none).
-        bias: PEFT's bias setting ("none", "lora_only", ...).
-        fan_in_fan_out: PEFT's flag, True for Conv1D modules.
-
-    Returns:
-        The config: r and lora_alpha the most common rank (the larger on a tie; 1 when there are no ranks), the
-        other ranks in rank_pattern and alpha_pattern under regex-escaped module names.
-    """
-    counts = Counter(ranks.values())
-    default = max(counts, key=lambda r: (counts[r], r)) if counts else 1  # the most common rank (the larger on a tie)
-    pattern = {re.escape(module): r for module, r in ranks.items() if r != default}
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model,
-        "r": default,
-        "lora_alpha": default,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "target_modules": sorted(ranks),
-        "lora_dropout": 0.0,
-        "bias": bias,
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True,
-        "modules_to_save": sorted(modules_to_save or ()) or None,
-        "inference_mode": True,
-    }
-
-
-def write_adapter(folder, factors: dict, *, base_model: str | None = None, dtype: torch.dtype = torch.float32,
-                  kinds: dict | None = None, full_values: dict | None = None, modules_to_save=(),
-                  bias: str = "none") -> Path:
-    """Write `folder`/adapter_config.json and adapter_model.safetensors for {module: (A (k, n), B (m, k))} as PEFT
-    stores them for each module's kind (linear by default), plus full values {tensor name: value}.
-
-    Args:
-        folder: the folder to write into (created if missing).
-        factors: module → (A, B); modules of rank 0 are dropped.
-        base_model: recorded as base_model_name_or_path.
-        dtype: the dtype the factors are written in (full values keep theirs).
-        kinds: module → "linear", "conv1d" or "embedding" (default "linear").
-        full_values: tensor name → value, written under PEFT's prefix as they are.
-        modules_to_save: modules saved whole, for the config.
-        bias: PEFT's bias setting for the config.
-
-    Returns:
-        `folder`, as a Path.
-
-    Raises:
-        ValueError: no factor of nonzero rank and no full value: there is nothing to write.
-    """
-    kinds = kinds or {}
-    factors = {m: ab for m, ab in factors.items() if ab[0].shape[0] > 0}
-    full_values = full_values or {}
-    if not factors and not full_values:
-        raise ValueError("no module has a nonzero rank: there is nothing to write")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = []
-    for module in sorted(factors):
-        a, b = factors[module]
-        a_name, b_name = (("lora_embedding_A", "lora_embedding_B") if kinds.get(module) == "embedding"
-                          else ("lora_A.weight", "lora_B.weight"))
-        tensors.append((f"{PREFIX}{module}.{a_name}", a.to(dtype).contiguous()))
-        tensors.append((f"{PREFIX}{module}.{b_name}", b.to(dtype).contiguous()))
-    for name in sorted(full_values):
-        tensors.append((f"{PREFIX}{name}", full_values[name].contiguous()))
-    metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "to-lora"}
-    writer = SafetensorsWriter(folder / WEIGHTS_NAME, [(n, tuple(t.shape)) for n, t in tensors], metadata)
-    try:
-        for name, tensor in tensors:
-            writer.add(name, tensor)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    config = adapter_config({m: ab[0].shape[0] for m, ab in factors.items()}, base_model,
-                            modules_to_save=modules_to_save, bias=bias,
-                            fan_in_fan_out=any(kinds.get(m) == "conv1d" for m in factors))
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return folder
 
 
 def _record(tv, base, criterion, dtype, fidelity, notes, folder: Path, command, names) -> dict:
