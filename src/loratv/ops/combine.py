@@ -314,7 +314,7 @@ def combine(sources: list, out, *, weights: list | None = None, recompression: R
                 a, b, entry = _combine_module(terms, recompression, storage)
                 held = [t.index for t in terms]
                 scale = entry["norm"] or 1.0
-                modules.append({"module": name, "kind": kind, "adapters": held, **entry,
+                modules.append({"module": name, "kind": kind, "shape": [b_shape[0], *a_shape], "adapters": held, **entry,
                                 "relative_dropped_error": entry["dropped_error"] / scale,
                                 "relative_stored_error": entry["stored_error"] / scale})
                 if entry["rank"] == 0:
