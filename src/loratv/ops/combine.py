@@ -171,24 +171,27 @@ def _terms(adapters: list, weights: list, name: str) -> tuple[list, tuple, tuple
 
 def _combine_module(terms: list, recompression: Recompression, dtype: torch.dtype) -> tuple:
     """(A, B) to store (2-D, in `dtype`) and the module's fidelity entries."""
-    parts = [Factors(t.b, t.a, t.coefficient) for t in terms if t.coefficient != 0]
-    spectrum = lora_spectrum(parts)
-    norm = spectrum.frobenius
+    used = [t for t in terms if t.coefficient != 0]
     input_rank = sum(t.a.shape[0] for t in terms)
     if not recompression.active:
-        a_exact = torch.cat([t.a * t.coefficient for t in terms if t.coefficient != 0])
-        b_exact = torch.cat([t.b for t in terms if t.coefficient != 0], dim=1)
+        a_exact = torch.cat([t.a * t.coefficient for t in used])
+        b_exact = torch.cat([t.b for t in used], dim=1)
         a_stored, b_stored = a_exact.to(dtype).double(), b_exact.to(dtype).double()
-        da, db = (a_exact - a_stored).abs(), (b_exact - b_stored).abs()
-        # every element of B_st@A_st − B@A is Σ_k B_ik·δA_kj + δB_ik·A_st,kj: bounded by its row's largest terms
-        bound = float(((b_exact.abs() @ da.amax(1, keepdim=True)) +
-                       (db @ a_stored.abs().amax(1, keepdim=True))).max()) if a_exact.numel() else 0.0
-        # the difference as factors (no cancellation against the sum itself)
-        error = math.sqrt(norm_sq([Factors(b_exact, a_exact - a_stored, 1.0),
-                                   Factors(b_exact - b_stored, a_stored, 1.0)]))
+        da, db = a_exact - a_stored, b_exact - b_stored
+        gram_b = b_exact.T @ b_exact  # one r×r Gram of B serves the norm and the error
+        norm = math.sqrt(max(float((gram_b * (a_exact @ a_exact.T)).sum()), 0.0))
+        # B_st@A_st − B@A = −(B@δA + δB@A_st): from the factors, no cancellation against the sum itself
+        error_sq = float((gram_b * (da @ da.T)).sum())
+        if bool(db.any()):
+            error_sq = norm_sq([Factors(b_exact, da, 1.0), Factors(db, a_stored, 1.0)])
+        # every element of that difference is Σ_k B_ik·δA_kj + δB_ik·A_st,kj: bounded by its row's largest terms
+        bound = float(((b_exact.abs() @ da.abs().amax(1, keepdim=True)) +
+                       (db.abs() @ a_stored.abs().amax(1, keepdim=True))).max()) if a_exact.numel() else 0.0
         entry = {"input_rank": input_rank, "rank": a_exact.shape[0], "norm": norm, "dropped_error": 0.0,
-                 "stored_error": error, "max_element_error_bound": bound}
+                 "stored_error": math.sqrt(max(error_sq, 0.0)), "max_element_error_bound": bound}
         return a_stored.to(dtype), b_stored.to(dtype), entry
+    spectrum = lora_spectrum([Factors(t.b, t.a, t.coefficient) for t in used])
+    norm = spectrum.frobenius
     k = recompression.rank(spectrum.s)
     root = torch.sqrt(spectrum.s[:k])
     b_kept, a_kept = spectrum.u[:, :k] * root, (spectrum.v[:, :k] * root).T
