@@ -35,8 +35,9 @@ MAY_IMPORT = {
             "example", "__init__"},
 }
 # imported inside functions on purpose: heavy, and needed only by some commands (transformers for in-memory layouts
-# and config-only inspect, peft for its tuners, huggingface_hub for hub ids, matplotlib for plots)
-LAZY_ALLOWED = {"transformers", "peft", "huggingface_hub", "matplotlib"}
+# and config-only inspect, peft for its tuners, huggingface_hub for hub ids, matplotlib for plots, scipy for
+# similarity's clustering)
+LAZY_ALLOWED = {"transformers", "peft", "huggingface_hub", "matplotlib", "scipy"}
 
 
 def _modules():

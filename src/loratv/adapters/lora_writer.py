@@ -15,7 +15,6 @@ import torch
 
 from loratv.adapters.structures import CONFIG_NAME, PREFIX
 from loratv.io.safetensors_format import SafetensorsWriter
-from loratv.version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -79,7 +78,7 @@ def write_adapter(folder, factors: dict, *, base_model: str | None = None, dtype
         biases: module → its lora_B bias (the config gets lora_bias = True when there is one).
         operation: the loratv command, recorded in the file's metadata.
         fan_in_fan_out: PEFT's flag (None: True when a module's kind is conv1d).
-        metadata: more string entries for the file's metadata.
+        metadata: more string entries for the file's metadata (the caller's loratv_version among them).
 
     Returns:
         `folder`, as a Path.
@@ -106,7 +105,7 @@ def write_adapter(folder, factors: dict, *, base_model: str | None = None, dtype
             tensors.append((f"{PREFIX}{module}.lora_B.bias", biases[module].to(dtype).contiguous()))
     for name in sorted(full_values):
         tensors.append((f"{PREFIX}{name}", full_values[name].contiguous()))
-    header = {"format": "pt", "loratv_version": __version__, "loratv_operation": operation, **(metadata or {})}
+    header = {"format": "pt", "loratv_operation": operation, **(metadata or {})}
     writer = SafetensorsWriter(folder / WEIGHTS_NAME, [(n, tuple(t.shape)) for n, t in tensors], header)
     try:
         for name, tensor in tensors:

@@ -24,6 +24,7 @@ from loratv.api.results import (
     MergeVerification,
     ModelMergeResult,
     PrecisionStudy,
+    SimilarityResult,
     TaskVectorResult,
     ToLoraResult,
     VerifyResult,
@@ -41,6 +42,7 @@ from loratv.ops import inspect as _inspect
 from loratv.ops import merge as _merge
 from loratv.ops import merge_models as _merge_models
 from loratv.ops import precision_study as _precision
+from loratv.ops import similarity as _similarity
 from loratv.ops import to_lora as _to_lora
 from loratv.ops import validate as _validate
 from loratv.ops import verify as _verify
@@ -532,6 +534,46 @@ def combine(
                               recompression=_combine.Recompression(max_rank=max_rank, max_error=max_error),
                               dtype=dtype, force=force, progress=progress)
     return CombineResult(record=record, output=Path(output))
+
+
+def similarity(
+    adapters: Sequence[PathLike],
+    output: PathLike,
+    *,
+    task_vectors: Sequence[PathLike] | None = None,
+    base: PathLike | None = None,
+    duplicate_cosine: float = 0.99,
+    plots: bool = True,
+    force: bool = False,
+    progress: bool = False,
+) -> SimilarityResult:
+    """Map how alike many adapters (and task vectors) on one base are (`loratv similarity`).
+
+    The K×K global, per-layer and per-module-kind cosines and the subspace overlaps come from the factors, never a
+    dense ΔW; the matrix is clustered, near-duplicates and outliers listed (docs/similarity.md).
+
+    Args:
+        adapters: PEFT LoRA adapters (folders, files in them or hub ids).
+        output: the folder to write similarity.json and the plots into.
+        task_vectors: folders written by `loratv extract`, compared too (needs `base`).
+        base: the base model; adapters are bound to it (shapes checked).
+        duplicate_cosine: pairs at or above this global cosine are listed as near-duplicates.
+        plots: draw similarity_heatmap.png and similarity_per_layer.png.
+        force: replace an existing output.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        SimilarityResult: the record.
+
+    Raises:
+        BadInputError: fewer than two inputs, task vectors without a base, a threshold outside [−1, 1].
+        LoratvError: an adapter that is not additive LoRA, inputs of different bases or shapes.
+    """
+    record = _similarity.similarity([os.fspath(a) for a in adapters], os.fspath(output),
+                                    task_vectors=[os.fspath(t) for t in task_vectors or []],
+                                    base=_opt(base), duplicate_cosine=duplicate_cosine, plots=plots, force=force,
+                                    progress=progress)
+    return SimilarityResult(record=record, output=Path(output))
 
 
 def convert(

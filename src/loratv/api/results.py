@@ -306,6 +306,21 @@ class CombineResult(Record):
 
 
 @dataclass(frozen=True)
+class SimilarityResult(Record):
+    """The record of `loratv similarity` (similarity.json)."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The inputs' names, in input order (the rows and columns of every matrix)."""
+        return tuple(self.record["adapters"])
+
+    @property
+    def cosine(self) -> tuple[tuple[float | None, ...], ...]:
+        """The K×K global cosine matrix (None where an input's delta is zero)."""
+        return tuple(tuple(row) for row in self.record["cosine"])
+
+
+@dataclass(frozen=True)
 class ConvertResult(Record):
     """The record `loratv convert --json` prints."""
 

@@ -25,6 +25,9 @@ from loratv.ops.merge_models import merge_models
 from loratv.ops.model_diff import RESULTS_FILE as DIFF_RESULTS_FILE
 from loratv.ops.model_diff import diff_models, write_diff
 from loratv.ops.precision_study import PATHS, precision_study
+from loratv.ops.similarity import RESULTS_FILE as SIMILARITY_FILE
+from loratv.ops.similarity import read_list, similarity
+from loratv.ops.similarity import summary_text as similarity_summary
 from loratv.ops.structure import render_summary, write_structure
 from loratv.ops.task_vector_summary import RESULTS_FILE as SUMMARY_RESULTS_FILE
 from loratv.ops.task_vector_summary import summarize_task_vector, write_summary
@@ -375,6 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "summary")
     add_output_flags(p)
     p.set_defaults(func=cmd_combine)
+
+    p = sub.add_parser("similarity", help="which of many LoRA adapters (and task vectors) on one base are alike, "
+                       "duplicated or outliers: K×K cosines and subspace overlaps from the factors, clustered")
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER", help="PEFT LoRA adapters (folders or hub ids)")
+    p.add_argument("--list", metavar="FILE", help="a text file naming one adapter per line (# comments allowed), "
+                   "added after the ADAPTERs")
+    p.add_argument("--base", help="base model: adapters are bound to it (shapes checked); needed with "
+                   "--task-vectors")
+    p.add_argument("--task-vectors", nargs="+", default=[], metavar="TV",
+                   help="task vectors written by `loratv extract`, compared with the adapters")
+    p.add_argument("-o", "--output", required=True, help=f"folder to write {SIMILARITY_FILE} and the plots into")
+    p.add_argument("--duplicate-cosine", type=float, default=0.99,
+                   help="list pairs whose global cosine is at least this as near-duplicates (default 0.99)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--json", action="store_true", help=f"print the record ({SIMILARITY_FILE}) instead of the summary")
+    add_output_flags(p)
+    p.set_defaults(func=cmd_similarity)
 
     p = sub.add_parser("convert", help="rewrite a LoRA as a PEFT adapter folder or a kohya .safetensors file, "
                        "factors copied bit for bit and every scale kept exactly")
@@ -737,6 +757,27 @@ def cmd_combine(args) -> int:
     elif not args.quiet:
         print(combine_summary(record, args.output))
         print(f"wrote {_folder(args.output)} (PEFT adapter and {COMBINE_FIDELITY_FILE})")
+    return 0
+
+
+def cmd_similarity(args) -> int:
+    """Run `loratv similarity`: compare the adapters (and task vectors) and print the summary.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        the exit code (0 once the record is written; 2 on bad input, via run_guarded).
+    """
+    adapters = list(args.adapters) + (read_list(args.list) if args.list else [])
+    record = similarity(adapters, args.output, task_vectors=args.task_vectors, base=args.base,
+                        duplicate_cosine=args.duplicate_cosine, plots=not args.no_plots, force=args.force,
+                        progress=not args.quiet and not args.json, command=_command_line())
+    if args.json:
+        sys.stdout.write(dump_json(record))
+    elif not args.quiet:
+        print(similarity_summary(record, args.output))
+        print(f"wrote {_folder(args.output)} ({SIMILARITY_FILE}" + ("" if args.no_plots else ", plots") + ")")
     return 0
 
 

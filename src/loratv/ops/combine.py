@@ -105,29 +105,38 @@ class Recompression:
         return k
 
 
-def _refuse(adapter: Adapter) -> None:
-    """combine takes PEFT LoRA adapters whose every module's update is s·B@A (+ s·b)."""
+def refuse_non_additive(adapter: Adapter, command: str = "combine") -> None:
+    """combine and similarity take PEFT LoRA adapters whose every module's update is s·B@A (+ s·b).
+
+    Args:
+        adapter: the loaded adapter.
+        command: the loratv command asking, for the message.
+
+    Raises:
+        LoratvError: naming the file and the reason, for a kohya/diffusers single file, another tuner,
+            target_parameters, trainable tokens, DoRA or another non-additive LoRA variant.
+    """
     where = adapter.config_path
     if isinstance(adapter, SingleFileAdapter):
         raise LoratvError(f"{adapter.path}: a kohya/diffusers single-file LoRA names its modules only against a base; "
                           "convert it to PEFT's format first (loratv convert --to peft --base BASE).")
     if adapter.settings.peft_type_name != "LORA":
-        raise LoratvError(f"{where}: a {adapter.settings.tuner_name} adapter; loratv combine sums LoRA factors "
+        raise LoratvError(f"{where}: a {adapter.settings.tuner_name} adapter; loratv {command} works on LoRA factors "
                           f"(s·B@A), which a {adapter.settings.tuner_name} update is not.")
     if adapter.param_groups:
         raise LoratvError(f"{where}: target_parameters LoRAs are indexed by the base's expert parameters; loratv "
-                          "combine takes module LoRAs only.")
+                          f"{command} takes module LoRAs only.")
     if adapter.token_rows:
         raise LoratvError(f"{where}: trainable tokens replace embedding rows; a weighted sum of replaced rows needs "
-                          "the base, which loratv combine does not read.")
+                          f"the base, which loratv {command} does not take.")
     for module in adapter.modules.values():
         if module.has_variant("dora"):
             raise LoratvError(f"{where}: module {module.module} uses DoRA, whose merge rescales W + ΔW per output "
-                              "feature; it is not additive, so loratv combine refuses it.")
+                              f"feature; it is not additive, so loratv {command} refuses it.")
         for variant in module.variants:
             if variant.name not in ADDITIVE_VARIANTS:
-                raise LoratvError(f"{where}: module {module.module} uses {variant.display_name}, which loratv combine "
-                                  "does not sum.")
+                raise LoratvError(f"{where}: module {module.module} uses {variant.display_name}, which loratv "
+                                  f"{command} does not take.")
 
 
 def _kind(module: LoraModule) -> str:
@@ -277,7 +286,7 @@ def combine(sources: list, out, *, weights: list | None = None, recompression: R
 
     Raises:
         LoratvError: no adapters, weights that do not match them or are not finite, a bad recompression or dtype
-            (BadInputError); an adapter combine refuses (_refuse), factors of one module that disagree in shape,
+            (BadInputError); an adapter combine refuses (refuse_non_additive), factors of one module that disagree in shape,
             a tensor saved whole whose holders' weights do not sum to 1, or nothing to write.
     """
     if not sources:
@@ -291,7 +300,7 @@ def combine(sources: list, out, *, weights: list | None = None, recompression: R
     recompression = (recompression or Recompression()).check()
     adapters = [load_adapter(source) for source in sources]
     for adapter in adapters:
-        _refuse(adapter)
+        refuse_non_additive(adapter)
     storage = _output_dtype(adapters, dtype)
     fan = {a.settings.fan_in_fan_out for a in adapters if a.modules}
     fan_in_fan_out = fan == {True}
@@ -331,7 +340,7 @@ def combine(sources: list, out, *, weights: list | None = None, recompression: R
             raise LoratvError(f"{sources[0]}: nothing is left to combine (every module's weights are 0, or truncated "
                               "to rank 0).")
         bias_modes = {a.settings.bias for a in adapters}
-        metadata = {"loratv_combine_weights": json.dumps(weights),
+        metadata = {"loratv_version": __version__, "loratv_combine_weights": json.dumps(weights),
                     "loratv_combine_adapters": json.dumps([str(s) for s in sources])}
         write_adapter(tmp, factors, base_model=bases[0] if len(bases) == 1 else None, dtype=storage, kinds=kinds,
                       full_values=full_values, modules_to_save=saved_modules,

@@ -294,7 +294,7 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
         bias_mode = "lora_only" if any(k.endswith(".base_layer.bias") for k in full_values) else "none"
         write_adapter(tmp, factors, base_model=str(base) if base else getattr(tv, "recorded_base", None), dtype=storage,
                       kinds=kinds, full_values=full_values, modules_to_save=saved_modules, bias=bias_mode,
-                      operation="to-lora")
+                      operation="to-lora", metadata={"loratv_version": __version__})
         record = _record(tv, base, criterion, dtype, fidelity, notes, tmp, command, names)
         (tmp / FIDELITY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
