@@ -132,6 +132,41 @@ def test_a_task_vector_of_a_merged_adapter_is_that_adapter(fleet, tmp_path, caps
     assert abs(record["cosine"][0][4] - record["cosine"][0][2]) < 1e-6
 
 
+def test_sign_conflicts_against_dense_numpy(fleet, tmp_path, capsys):
+    """On each tensor's top-20 % support: per pair, the fraction of common support where signs differ; overall, the
+    share of trimmed magnitude agreeing with TIES's elected sign."""
+    base, adapters = fleet
+    out = tmp_path / "sim"
+    assert run_cli(capsys, "similarity", *adapters, "-o", out, "--sign-conflicts", "--no-plots", "--quiet")[0] == 0
+    record = json.loads((out / "similarity.json").read_text())["sign_conflicts"]
+    items = [_deltas(a) for a in adapters]
+    k = len(items)
+    conflicts, common = np.zeros((k, k)), np.zeros((k, k))
+    agreeing = mass = 0.0
+    for m in sorted({m for d in items for m in d}):
+        held = [i for i in range(k) if m in items[i]]
+        trimmed = {}
+        for i in held:
+            x = items[i][m].ravel()
+            cut = np.sort(np.abs(x))[-max(1, int(0.2 * x.size))]
+            trimmed[i] = np.where(np.abs(x) >= cut, x, 0.0)
+        for i in held:
+            for j in held:
+                both = (trimmed[i] != 0) & (trimmed[j] != 0)
+                common[i, j] += both.sum()
+                conflicts[i, j] += (both & (np.sign(trimmed[i]) != np.sign(trimmed[j]))).sum()
+        stack = np.stack([trimmed[i] for i in held])
+        elected = np.where(stack.sum(0) >= 0, 1.0, -1.0)
+        agreeing += float((np.abs(stack) * (np.sign(stack) == elected)).sum())
+        mass += float(np.abs(stack).sum())
+    with np.errstate(invalid="ignore"):
+        want = conflicts / common
+    got = np.array(record["rate"], dtype=float)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert record["rate"][0][1] == 0.0  # a and its scaled copy never disagree
+    assert math.isclose(record["agreement_ratio"], agreeing / mass, rel_tol=1e-12)
+
+
 def test_the_api(fleet, tmp_path):
     import loratv
 

@@ -543,6 +543,8 @@ def similarity(
     task_vectors: Sequence[PathLike] | None = None,
     base: PathLike | None = None,
     duplicate_cosine: float = 0.99,
+    sign_conflicts: bool = False,
+    density: float = 0.2,
     plots: bool = True,
     force: bool = False,
     progress: bool = False,
@@ -558,6 +560,9 @@ def similarity(
         task_vectors: folders written by `loratv extract`, compared too (needs `base`).
         base: the base model; adapters are bound to it (shapes checked).
         duplicate_cosine: pairs at or above this global cosine are listed as near-duplicates.
+        sign_conflicts: also compute the pairwise sign-conflict rates and TIES's sign-agreement ratio on each
+            tensor's top-k support (dense, O(K²·m·n) per tensor).
+        density: the fraction of each tensor in an input's support, with sign_conflicts.
         plots: draw similarity_heatmap.png and similarity_per_layer.png.
         force: replace an existing output.
         progress: show a progress bar on stderr.
@@ -566,12 +571,14 @@ def similarity(
         SimilarityResult: the record.
 
     Raises:
-        BadInputError: fewer than two inputs, task vectors without a base, a threshold outside [−1, 1].
+        BadInputError: fewer than two inputs, task vectors without a base, a threshold outside [−1, 1], a density
+            outside (0, 1].
         LoratvError: an adapter that is not additive LoRA, inputs of different bases or shapes.
     """
     record = _similarity.similarity([os.fspath(a) for a in adapters], os.fspath(output),
                                     task_vectors=[os.fspath(t) for t in task_vectors or []],
-                                    base=_opt(base), duplicate_cosine=duplicate_cosine, plots=plots, force=force,
+                                    base=_opt(base), duplicate_cosine=duplicate_cosine,
+                                    sign_conflicts=sign_conflicts, density=density, plots=plots, force=force,
                                     progress=progress)
     return SimilarityResult(record=record, output=Path(output))
 

@@ -391,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help=f"folder to write {SIMILARITY_FILE} and the plots into")
     p.add_argument("--duplicate-cosine", type=float, default=0.99,
                    help="list pairs whose global cosine is at least this as near-duplicates (default 0.99)")
+    p.add_argument("--sign-conflicts", action="store_true",
+                   help="also compute, on each tensor's top-k support, the pairwise sign-conflict rates and TIES's "
+                        "sign-agreement ratio (dense: every input's rows materialised a block at a time)")
+    p.add_argument("--density", type=float, default=0.2,
+                   help="with --sign-conflicts: the fraction of each tensor in an input's support (default 0.2)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--json", action="store_true", help=f"print the record ({SIMILARITY_FILE}) instead of the summary")
     add_output_flags(p)
@@ -771,7 +776,8 @@ def cmd_similarity(args) -> int:
     """
     adapters = list(args.adapters) + (read_list(args.list) if args.list else [])
     record = similarity(adapters, args.output, task_vectors=args.task_vectors, base=args.base,
-                        duplicate_cosine=args.duplicate_cosine, plots=not args.no_plots, force=args.force,
+                        duplicate_cosine=args.duplicate_cosine, sign_conflicts=args.sign_conflicts,
+                        density=args.density, plots=not args.no_plots, force=args.force,
                         progress=not args.quiet and not args.json, command=_command_line())
     if args.json:
         sys.stdout.write(dump_json(record))

@@ -137,16 +137,17 @@ class TensorGram:
                 positions = [torch.nonzero(owners == item).flatten() for item in items.tolist()]
                 whiteners = [_whitener(blocks[p][:, p], length) for p in positions]
                 ranks = torch.tensor([w.shape[1] for w in whiteners], dtype=torch.float64)
-                # Qᵢ = LᵢWᵢ for all items at once: W (R, Σ ranks) holds each Wᵢ on its item's rows
-                whiten = torch.zeros(owners.numel(), int(ranks.sum()), dtype=torch.float64)
-                basis_owners, column_at = [], 0
-                for i, (p, w) in enumerate(zip(positions, whiteners, strict=True)):
-                    whiten[p.unsqueeze(1), torch.arange(column_at, column_at + w.shape[1]).unsqueeze(0)] = w
-                    basis_owners += [i] * w.shape[1]
-                    column_at += w.shape[1]
-                products = whiten.T @ blocks @ whiten
-                squared = _block_sums(products * products, torch.tensor(basis_owners, dtype=torch.long),
-                                      len(whiteners))
+                # QᵢᵀQⱼ = Wᵢᵀ(LᵢᵀLⱼ)Wⱼ for all pairs: the block-diagonal W applied block by block, O(R²·r)
+                basis_owners = torch.cat([torch.full((w.shape[1],), i, dtype=torch.long)
+                                          for i, w in enumerate(whiteners)])
+                bounds = torch.cumsum(torch.tensor([0] + [w.shape[1] for w in whiteners]), 0).tolist()
+                right_applied = torch.empty(owners.numel(), bounds[-1], dtype=torch.float64)
+                for p, w, a, b in zip(positions, whiteners, bounds, bounds[1:], strict=False):
+                    right_applied[:, a:b] = blocks[:, p] @ w
+                products = torch.empty(bounds[-1], bounds[-1], dtype=torch.float64)
+                for p, w, a, b in zip(positions, whiteners, bounds, bounds[1:], strict=False):
+                    products[a:b] = w.T @ right_applied[p]
+                squared = _block_sums(products * products, basis_owners, len(whiteners))
                 smaller = torch.minimum(ranks.unsqueeze(1), ranks.unsqueeze(0))
                 overlap = torch.where(smaller > 0, squared / smaller.clamp(min=1), 0.0)
                 target[items.unsqueeze(1), items.unsqueeze(0)] = overlap
@@ -156,3 +157,68 @@ class TensorGram:
             flat = torch.stack([delta.reshape(-1) for _, delta in self.dense])
             gram[dense_items.unsqueeze(1), dense_items.unsqueeze(0)] += flat @ flat.T
         return (gram + gram.T) / 2, column, row, present  # exactly symmetric
+
+
+SIGN_BLOCK = 1 << 20  # elements per item per step of the sign pass
+
+
+class SignConflicts:
+    """TIES's view of K deltas, accumulated tensor by tensor: each delta trimmed to its top-k support (the elements
+    whose |ΔWᵢ| is at least its k-th largest, k = density·numel), then per pair the fraction of their common support
+    where the signs differ, and over all items the share of trimmed magnitude whose sign agrees with the elected
+    sign(Σᵢ trimmedᵢ) (TIES's election, ties to +): 1 means no conflict.
+
+    Args:
+        k: the number of items.
+        density: the fraction of each tensor kept, in (0, 1].
+    """
+
+    def __init__(self, k: int, density: float) -> None:
+        self.k, self.density = k, density
+        self.conflicts = torch.zeros(k, k, dtype=torch.float64)
+        self.common = torch.zeros(k, k, dtype=torch.float64)
+        self.agreeing_mass = 0.0
+        self.mass = 0.0
+
+    def add(self, items: list[int], rows_of: list, shape: tuple) -> float | None:
+        """One tensor: each item's delta given by rows, so that only one item's whole delta (for its cut) and one
+        block of rows of every item are ever held.
+
+        Args:
+            items: the items' positions.
+            rows_of: per item, a callable (start, stop) -> rows [start, stop) of its (m, n) delta, float64.
+            shape: (m, n).
+
+        Returns:
+            This tensor's agreement ratio (None when no element is kept).
+        """
+        m, n = shape
+        keep = max(1, int(self.density * m * n))
+        cuts = torch.stack([torch.kthvalue(rows(0, m).abs().reshape(-1), m * n - keep + 1).values for rows in rows_of])
+        index = torch.tensor(items)
+        step = max(1, SIGN_BLOCK // max(1, n))
+        agreeing = mass = 0.0
+        for start in range(0, m, step):
+            stop = min(m, start + step)
+            block = torch.stack([rows(start, stop).reshape(-1) for rows in rows_of])
+            kept = block.abs() >= cuts.unsqueeze(1)
+            trimmed = torch.where(kept, block, 0.0)
+            positive, negative = (trimmed > 0).double(), (trimmed < 0).double()
+            support = kept.double()
+            self.conflicts[index.unsqueeze(1), index.unsqueeze(0)] += positive @ negative.T + negative @ positive.T
+            self.common[index.unsqueeze(1), index.unsqueeze(0)] += support @ support.T
+            elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0)
+            magnitude = trimmed.abs()
+            agreeing += float((magnitude * (torch.sign(trimmed) == elected)).sum())
+            mass += float(magnitude.sum())
+        self.agreeing_mass += agreeing
+        self.mass += mass
+        return agreeing / mass if mass > 0 else None
+
+    def rates(self) -> torch.Tensor:
+        """Per pair, conflicting elements over common support elements (NaN where they share none).
+
+        Returns:
+            (K, K) float64.
+        """
+        return torch.where(self.common > 0, self.conflicts / self.common.clamp(min=1), torch.nan)

@@ -30,7 +30,7 @@ from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.outputs import atomic_output_dir
-from loratv.numerics.fleet import TensorGram
+from loratv.numerics.fleet import SignConflicts, TensorGram
 from loratv.ops.combine import refuse_non_additive
 from loratv.ops.task_vector_input import open_task_vector, read_difference
 from loratv.report.similarity_plots import heatmap_plot, per_layer_plot
@@ -44,6 +44,7 @@ PER_LAYER_FILE = "similarity_per_layer.png"
 DUPLICATE_COSINE = 0.99
 OUTLIER_MADS = 3.0
 OUTLIER_MARGIN = 0.05
+SIGN_DENSITY = 0.2  # TIES's usual top-k fraction
 LAYER_PREFIX = re.compile(r"^.*?\.(?:layers|h|blocks|layer)\.\d+\.")
 
 
@@ -161,6 +162,20 @@ def _outliers(cosine: list, names: list) -> list:
     return [{"adapter": names[i], "index": i, "mean_cosine": means[i]} for i in range(k) if means[i] < cut]
 
 
+def _summed(parts: list):
+    """One item's rows: the sum of its parts' rows (several modules may land on one tensor)."""
+    if len(parts) == 1:
+        return parts[0]
+    return lambda i, j: sum(part(i, j) for part in parts)
+
+
+def _rows_of_group(gram: TensorGram) -> int:
+    """The row count of a tensor's deltas, from any of them."""
+    if gram.lora:
+        return int(gram.lora[0][1].shape[0])
+    return int(gram.dense[0][1].shape[0])
+
+
 def _names(sources: list) -> list[str]:
     """Display names: each input's folder name, or its whole path where folder names repeat."""
     short = [Path(str(s).rstrip("/")).name or str(s) for s in sources]
@@ -168,8 +183,9 @@ def _names(sources: list) -> list[str]:
 
 
 def similarity(sources: list, out, *, task_vectors: list | None = None, base=None,
-               duplicate_cosine: float = DUPLICATE_COSINE, plots: bool = True, force: bool = False,
-               progress: bool = False, command: str | None = None) -> dict:
+               duplicate_cosine: float = DUPLICATE_COSINE, sign_conflicts: bool = False,
+               density: float = SIGN_DENSITY, plots: bool = True, force: bool = False, progress: bool = False,
+               command: str | None = None) -> dict:
     """The similarity map of K adapters (and task vectors) on one base, written to `out`.
 
     Args:
@@ -179,6 +195,10 @@ def similarity(sources: list, out, *, task_vectors: list | None = None, base=Non
         task_vectors: folders written by `loratv extract`, compared with the adapters (needs `base`).
         base: the base model: adapters are bound to it (shapes checked, names and orientation the base's).
         duplicate_cosine: pairs with a global cosine at or above this are listed as near-duplicates.
+        sign_conflicts: also compute, on each tensor's top-k support (k = density·numel per input), the pairwise
+            sign-conflict rates and TIES's sign-agreement ratio — dense, every input's rows materialised a block at a
+            time: O(K²·m·n) per tensor.
+        density: the fraction of each tensor in an input's support, in (0, 1].
         plots: draw the PNGs.
         force: replace an existing output folder.
         progress: show a progress bar.
@@ -198,6 +218,8 @@ def similarity(sources: list, out, *, task_vectors: list | None = None, base=Non
         raise BadInputError(f"task vectors are compared with adapters on the base's tensors: give {param('base')}.")
     if not -1.0 <= duplicate_cosine <= 1.0:
         raise BadInputError(f"{param('duplicate_cosine', duplicate_cosine)}: a cosine, in [-1, 1].")
+    if not 0.0 < density <= 1.0:
+        raise BadInputError(f"{param('density', density)}: a fraction, in (0, 1].")
     base_ckpt = Checkpoint(base, label=f"base {base}") if base is not None else None
     adapters = [load_adapter(s) for s in sources]
     for adapter in adapters:
@@ -244,31 +266,55 @@ def similarity(sources: list, out, *, task_vectors: list | None = None, base=Non
             if base_ckpt.entry(name).torch_dtype.is_floating_point:
                 groups.setdefault(name, [])
     totals = _Totals(k)
+    signs = SignConflicts(k, density) if sign_conflicts else None
+    per_tensor_agreement = {}
     with progress_bar(len(groups), "similarity", enabled=progress) as bar:
         for name in sorted(groups):
             bar.update(1)
             gram = TensorGram(k)
+            rows_of: dict[int, list] = {}  # item -> callables (start, stop) -> rows of its delta, for the sign pass
             for item, kind, payload in groups[name]:
                 if kind == "lora":
                     adapter, m, transposed = payload
                     a, b = adapter.factor(m.a_key).flatten(1), adapter.factor(m.b_key).flatten(1)
                     left, right = (a.T, b.T) if transposed else (b, a)
                     gram.add_lora(item, left, right, m.scale)
-                elif kind == "bias":
+                    left64, right64, scale = left.double(), right.double(), m.scale
+                    rows_of.setdefault(item, []).append(
+                        lambda i, j, left=left64, right=right64, scale=scale: (left[i:j] @ right) * scale)
+                    continue
+                if kind == "bias":
                     adapter, m = payload
-                    gram.add_dense(item, (adapter.factor(m.bias_key).double() * m.scale).reshape(-1, 1))
+                    value = (adapter.factor(m.bias_key).double() * m.scale).reshape(-1, 1)
                 else:
                     adapter, key = payload
                     assert base_ckpt is not None
                     value = adapter.factor(key).double() - base_ckpt.read(name).double()
-                    gram.add_dense(item, value.reshape(value.shape[0], -1) if value.dim() else value.reshape(1, 1))
+                    value = value.reshape(value.shape[0], -1) if value.dim() else value.reshape(1, 1)
+                gram.add_dense(item, value)
+                rows_of.setdefault(item, []).append(lambda i, j, value=value: value[i:j])
             for j, tv in enumerate(opened):
                 t = read_difference(tv, base_ckpt, name)
                 if t is not None:
-                    gram.add_dense(len(sources) + j, t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1))
+                    t = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+                    gram.add_dense(len(sources) + j, t)
+                    rows_of.setdefault(len(sources) + j, []).append(lambda i, j, t=t: t[i:j])
             if gram.lora or gram.dense:
                 totals.add(name, gram)
+            if signs is not None and rows_of:
+                shape = tuple(next(iter(rows_of.values()))[0](0, 1).shape)
+                m_rows = _rows_of_group(gram)
+                items = sorted(rows_of)
+                ratio = signs.add(items, [_summed(rows_of[item]) for item in items], (m_rows, shape[1]))
+                per_tensor_agreement[name] = ratio
     record = _record(sources, task_vectors, names, totals, duplicate_cosine, notes, base, command)
+    record["sign_conflicts"] = None if signs is None else {
+        "density": density,
+        "rate": _matrix(torch.nan_to_num(signs.rates(), nan=0.0), signs.common > 0),
+        "common_support": _matrix(signs.common),
+        "agreement_ratio": signs.agreeing_mass / signs.mass if signs.mass > 0 else None,
+        "per_tensor_agreement_ratio": per_tensor_agreement,
+    }
     inputs = [a.path for a in adapters] + [Path(t) for t in task_vectors]
     with atomic_output_dir(out, inputs, force=force) as tmp:
         if plots:
