@@ -101,6 +101,19 @@ def test_cosines_and_overlaps_against_dense_numpy(fleet, tmp_path, capsys):
     assert record["overlap"]["column"][0][2] is not None and record["overlap"]["tensors_compared"][0][2] == 2
     assert (out / "similarity_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "similarity_per_layer.png").exists()
+    # report.html: the global matrix in clustered order, each cell carrying the record's cosine
+    import re
+
+    page = (out / "report.html").read_text()
+    matrix = page[page.index('data-matrix="global"'):]
+    matrix = matrix[:matrix.index("</table>")]
+    values = [float(v) for v in re.findall(r'<td style="[^"]*" data-v="([^"]+)"', matrix)]
+    order = record["clustering"]["order"]
+    assert values == [record["cosine"][i][j] for i in order for j in order]
+    assert page.count('data-matrix="kind-') == len(record["per_kind"])
+    (out / "report.html").unlink()
+    rc, _, err = run_cli(capsys, "report", out)  # re-rendered from the JSON alone
+    assert rc == 0 and (out / "report.html").read_text().count('data-matrix="') == len(record["per_kind"]) + 1
 
 
 def test_the_order_of_the_inputs_only_permutes_the_matrices(fleet, tmp_path, capsys):

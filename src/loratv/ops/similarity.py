@@ -33,6 +33,7 @@ from loratv.io.outputs import atomic_output_dir
 from loratv.numerics.fleet import SignConflicts, TensorGram
 from loratv.ops.combine import refuse_non_additive
 from loratv.ops.task_vector_input import open_task_vector, read_difference
+from loratv.report.html import write_report
 from loratv.report.similarity_plots import heatmap_plot, per_layer_plot
 from loratv.version import __version__
 
@@ -190,8 +191,8 @@ def similarity(sources: list, out, *, task_vectors: list | None = None, base=Non
 
     Args:
         sources: the LoRA adapters (folders, files in them, or hub ids).
-        out: the output folder (written atomically): similarity.json, similarity_heatmap.png and
-            similarity_per_layer.png.
+        out: the output folder (written atomically): similarity.json and, with plots, similarity_heatmap.png,
+            similarity_per_layer.png and report.html.
         task_vectors: folders written by `loratv extract`, compared with the adapters (needs `base`).
         base: the base model: adapters are bound to it (shapes checked, names and orientation the base's).
         duplicate_cosine: pairs with a global cosine at or above this are listed as near-duplicates.
@@ -321,6 +322,8 @@ def similarity(sources: list, out, *, task_vectors: list | None = None, base=Non
             heatmap_plot(record, tmp / HEATMAP_FILE)
             per_layer_plot(record, tmp / PER_LAYER_FILE)
         (tmp / RESULTS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if plots:
+            write_report(tmp)
     return record
 
 

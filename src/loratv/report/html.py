@@ -25,6 +25,8 @@ from loratv.report import plots as comparison_plots
 from loratv.report.analysis_plots import write_analysis_plots
 from loratv.report.html_assets import CSS, JS
 from loratv.report.plots import precision_plot, write_comparison_plots
+from loratv.report.similarity_plots import heatmap_plot as similarity_heatmap_plot
+from loratv.report.similarity_plots import per_layer_plot as similarity_per_layer_plot
 from loratv.version import __version__
 
 REPORT_FILE = "report.html"
@@ -34,6 +36,9 @@ COMPARISON_FILE, COMPARISON_SCHEMA = "comparison_results.json", "loratv.comparis
 PRECISION_FILE, PRECISION_SCHEMA = "precision_results.json", "loratv.precision"
 ANALYSIS_FILE, ANALYSIS_SCHEMA = "analysis_results.json", "loratv.analysis"
 VERIFY_MERGE_FILE, VERIFY_MERGE_SCHEMA = "verify_merge.json", "loratv.verify_merge"
+SIMILARITY_FILE, SIMILARITY_SCHEMA = "similarity.json", "loratv.similarity"
+SIMILARITY_PLOTS = {"heatmap": "similarity_heatmap.png", "per_layer": "similarity_per_layer.png"}
+MAX_KIND_MATRICES_INPUTS = 60  # above this many inputs only the global matrix is rendered (page size)
 PRECISION_PLOT = "precision_comparison.png"
 SCHEMA_VERSION = 1
 CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
@@ -66,6 +71,7 @@ class Records:
     paths: dict = field(default_factory=dict)  # precision path name -> its comparison record
     analysis: dict | None = None
     verification: dict | None = None  # verify-merge's record
+    similarity: dict | None = None  # similarity's record
 
 
 # ---------------------------------------------------------------- reading and writing
@@ -113,6 +119,12 @@ def _check_fields(record: dict, schema: str, path: Path) -> None:
         _require(record["inputs"], (), "inputs", path, list)
         for i, t in enumerate(record["tensors"]):
             _require(t, ("name", "kind"), f"tensors[{i}]", path)
+    elif schema == SIMILARITY_SCHEMA:
+        _require(record, ("adapters", "cosine", "clustering", "per_kind"), "the record", path)
+        _require(record["cosine"], (), "cosine", path, list)
+        if len(record["cosine"]) != len(record["adapters"]):
+            raise LoratvError(f"{path}: cosine has {len(record['cosine'])} rows for {len(record['adapters'])} "
+                              "adapters; nothing was written.")
     elif schema == PRECISION_SCHEMA:
         _require(record, ("paths",), "the record", path)
         _require(record["paths"], (), "paths", path, list)
@@ -146,7 +158,8 @@ def load_records(folder) -> Records:
     for attr, name, schema in (("comparison", COMPARISON_FILE, COMPARISON_SCHEMA),
                                ("precision", PRECISION_FILE, PRECISION_SCHEMA),
                                ("analysis", ANALYSIS_FILE, ANALYSIS_SCHEMA),
-                               ("verification", VERIFY_MERGE_FILE, VERIFY_MERGE_SCHEMA)):
+                               ("verification", VERIFY_MERGE_FILE, VERIFY_MERGE_SCHEMA),
+                               ("similarity", SIMILARITY_FILE, SIMILARITY_SCHEMA)):
         if (folder / name).is_file():
             setattr(records, attr, _read_record(folder / name, schema))
     if records.precision is not None:
@@ -156,9 +169,9 @@ def load_records(folder) -> Records:
             if re.fullmatch(r"[\w.+-]+", name) and name not in (".", "..") and sub.is_file():
                 records.paths[name] = _read_record(sub, COMPARISON_SCHEMA)
     if records.comparison is None and records.precision is None and records.analysis is None and \
-            records.verification is None:
-        raise LoratvError(f"{folder}: holds no {COMPARISON_FILE}, {PRECISION_FILE}, {ANALYSIS_FILE} or "
-                          f"{VERIFY_MERGE_FILE}; nothing to report, nothing was written.")
+            records.verification is None and records.similarity is None:
+        raise LoratvError(f"{folder}: holds no {COMPARISON_FILE}, {PRECISION_FILE}, {ANALYSIS_FILE}, "
+                          f"{VERIFY_MERGE_FILE} or {SIMILARITY_FILE}; nothing to report, nothing was written.")
     return records
 
 
@@ -180,6 +193,8 @@ def plot_files(records: Records) -> dict:
     if records.analysis is not None:
         keys = ["scatter", "distributions", "ulps"] + (["spectra", "ranks"] if records.analysis.get("spectrum") else [])
         files.update({analysis_plots.FILES[k]: "analysis" for k in keys})
+    if records.similarity is not None:
+        files.update({name: "similarity" for name in SIMILARITY_PLOTS.values()})
     return files
 
 
@@ -206,6 +221,9 @@ def collect_images(records: Records) -> dict:
                 precision_plot(records.precision, tmp / PRECISION_PLOT)
             if "analysis" in missing and records.analysis is not None:
                 write_analysis_plots(records.analysis, tmp)
+            if "similarity" in missing and records.similarity is not None:
+                similarity_heatmap_plot(records.similarity, tmp / SIMILARITY_PLOTS["heatmap"])
+                similarity_per_layer_plot(records.similarity, tmp / SIMILARITY_PLOTS["per_layer"])
             images.update({name: (tmp / name).read_bytes() for name in wanted
                            if name not in images and (tmp / name).is_file()})
     return images
@@ -971,6 +989,12 @@ def _reconstructed(rec: dict, kind: str) -> str:
     """An equivalent command from the recorded inputs, for records saved without `command`."""
     if kind == "verification":
         return f"loratv verify-merge {rec.get('recipe')} {rec.get('merged')} -o OUT"
+    if kind == "similarity":
+        entries = rec.get("inputs") or []
+        adapters = " ".join(str(i["source"]) for i in entries if i.get("kind") == "lora")
+        vectors = " ".join(str(i["source"]) for i in entries if i.get("kind") == "task_vector")
+        return (f"loratv similarity {adapters}" + (f" --base {rec['base']}" if rec.get("base") else "")
+                + (f" --task-vectors {vectors}" if vectors else "") + " -o OUT")
     inputs = rec.get("inputs") or {}
     if kind == "comparison":
         parts = ["loratv compare", f"--base {inputs.get('base')}", f"--adapter {inputs.get('adapter')}"]
@@ -993,7 +1017,7 @@ def _reconstructed(rec: dict, kind: str) -> str:
 def _reproduce(records: Records) -> str:
     items = []
     for kind, label in (("comparison", "comparison"), ("precision", "precision study"), ("analysis", "analysis"),
-                        ("verification", "merge verification")):
+                        ("verification", "merge verification"), ("similarity", "similarity map")):
         rec = getattr(records, kind)
         if rec is None:
             continue
@@ -1022,6 +1046,9 @@ def _subtitle(records: Records) -> str:
         rec = records.verification
         return (f"Is <code>{_e(rec.get('merged'))}</code> the {_e(rec['merge_method'])} merge that "
                 f"<code>{_e(rec.get('recipe'))}</code> describes?")
+    if records.similarity is not None:
+        return (f"Which of these {len(records.similarity['adapters'])} adapters (and task vectors) are alike, "
+                "duplicated or outliers?")
     assert records.analysis is not None  # load_records raises when a folder holds no record
     inputs = records.analysis.get("inputs") or {}
     return (f"The task vector <code>{_e(inputs.get('task_vector'))}</code> against the LoRA delta "
@@ -1035,6 +1062,8 @@ def _title(records: Records) -> str:
         return "loratv report: precision study"
     if records.analysis is None and records.verification is not None:
         return f"loratv report: merge {records.verification['summary']['verdict']}"
+    if records.analysis is None and records.similarity is not None:
+        return f"loratv report: similarity of {len(records.similarity['adapters'])} inputs"
     return "loratv report: analysis"
 
 
@@ -1133,6 +1162,98 @@ def verification_sections(rec: dict) -> list:
             ("merge-tensors", "Merged tensors", _heading(3, "merge-tensors-h", "Tensor by tensor") + table)]
 
 
+def _diverging(c) -> str:
+    """A cosine in [−1, 1] as a background colour: blue (−1), white (0), red (1); grey for None."""
+    if c is None:
+        return "#dddddd"
+    t = max(-1.0, min(1.0, float(c)))
+    end = (178, 24, 43) if t > 0 else (33, 102, 172)
+    mix = [round(255 + (e - 255) * abs(t)) for e in end]
+    return f"rgb({mix[0]},{mix[1]},{mix[2]})"
+
+
+def _matrix_table(ident: str, names: list, order: list, matrix: list, hidden: bool) -> str:
+    head = "".join(f'<th scope="col" title="{_e(names[j])}"><span>{_e(names[j])}</span></th>' for j in order)
+    body = []
+    for i in order:
+        cells = []
+        for j in order:
+            c = matrix[i][j]
+            shown = DASH if c is None else f"{c:.2f}"
+            cells.append(f'<td style="background:{_diverging(c)}" data-v="{"" if c is None else repr(float(c))}" '
+                         f'title="{_e(names[i])} · {_e(names[j])}: {"no delta" if c is None else f"{c:.6f}"}">'
+                         f"{shown}</td>")
+        body.append(f'<tr><th scope="row">{_e(names[i])}</th>{"".join(cells)}</tr>')
+    return (f'<div class="scroll matrix-wrap" data-matrix="{_e(ident)}"{" hidden" if hidden else ""}>'
+            f'<table class="matrix"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            "</table></div>")
+
+
+def similarity_sections(rec: dict, images: dict) -> list:
+    """(section id, nav title, html) for a similarity record: the numbers, the cosine matrix (global, or one module
+    kind, chosen in a menu) in clustered order, near-duplicates and outliers, each input's norm, and the plots.
+
+    Args:
+        rec: the similarity record.
+        images: PNG bytes per file name.
+
+    Returns:
+        The sections, in page order.
+    """
+    names, cosine = rec["adapters"], rec["cosine"]
+    k = len(names)
+    order = rec["clustering"]["order"] or list(range(k))
+    off = [cosine[i][j] for i in range(k) for j in range(i + 1, k) if cosine[i][j] is not None]
+    numbers = _numbers([
+        ("Inputs", integer(k), "adapters and task vectors"),
+        ("Near-duplicates", integer(len(rec.get("near_duplicates") or [])),
+         f"pairs with cosine ≥ {rec.get('duplicate_cosine')}"),
+        ("Outliers", integer(len(rec.get("outliers") or [])), "far below the fleet's mean cosine"),
+        ("Cosine range", f"{cos(min(off))} … {cos(max(off))}" if off else DASH, "over pairs of inputs"),
+    ])
+    matrices = [("global", "all tensors", cosine)]
+    if k <= MAX_KIND_MATRICES_INPUTS:
+        matrices += [(f"kind-{i}", f"module kind {kind}", m) for i, (kind, m) in enumerate(rec["per_kind"].items())]
+    options = "".join(f'<option value="{_e(ident)}">{_e(label)}</option>' for ident, label, _ in matrices)
+    menu = (f'<p class="tools" data-matrix-select><label>Cosine over <select>{options}</select></label> '
+            "— rows and columns in the clustering's order; hover a cell for the exact value.</p>")
+    tables = "".join(_matrix_table(ident, names, order, m, hidden=n > 0)
+                     for n, (ident, _, m) in enumerate(matrices))
+    note = "" if k <= MAX_KIND_MATRICES_INPUTS else (
+        f'<p class="note">With {k} inputs only the global matrix is drawn here; the per-kind ones are in '
+        f"{SIMILARITY_FILE}.</p>")
+    head = (_heading(2, "similarity", "Similarity of the inputs") + numbers
+            + _figure(images, SIMILARITY_PLOTS["heatmap"], "Cosine matrix heatmap",
+                      "The global cosine of every pair, in clustered order.")
+            + _heading(3, "similarity-matrix", "The matrix") + menu + tables + note)
+    pairs = [(_row_id("sim-d", n), "pair", [f"<td>{_e(p['a'])}</td>", f"<td>{_e(p['b'])}</td>",
+                                            _num_cell(p["cosine"], cos(p["cosine"]))])
+             for n, p in enumerate(rec.get("near_duplicates") or [])]
+    duplicates = _heading(3, "similarity-duplicates", "Near-duplicates") + (
+        _data_table("sim-duplicates", "pairs", "Pairs at or above the duplicate threshold, most similar first.",
+                    [("input", "text", None), ("input", "text", None), ("cosine", "num", None)], pairs)
+        if pairs else "<p>None.</p>")
+    means = [sum(c for j, c in enumerate(cosine[i]) if j != i and c is not None) / max(1, k - 1) for i in range(k)]
+    norms = rec.get("norms") or [None] * k
+    outliers = {o["index"] for o in rec.get("outliers") or []}
+    inputs = rec.get("inputs") or [{"name": n} for n in names]
+    rows = [(_row_id("sim-i", i), "outlier" if i in outliers else "input", [
+        f"<td>{_e(names[i])}</td>", f"<td>{_e(inputs[i].get('kind', DASH))}</td>",
+        _num_cell(norms[i], sci(norms[i])), _num_cell(means[i], cos(means[i])),
+        f"<td>{order.index(i) + 1}</td>", f"<td>{'outlier' if i in outliers else ''}</td>"]) for i in range(k)]
+    table = _data_table("sim-inputs", "inputs", "Each input: ‖ΔW‖_F over all tensors, its mean cosine with the others, "
+                        "its place in the clustered order.",
+                        [("input", "text", None), ("kind", "text", None), ("‖ΔW‖", "num", None),
+                         ("mean cosine", "num", None), ("cluster position", "num", None), ("flag", "text", None)],
+                        rows)
+    layers = _heading(3, "similarity-layers", "Per layer") + _figure(
+        images, SIMILARITY_PLOTS["per_layer"], "Pairwise cosine per layer",
+        "Median and range of the pairwise cosines, layer by layer.")
+    return [("similarity", "Similarity", head),
+            ("similarity-details", "Duplicates, outliers, layers",
+             duplicates + _heading(3, "similarity-inputs", "Inputs") + table + layers)]
+
+
 def render_report(records: Records, images: dict) -> str:
     """The whole page, from the records and the PNG bytes (file name -> bytes) alone.
 
@@ -1152,10 +1273,13 @@ def render_report(records: Records, images: dict) -> str:
         sections += analysis_sections(records.analysis, images)
     if records.verification is not None:
         sections += verification_sections(records.verification)
+    if records.similarity is not None:
+        sections += similarity_sections(records.similarity, images)
     sections.append(("reproduce", "How to reproduce", _reproduce(records)))
     nav = "".join(f'<li><a href="#{_e(ident)}">{_e(title)}</a></li>' for ident, title, _ in sections)
     sources = [name for name, rec in ((COMPARISON_FILE, records.comparison), (PRECISION_FILE, records.precision),
-                                      (ANALYSIS_FILE, records.analysis), (VERIFY_MERGE_FILE, records.verification))
+                                      (ANALYSIS_FILE, records.analysis), (VERIFY_MERGE_FILE, records.verification),
+                                      (SIMILARITY_FILE, records.similarity))
                if rec is not None]
     sources += [f"{name}/{COMPARISON_FILE}" for name in records.paths]
     body = "\n".join(f"<section aria-labelledby=\"{_e(ident)}\">{content}</section>" for ident, _, content in sections)

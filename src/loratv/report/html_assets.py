@@ -94,6 +94,10 @@ details summary { cursor: pointer; font-weight: 600; padding: 4px 0; }
 .note { color: var(--muted); }
 ul.notes li, ul.reasons li { margin: 2px 0; }
 footer { color: var(--muted); font-size: 0.85rem; margin-top: 40px; padding-bottom: 30px; }
+table.matrix { border-collapse: collapse; font-size: 0.72rem; }
+table.matrix td { min-width: 2.6em; text-align: center; padding: 2px 3px; border: 1px solid #fff; }
+table.matrix thead th span { writing-mode: vertical-rl; transform: rotate(180deg); white-space: nowrap; }
+table.matrix tbody tr:hover td, table.matrix tbody tr:hover th { outline: 1px solid #333; }
 @media print { .tools, nav { display: none; } .scroll, .tall { max-height: none; overflow: visible; } }
 """
 
@@ -183,5 +187,12 @@ JS = """
   }
   window.addEventListener("hashchange", reveal);
   if (location.hash) reveal();
+  Array.prototype.forEach.call(document.querySelectorAll("[data-matrix-select] select"), function (menu) {
+    menu.addEventListener("change", function () {  // show the chosen matrix, hide the others
+      Array.prototype.forEach.call(document.querySelectorAll("[data-matrix]"), function (m) {
+        m.hidden = m.getAttribute("data-matrix") !== menu.value;
+      });
+    });
+  });
 })();
 """
