@@ -275,3 +275,23 @@ def test_the_api_returns_the_record(llama, tmp_path):
     result = loratv.combine(adapters, tmp_path / "api", weights=[1, 1, 1], max_rank=4)
     assert isinstance(result, loratv.CombineResult) and result.output == tmp_path / "api"
     assert result.record["mode"] == "recompressed" and all(m["rank"] <= 4 for m in result.modules)
+
+
+def test_gpt2_conv1d_adapters_combine_and_peft_merges_them(tmp_path, capsys):
+    """Conv1D modules (fan_in_fan_out): the combined adapter keeps the flag and PEFT's merge of it is the weighted
+    sum of PEFT's merges of the inputs."""
+    base = build_base("gpt2", tmp_path / "base")
+    first = build_adapter(base, tmp_path / "a", seed=12, r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                          fan_in_fan_out=True)
+    second = build_adapter(base, tmp_path / "b", seed=13, r=2, lora_alpha=2, target_modules=["c_attn", "c_fc"],
+                           fan_in_fan_out=True)
+    out = tmp_path / "combined"
+    assert run_cli(capsys, "combine", first, second, "--weights", "0.5", "1.5", "-o", out, "--quiet")[0] == 0
+    assert _config(out)["fan_in_fan_out"] is True
+    base_state = {k: v.double() for k, v in load_model(base).state_dict().items()}
+    merged = peft_merged_state(base, out)
+    a_merged, b_merged = peft_merged_state(base, first), peft_merged_state(base, second)
+    for name, value in merged.items():
+        expected = base_state[name] + 0.5 * (a_merged[name].double() - base_state[name]) + \
+            1.5 * (b_merged[name].double() - base_state[name])
+        assert torch.allclose(value.double(), expected, rtol=0, atol=1e-6 * float(expected.abs().max())), name
