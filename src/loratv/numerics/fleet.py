@@ -29,19 +29,55 @@ def _whitener(gram: torch.Tensor, length: int) -> torch.Tensor:
 GRAM_CHUNK = 256  # columns per block of a Gram matrix: only the blocks on and above the diagonal are multiplied
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
+class Workspace:
+    """Buffers reused from one tensor to the next: the stacked factors and their R×R Grams are tens of MB each, and
+    allocating them afresh for every tensor costs more in page faults than their arithmetic in places."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple) -> torch.Tensor:
+        """An uninitialised float64 tensor of `shape`, the same memory as the last call with `name` when it fits.
+
+        Args:
+            name: the buffer's role.
+            shape: the shape wanted.
+
+        Returns:
+            The tensor (its contents are undefined).
+        """
+        size = 1
+        for d in shape:
+            size *= int(d)
+        held = self._buffers.get(name)
+        if held is None or held.numel() < size:
+            held = self._buffers[name] = torch.empty(size, dtype=torch.float64)
+        return held[:size].view(shape)
+
+
+def _gram(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """xᵀx for x (m, R), computing the blocks on and above the diagonal only (about half the work of x.T @ x for
-    R ≫ GRAM_CHUNK) and mirroring the rest."""
+    R ≫ GRAM_CHUNK) and mirroring the rest; into `out` (R, R) when given."""
     r = x.shape[1]
     if r <= GRAM_CHUNK:
-        return x.T @ x
-    out = torch.empty(r, r, dtype=x.dtype)
+        return torch.matmul(x.T, x, out=out) if out is not None else x.T @ x
+    out = torch.empty(r, r, dtype=x.dtype) if out is None else out
     for start in range(0, r, GRAM_CHUNK):
         stop = min(r, start + GRAM_CHUNK)
         block = x[:, start:stop].T @ x[:, start:]
         out[start:stop, start:] = block
         out[start:, start:stop] = block.T
-    return (out + out.T) / 2  # the diagonal blocks' own products need not be bitwise symmetric
+        diagonal = out[start:stop, start:stop]
+        diagonal.copy_((diagonal + diagonal.T) / 2)  # its own product need not be bitwise symmetric
+    return out
+
+
+def _positions(owners: torch.Tensor, item: int) -> slice | torch.Tensor:
+    """The rows of `item` among the stacked factors: a slice when they are contiguous (the usual case), a view
+    instead of a gather."""
+    where = torch.nonzero(owners == item).flatten()
+    first, last = int(where[0]), int(where[-1])
+    return slice(first, last + 1) if last - first + 1 == where.numel() else where
 
 
 def _block_sums(matrix: torch.Tensor, owners: torch.Tensor, k: int) -> torch.Tensor:
@@ -56,10 +92,12 @@ class TensorGram:
 
     Args:
         k: the number of items.
+        workspace: buffers shared with the other tensors' TensorGrams (None: its own).
     """
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, workspace: Workspace | None = None) -> None:
         self.k = k
+        self.workspace = workspace or Workspace()
         self.lora: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []  # (item, L, R, s)
         self.dense: list[tuple[int, torch.Tensor]] = []  # (item, T)
 
@@ -120,12 +158,21 @@ class TensorGram:
         if self.lora:
             owners = torch.cat([torch.full((left.shape[1],), item, dtype=torch.long)
                                 for item, left, _, _ in self.lora])
-            lefts = torch.cat([left for _, left, _, _ in self.lora], dim=1)
-            rights = torch.cat([right for _, _, right, _ in self.lora], dim=0)
+            ws = self.workspace
+            total = owners.numel()
+            lefts = torch.cat([left for _, left, _, _ in self.lora], dim=1,
+                              out=ws.get("lefts", (self.lora[0][1].shape[0], total)))
+            rights_t = torch.cat([right.T for _, _, right, _ in self.lora], dim=1,
+                                 out=ws.get("rights_t", (self.lora[0][2].shape[1], total)))
+            rights = rights_t.T
             scales = torch.cat([torch.full((left.shape[1],), scale, dtype=torch.float64)
                                 for _, left, _, scale in self.lora])
-            gram_left, gram_right = _gram(lefts), _gram(rights.T)  # the two passes over m and n
-            gram += _block_sums(gram_left * gram_right * torch.outer(scales, scales), owners, k)
+            # the two passes over m and n
+            gram_left = _gram(lefts, ws.get("gram_left", (total, total)))
+            gram_right = _gram(rights_t, ws.get("gram_right", (total, total)))
+            weighted = torch.mul(gram_left, gram_right, out=ws.get("weighted", (total, total)))
+            weighted.mul_(scales.unsqueeze(1)).mul_(scales.unsqueeze(0))
+            gram += _block_sums(weighted, owners, k)
             for item, delta in self.dense:
                 # <T, sLR> = sum((sL)ᵀT ⊙ R), per rank-one term, then per owner
                 per_rank = (((lefts * scales).T @ delta) * rights).sum(1)
@@ -134,20 +181,20 @@ class TensorGram:
                 gram[:, item] += cross
             items = torch.unique(owners)  # an item may hold several modules here (pieces of one tensor)
             for target, blocks, length in ((column, gram_left, lefts.shape[0]), (row, gram_right, rights.shape[1])):
-                positions = [torch.nonzero(owners == item).flatten() for item in items.tolist()]
-                whiteners = [_whitener(blocks[p][:, p], length) for p in positions]
+                positions = [_positions(owners, item) for item in items.tolist()]
+                whiteners = [_whitener(blocks[p][:, p], length) for p in positions]  # slices: views
                 ranks = torch.tensor([w.shape[1] for w in whiteners], dtype=torch.float64)
                 # QᵢᵀQⱼ = Wᵢᵀ(LᵢᵀLⱼ)Wⱼ for all pairs: the block-diagonal W applied block by block, O(R²·r)
                 basis_owners = torch.cat([torch.full((w.shape[1],), i, dtype=torch.long)
                                           for i, w in enumerate(whiteners)])
                 bounds = torch.cumsum(torch.tensor([0] + [w.shape[1] for w in whiteners]), 0).tolist()
-                right_applied = torch.empty(owners.numel(), bounds[-1], dtype=torch.float64)
+                right_applied = ws.get("right_applied", (owners.numel(), bounds[-1]))
                 for p, w, a, b in zip(positions, whiteners, bounds, bounds[1:], strict=False):
                     right_applied[:, a:b] = blocks[:, p] @ w
-                products = torch.empty(bounds[-1], bounds[-1], dtype=torch.float64)
+                products = ws.get("products", (bounds[-1], bounds[-1]))
                 for p, w, a, b in zip(positions, whiteners, bounds, bounds[1:], strict=False):
                     products[a:b] = w.T @ right_applied[p]
-                squared = _block_sums(products * products, basis_owners, len(whiteners))
+                squared = _block_sums(products.mul_(products), basis_owners, len(whiteners))
                 smaller = torch.minimum(ranks.unsqueeze(1), ranks.unsqueeze(0))
                 overlap = torch.where(smaller > 0, squared / smaller.clamp(min=1), 0.0)
                 target[items.unsqueeze(1), items.unsqueeze(0)] = overlap

@@ -30,7 +30,7 @@ from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.outputs import atomic_output_dir
-from loratv.numerics.fleet import SignConflicts, TensorGram
+from loratv.numerics.fleet import SignConflicts, TensorGram, Workspace
 from loratv.ops.combine import refuse_non_additive
 from loratv.ops.task_vector_input import open_task_vector, read_difference
 from loratv.report.html import write_report
@@ -267,12 +267,13 @@ def similarity(sources: list, out, *, task_vectors: list | None = None, base=Non
             if base_ckpt.entry(name).torch_dtype.is_floating_point:
                 groups.setdefault(name, [])
     totals = _Totals(k)
+    workspace = Workspace()
     signs = SignConflicts(k, density) if sign_conflicts else None
     per_tensor_agreement = {}
     with progress_bar(len(groups), "similarity", enabled=progress) as bar:
         for name in sorted(groups):
             bar.update(1)
-            gram = TensorGram(k)
+            gram = TensorGram(k, workspace)
             rows_of: dict[int, list] = {}  # item -> callables (start, stop) -> rows of its delta, for the sign pass
             for item, kind, payload in groups[name]:
                 if kind == "lora":
