@@ -43,8 +43,8 @@ def dense_reference(adapters: list[Path], modules: int, out: Path) -> None:
                                                           h.get_tensor(f"{name}.lora_A.weight")).reshape(-1)
                             for h, c in zip(handles, scales, strict=True)])
         grams[name] = (flat.double() @ flat.double().T).tolist()
-        shape = [h for h in handles[0].get_slice(f"{name}.lora_B.weight").get_shape()][:1] + \
-            [handles[0].get_slice(f"{name}.lora_A.weight").get_shape()[1]]
+        shape = [handles[0].get_slice(f"{name}.lora_B.weight").get_shape()[0],
+                 handles[0].get_slice(f"{name}.lora_A.weight").get_shape()[1]]
         grams[name] = {"gram": grams[name], "shape": shape}
     out.write_text(json.dumps({"seconds": time.perf_counter() - started, "modules": grams}))
 

@@ -118,6 +118,12 @@ def normalized_dot(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, eps: fl
     return (exact - error).clamp(-1, 1), (exact + error).clamp(-1, 1)
 
 
+def _cosine(x: torch.Tensor, y: torch.Tensor, floor: float = 1e-300) -> torch.Tensor:
+    """The exact (float64) cosine per row, the norms' product clamped below at `floor`, clamped to [−1, 1]."""
+    norms = torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(y, dim=-1)
+    return ((x * y).sum(-1) / norms.clamp(min=floor)).clamp(-1, 1)
+
+
 def _sine_ratio(s: float, theta: torch.Tensor) -> torch.Tensor:
     """sin(s·θ)/sin θ, with its limit s at θ = 0."""
     small = theta < 1e-12
@@ -256,8 +262,7 @@ def slerp_candidates(a: torch.Tensor, b: torch.Tensor, t: float, work: torch.dty
         if first is None or second is None or not first.finite() or not second.finite():
             return None
         width = max(first.width(), second.width())
-        exact = torch.acos(((a * b).sum(-1) / (torch.linalg.vector_norm(a, dim=-1) *
-                                               torch.linalg.vector_norm(b, dim=-1)).clamp(min=1e-300)).clamp(-1, 1))
+        exact = torch.acos(_cosine(a, b))
         centers = [first.clamp(_sine_ratio(linear[0], exact)), second.clamp(_sine_ratio(t, exact))]
         candidates.append(_linear_form([a, b], centers, 2, work))
         if merged is not None:
@@ -321,8 +326,7 @@ def nuslerp_candidates(v0: torch.Tensor, v1: torch.Tensor, base: torch.Tensor | 
         if first is None or second is None or not first.finite() or not second.finite():
             return None
         width = max(first.width(), second.width())
-        exact = torch.acos(((v0 * v1).sum(-1) / (torch.linalg.vector_norm(v0, dim=-1) *
-                                                 torch.linalg.vector_norm(v1, dim=-1)).clamp(min=1e-300)).clamp(-1, 1))
+        exact = torch.acos(_cosine(v0, v1))
         centers = [first.clamp(_sine_ratio(1 - t, exact)), second.clamp(_sine_ratio(t, exact))]
         # the quotient is taken after the sum: (fl(S₀v₀) + fl(S₁v₁))/sin θ, 3 roundings, + base one more
         candidates.append(_linear_form([v0, v1], centers, 3 + extra, dtype, base))
@@ -412,9 +416,7 @@ def model_stock_candidates(w0: torch.Tensor, offsets: list, models: list, dtype:
         if not interval.finite():
             return None
         width = interval.width()
-        exact_c = torch.stack([(offsets[i] * offsets[j]).sum(-1) / (torch.linalg.vector_norm(offsets[i], dim=-1) *
-                                                                   torch.linalg.vector_norm(offsets[j], dim=-1))
-                               .clamp(min=MODEL_STOCK_POLE) for i, j in pairs]).mean(0)
+        exact_c = torch.stack([_cosine(offsets[i], offsets[j], MODEL_STOCK_POLE) for i, j in pairs]).mean(0)
         center = interval.clamp(t_of(exact_c))
         candidates.append(form(center))
         if merged is not None:

@@ -198,6 +198,17 @@ def _gta_check(method: MergeMethod, base: torch.Tensor, inputs: list, per_model:
     wcol = torch.tensor(weights, dtype=torch.float64).reshape(-1, *([1] * base64.dim()))
     roundings = k + 8 + (1 if rescale else 0)  # the rescale's product: one more rounding per term
 
+    def divisor(agree):
+        """`normalize`'s D (the agreeing weights' sum, mergekit's guards against zero) and Σ|wᵢ| over the same
+        inputs; 1 and 0 without `normalize`."""
+        if not shared["normalize"]:
+            return torch.ones_like(base64), torch.zeros_like(base64)
+        if agree is None:
+            d = torch.full_like(base64, float(sum(weights)))
+            return torch.where(d.abs() < 1e-8, 1.0, d), torch.full_like(base64, float(sum(abs(w) for w in weights)))
+        d = (wcol * agree).sum(0)
+        return torch.where(d == 0, 1.0, d), (wcol.abs() * agree).sum(0)
+
     def evaluate(masks: list, agree, factors: list):
         """The float64 reference and its bound for given kept sets, rescales and elected agreement (None: no
         election)."""
@@ -205,16 +216,9 @@ def _gta_check(method: MergeMethod, base: torch.Tensor, inputs: list, per_model:
                           for w, d, m, f in zip(weights, deltas64, masks, factors, strict=True)])
         if agree is None:
             mixed, absolute = wt.sum(0), wt.abs().sum(0)
-            d = torch.full_like(base64, float(sum(weights)))
-            d = torch.where(d.abs() < 1e-8, 1.0, d)
-            dabs = torch.full_like(base64, float(sum(abs(w) for w in weights)))
         else:
             mixed, absolute = (wt * agree).sum(0), (wt.abs() * agree).sum(0)
-            d = (wcol * agree).sum(0)
-            d = torch.where(d == 0, 1.0, d)
-            dabs = (wcol.abs() * agree).sum(0)
-        if not shared["normalize"]:
-            d, dabs = torch.ones_like(base64), torch.zeros_like(base64)
+        d, dabs = divisor(agree)
         step = lam * mixed / d
         limit = gamma(roundings, arithmetic) * (base64.abs() + abs(lam) * absolute / d.abs()) + \
             step.abs() * gamma(k, arithmetic) * dabs / d.abs()
@@ -271,11 +275,7 @@ def _gta_check(method: MergeMethod, base: torch.Tensor, inputs: list, per_model:
         # the merged model's own rescales: least squares on each input's contribution under the center's election,
         # rounded to the arithmetic dtype (a rescale is a 0-d tensor there) and clamped into its interval
         agree = election(masks, centers)[0] if consensus else None
-        if shared["normalize"]:
-            d = (wcol * agree).sum(0) if agree is not None else torch.full_like(base64, float(sum(weights)))
-            d = torch.where(d == 0, 1.0, d) if agree is not None else torch.where(d.abs() < 1e-8, 1.0, d)
-        else:
-            d = torch.ones_like(base64)
+        d = divisor(agree)[0]
         contributions = [lam * w * (dl if m is None else dl * m) * (1.0 if agree is None else agree[i]) / d
                          for i, (w, dl, m) in enumerate(zip(weights, deltas64, masks, strict=True))]
         free = [i for i, interval in enumerate(intervals) if interval is not None]

@@ -281,7 +281,7 @@ def similarity(sources: list, out, *, task_vectors: list | None = None, base=Non
                     a, b = adapter.factor(m.a_key).flatten(1), adapter.factor(m.b_key).flatten(1)
                     left, right = (a.T, b.T) if transposed else (b, a)
                     gram.add_lora(item, left, right, m.scale)
-                    left64, right64, scale = left.double(), right.double(), m.scale
+                    _, left64, right64, scale = gram.lora[-1]  # the float64 copies gram holds
                     rows_of.setdefault(item, []).append(
                         lambda i, j, left=left64, right=right64, scale=scale: (left[i:j] @ right) * scale)
                     continue
