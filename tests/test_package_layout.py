@@ -22,22 +22,23 @@ MAY_IMPORT = {
     "common": {"errors"},
     "io": {"errors", "version", "common"},
     "numerics": {"errors", "common"},
+    "exec": {"errors", "common"},
     "models": {"errors", "common", "io", "numerics"},
     "adapters": {"errors", "common", "io", "numerics", "models"},
     "merging": {"errors", "common", "io", "numerics"},
     "report": {"errors", "version", "common", "io", "numerics"},
-    "ops": {"errors", "version", "common", "io", "numerics", "models", "adapters", "merging", "report"},
-    "api": {"errors", "version", "common", "io", "numerics", "models", "adapters", "merging", "report", "ops"},
-    "example": {"errors", "version", "common", "io", "numerics", "models", "adapters", "merging", "report", "ops", "api"},
-    "__init__": {"errors", "version", "common", "io", "numerics", "models", "adapters", "merging", "report", "ops", "api",
+    "ops": {"errors", "version", "common", "io", "numerics", "models", "adapters", "merging", "exec", "report"},
+    "api": {"errors", "version", "common", "io", "numerics", "models", "adapters", "merging", "exec", "report", "ops"},
+    "example": {"errors", "version", "common", "io", "numerics", "models", "adapters", "merging", "exec", "report", "ops", "api"},
+    "__init__": {"errors", "version", "common", "io", "numerics", "models", "adapters", "merging", "exec", "report", "ops", "api",
                  "example"},
-    "cli": {"errors", "version", "common", "io", "numerics", "models", "adapters", "merging", "report", "ops", "api",
+    "cli": {"errors", "version", "common", "io", "numerics", "models", "adapters", "merging", "exec", "report", "ops", "api",
             "example", "__init__"},
 }
 # imported inside functions on purpose: heavy, and needed only by some commands (transformers for in-memory layouts
 # and config-only inspect, peft for its tuners, huggingface_hub for hub ids, matplotlib for plots, scipy for
-# similarity's clustering)
-LAZY_ALLOWED = {"transformers", "peft", "huggingface_hub", "matplotlib", "scipy"}
+# similarity's clustering, ray for --executor ray, fsspec and s3fs for object-store paths)
+LAZY_ALLOWED = {"transformers", "peft", "huggingface_hub", "matplotlib", "scipy", "ray", "fsspec", "s3fs"}
 
 
 def _modules():

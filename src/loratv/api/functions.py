@@ -73,6 +73,7 @@ def merge(
     base_config: Mapping[str, object] | None = None,
     force: bool = False,
     progress: bool = False,
+    executor: str = "local",
 ) -> MergeResult:
     """Merge a LoRA (or other PEFT) adapter into its base and write the merged model folder.
 
@@ -96,6 +97,10 @@ def merge(
         base_config: for a state-dict base, its config.json as a dict (optional; it tells e.g. Conv1D layouts).
         force: replace an existing output.
         progress: show a progress bar on stderr.
+        executor: "local" (this process), or "ray" / "ray=ADDRESS": Ray tasks that open their inputs themselves and
+            write their own output files (one per output shard; the base cannot be a state dict); the output must be
+            reachable from every worker, and the files are the local run's bit for bit (docs/scaling.md). A Ray session
+            this process started already is used.
 
     Returns:
         MergeResult: what was merged, replaced, added, copied and cast.
@@ -115,8 +120,9 @@ def merge(
     result = _merge.merge(_source(base), adapter_path, os.fspath(output), precision=precision,
                           compute_dtype=compute_dtype, device=device, max_shard_size=max_shard_size,
                           cast_base_first=cast_base_first, autocast_adapter_dtype=autocast_adapter_dtype,
-                          peft_arithmetic=peft_arithmetic, base_config=dict(base_config) if base_config is not None else None, force=force,
-                          progress=progress)
+                          peft_arithmetic=peft_arithmetic,
+                          base_config=dict(base_config) if base_config is not None else None, force=force,
+                          progress=progress, executor=executor)
     return _merge_result(result, Path(output))
 
 
@@ -131,6 +137,7 @@ def merge_models(
     dtype_like_mergekit: bool = False,
     force: bool = False,
     progress: bool = False,
+    executor: str = "local",
 ) -> ModelMergeResult:
     """Merge several models of one architecture by a mergekit YAML recipe and write the merged model folder.
 
@@ -151,6 +158,9 @@ def merge_models(
             instead of `compute_dtype`: mergekit's bits and roundings.
         force: replace an existing output.
         progress: show a progress bar on stderr.
+        executor: "local" (this process), or "ray" / "ray=ADDRESS": Ray tasks that open their inputs themselves and
+            write their own output files (one per output shard); the output must be reachable from every worker, and the
+            files are the local run's bit for bit (docs/scaling.md). A Ray session this process started already is used.
 
     Returns:
         ModelMergeResult: what was merged and copied.
@@ -168,7 +178,8 @@ def merge_models(
             raise BadInputError(f"{param('max_shard_size', max_shard_size)}: {exc}.") from None
     result = _merge_models.merge_models(os.fspath(config), os.fspath(output), compute_dtype=compute_dtype,
                                         device=device, max_shard_size=max_shard_size, seed=seed,
-                                        dtype_like_mergekit=dtype_like_mergekit, force=force, progress=progress)
+                                        dtype_like_mergekit=dtype_like_mergekit, force=force, progress=progress,
+                                        executor=executor)
     return ModelMergeResult(output=Path(output), method=result.method, inputs=tuple(result.inputs),
                             merged=tuple(result.merged), copied=tuple(result.copied))
 
@@ -206,6 +217,18 @@ def verify_merge(config: PathLike, merged: PathLike, output: PathLike | None = N
                              failing_tensors=tuple(summary["failing_tensors"]), record=record)
 
 
+def _task_bytes(value: int | str | None, default: int) -> int:
+    if value is None:
+        return default
+    try:
+        size = parse_size(value) if isinstance(value, str) else int(value)
+    except ValueError as exc:
+        raise BadInputError(f"{param('task_bytes', value)}: {exc}.") from None
+    if size <= 0:
+        raise BadInputError(f"{param('task_bytes', value)}: give a positive size.")
+    return size
+
+
 def _merge_result(result: _merge.MergeResult, output: Path | None) -> MergeResult:
     return MergeResult(output=output, total_tensors=result.total_tensors, merged=tuple(result.merged),
                        replaced=tuple(result.replaced), added=tuple(result.added), copied=result.copied,
@@ -227,6 +250,8 @@ def extract(
     storage_dtype: str = "auto",
     force: bool = False,
     progress: bool = False,
+    executor: str = "local",
+    task_bytes: int | str | None = None,
 ) -> TaskVectorResult:
     """Write the task vector T = finetuned − base (exact, rounded once to the storage dtype) to a folder.
 
@@ -238,6 +263,11 @@ def extract(
         storage_dtype: "auto" (float32, float64 for float64 inputs), "fp32" or "fp64".
         force: replace an existing output.
         progress: show a progress bar on stderr.
+        executor: "local" (this process), or "ray" / "ray=ADDRESS": Ray tasks that open their inputs themselves and
+            write their own output files (one per group of tensors; the models cannot be state dicts); the output must
+            be reachable from every worker, and the files are the local run's bit for bit (docs/scaling.md). A Ray
+            session this process started already is used.
+        task_bytes: with Ray, the input bytes one task reads at most, or a size such as "1GB" (None: 2 GiB).
 
     Returns:
         TaskVectorResult: the record of task_vector.json.
@@ -248,7 +278,8 @@ def extract(
         LoratvError: any other refusal (e.g. a NaN in an input).
     """
     _extract.extract(_source(base), _source(finetuned), os.fspath(output), dense=dense, storage_dtype=storage_dtype,
-                     force=force, progress=progress)
+                     force=force, progress=progress, executor=executor,
+                     task_bytes=_task_bytes(task_bytes, _extract.TASK_BYTES))
     record = safe_json.read(Path(output) / _extract.REPORT_FILE)
     return TaskVectorResult(output=Path(output), record=record)
 
@@ -266,6 +297,8 @@ def compare(
     plots: bool = True,
     force: bool = False,
     progress: bool = False,
+    executor: str = "local",
+    task_bytes: int | str | None = None,
 ) -> Comparison:
     """Compare an adapter's ΔW with a task vector, tensor by tensor, and certify their equivalence.
 
@@ -282,6 +315,10 @@ def compare(
         plots: with `output`, also write the PNG plots and report.html.
         force: replace an existing output.
         progress: show a progress bar on stderr.
+        executor: "local" (this process), or "ray" / "ray=ADDRESS": Ray tasks that open their inputs themselves (one
+            per group of tensors; the models cannot be state dicts); `output` must be reachable from every worker,
+            and the record and files are the local run's bit for bit (docs/scaling.md).
+        task_bytes: with Ray, the input bytes one task reads at most, or a size such as "1GB" (None: 2 GiB).
 
     Returns:
         Comparison: `.verdict`, `.counts`, `.tensors`, `.worst(n)` and `.to_dict()` (the JSON record).
@@ -295,7 +332,8 @@ def compare(
     adapter_path = _named(adapter, adapter_name)
     tv = os.fspath(task_vector) if task_vector is not None else None
     ft = _source(finetuned) if finetuned is not None else None
-    kwargs = dict(task_vector=tv, finetuned=ft, tolerance=tolerance, device=device, progress=progress)
+    kwargs = dict(task_vector=tv, finetuned=ft, tolerance=tolerance, device=device, progress=progress,
+                  executor=executor, task_bytes=_task_bytes(task_bytes, _compare.TASK_BYTES))
     if output is None:
         record = _compare.compare(_source(base), adapter_path, **kwargs)  # type: ignore[arg-type]
         return Comparison(record=record, output=None)
@@ -318,6 +356,8 @@ def validate(
     plots: bool = True,
     force: bool = False,
     progress: bool = False,
+    executor: str = "local",
+    task_bytes: int | str | None = None,
 ) -> Comparison:
     """Merge, extract and compare in one output folder (the seed's final_validation.py).
 
@@ -458,6 +498,8 @@ def to_lora(
     device: str = "cpu",
     force: bool = False,
     progress: bool = False,
+    executor: str = "local",
+    task_bytes: int | str | None = None,
 ) -> ToLoraResult:
     """Compress a task vector into a PEFT LoRA adapter by truncated SVD (`loratv to-lora`).
 
@@ -477,6 +519,10 @@ def to_lora(
         device: "cpu", "cuda" or "cuda:N".
         force: replace an existing output.
         progress: show a progress bar on stderr.
+        executor: "local" (this process), or "ray" / "ray=ADDRESS": Ray tasks that open their inputs themselves and
+            compute the SVDs of a group of tensors each; `output` must be reachable from every worker, and the files
+            are the local run's bit for bit (docs/scaling.md).
+        task_bytes: with Ray, the task-vector bytes one task reads at most, or a size such as "1GB" (None: 1 GiB).
 
     Returns:
         ToLoraResult: the fidelity record.
@@ -489,7 +535,8 @@ def to_lora(
     record = _to_lora.to_lora(os.fspath(output), base=_opt(base), finetuned=_opt(finetuned),
                               task_vector=_opt(task_vector), criterion=criterion, include=include, exclude=exclude,
                               skip_cast_artifacts=skip_cast_artifacts, dtype=dtype, device=device, force=force,
-                              progress=progress)
+                              progress=progress, executor=executor,
+                              task_bytes=_task_bytes(task_bytes, _to_lora.TASK_BYTES))
     return ToLoraResult(record=record, output=Path(output))
 
 
@@ -548,6 +595,8 @@ def similarity(
     plots: bool = True,
     force: bool = False,
     progress: bool = False,
+    executor: str = "local",
+    task_bytes: int | str | None = None,
 ) -> SimilarityResult:
     """Map how alike many adapters (and task vectors) on one base are (`loratv similarity`).
 
@@ -566,6 +615,11 @@ def similarity(
         plots: draw similarity_heatmap.png and similarity_per_layer.png.
         force: replace an existing output.
         progress: show a progress bar on stderr.
+        executor: "local" (this process), or "ray" / "ray=ADDRESS": Ray tasks that open their inputs themselves and
+            write their own output files (one per group of tensors, returning partial sums added in the local order);
+            the output must be reachable from every worker, and the files are the local run's bit for bit
+            (docs/scaling.md). A Ray session this process started already is used.
+        task_bytes: with Ray, the input bytes one task reads at most, or a size such as "1GB" (None: 256 MiB of factors).
 
     Returns:
         SimilarityResult: the record.
@@ -579,7 +633,8 @@ def similarity(
                                     task_vectors=[os.fspath(t) for t in task_vectors or []],
                                     base=_opt(base), duplicate_cosine=duplicate_cosine,
                                     sign_conflicts=sign_conflicts, density=density, plots=plots, force=force,
-                                    progress=progress)
+                                    progress=progress, executor=executor,
+                                    task_bytes=_task_bytes(task_bytes, _similarity.TASK_BYTES))
     return SimilarityResult(record=record, output=Path(output))
 
 

@@ -63,6 +63,25 @@ def add_device_flag(p):
     p.add_argument("--device", default="cpu", help="where deltas are computed: cpu, cuda or cuda:N (default: cpu)")
 
 
+def add_executor_flag(p, unit: str, task_bytes: str | None = None):
+    """Add --executor (local, ray or ray=ADDRESS), and --task-bytes where a task is a group of tensors.
+
+    Args:
+        p: the parser (or subparser) to add them to.
+        unit: what one Ray task does, for the help text.
+        task_bytes: the default of --task-bytes, for the help text (None: no such flag).
+    """
+    p.add_argument("--executor", default="local", metavar="local|ray[=ADDRESS]",
+                   help=f"where the work runs: local (this process, the default), or ray: {unit}, each task opening "
+                        "its inputs itself; ADDRESS is a cluster (auto, host:port, ray://host:10001), else "
+                        "RAY_ADDRESS or a new local Ray instance. The output folder must be reachable from every "
+                        "worker; the files are the local run's bit for bit (docs/scaling.md)")
+    if task_bytes is not None:
+        p.add_argument("--task-bytes", type=_size, default=None, metavar="SIZE",
+                       help=f"with --executor ray: the input bytes one task reads at most, e.g. 1GB (default "
+                            f"{task_bytes})")
+
+
 def add_adapter_name_flag(p):
     """Add --adapter-name, the adapter to use in a folder that holds several (PEFT's subfolders).
 
@@ -125,6 +144,7 @@ def add_merge_arguments(p):
                    help="HRA: run PEFT's own merge (its n×n reflection product, then an n³ matmul per module) for "
                         "PEFT's bits, instead of loratv's compact WY evaluation in float64 rounded once (faster, and "
                         "within half an ulp of the exact merge plus a float64 term)")
+    add_executor_flag(p, "one task per output shard (see --max-shard-size)")
     add_output_flags(p)
 
 
@@ -148,6 +168,7 @@ def add_merge_models_arguments(p):
     p.add_argument("--dtype-like-mergekit", action="store_true",
                    help="compute each tensor in the dtype mergekit does (the config's dtype, else the inputs' own: "
                         "bf16 arithmetic for bf16 inputs) instead of --compute-dtype: mergekit's bits and roundings")
+    add_executor_flag(p, "one task per output shard (see --max-shard-size)")
     add_output_flags(p)
 
 
@@ -165,6 +186,7 @@ def add_extract_arguments(p):
                    help="dtype of the stored differences, each the exact difference rounded once: auto = float32 "
                         "(float64 if an input is float64); the JSON counts rounded elements")
     p.add_argument("--config", help="YAML file whose keys are this command's flag names (e.g. base, finetuned, output)")
+    add_executor_flag(p, "one task per group of tensors of at most --task-bytes of input", "2GiB")
     add_output_flags(p)
 
 
@@ -186,6 +208,7 @@ def add_compare_arguments(p):
     add_device_flag(p)
     p.add_argument("--no-plots", action="store_true", help="skip the four PNG plots")
     p.add_argument("--json", action="store_true", help="print the comparison record (JSON) instead of the summary")
+    add_executor_flag(p, "one task per group of tensors of at most --task-bytes of input", "2GiB")
     add_output_flags(p)
 
 
@@ -264,6 +287,7 @@ def add_to_lora_arguments(p):
                    help="dtype of the stored LoRA factors (default: fp32); the errors reported include their rounding")
     add_device_flag(p)
     p.add_argument("--json", action="store_true", help="print the fidelity record (JSON) instead of the summary")
+    add_executor_flag(p, "one task per group of tensors of at most --task-bytes, each computing its SVDs", "1GiB")
     add_output_flags(p)
 
 
@@ -398,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --sign-conflicts: the fraction of each tensor in an input's support (default 0.2)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--json", action="store_true", help=f"print the record ({SIMILARITY_FILE}) instead of the summary")
+    add_executor_flag(p, "one task per group of tensors of at most --task-bytes of factors, returning partial sums "
+                      "that are added in the local order", "256MiB")
     add_output_flags(p)
     p.set_defaults(func=cmd_similarity)
 
@@ -517,7 +543,8 @@ def cmd_merge(args) -> int:
     result = merge(base, adapter, out, precision=args.precision, compute_dtype=args.compute_dtype, device=args.device,
                    max_shard_size=args.max_shard_size, cast_base_first=getattr(args, "cast_base_first", False),
                    autocast_adapter_dtype=not getattr(args, "no_autocast_adapter_dtype", False),
-                   peft_arithmetic=getattr(args, "peft_arithmetic", False), force=args.force, progress=not args.quiet)
+                   peft_arithmetic=getattr(args, "peft_arithmetic", False), force=args.force, progress=not args.quiet,
+                   executor=getattr(args, "executor", "local"))
     if not args.quiet:
         for note in result.notes:
             print(f"note: {note}")
@@ -536,7 +563,8 @@ def cmd_merge_models(args) -> int:
     """
     result = merge_models(args.recipe, args.output, compute_dtype=args.compute_dtype, device=args.device,
                           max_shard_size=args.max_shard_size, seed=args.seed,
-                          dtype_like_mergekit=args.dtype_like_mergekit, force=args.force, progress=not args.quiet)
+                          dtype_like_mergekit=args.dtype_like_mergekit, force=args.force, progress=not args.quiet,
+                          executor=args.executor)
     if not args.quiet:
         print(result.summary())
     return 0
@@ -560,6 +588,14 @@ def cmd_verify_merge(args) -> int:
     return 1 if record["summary"]["verdict"] == "NOT EQUIVALENT" else 0
 
 
+def _executor_options(args) -> dict:
+    """--executor and --task-bytes as keyword arguments (a default --task-bytes left to the command)."""
+    options = {"executor": getattr(args, "executor", "local")}
+    if getattr(args, "task_bytes", None) is not None:
+        options["task_bytes"] = args.task_bytes
+    return options
+
+
 def cmd_extract(args) -> int:
     """Run `loratv extract`: write the task vector (fine-tuned minus base) and print its summary.
 
@@ -572,7 +608,7 @@ def cmd_extract(args) -> int:
 
     base, finetuned = _base_and_finetuned(args, "extract", "fp32")
     result = extract(base, finetuned, args.output, dense=args.dense, storage_dtype=args.storage_dtype,
-                     force=args.force, progress=not args.quiet)
+                     force=args.force, progress=not args.quiet, **_executor_options(args))
     if not args.quiet:
         print(result.summary())
         print(f"wrote {os.path.join(args.output, 'task_vector.safetensors')} and {os.path.join(args.output, 'task_vector.json')}")
@@ -622,7 +658,7 @@ def cmd_compare(args) -> int:
     with atomic_output_dir(args.output, [i for i in inputs if i is not None and os.path.exists(i)], force=args.force) as tmp:
         record = compare(base, adapter, task_vector=task_vector, finetuned=finetuned, tolerance=args.tolerance,
                          device=args.device, deltas_path=tmp / DELTAS_FILE, progress=not args.quiet and not args.json,
-                         command=_command_line())
+                         command=_command_line(), **_executor_options(args))
         write_comparison_files(record, tmp, plots=not args.no_plots)
     _print_record(args, record, f"wrote {_folder(args.output)}")
     return _verdict_exit(record)
@@ -702,7 +738,8 @@ def cmd_analyze(args) -> int:
     record = run_analysis(args.output, base=args.base, adapter=args.adapter, lora_deltas=args.lora_deltas,
                           task_vector=args.task_vector, finetuned=args.finetuned, spectrum=args.spectrum,
                           exact_svd=args.exact_svd, device=args.device, plots=not args.no_plots, force=args.force,
-                          progress=not args.quiet and not args.json, command=_command_line())
+                          progress=not args.quiet and not args.json, command=_command_line(),
+                        **_executor_options(args))
     if args.json:
         sys.stdout.write(dump_json(record))
     elif not args.quiet:
@@ -736,7 +773,7 @@ def cmd_to_lora(args) -> int:
                      criterion=criterion, include=args.include, exclude=args.exclude,
                      skip_cast_artifacts=args.skip_cast_artifacts, dtype=args.dtype,
                      device=args.device, force=args.force, progress=not args.quiet and not args.json,
-                     command=_command_line())
+                     command=_command_line(), **_executor_options(args))
     if args.json:
         sys.stdout.write(dump_json(record))
     elif not args.quiet:
@@ -778,7 +815,8 @@ def cmd_similarity(args) -> int:
     record = similarity(adapters, args.output, task_vectors=args.task_vectors, base=args.base,
                         duplicate_cosine=args.duplicate_cosine, sign_conflicts=args.sign_conflicts,
                         density=args.density, plots=not args.no_plots, force=args.force,
-                        progress=not args.quiet and not args.json, command=_command_line())
+                        progress=not args.quiet and not args.json, command=_command_line(),
+                        **_executor_options(args))
     if args.json:
         sys.stdout.write(dump_json(record))
     elif not args.quiet:

@@ -201,15 +201,26 @@ class ShardedWriter:
             closing.wait()
             self.digests[closing.path.name] = closing.sha256
         self._closing = []
-        if len(self.shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(t.nbytes for _, g in self.shards for t in g)},
-                "weight_map": {t.name: file for file, g in self.shards for t in g},
-            }
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_index(self.folder, self.shards)
 
     def abort(self) -> None:
         """Stop every shard writer without finishing its file (the caller removes the output)."""
         for w in [*self._closing, self._writer]:
             if w is not None:
                 w.abort()
+
+
+def write_index(folder: Path, shards) -> None:
+    """Write model.safetensors.index.json for a layout of more than one shard (nothing for a single file).
+
+    Args:
+        folder: the output folder.
+        shards: the whole layout, [(shard file name, [OutTensor])].
+    """
+    if len(shards) < 2:
+        return
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for _, g in shards for t in g)},
+        "weight_map": {t.name: file for file, g in shards for t in g},
+    }
+    (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

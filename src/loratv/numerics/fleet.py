@@ -14,6 +14,8 @@ Gram's own rounding; smaller directions are noise), Qᵢ = LᵢWᵢ and QᵢᵀQ
 pass over m or n. All in float64.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -209,6 +211,18 @@ class TensorGram:
 SIGN_BLOCK = 1 << 20  # elements per item per step of the sign pass
 
 
+@dataclass
+class SignPartial:
+    """One tensor's share of the sign statistics: conflict and common-support counts among its items, and the
+    trimmed magnitude that agrees with the elected sign, of the total."""
+
+    items: list
+    conflicts: torch.Tensor
+    common: torch.Tensor
+    agreeing: float
+    mass: float
+
+
 class SignConflicts:
     """TIES's view of K deltas, accumulated tensor by tensor: each delta trimmed to its top-k support (the elements
     whose |ΔWᵢ| is at least its k-th largest, k = density·numel), then per pair the fraction of their common support
@@ -228,8 +242,7 @@ class SignConflicts:
         self.mass = 0.0
 
     def add(self, items: list[int], rows_of: list, shape: tuple) -> float | None:
-        """One tensor: each item's delta given by rows, so that only one item's whole delta (for its cut) and one
-        block of rows of every item are ever held.
+        """One tensor, measured (see `measure`) and added to the totals.
 
         Args:
             items: the items' positions.
@@ -239,11 +252,26 @@ class SignConflicts:
         Returns:
             This tensor's agreement ratio (None when no element is kept).
         """
+        return self.accumulate(self.measure(items, rows_of, shape))
+
+    def measure(self, items: list[int], rows_of: list, shape: tuple) -> "SignPartial":
+        """One tensor's counts and masses, each item's delta given by rows, so that only one item's whole delta (for
+        its cut) and one block of rows of every item are ever held.
+
+        Args:
+            items: the items' positions.
+            rows_of: per item, a callable (start, stop) -> rows [start, stop) of its (m, n) delta, float64.
+            shape: (m, n).
+
+        Returns:
+            The tensor's partial sums, to be added by `accumulate` (tensors in a fixed order).
+        """
         m, n = shape
         keep = max(1, int(self.density * m * n))
         cuts = torch.stack([torch.kthvalue(rows(0, m).abs().reshape(-1), m * n - keep + 1).values for rows in rows_of])
-        index = torch.tensor(items)
         step = max(1, SIGN_BLOCK // max(1, n))
+        conflicts = torch.zeros(len(items), len(items), dtype=torch.float64)
+        common = torch.zeros(len(items), len(items), dtype=torch.float64)
         agreeing = mass = 0.0
         for start in range(0, m, step):
             stop = min(m, start + step)
@@ -252,15 +280,30 @@ class SignConflicts:
             trimmed = torch.where(kept, block, 0.0)
             positive, negative = (trimmed > 0).double(), (trimmed < 0).double()
             support = kept.double()
-            self.conflicts[index.unsqueeze(1), index.unsqueeze(0)] += positive @ negative.T + negative @ positive.T
-            self.common[index.unsqueeze(1), index.unsqueeze(0)] += support @ support.T
+            # element counts: integers in float64, exact in any order
+            conflicts += positive @ negative.T + negative @ positive.T
+            common += support @ support.T
             elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0)
             magnitude = trimmed.abs()
             agreeing += float((magnitude * (torch.sign(trimmed) == elected)).sum())
             mass += float(magnitude.sum())
-        self.agreeing_mass += agreeing
-        self.mass += mass
-        return agreeing / mass if mass > 0 else None
+        return SignPartial(list(items), conflicts, common, agreeing, mass)
+
+    def accumulate(self, partial: "SignPartial") -> float | None:
+        """Add one tensor's partial sums to the totals.
+
+        Args:
+            partial: what `measure` returned for the tensor.
+
+        Returns:
+            The tensor's agreement ratio (None when no element is kept).
+        """
+        index = torch.tensor(partial.items)
+        self.conflicts[index.unsqueeze(1), index.unsqueeze(0)] += partial.conflicts
+        self.common[index.unsqueeze(1), index.unsqueeze(0)] += partial.common
+        self.agreeing_mass += partial.agreeing
+        self.mass += partial.mass
+        return partial.agreeing / partial.mass if partial.mass > 0 else None
 
     def rates(self) -> torch.Tensor:
         """Per pair, conflicting elements over common support elements (NaN where they share none).

@@ -7,8 +7,10 @@ The result is a plain record (schema in docs/comparison-results.md) that reports
 """
 
 import math
+import shutil
 import threading
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,8 @@ from loratv.common.names import LAYER
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks
 from loratv.errors import BadInputError, LoratvError, param
+from loratv.exec.executor import ExecutorSpec, byte_groups, make_executor, parse_executor
+from loratv.exec.parts import PARTS_FOLDER, PartWriter
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.safetensors_format import SafetensorsWriter, tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint, source_name
@@ -51,6 +55,7 @@ REPORT_FILE = "detailed_comparison_report.txt"
 DELTAS_FILE = "lora_deltas.safetensors"
 READ_BYTES = 64 << 20  # per input and read
 WORKERS = 2  # tensors compared at once (one per core)
+TASK_BYTES = 2 << 30  # with an executor: input bytes per task (each task also opens every input once)
 BLOCK_ELEMENTS = 1 << 17  # float64 work arrays of 1 MB: the fastest size measured (docs/benchmarks.md)
 # |T − ΔW| is evaluated in float64 (one subtraction, relative error ≤ 2^-53); the margin covers it
 DIFF_MARGIN = 1 + 2 * unit_roundoff(torch.float64)
@@ -467,6 +472,8 @@ def compare(
     deltas_path=None,
     progress: bool = False,
     command: str | None = None,
+    executor: "str | ExecutorSpec" = "local",
+    task_bytes: int = TASK_BYTES,
 ) -> dict:
     """Compare and return the record (docs/comparison-results.md); write ΔW to `deltas_path` when given.
 
@@ -482,6 +489,10 @@ def compare(
             for a float64 base); None writes nothing.
         progress: show a progress bar.
         command: the command line, recorded in the record.
+        executor: "local", or "ray" / "ray=ADDRESS": one Ray task per group of tensors of at most `task_bytes` of
+            input, each opening the inputs itself (deltas_path's folder must be reachable from every worker); the
+            record and the ΔW file are the local run's, bit for bit.
+        task_bytes: with Ray, the input bytes (base + task vector) one task reads at most.
 
     Returns:
         The comparison record (schema loratv.comparison): inputs, tolerance, summary with the verdict, one record
@@ -496,7 +507,23 @@ def compare(
         raise BadInputError(f"compare needs exactly one of {param('task_vector')} and {param('finetuned')}.")
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise BadInputError(f"{param('tolerance', tolerance)}: must be a finite number ≥ 0.")
+    run_on = parse_executor(executor)
     dev = resolve_device(device)
+    base, adapter, plan, tv, targeted, comparisons = _open_inputs(base_source, adapter_source, task_vector, finetuned)
+    if run_on.kind == "local":
+        writer = _deltas_writer(base, adapter, targeted, deltas_path) if deltas_path is not None else None
+        _stream(base, adapter, plan, tv, comparisons, targeted, dev, writer, progress)
+    else:
+        _stream_as_tasks(run_on, (base_source, adapter_source, task_vector, finetuned, device), base, adapter, tv,
+                         comparisons, targeted, deltas_path, task_bytes)
+    for stats in comparisons.values():
+        _categorise(stats)
+    return build_record(base, adapter, tv, plan, comparisons, tolerance, command)
+
+
+def _open_inputs(base_source, adapter_source, task_vector, finetuned) -> tuple:
+    """The base, the adapter bound to it, the task vector (stored or live), the targeted tensors and a fresh
+    TensorComparison per base tensor."""
     base = open_checkpoint(base_source, label=f"base {source_name(base_source)}")
     adapter = load_adapter(adapter_source)
     plan = bind(adapter, base)
@@ -517,16 +544,89 @@ def compare(
     for name in base.names():
         entry = base.entry(name)
         comparisons[name] = TensorComparison(name, tuple(entry.shape), entry.dtype, tv.finetuned_dtype(name), name in targeted)
-    _stream(base, adapter, plan, tv, comparisons, targeted, dev, deltas_path, progress)
-    for stats in comparisons.values():
-        _categorise(stats)
-    return build_record(base, adapter, tv, plan, comparisons, tolerance, command)
+    return base, adapter, plan, tv, targeted, comparisons
 
 
-def _stream(base, adapter, plan, tv, comparisons, targeted, dev, deltas_path, progress) -> None:
-    """One pass over the tensors that need reading, WORKERS tensors at a time, results taken in base order."""
+def _deltas_writer(base, adapter, targeted: list, deltas_path) -> SafetensorsWriter:
+    """The writer of lora_deltas.safetensors: ΔW of each targeted tensor under its base name."""
+    metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "compare",
+                "base": str(base.source), "adapter": str(adapter.source),
+                "content": "ΔW per targeted tensor under base names, float64 value rounded once"}
+    return SafetensorsWriter(deltas_path, [(n, base.entry(n).shape) for n in targeted], metadata)
+
+
+def compare_group_task(sources: tuple, names: list, part: str | None) -> tuple[list, dict, dict]:
+    """A group of tensors of a comparison, as a unit of work for an executor: opens every input itself, compares the
+    named tensors as `compare` does and appends their ΔW to the file `part` (when given).
+
+    Args:
+        sources: (base, adapter, task_vector, finetuned, device), as `compare` got them.
+        names: the tensors of this group, in base order.
+        part: the part file for ΔW (None: ΔW is not kept).
+
+    Returns:
+        (the TensorComparison of each named tensor, {tensor: (offset, nbytes)} and {tensor: dtype code} of the ΔW
+        written to the part file).
+
+    Raises:
+        LoratvError: as `compare`, for these tensors.
+    """
+    base_source, adapter_source, task_vector, finetuned, device = sources
+    base, adapter, plan, tv, targeted, comparisons = _open_inputs(base_source, adapter_source, task_vector, finetuned)
+    writer = PartWriter(Path(part)) if part is not None else None
+    _stream(base, adapter, plan, tv, comparisons, targeted, resolve_device(device), writer, False, names)
+    return [comparisons[n] for n in names], writer.spans if writer else {}, writer.codes if writer else {}
+
+
+def _stream_as_tasks(run_on: ExecutorSpec, sources: tuple, base, adapter, tv, comparisons: dict, targeted: list,
+                     deltas_path, task_bytes: int) -> None:
+    """One executor task per group of at most task_bytes of input; the driver takes their comparisons in base
+    order and copies their ΔW into lora_deltas.safetensors, which is then the local run's bit for bit."""
+    if any(isinstance(s, Mapping) for s in sources[:4]):
+        raise BadInputError(f"{param('executor', str(run_on))} sends paths to its tasks, not tensors: give the models "
+                            "as folders, files or hub ids, not state dicts.")
     names = [n for n in base.names() if n in targeted or tv.needs_read(n)]
-    keep_deltas = deltas_path is not None
+    groups = byte_groups([2 * base.entry(n).nbytes for n in names], task_bytes)
+    parts = Path(deltas_path).parent / PARTS_FOLDER if deltas_path is not None else None
+    if parts is not None:
+        parts.mkdir(exist_ok=True)
+    jobs = [(tuple(str(s) if s is not None else None for s in sources[:4]) + (sources[4],),
+             [names[i] for i in group], str(parts / f"compare-{g:05d}.part") if parts is not None else None)
+            for g, group in enumerate(groups)]
+    executor = make_executor(run_on)
+    try:
+        outcomes = executor.map(compare_group_task, jobs)
+    finally:
+        executor.close()
+    writer = _deltas_writer(base, adapter, targeted, deltas_path) if deltas_path is not None else None
+    try:
+        for job, (group, spans, codes) in zip(jobs, outcomes):
+            for stats in group:
+                comparisons[stats.name] = stats
+                if writer is not None and stats.name in spans:
+                    offset, nbytes = spans[stats.name]
+                    writer.begin(stats.name, codes[stats.name], base.entry(stats.name).shape)
+                    writer.copy_from(Path(str(job[2])), offset, nbytes)
+                    writer.end()
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        if parts is not None:
+            shutil.rmtree(parts, ignore_errors=True)
+
+
+def _stream(base, adapter, plan, tv, comparisons, targeted, dev, writer, progress, only: list | None = None) -> None:
+    """One pass over the tensors that need reading (of `only`, when given), WORKERS tensors at a time, results taken
+    in base order; ΔW of each targeted tensor goes to `writer` when there is one (closed here, or aborted)."""
+    names = [n for n in base.names() if n in targeted or tv.needs_read(n)]
+    if only is not None:
+        wanted = set(only)
+        names = [n for n in names if n in wanted]
+    keep_deltas = writer is not None
     local = threading.local()
 
     def run(name):
@@ -545,12 +645,6 @@ def _stream(base, adapter, plan, tv, comparisons, targeted, dev, deltas_path, pr
         _finish(stats, state, base)
         return pieces if keep_deltas and stats.targeted else None
 
-    writer = None
-    if keep_deltas:
-        metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "compare",
-                    "base": str(base.source), "adapter": str(adapter.source),
-                    "content": "ΔW per targeted tensor under base names, float64 value rounded once"}
-        writer = SafetensorsWriter(deltas_path, [(n, base.entry(n).shape) for n in targeted], metadata)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread per tensor: its many small operations parallelise badly within
     try:

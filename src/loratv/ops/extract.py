@@ -9,7 +9,8 @@ values is at least 2^-149 in magnitude, so storing it in float32 never turns a c
 
 import json
 import math
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from loratv.common.prefetch import prefetched
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks
 from loratv.errors import BadInputError, LoratvError, param
+from loratv.exec.executor import ExecutorSpec, byte_groups, make_executor, parse_executor
+from loratv.exec.parts import PARTS_FOLDER, PartWriter
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import checkpoint_record, write_manifest
 from loratv.io.outputs import atomic_output_dir
@@ -147,6 +150,7 @@ def storage_code(base_code: str, ft_code: str, storage_dtype: str) -> str:
 
 READ_BYTES = 64 << 20  # per input and read: large sequential reads
 COMPUTE_ELEMENTS = 1 << 18  # float64 temporaries of 2 MB stay in cache and are reused by malloc
+TASK_BYTES = 2 << 30  # with an executor: input bytes per task (amortises each task's opening of both models)
 KEEP_BYTES = 256 << 20  # a changed tensor up to this size is kept from the first pass instead of read again
 
 
@@ -340,6 +344,8 @@ def extract(
     storage_dtype: str = "auto",
     force: bool = False,
     progress: bool = False,
+    executor: "str | ExecutorSpec" = "local",
+    task_bytes: int = TASK_BYTES,
 ) -> ExtractResult:
     """Write the task vector fine-tuned − base to OUT/task_vector.safetensors, with task_vector.json and a manifest.
 
@@ -355,6 +361,11 @@ def extract(
             "fp64"; integer tensors are stored as int64 whatever it is.
         force: replace an existing output folder.
         progress: show a progress bar.
+        executor: "local", or "ray" / "ray=ADDRESS": one Ray task per group of tensors of at most `task_bytes` of
+            input, each opening the models itself (the output folder must be reachable from every worker); the files
+            are the local run's, bit for bit.
+        task_bytes: with Ray, the input bytes (base + fine-tuned) one task reads at most (a bigger tensor is a task
+            of its own).
 
     Returns:
         The output folder and a TensorStats per base tensor, in base order.
@@ -366,6 +377,7 @@ def extract(
     """
     if storage_dtype not in STORAGE_DTYPES:
         raise BadInputError(f"{param('storage_dtype', storage_dtype)}: choose one of {', '.join(STORAGE_DTYPES)}.")
+    run_on = parse_executor(executor)
     base, ft = _open_pair(base_source, finetuned_source)
 
     result = ExtractResult(output=Path(out))
@@ -378,6 +390,30 @@ def extract(
         "subtraction": SUBTRACTION,
     }
     names = base.names()
+    with atomic_output_dir(out, [base.path, ft.path], force=force) as tmp:
+        writer = SafetensorsWriter(tmp / TENSOR_FILE, [(n, base.entry(n).shape) for n in names], metadata)
+        try:
+            if run_on.kind == "local":
+                result.tensors = _extract_tensors(base, ft, names, storage_dtype, dense, writer, progress)
+            else:
+                result.tensors = _extract_as_tasks(run_on, base_source, finetuned_source, base, ft, storage_dtype,
+                                                   dense, task_bytes, writer, tmp)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        shutil.rmtree(tmp / PARTS_FOLDER, ignore_errors=True)  # the tasks' part files, copied in by close()
+        report = build_report(result, base, ft, dense=dense, storage_dtype=storage_dtype)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        write_manifest(tmp, "extract", {"base": checkpoint_record(base), "finetuned": checkpoint_record(ft)},
+                       {TENSOR_FILE: writer.sha256})
+    return result
+
+
+def _extract_tensors(base: Checkpoint, ft: Checkpoint, names: list, storage_dtype: str, dense: bool, writer,
+                     progress: bool = False) -> list:
+    """Measure each named tensor's difference and write the stored ones through `writer` (begin/write/end), in
+    order, reading one chunk ahead; returns their TensorStats."""
     total = sum(base.entry(n).nbytes + ft.entry(n).nbytes for n in names)
     chunks_of = {
         n: list(row_chunks(base.entry(n).shape, max(base.entry(n).element_size, ft.entry(n).element_size), READ_BYTES))
@@ -389,31 +425,81 @@ def extract(
         name, start, stop = job
         return base.read_rows(name, start, stop, buffers[slot][0]), ft.read_rows(name, start, stop, buffers[slot][1])
 
+    measured = []
     reader = prefetched(((n, s, e) for n in names for s, e in chunks_of[n]), read)
-    with atomic_output_dir(out, [base.path, ft.path], force=force) as tmp:
-        writer = SafetensorsWriter(tmp / TENSOR_FILE, [(n, base.entry(n).shape) for n in names], metadata)
-        try:
-            with progress_bar(total, "extract", enabled=progress) as bar:
-                for name in names:
-                    be, fe = base.entry(name), ft.entry(name)
-                    stats = TensorStats(name, be.shape, be.dtype, fe.dtype, storage_code(be.dtype, fe.dtype, storage_dtype))
-                    chunks = chunks_of[name]
-                    pieces = _measure(base, ft, name, stats, chunks, reader)
-                    if stats.changed or dense:
-                        _write_tensor(writer, base, ft, name, stats, chunks, pieces)
-                    result.tensors.append(stats)
-                    bar.update(be.nbytes + fe.nbytes)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            reader.close()
-        report = build_report(result, base, ft, dense=dense, storage_dtype=storage_dtype)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        write_manifest(tmp, "extract", {"base": checkpoint_record(base), "finetuned": checkpoint_record(ft)},
-                       {TENSOR_FILE: writer.sha256})
-    return result
+    try:
+        with progress_bar(total, "extract", enabled=progress) as bar:
+            for name in names:
+                be, fe = base.entry(name), ft.entry(name)
+                stats = TensorStats(name, be.shape, be.dtype, fe.dtype, storage_code(be.dtype, fe.dtype, storage_dtype))
+                chunks = chunks_of[name]
+                pieces = _measure(base, ft, name, stats, chunks, reader)
+                if stats.changed or dense:
+                    _write_tensor(writer, base, ft, name, stats, chunks, pieces)
+                measured.append(stats)
+                bar.update(be.nbytes + fe.nbytes)
+    finally:
+        reader.close()
+    return measured
+
+
+def extract_group_task(base_source: str, finetuned_source: str, names: list, storage_dtype: str, dense: bool,
+                       part: str) -> tuple[list, dict]:
+    """A group of tensors of a task vector, as a unit of work for an executor: opens both models itself, measures
+    each tensor as `extract` does and appends the stored ones' bytes to the file `part`.
+
+    Args:
+        base_source: the base model (path or hub id).
+        finetuned_source: the fine-tuned model.
+        names: the tensors of this group, in base order.
+        storage_dtype: as `extract`'s.
+        dense: as `extract`'s.
+        part: the part file to write (rewritten from scratch, so a retried task is harmless).
+
+    Returns:
+        (the TensorStats of every named tensor, {stored tensor: (offset, nbytes) in the part file}).
+
+    Raises:
+        LoratvError: as `extract`, for the tensors of this group.
+    """
+    base, ft = _open_pair(base_source, finetuned_source)
+    writer = PartWriter(Path(part))
+    try:
+        measured = _extract_tensors(base, ft, names, storage_dtype, dense, writer)
+    finally:
+        writer.close()
+    return measured, writer.spans
+
+
+def _extract_as_tasks(run_on: ExecutorSpec, base_source, finetuned_source, base: Checkpoint, ft: Checkpoint,
+                      storage_dtype: str, dense: bool, task_bytes: int, writer: SafetensorsWriter,
+                      folder: Path) -> list:
+    """One executor task per group of at most task_bytes of input; the driver copies the stored bytes from the
+    tasks' part files into the task vector, in base order, so the file is the local run's bit for bit."""
+    if isinstance(base_source, Mapping) or isinstance(finetuned_source, Mapping):
+        raise BadInputError(f"{param('executor', str(run_on))} sends paths to its tasks, not tensors: give the models "
+                            "as folders, files or hub ids, not state dicts.")
+    names = base.names()
+    groups = byte_groups([base.entry(n).nbytes + ft.entry(n).nbytes for n in names], task_bytes)
+    parts = folder / PARTS_FOLDER
+    parts.mkdir()
+    jobs = [(str(base_source), str(finetuned_source), [names[i] for i in group], storage_dtype, dense,
+             str(parts / f"{g:05d}.part")) for g, group in enumerate(groups)]
+    executor = make_executor(run_on)
+    try:
+        outcomes = executor.map(extract_group_task, jobs)
+    finally:
+        executor.close()
+    measured = []
+    for job, (group_stats, spans) in zip(jobs, outcomes):
+        for stats in group_stats:
+            if stats.name in spans:
+                offset, nbytes = spans[stats.name]
+                writer.begin(stats.name, stats.stored_dtype, stats.shape)
+                writer.copy_from(Path(job[5]), offset, nbytes)
+                writer.end()
+            measured.append(stats)
+    return measured
 
 
 def check_same_tensors(base: Checkpoint, ft: Checkpoint) -> None:

@@ -7,7 +7,7 @@ the result is PEFT's bit for bit; adapter.delta_rows): memory is one targeted te
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,12 +31,13 @@ from loratv.common.devices import resolve_device
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks, rows_of
 from loratv.errors import BadInputError, LoratvError, UnsupportedAdapterError, param
+from loratv.exec.executor import ExecutorSpec, make_executor, parse_executor
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import adapter_record, checkpoint_record, write_manifest
 from loratv.io.outputs import atomic_output_dir
 from loratv.io.safetensors_format import tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint, source_name
-from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like
+from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like, write_index
 from loratv.version import __version__
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -96,6 +97,7 @@ def merge(
     force: bool = False,
     progress: bool = False,
     base_config: dict | None = None,
+    executor: "str | ExecutorSpec" = "local",
 ) -> MergeResult:
     """Merge an adapter into a base model, streaming, one rounding per element (or PEFT's roundings, see below).
 
@@ -118,6 +120,8 @@ def merge(
         force: replace an existing output folder.
         progress: show a progress bar.
         base_config: for a state-dict base, its config.json as a dict (optional).
+        executor: "local", or "ray" / "ray=ADDRESS": one Ray task per output shard, each opening the inputs itself
+            (the output folder must be reachable from every worker); the files are the local run's, bit for bit.
 
     Returns:
         What was merged, replaced, added, copied and cast.
@@ -126,10 +130,11 @@ def merge(
         LoratvError: bad flags or input (unreadable, mismatched, non-finite), or autocast_adapter_dtype=False
             without cast_base_first.
     """
+    run_on = parse_executor(executor)
     prepared = _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first,
                         autocast_adapter_dtype, base_config, peft_arithmetic)
-    base, adapter, plan, specs, shard_of = prepared.base, prepared.adapter, prepared.plan, prepared.specs, prepared.shard_of
-    shards = layout_by_size(specs, max_shard_size) if max_shard_size else layout_like(specs, shard_of, base.files)
+    base, adapter, plan, specs = prepared.base, prepared.adapter, prepared.plan, prepared.specs
+    shards = _layout(prepared, max_shard_size)
     metadata = {
         "format": "pt",
         "loratv_version": __version__,
@@ -145,27 +150,94 @@ def merge(
     if peft_arithmetic:
         metadata["peft_arithmetic"] = "true"
     result = MergeResult(output=Path(out), total_tensors=len(specs), notes=list(plan.notes))
-    total_bytes = sum(s.nbytes for s in specs)
+    options = {"base_source": base_source, "adapter_source": adapter_source, "precision": precision,
+               "compute_dtype": compute_dtype, "device": device, "cast_base_first": cast_base_first,
+               "autocast_adapter_dtype": autocast_adapter_dtype, "base_config": base_config,
+               "peft_arithmetic": peft_arithmetic}
     with atomic_output_dir(out, [base.path, adapter.path], force=force) as tmp:
-        writer = ShardedWriter(tmp, shards, metadata)
-        with progress_bar(total_bytes, "merge", enabled=progress) as bar:
-            try:
-                for _file, group in shards:
-                    for spec in group:
-                        writer.begin(spec.name)
-                        _write_one(spec, base, adapter, plan, writer, prepared.compute, prepared.dev, result,
-                                   prepared.cast_first)
-                        writer.end()
-                        bar.update(spec.nbytes)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+        if run_on.kind == "local":
+            digests = _write_shards(prepared, shards, tmp, metadata, result, progress)
+        else:
+            digests = _write_shards_as_tasks(run_on, options, max_shard_size, shards, tmp, metadata, result)
         _write_aux(base, tmp, precision, plan.untied)
-        write_manifest(tmp, "merge", {"base": checkpoint_record(base), "adapter": adapter_record(adapter)},
-                       writer.digests)
+        write_manifest(tmp, "merge", {"base": checkpoint_record(base), "adapter": adapter_record(adapter)}, digests)
     result.output = Path(out)
     return result
+
+
+def _write_shards(prepared: "_Prepared", shards: list, folder: Path, metadata: dict, result: MergeResult,
+                  progress: bool = False) -> dict:
+    """Write the given shards of a prepared merge into `folder` (the index too when they are all of several);
+    returns {shard file: sha256}."""
+    writer = ShardedWriter(folder, shards, metadata)
+    with progress_bar(sum(s.nbytes for _, group in shards for s in group), "merge", enabled=progress) as bar:
+        try:
+            for _file, group in shards:
+                for spec in group:
+                    writer.begin(spec.name)
+                    _write_one(spec, prepared.base, prepared.adapter, prepared.plan, writer, prepared.compute,
+                               prepared.dev, result, prepared.cast_first)
+                    writer.end()
+                    bar.update(spec.nbytes)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    return writer.digests
+
+
+def _layout(prepared: "_Prepared", max_shard_size: int | None) -> list:
+    """The output's shards: the base's grouping, or cut at max_shard_size bytes."""
+    if max_shard_size:
+        return layout_by_size(prepared.specs, max_shard_size)
+    return layout_like(prepared.specs, prepared.shard_of, prepared.base.files)
+
+
+def merge_shard_task(options: dict, max_shard_size: int | None, file: str, folder: str, metadata: dict) -> dict:
+    """One output shard of a merge, as a unit of work for an executor: opens the inputs itself, writes
+    folder/file exactly as `merge` does, and returns only metadata.
+
+    Args:
+        options: `merge`'s arguments that define the output (sources, precision, compute dtype, device, PEFT modes).
+        max_shard_size: as `merge`'s (the layout is recomputed, and must name `file`).
+        file: the shard's file name.
+        folder: the output's temporary folder.
+        metadata: the shard header's metadata.
+
+    Returns:
+        {"sha256", "merged", "replaced", "added", "copied", "cast"} for this shard.
+
+    Raises:
+        LoratvError: as `merge`, for the tensors of this shard.
+    """
+    prepared = _prepare(**options)
+    group = dict(_layout(prepared, max_shard_size))[file]
+    result = MergeResult(output=Path(folder), total_tensors=len(prepared.specs))
+    digests = _write_shards(prepared, [(file, group)], Path(folder), metadata, result)
+    return {"sha256": digests[file], "merged": result.merged, "replaced": result.replaced, "added": result.added,
+            "copied": result.copied, "cast": result.cast}
+
+
+def _write_shards_as_tasks(run_on: ExecutorSpec, options: dict, max_shard_size: int | None, shards: list,
+                           folder: Path, metadata: dict, result: MergeResult) -> dict:
+    """One executor task per shard; the driver sums their records in shard order and writes the index."""
+    if isinstance(options["base_source"], Mapping):
+        raise BadInputError(f"{param('executor', str(run_on))} sends paths to its tasks, not tensors: give the base "
+                            "as a folder, file or hub id, not a state dict.")
+    executor = make_executor(run_on)
+    try:
+        records = executor.map(merge_shard_task,
+                               [(options, max_shard_size, file, str(folder), metadata) for file, _ in shards])
+    finally:
+        executor.close()
+    for record in records:
+        result.merged += record["merged"]
+        result.replaced += record["replaced"]
+        result.added += record["added"]
+        result.copied += record["copied"]
+        result.cast += record["cast"]
+    write_index(folder, shards)
+    return {file: record["sha256"] for (file, _), record in zip(shards, records)}
 
 
 def iter_merged(

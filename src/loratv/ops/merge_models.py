@@ -24,12 +24,13 @@ from loratv.common.devices import resolve_device
 from loratv.common.prefetch import prefetched
 from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
+from loratv.exec.executor import ExecutorSpec, make_executor, parse_executor
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import adapter_record, checkpoint_record, write_manifest
 from loratv.io.outputs import atomic_output_dir
 from loratv.io.safetensors_format import tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint
-from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like
+from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like, write_index
 from loratv.merging import sparsify
 from loratv.merging.methods import rounding_bound
 from loratv.merging.recipe import Recipe, check_densities, layer_fraction, load_recipe, split_lora
@@ -401,7 +402,8 @@ def _model_card(recipe: Recipe, records: dict) -> str:
 
 def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str = "cpu",
                  max_shard_size: int | None = None, seed: int = 0, dtype_like_mergekit: bool = False,
-                 force: bool = False, progress: bool = False) -> ModelMergeResult:
+                 force: bool = False, progress: bool = False,
+                 executor: "str | ExecutorSpec" = "local") -> ModelMergeResult:
     """Merge the models of a mergekit recipe into one model folder.
 
     Args:
@@ -417,6 +419,9 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
             of `compute_dtype`: mergekit's bits, with its roundings (docs/merging.md).
         force: replace an existing output.
         progress: show a progress bar.
+        executor: "local", or "ray" / "ray=ADDRESS": one Ray task per output shard, each reading the recipe and
+            opening the inputs itself (the output folder must be reachable from every worker); the files are the
+            local run's, bit for bit.
 
     Returns:
         What was merged and copied.
@@ -424,6 +429,67 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
     Raises:
         LoratvError: a bad recipe or input (one sentence naming the file), or an output that exists.
     """
+    run_on = parse_executor(executor)
+    prepared = _prepare(config_path, compute_dtype, device, seed, dtype_like_mergekit, max_shard_size)
+    recipe, opened, reference = prepared.recipe, prepared.opened, prepared.reference
+    metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "merge-models",
+                "merge_method": recipe.method.name, "recipe": recipe.text,
+                "compute_dtype": "like mergekit" if dtype_like_mergekit else compute_dtype}
+    if recipe.method.randomised:
+        metadata["seed"] = str(seed)
+    result = ModelMergeResult(output=Path(out), method=recipe.method.name, inputs=recipe.inputs())
+    records = {ref: _record(ckpt) for ref, ckpt in opened.items()}
+    paths = [Path(recipe.path)] + [ckpt.path for ckpt in opened.values() if ckpt.path.exists()]
+    paths += [ckpt.adapter.path for ckpt in opened.values() if isinstance(ckpt, LoraModel)]
+    rows: list = []  # per merged tensor: its arithmetic and the largest rounding bound of what was computed
+    with atomic_output_dir(out, paths, force=force) as tmp:
+        if run_on.kind == "local":
+            digests = _write_shards(prepared, prepared.shards, tmp, metadata, result, rows, progress)
+        else:
+            options = {"config_path": str(config_path), "compute_dtype": compute_dtype, "device": device,
+                       "seed": seed, "dtype_like_mergekit": dtype_like_mergekit, "max_shard_size": max_shard_size}
+            executor_ = make_executor(run_on)
+            try:
+                outcomes = executor_.map(merge_models_shard_task, [(options, file, str(tmp), metadata)
+                                                                   for file, _ in prepared.shards])
+            finally:
+                executor_.close()
+            for outcome in outcomes:
+                result.merged += outcome["merged"]
+                result.copied += outcome["copied"]
+                rows += outcome["rows"]
+            write_index(tmp, prepared.shards)
+            digests = {file: outcome["sha256"] for (file, _), outcome in zip(prepared.shards, outcomes)}
+        _write_aux(recipe, reference, tmp)
+        (tmp / "README.md").write_text(_model_card(recipe, records), encoding="utf-8")
+        record = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "loratv_version": __version__,
+                  "merge_method": recipe.method.name, "inputs": recipe.inputs(),
+                  "compute_dtype": "like mergekit" if dtype_like_mergekit else compute_dtype,
+                  "seed": seed if recipe.method.randomised else None,
+                  "base_model": recipe.base_model, "merged": result.merged, "copied": result.copied,
+                  "tensors": rows}
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_manifest(tmp, "merge-models", records, digests)
+    return result
+
+
+@dataclass
+class _Prepared:
+    """What the merge and each of its shard tasks share: the recipe, the opened inputs and the output layout."""
+
+    recipe: Recipe
+    opened: dict
+    reference: Checkpoint
+    shards: list
+    compute: torch.dtype
+    dev: torch.device
+    num_layers: int | None
+    seed: int
+    dtype_like_mergekit: bool
+
+
+def _prepare(config_path, compute_dtype: str, device: str, seed: int, dtype_like_mergekit: bool,
+             max_shard_size: int | None) -> _Prepared:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise BadInputError(f"{param('seed', seed)}: give a non-negative integer.")
     if compute_dtype not in COMPUTE_DTYPES:
@@ -437,8 +503,6 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
     if isinstance(reference, LoraModel):  # the layout, config and tokenizer of the model under the adapter
         reference = reference.base
     _check_tensors(recipe, reference_ref, reference, opened)
-    num_layers = _num_layers(reference.config)
-
     specs, shard_of = [], {}
     for name in reference.names():
         entry = reference.entry(name)
@@ -447,67 +511,79 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
         specs.append(OutTensor(name, dtypes.code_of(dtype), tuple(entry.shape)))
         shard_of[name] = entry.file
     shards = layout_by_size(specs, max_shard_size) if max_shard_size else layout_like(specs, shard_of, reference.files)
-    metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "merge-models",
-                "merge_method": recipe.method.name, "recipe": recipe.text,
-                "compute_dtype": "like mergekit" if dtype_like_mergekit else compute_dtype}
-    if recipe.method.randomised:
-        metadata["seed"] = str(seed)
-    result = ModelMergeResult(output=Path(out), method=recipe.method.name, inputs=recipe.inputs())
-    records = {ref: _record(ckpt) for ref, ckpt in opened.items()}
-    paths = [Path(recipe.path)] + [ckpt.path for ckpt in opened.values() if ckpt.path.exists()]
-    paths += [ckpt.adapter.path for ckpt in opened.values() if isinstance(ckpt, LoraModel)]
+    return _Prepared(recipe, opened, reference, shards, compute, dev, _num_layers(reference.config), seed,
+                     dtype_like_mergekit)
+
+
+def _write_shards(prepared: _Prepared, shards: list, folder: Path, metadata: dict, result: ModelMergeResult,
+                  rows: list, progress: bool = False) -> dict:
+    """Write the given shards into `folder` (the index too when they are all of several), appending each merged
+    tensor's record to `rows`; returns {shard file: sha256}."""
+    recipe, opened, reference = prepared.recipe, prepared.opened, prepared.reference
     buffers: dict = {}  # read buffers of the row blocks, kept for the whole merge
-    rows: list = []  # per merged tensor: its arithmetic and the largest rounding bound of what was computed
-    with atomic_output_dir(out, paths, force=force) as tmp:
-        writer = ShardedWriter(tmp, shards, metadata)
-        with progress_bar(sum(s.nbytes for s in specs), "merge-models", enabled=progress) as bar:
-            try:
-                for _file, group in shards:
-                    for spec in group:
-                        writer.begin(spec.name)
-                        if reference.entry(spec.name).torch_dtype.is_floating_point:
-                            arithmetic = _arithmetic_like_mergekit(recipe, spec.name, opened) \
-                                if dtype_like_mergekit else compute
-                            bounds: list = []
-                            for block in _merged_blocks(recipe, spec.name, opened, arithmetic, dev, num_layers,
-                                                        seed, buffers, bounds,
-                                                        store=dtypes.torch_dtype_of(spec.dtype)):
-                                value = block.to(dtypes.torch_dtype_of(spec.dtype)).cpu()
-                                if not dtypes.all_finite(value):
-                                    raise LoratvError(f"{recipe.path}: the merge of tensor {spec.name} overflows "
-                                                      f"{spec.dtype} (a NaN or Inf).")
-                                writer.write(tensor_to_bytes(value.contiguous()))
-                            result.merged.append(spec.name)
-                            out_dtype = dtypes.torch_dtype_of(spec.dtype)
-                            rows.append({"name": spec.name, "arithmetic": str(arithmetic).replace("torch.", ""),
-                                         "max_rounding_bound": max(bounds) if bounds and None not in bounds
-                                         else None,
-                                         "plus_half_ulp_of_output": bool(bounds) and
-                                         unit_roundoff(out_dtype) > unit_roundoff(arithmetic)})
-                        else:  # not floating point: the reference's bytes, kernel-copied from a safetensors file
-                            entry = reference.entry(spec.name)
-                            if reference.format == "safetensors" and entry.dtype == spec.dtype:
-                                writer.copy_from(entry.file, entry.start, entry.nbytes)
-                            else:
-                                writer.write(tensor_to_bytes(reference.read(spec.name).contiguous()))
-                            result.copied.append(spec.name)
-                        writer.end()
-                        bar.update(spec.nbytes)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-        _write_aux(recipe, reference, tmp)
-        (tmp / "README.md").write_text(_model_card(recipe, records), encoding="utf-8")
-        record = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "loratv_version": __version__,
-                  "merge_method": recipe.method.name, "inputs": recipe.inputs(),
-                  "compute_dtype": "like mergekit" if dtype_like_mergekit else compute_dtype,
-                  "seed": seed if recipe.method.randomised else None,
-                  "base_model": recipe.base_model, "merged": result.merged, "copied": result.copied,
-                  "tensors": rows}
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        write_manifest(tmp, "merge-models", records, writer.digests)
-    return result
+    writer = ShardedWriter(folder, shards, metadata)
+    with progress_bar(sum(s.nbytes for _, group in shards for s in group), "merge-models", enabled=progress) as bar:
+        try:
+            for _file, group in shards:
+                for spec in group:
+                    writer.begin(spec.name)
+                    if reference.entry(spec.name).torch_dtype.is_floating_point:
+                        arithmetic = _arithmetic_like_mergekit(recipe, spec.name, opened) \
+                            if prepared.dtype_like_mergekit else prepared.compute
+                        bounds: list = []
+                        for block in _merged_blocks(recipe, spec.name, opened, arithmetic, prepared.dev,
+                                                    prepared.num_layers, prepared.seed, buffers, bounds,
+                                                    store=dtypes.torch_dtype_of(spec.dtype)):
+                            value = block.to(dtypes.torch_dtype_of(spec.dtype)).cpu()
+                            if not dtypes.all_finite(value):
+                                raise LoratvError(f"{recipe.path}: the merge of tensor {spec.name} overflows "
+                                                  f"{spec.dtype} (a NaN or Inf).")
+                            writer.write(tensor_to_bytes(value.contiguous()))
+                        result.merged.append(spec.name)
+                        out_dtype = dtypes.torch_dtype_of(spec.dtype)
+                        rows.append({"name": spec.name, "arithmetic": str(arithmetic).replace("torch.", ""),
+                                     "max_rounding_bound": max(bounds) if bounds and None not in bounds else None,
+                                     "plus_half_ulp_of_output": bool(bounds) and
+                                     unit_roundoff(out_dtype) > unit_roundoff(arithmetic)})
+                    else:  # not floating point: the reference's bytes, kernel-copied from a safetensors file
+                        entry = reference.entry(spec.name)
+                        if reference.format == "safetensors" and entry.dtype == spec.dtype:
+                            writer.copy_from(entry.file, entry.start, entry.nbytes)
+                        else:
+                            writer.write(tensor_to_bytes(reference.read(spec.name).contiguous()))
+                        result.copied.append(spec.name)
+                    writer.end()
+                    bar.update(spec.nbytes)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    return writer.digests
+
+
+def merge_models_shard_task(options: dict, file: str, folder: str, metadata: dict) -> dict:
+    """One output shard of a model merge, as a unit of work for an executor: reads the recipe and opens the inputs
+    itself, writes folder/file exactly as `merge_models` does, and returns only metadata.
+
+    Args:
+        options: `merge_models`'s arguments that define the output (config_path, compute_dtype, device, seed,
+            dtype_like_mergekit, max_shard_size).
+        file: the shard's file name (one of the layout's).
+        folder: the output's temporary folder.
+        metadata: the shard header's metadata.
+
+    Returns:
+        {"sha256", "merged", "copied", "rows"} for this shard ("rows": merge_models.json's tensor records).
+
+    Raises:
+        LoratvError: as `merge_models`, for the tensors of this shard.
+    """
+    prepared = _prepare(**options)
+    group = dict(prepared.shards)[file]
+    result = ModelMergeResult(output=Path(folder), method=prepared.recipe.method.name, inputs=prepared.recipe.inputs())
+    rows: list = []
+    digests = _write_shards(prepared, [(file, group)], Path(folder), metadata, result, rows)
+    return {"sha256": digests[file], "merged": result.merged, "copied": result.copied, "rows": rows}
 
 
 def _write_aux(recipe: Recipe, reference: Checkpoint, folder: Path) -> None:

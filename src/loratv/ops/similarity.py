@@ -28,9 +28,10 @@ from loratv.adapters.adapter import bind, load_adapter
 from loratv.common.names import layer_of
 from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
+from loratv.exec.executor import ExecutorSpec, byte_groups, make_executor, parse_executor
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.outputs import atomic_output_dir
-from loratv.numerics.fleet import SignConflicts, TensorGram, Workspace
+from loratv.numerics.fleet import SignConflicts, SignPartial, TensorGram, Workspace
 from loratv.ops.combine import refuse_non_additive
 from loratv.ops.task_vector_input import open_task_vector, read_difference
 from loratv.report.html import write_report
@@ -46,6 +47,7 @@ DUPLICATE_COSINE = 0.99
 OUTLIER_MADS = 3.0
 OUTLIER_MARGIN = 0.05
 SIGN_DENSITY = 0.2  # TIES's usual top-k fraction
+TASK_BYTES = 256 << 20  # with an executor: bytes of factors per task (each task also opens every input once)
 LAYER_PREFIX = re.compile(r"^.*?\.(?:layers|h|blocks|layer)\.\d+\.")
 
 
@@ -101,15 +103,14 @@ class _Totals:
         zeros = torch.zeros(self.k, self.k, dtype=torch.float64)
         self.gram, self.column, self.row, self.present = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
 
-    def add(self, name: str, gram: TensorGram) -> None:
-        inner = gram.inner_products()
+    def add(self, name: str, inner: torch.Tensor, column: torch.Tensor, row: torch.Tensor,
+            present: torch.Tensor) -> None:
         self.gram += inner
         layer = layer_of(name)
         if layer is not None:
             self.layers[layer] = self.layers.get(layer, 0) + inner
         kind = module_kind_of(name)
         self.kinds[kind] = self.kinds.get(kind, 0) + inner
-        column, row, present = gram.overlaps()
         self.column += column
         self.row += row
         self.present += present
@@ -183,44 +184,21 @@ def _names(sources: list) -> list[str]:
     return short if len(set(short)) == len(short) else [str(s) for s in sources]
 
 
-def similarity(sources: list, out, *, task_vectors: list | None = None, base=None,
-               duplicate_cosine: float = DUPLICATE_COSINE, sign_conflicts: bool = False,
-               density: float = SIGN_DENSITY, plots: bool = True, force: bool = False, progress: bool = False,
-               command: str | None = None) -> dict:
-    """The similarity map of K adapters (and task vectors) on one base, written to `out`.
+@dataclass
+class _Inputs:
+    """The opened inputs, and per tensor (or module) name the deltas that land on it: [(item, kind, payload)]."""
 
-    Args:
-        sources: the LoRA adapters (folders, files in them, or hub ids).
-        out: the output folder (written atomically): similarity.json and, with plots, similarity_heatmap.png,
-            similarity_per_layer.png and report.html.
-        task_vectors: folders written by `loratv extract`, compared with the adapters (needs `base`).
-        base: the base model: adapters are bound to it (shapes checked, names and orientation the base's).
-        duplicate_cosine: pairs with a global cosine at or above this are listed as near-duplicates.
-        sign_conflicts: also compute, on each tensor's top-k support (k = density·numel per input), the pairwise
-            sign-conflict rates and TIES's sign-agreement ratio — dense, every input's rows materialised a block at a
-            time: O(K²·m·n) per tensor.
-        density: the fraction of each tensor in an input's support, in (0, 1].
-        plots: draw the PNGs.
-        force: replace an existing output folder.
-        progress: show a progress bar.
-        command: the command line, recorded.
+    adapters: list
+    opened: list  # the task vectors
+    base: Checkpoint | None
+    groups: dict
+    notes: list
+    n_adapters: int
 
-    Returns:
-        The record (schema loratv.similarity), as written to similarity.json.
 
-    Raises:
-        LoratvError: fewer than two inputs, task vectors without a base, a threshold outside [−1, 1]
-            (BadInputError); an adapter that is not additive LoRA, adapters of other shapes or bases.
-    """
-    task_vectors = list(task_vectors or [])
-    if len(sources) + len(task_vectors) < 2:
-        raise BadInputError("give at least two adapters or task vectors to compare.")
-    if task_vectors and base is None:
-        raise BadInputError(f"task vectors are compared with adapters on the base's tensors: give {param('base')}.")
-    if not -1.0 <= duplicate_cosine <= 1.0:
-        raise BadInputError(f"{param('duplicate_cosine', duplicate_cosine)}: a cosine, in [-1, 1].")
-    if not 0.0 < density <= 1.0:
-        raise BadInputError(f"{param('density', density)}: a fraction, in (0, 1].")
+def _open_inputs(sources: list, task_vectors: list, base) -> _Inputs:
+    """Open every adapter and task vector, bind the adapters to the base (when given) and group their deltas by
+    the tensor they change."""
     base_ckpt = Checkpoint(base, label=f"base {base}") if base is not None else None
     adapters = [load_adapter(s) for s in sources]
     for adapter in adapters:
@@ -259,56 +237,186 @@ def similarity(sources: list, out, *, task_vectors: list | None = None, base=Non
     for folder in task_vectors:
         _, tv = open_task_vector(base, task_vector=folder)
         opened.append(tv)
-    k = len(sources) + len(task_vectors)
-    names = _names(list(sources) + list(task_vectors))
     if task_vectors:
         assert base_ckpt is not None
         for name in base_ckpt.names():
             if base_ckpt.entry(name).torch_dtype.is_floating_point:
                 groups.setdefault(name, [])
-    totals = _Totals(k)
+    return _Inputs(adapters, opened, base_ckpt, groups, notes, len(sources))
+
+
+@dataclass
+class _TensorPartial:
+    """One tensor's share of the K×K sums (None where no delta lands on it), and of the sign statistics."""
+
+    name: str
+    sums: tuple | None  # (inner products, column overlaps, row overlaps, overlap counts), each K×K
+    signs: SignPartial | None
+
+
+def _tensor_partial(inputs: _Inputs, name: str, workspace: Workspace, density: float | None) -> _TensorPartial:
+    """The Gram matrix, overlaps and (with a density) sign statistics of the deltas that land on one tensor."""
+    k = inputs.n_adapters + len(inputs.opened)
+    gram = TensorGram(k, workspace)
+    rows_of: dict[int, list] = {}  # item -> callables (start, stop) -> rows of its delta, for the sign pass
+    for item, kind, payload in inputs.groups[name]:
+        if kind == "lora":
+            adapter, m, transposed = payload
+            a, b = adapter.factor(m.a_key).flatten(1), adapter.factor(m.b_key).flatten(1)
+            left, right = (a.T, b.T) if transposed else (b, a)
+            gram.add_lora(item, left, right, m.scale)
+            _, left64, right64, scale = gram.lora[-1]  # the float64 copies gram holds
+            rows_of.setdefault(item, []).append(
+                lambda i, j, left=left64, right=right64, scale=scale: (left[i:j] @ right) * scale)
+            continue
+        if kind == "bias":
+            adapter, m = payload
+            value = (adapter.factor(m.bias_key).double() * m.scale).reshape(-1, 1)
+        else:
+            adapter, key = payload
+            assert inputs.base is not None
+            value = adapter.factor(key).double() - inputs.base.read(name).double()
+            value = value.reshape(value.shape[0], -1) if value.dim() else value.reshape(1, 1)
+        gram.add_dense(item, value)
+        rows_of.setdefault(item, []).append(lambda i, j, value=value: value[i:j])
+    for j, tv in enumerate(inputs.opened):
+        t = read_difference(tv, inputs.base, name)
+        if t is not None:
+            t = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+            gram.add_dense(inputs.n_adapters + j, t)
+            rows_of.setdefault(inputs.n_adapters + j, []).append(lambda i, j, t=t: t[i:j])
+    partial = _TensorPartial(name, None, None)
+    if gram.lora or gram.dense:
+        partial.sums = (gram.inner_products(), *gram.overlaps())
+    if density is not None and rows_of:
+        shape = tuple(next(iter(rows_of.values()))[0](0, 1).shape)
+        items = sorted(rows_of)
+        partial.signs = SignConflicts(k, density).measure(items, [_summed(rows_of[item]) for item in items],
+                                                          (_rows_of_group(gram), shape[1]))
+    return partial
+
+
+def _add_partial(totals: "_Totals", signs: SignConflicts | None, partial: _TensorPartial) -> float | None:
+    """Add one tensor's partial sums to the totals (tensors in sorted order, whichever executor computed them);
+    returns its sign-agreement ratio."""
+    if partial.sums is not None:
+        totals.add(partial.name, *partial.sums)
+    if signs is not None and partial.signs is not None:
+        return signs.accumulate(partial.signs)
+    return None
+
+
+def _group_bytes(inputs: _Inputs, name: str) -> int:
+    """The bytes a tensor's deltas read: its factors (or saved tensors), and the task vectors' share."""
+    total = 0
+    for _, kind, payload in inputs.groups[name]:
+        adapter = payload[0]
+        keys = (payload[1].a_key, payload[1].b_key) if kind == "lora" else \
+            (payload[1].bias_key,) if kind == "bias" else (payload[1],)
+        total += sum(adapter.tensors.entry(key).nbytes for key in keys)
+    if inputs.opened and inputs.base is not None and name in inputs.base:
+        total += len(inputs.opened) * inputs.base.entry(name).nbytes
+    return total
+
+
+def similarity_group_task(sources: list, task_vectors: list, base: str | None, names: list,
+                          density: float | None) -> list:
+    """A group of tensors of a similarity map, as a unit of work for an executor: opens every input itself and
+    returns each tensor's partial sums, for the driver to add in order.
+
+    Args:
+        sources: the adapters, as `similarity` got them.
+        task_vectors: the task vector folders.
+        base: the base model (None without one).
+        names: the tensors (or modules) of this group, in sorted order.
+        density: with sign conflicts, the support fraction; None without them.
+
+    Returns:
+        One _TensorPartial per name, in order.
+
+    Raises:
+        LoratvError: as `similarity`, for the inputs and these tensors.
+    """
+    inputs = _open_inputs(sources, task_vectors, base)
     workspace = Workspace()
+    return [_tensor_partial(inputs, name, workspace, density) for name in names]
+
+
+def similarity(sources: list, out, *, task_vectors: list | None = None, base=None,
+               duplicate_cosine: float = DUPLICATE_COSINE, sign_conflicts: bool = False,
+               density: float = SIGN_DENSITY, plots: bool = True, force: bool = False, progress: bool = False,
+               command: str | None = None, executor: "str | ExecutorSpec" = "local",
+               task_bytes: int = TASK_BYTES) -> dict:
+    """The similarity map of K adapters (and task vectors) on one base, written to `out`.
+
+    Args:
+        sources: the LoRA adapters (folders, files in them, or hub ids).
+        out: the output folder (written atomically): similarity.json and, with plots, similarity_heatmap.png,
+            similarity_per_layer.png and report.html.
+        task_vectors: folders written by `loratv extract`, compared with the adapters (needs `base`).
+        base: the base model: adapters are bound to it (shapes checked, names and orientation the base's).
+        duplicate_cosine: pairs with a global cosine at or above this are listed as near-duplicates.
+        sign_conflicts: also compute, on each tensor's top-k support (k = density·numel per input), the pairwise
+            sign-conflict rates and TIES's sign-agreement ratio — dense, every input's rows materialised a block at a
+            time: O(K²·m·n) per tensor.
+        density: the fraction of each tensor in an input's support, in (0, 1].
+        plots: draw the PNGs.
+        force: replace an existing output folder.
+        progress: show a progress bar.
+        command: the command line, recorded.
+        executor: "local", or "ray" / "ray=ADDRESS": one Ray task per group of tensors of at most `task_bytes` of
+            factors, each opening the inputs itself and returning its tensors' partial sums, which the driver adds in
+            the local run's order: every number is the local run's, bit for bit.
+        task_bytes: with Ray, the bytes of factors (and task-vector tensors) one task reads at most.
+
+    Returns:
+        The record (schema loratv.similarity), as written to similarity.json.
+
+    Raises:
+        LoratvError: fewer than two inputs, task vectors without a base, a threshold outside [−1, 1]
+            (BadInputError); an adapter that is not additive LoRA, adapters of other shapes or bases.
+    """
+    task_vectors = list(task_vectors or [])
+    if len(sources) + len(task_vectors) < 2:
+        raise BadInputError("give at least two adapters or task vectors to compare.")
+    if task_vectors and base is None:
+        raise BadInputError(f"task vectors are compared with adapters on the base's tensors: give {param('base')}.")
+    if not -1.0 <= duplicate_cosine <= 1.0:
+        raise BadInputError(f"{param('duplicate_cosine', duplicate_cosine)}: a cosine, in [-1, 1].")
+    if not 0.0 < density <= 1.0:
+        raise BadInputError(f"{param('density', density)}: a fraction, in (0, 1].")
+    run_on = parse_executor(executor)
+    inputs = _open_inputs(sources, task_vectors, base)
+    k = len(sources) + len(task_vectors)
+    names = _names(list(sources) + list(task_vectors))
+    totals = _Totals(k)
     signs = SignConflicts(k, density) if sign_conflicts else None
     per_tensor_agreement = {}
-    with progress_bar(len(groups), "similarity", enabled=progress) as bar:
-        for name in sorted(groups):
-            bar.update(1)
-            gram = TensorGram(k, workspace)
-            rows_of: dict[int, list] = {}  # item -> callables (start, stop) -> rows of its delta, for the sign pass
-            for item, kind, payload in groups[name]:
-                if kind == "lora":
-                    adapter, m, transposed = payload
-                    a, b = adapter.factor(m.a_key).flatten(1), adapter.factor(m.b_key).flatten(1)
-                    left, right = (a.T, b.T) if transposed else (b, a)
-                    gram.add_lora(item, left, right, m.scale)
-                    _, left64, right64, scale = gram.lora[-1]  # the float64 copies gram holds
-                    rows_of.setdefault(item, []).append(
-                        lambda i, j, left=left64, right=right64, scale=scale: (left[i:j] @ right) * scale)
-                    continue
-                if kind == "bias":
-                    adapter, m = payload
-                    value = (adapter.factor(m.bias_key).double() * m.scale).reshape(-1, 1)
-                else:
-                    adapter, key = payload
-                    assert base_ckpt is not None
-                    value = adapter.factor(key).double() - base_ckpt.read(name).double()
-                    value = value.reshape(value.shape[0], -1) if value.dim() else value.reshape(1, 1)
-                gram.add_dense(item, value)
-                rows_of.setdefault(item, []).append(lambda i, j, value=value: value[i:j])
-            for j, tv in enumerate(opened):
-                t = read_difference(tv, base_ckpt, name)
-                if t is not None:
-                    t = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
-                    gram.add_dense(len(sources) + j, t)
-                    rows_of.setdefault(len(sources) + j, []).append(lambda i, j, t=t: t[i:j])
-            if gram.lora or gram.dense:
-                totals.add(name, gram)
-            if signs is not None and rows_of:
-                shape = tuple(next(iter(rows_of.values()))[0](0, 1).shape)
-                m_rows = _rows_of_group(gram)
-                items = sorted(rows_of)
-                ratio = signs.add(items, [_summed(rows_of[item]) for item in items], (m_rows, shape[1]))
-                per_tensor_agreement[name] = ratio
+    tensor_names = sorted(inputs.groups)
+    if run_on.kind == "local":
+        workspace = Workspace()
+        with progress_bar(len(tensor_names), "similarity", enabled=progress) as bar:
+            for name in tensor_names:
+                bar.update(1)
+                partial = _tensor_partial(inputs, name, workspace, density if sign_conflicts else None)
+                ratio = _add_partial(totals, signs, partial)
+                if partial.signs is not None:
+                    per_tensor_agreement[name] = ratio
+    else:
+        groups = byte_groups([_group_bytes(inputs, name) for name in tensor_names], task_bytes)
+        jobs = [(list(sources), list(task_vectors), None if base is None else str(base),
+                 [tensor_names[i] for i in group], density if sign_conflicts else None) for group in groups]
+        executor_ = make_executor(run_on)
+        try:
+            outcomes = executor_.map(similarity_group_task, jobs)
+        finally:
+            executor_.close()
+        for partials in outcomes:
+            for partial in partials:
+                ratio = _add_partial(totals, signs, partial)
+                if partial.signs is not None:
+                    per_tensor_agreement[partial.name] = ratio
+    notes = inputs.notes
     record = _record(sources, task_vectors, names, totals, duplicate_cosine, notes, base, command)
     record["sign_conflicts"] = None if signs is None else {
         "density": density,
@@ -317,8 +425,8 @@ def similarity(sources: list, out, *, task_vectors: list | None = None, base=Non
         "agreement_ratio": signs.agreeing_mass / signs.mass if signs.mass > 0 else None,
         "per_tensor_agreement_ratio": per_tensor_agreement,
     }
-    inputs = [a.path for a in adapters] + [Path(t) for t in task_vectors]
-    with atomic_output_dir(out, inputs, force=force) as tmp:
+    paths = [a.path for a in inputs.adapters] + [Path(t) for t in task_vectors]
+    with atomic_output_dir(out, paths, force=force) as tmp:
         if plots:
             heatmap_plot(record, tmp / HEATMAP_FILE)
             per_layer_plot(record, tmp / PER_LAYER_FILE)

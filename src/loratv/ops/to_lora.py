@@ -17,7 +17,9 @@ What PEFT can hold, and how each changed tensor is written:
 import json
 import math
 import re
+import shutil
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +32,15 @@ from loratv.adapters.adapter import (
     OUTPUT_EMBEDDING_NAMES,
 )
 from loratv.adapters.lora_writer import WEIGHTS_NAME, write_adapter
+from loratv.common import dtypes
 from loratv.common.devices import resolve_device
 from loratv.common.dtypes import PRECISION_NAMES, torch_dtype_of
 from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
+from loratv.exec.executor import ExecutorSpec, byte_groups, make_executor, parse_executor
+from loratv.exec.parts import PARTS_FOLDER, PartWriter, read_part
 from loratv.io.outputs import atomic_output_dir
-from loratv.io.safetensors_format import read_header
+from loratv.io.safetensors_format import read_header, tensor_to_bytes
 from loratv.numerics.precision import cast_difference
 from loratv.numerics.spectrum import truncate
 from loratv.ops.task_vector_input import finetuned_value, open_task_vector, read_difference, tensor_names
@@ -53,6 +58,7 @@ SAVED_MODULE = "full value (modules_to_save)"
 EXCLUDED = "excluded"
 CAST_SKIPPED = "cast artifact (skipped)"
 TIED = "tied to the input embedding"
+TASK_BYTES = 1 << 30  # with an executor: task-vector bytes per task (each task's SVDs cost far more than its reads)
 
 
 @dataclass
@@ -202,7 +208,8 @@ def _model_config(base, tv) -> dict:
 def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Criterion | None = None,
             include: str | None = None, exclude: str | None = None, skip_cast_artifacts: bool = False,
             dtype: str = "fp32", device: str = "cpu",
-            force: bool = False, progress: bool = False, command: str | None = None) -> dict:
+            force: bool = False, progress: bool = False, command: str | None = None,
+            executor: "str | ExecutorSpec" = "local", task_bytes: int = TASK_BYTES) -> dict:
     """Turn a task vector into a PEFT LoRA adapter in `out`, with to_lora_fidelity.json stating the error per tensor.
 
     Args:
@@ -221,6 +228,10 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
         force: replace an existing output folder.
         progress: show a progress bar.
         command: the command line, recorded in the fidelity record.
+        executor: "local", or "ray" / "ray=ADDRESS": one Ray task per group of tensors of at most `task_bytes`, each
+            opening the inputs itself, computing its SVDs and returning the factors through a part file in the
+            output's temporary folder (reachable from every worker); the adapter is the local run's, bit for bit.
+        task_bytes: with Ray, the task-vector bytes one task reads at most.
 
     Returns:
         The fidelity record (schema loratv.to_lora), as written to to_lora_fidelity.json.
@@ -231,7 +242,9 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
             changed tensor in no module; or nothing left to write.
     """
     criterion = (criterion or Criterion()).check()
-    include_re, exclude_re = _pattern(include, "include"), _pattern(exclude, "exclude")
+    for pattern, flag in ((include, "include"), (exclude, "exclude")):
+        _pattern(pattern, flag)  # a bad expression is refused before any input is opened
+    run_on = parse_executor(executor)
     if dtype not in ("fp32", "fp16", "bf16"):
         raise BadInputError(f"{param('dtype', dtype)}: choose fp32, fp16 or bf16.")
     storage = PRECISION_NAMES[dtype]
@@ -246,41 +259,30 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
     tied = config.get("tie_word_embeddings", True) and any(n.endswith(INPUT_EMBEDDING_SUFFIXES) for n in names)
 
     inputs = [p for p in (base, finetuned, task_vector) if p is not None and Path(p).exists()]
+    settings = _Settings(criterion, include, exclude, skip_cast_artifacts, storage, dev, tied, model_type)
     with atomic_output_dir(out, inputs, force=force) as tmp:
         factors, kinds, fidelity, full_needed, casts = {}, {}, {}, {}, []
-        with progress_bar(len(names), "to-lora", enabled=progress) as bar:
-            for name in names:
-                bar.update(1)
-                t = read_difference(tv, base_ckpt, name)
-                if t is None:
-                    continue
-                if (include_re and not include_re.search(name)) or (exclude_re and exclude_re.search(name)):
-                    fidelity[name] = TensorFidelity(name, tuple(t.shape), EXCLUDED, _norm(t), _norm(t))
-                    continue
-                cast = _cast_dtype(tv, base_ckpt, name, t)
-                if cast is not None:
-                    casts.append(name)
-                    if skip_cast_artifacts:
-                        fidelity[name] = TensorFidelity(name, tuple(t.shape), CAST_SKIPPED, _norm(t), _norm(t))
-                        continue
-                if tied and name in OUTPUT_EMBEDDING_NAMES:
-                    fidelity[name] = _tied_head(tv, base_ckpt, names, name, t)
-                    continue
-                kind = lora_kind(name, t.shape, model_type)
-                if kind is None:
-                    full_needed[name] = t
-                    continue
-                cut = truncate(t.to(dev), rank=criterion.rank, energy=criterion.energy,
-                               max_error=criterion.max_error, max_rank=criterion.max_rank, storage_dtype=storage)
-                if cut.rank == 0:
-                    fidelity[name] = TensorFidelity(name, tuple(t.shape), LORA, cut.frobenius, cut.stored_error, kind, 0,
-                                                    cut.method)
-                    continue
-                module = name[: -len(".weight")]
-                factors[module] = lora_factors(cut, kind, storage)
-                kinds[module] = kind
-                fidelity[name] = TensorFidelity(name, tuple(t.shape), LORA, cut.frobenius, cut.stored_error, kind,
-                                                cut.rank, cut.method)
+        if run_on.kind == "local":
+            outcomes = _convert(tv, base_ckpt, names, names, settings, None, progress)
+        else:
+            outcomes = _convert_as_tasks(run_on, (base, finetuned, task_vector), tv, base_ckpt, names, settings,
+                                         device, task_bytes, tmp)
+        for outcome in outcomes:
+            if outcome.cast:
+                casts.append(outcome.name)
+            if outcome.fidelity is not None:
+                fidelity[outcome.name] = outcome.fidelity
+            if outcome.factors is not None:
+                module = outcome.name[: -len(".weight")]
+                factors[module] = outcome.factors
+                kinds[module] = outcome.kind
+            elif outcome.whole or outcome.tied:  # the driver's part (biases, norms; the tied head): T read again
+                t = outcome.value if outcome.value is not None else read_difference(tv, base_ckpt, outcome.name)
+                if outcome.tied:
+                    fidelity[outcome.name] = _tied_head(tv, base_ckpt, names, outcome.name, t)
+                else:
+                    full_needed[outcome.name] = t
+        shutil.rmtree(tmp / PARTS_FOLDER, ignore_errors=True)
         if casts:
             dtype_name = tv.finetuned_dtype(casts[0])
             notes.append(
@@ -298,6 +300,140 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
         record = _record(tv, base, criterion, dtype, fidelity, notes, tmp, command, names)
         (tmp / FIDELITY_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What decides each tensor's handling: the rank criterion, the filters, the factor dtype and device."""
+
+    criterion: Criterion
+    include: str | None
+    exclude: str | None
+    skip_cast_artifacts: bool
+    storage: torch.dtype
+    dev: torch.device
+    tied: bool
+    model_type: str | None
+
+
+@dataclass
+class _Outcome:
+    """One changed tensor's handling: its fidelity row, and its LoRA factors, or a flag that the driver keeps it
+    whole or treats it as the tied head (both read again there: they are small, or need other tensors)."""
+
+    name: str
+    fidelity: TensorFidelity | None = None
+    cast: bool = False
+    kind: str | None = None
+    factors: tuple | None = None  # (A, B), as stored
+    whole: bool = False
+    tied: bool = False
+    value: torch.Tensor | None = None  # T of a whole or tied tensor, kept when converting in this process
+
+
+def _convert(tv, base_ckpt, names: list, group: list, settings: _Settings, part: PartWriter | None,
+             progress: bool = False) -> list:
+    """The outcome of each changed tensor of `group` (names: all of the task vector's, for the tied-head test);
+    with `part`, the factors go to the part file instead of the outcome."""
+    include_re, exclude_re = _pattern(settings.include, "include"), _pattern(settings.exclude, "exclude")
+    criterion = settings.criterion
+    outcomes = []
+    with progress_bar(len(group), "to-lora", enabled=progress) as bar:
+        for name in group:
+            bar.update(1)
+            t = read_difference(tv, base_ckpt, name)
+            if t is None:
+                continue
+            outcome = _Outcome(name)
+            outcomes.append(outcome)
+            if (include_re and not include_re.search(name)) or (exclude_re and exclude_re.search(name)):
+                outcome.fidelity = TensorFidelity(name, tuple(t.shape), EXCLUDED, _norm(t), _norm(t))
+                continue
+            outcome.cast = _cast_dtype(tv, base_ckpt, name, t) is not None
+            if outcome.cast and settings.skip_cast_artifacts:
+                outcome.fidelity = TensorFidelity(name, tuple(t.shape), CAST_SKIPPED, _norm(t), _norm(t))
+                continue
+            if settings.tied and name in OUTPUT_EMBEDDING_NAMES:
+                outcome.tied, outcome.value = True, t if part is None else None
+                continue
+            kind = lora_kind(name, t.shape, settings.model_type)
+            if kind is None:
+                outcome.whole, outcome.value = True, t if part is None else None
+                continue
+            cut = truncate(t.to(settings.dev), rank=criterion.rank, energy=criterion.energy,
+                           max_error=criterion.max_error, max_rank=criterion.max_rank, storage_dtype=settings.storage)
+            outcome.fidelity = TensorFidelity(name, tuple(t.shape), LORA, cut.frobenius, cut.stored_error, kind,
+                                              cut.rank, cut.method)
+            if cut.rank == 0:
+                continue
+            outcome.kind = kind
+            a, b = lora_factors(cut, kind, settings.storage)
+            if part is None:
+                outcome.factors = (a, b)
+            else:
+                part.begin(name + ".A", dtypes.code_of(a.dtype), a.shape)
+                part.write(tensor_to_bytes(a))
+                part.end()
+                part.begin(name + ".B", dtypes.code_of(b.dtype), b.shape)
+                part.write(tensor_to_bytes(b))
+                part.end()
+    return outcomes
+
+
+def to_lora_group_task(sources: tuple, group: list, settings: _Settings, part: str) -> tuple[list, dict]:
+    """A group of tensors of a to-lora conversion, as a unit of work for an executor: opens the inputs itself,
+    decides each changed tensor's handling as `to_lora` does and appends the LoRA factors to the file `part`.
+
+    Args:
+        sources: (base, finetuned, task_vector), as `to_lora` got them.
+        group: the tensors of this group, in order.
+        settings: the criterion, filters, factor dtype and device.
+        part: the part file for the factors (rewritten from scratch).
+
+    Returns:
+        (the outcome of each changed tensor, with factors=None; {"NAME.A" / "NAME.B": ((offset, nbytes), dtype code,
+        shape)} of the factors in the part file).
+
+    Raises:
+        LoratvError: as `to_lora`, for these tensors.
+    """
+    base, finetuned, task_vector = sources
+    base_ckpt, tv = open_task_vector(base, task_vector=task_vector, finetuned=finetuned)
+    writer = PartWriter(Path(part))
+    try:
+        outcomes = _convert(tv, base_ckpt, tensor_names(base_ckpt, tv), group, settings, writer)
+    finally:
+        writer.close()
+    return outcomes, {key: (span, writer.codes[key], writer.shapes[key]) for key, span in writer.spans.items()}
+
+
+def _convert_as_tasks(run_on: ExecutorSpec, sources: tuple, tv, base_ckpt, names: list, settings: _Settings,
+                      device: str, task_bytes: int, folder: Path) -> list:
+    """One executor task per group of at most task_bytes of task vector; the driver reads the factors back from
+    the tasks' part files, in order, so the adapter is the local run's bit for bit."""
+    if any(isinstance(s, Mapping) for s in sources):
+        raise BadInputError(f"{param('executor', str(run_on))} sends paths to its tasks, not tensors: give the models "
+                            "as folders, files or hub ids, not state dicts.")
+    stored = base_ckpt if base_ckpt is not None else tv.tensors
+    groups = byte_groups([stored.entry(n).nbytes if n in stored else 0 for n in names], task_bytes)
+    parts = folder / PARTS_FOLDER
+    parts.mkdir(exist_ok=True)
+    shipped = tuple(None if s is None else str(s) for s in sources)
+    jobs = [(shipped, [names[i] for i in group], settings, str(parts / f"to-lora-{g:05d}.part"))
+            for g, group in enumerate(groups)]
+    executor = make_executor(run_on)
+    try:
+        results = executor.map(to_lora_group_task, jobs)
+    finally:
+        executor.close()
+    outcomes = []
+    for job, (group_outcomes, spans) in zip(jobs, results):
+        for outcome in group_outcomes:
+            if outcome.kind is not None:
+                outcome.factors = tuple(read_part(Path(job[3]), *spans[outcome.name + suffix])
+                                        for suffix in (".A", ".B"))
+            outcomes.append(outcome)
+    return outcomes
 
 
 def _norm(t: torch.Tensor) -> float:
