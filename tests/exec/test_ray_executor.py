@@ -124,7 +124,7 @@ def test_similarity_on_ray_records_the_local_numbers(example_dir, tmp_path, caps
     _same_tree(tmp_path / "local", tmp_path / "ray")
 
 
-def test_a_killed_worker_is_rerun_and_the_output_is_unchanged(example_dir, tmp_path, monkeypatch):
+def test_a_worker_killed_midway_is_rerun_and_the_output_is_unchanged(example_dir, tmp_path, monkeypatch):
     import loratv
     from loratv.exec import executor
 
@@ -132,8 +132,11 @@ def test_a_killed_worker_is_rerun_and_the_output_is_unchanged(example_dir, tmp_p
 
     def die_once(task):
         def run(*job):
-            if job[2].startswith("model-00003-of-") and not os.path.exists(marker):
-                task(*job)  # the shard is written, then the worker dies before it can report it
+            options, max_shard_size, file, folder, metadata = job
+            if file.startswith("model-00003-of-") and not os.path.exists(marker):
+                # what a worker killed halfway through its shard leaves behind: the file, cut short
+                with open(os.path.join(folder, file), "wb") as half:
+                    half.write(b"\0" * 100_000)
                 open(marker, "w").close()
                 os._exit(1)
             return task(*job)
@@ -173,6 +176,9 @@ def test_bad_executors_are_refused(example_dir, tmp_path, capsys, monkeypatch):
     with pytest.raises(loratv.BadInputError, match="state dict"):
         loratv.merge(load_file(str(example_dir / "base" / "model.safetensors")), example_dir / "adapter", out,
                      executor="ray")
+    assert_nothing_at(out)
+    with pytest.raises(loratv.BadInputError, match="CPUs"):
+        loratv.merge(example_dir / "base", example_dir / "adapter", out, executor="ray", device="cuda")
     assert_nothing_at(out)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     rc, _, err = run_cli(capsys, "extract", "--base", example_dir / "base", "--finetuned", example_dir / "base",

@@ -33,28 +33,32 @@ class ExecutorSpec:
         return self.kind if self.address is None else f"{self.kind}={self.address}"
 
 
-def parse_executor(text: "str | ExecutorSpec | None") -> ExecutorSpec:
-    """Read `local`, `ray` or `ray=ADDRESS` (the form of `--executor`).
+def parse_executor(text: "str | ExecutorSpec | None", device: object = "cpu") -> ExecutorSpec:
+    """Read `local`, `ray` or `ray=ADDRESS` (the form of `--executor`), checked against the command's device.
 
     Args:
-        text: the option's value, an ExecutorSpec (returned as it is), or None (local).
+        text: the option's value, an ExecutorSpec, or None (local).
+        device: the command's --device: Ray tasks are scheduled on CPUs, so only "cpu" goes with Ray.
 
     Returns:
         The executor's spec.
 
     Raises:
-        BadInputError: another name, or an empty address.
+        BadInputError: another name, an empty address, or Ray with a GPU device.
     """
-    if text is None:
-        return ExecutorSpec()
-    if isinstance(text, ExecutorSpec):
-        return text
-    kind, sep, address = str(text).partition("=")
-    kind = kind.strip().lower()
-    if kind not in EXECUTORS or (sep and (kind != "ray" or not address.strip())):
-        raise BadInputError(f"{param('executor', text)}: choose local, ray or ray=ADDRESS (e.g. ray=auto, "
-                            "ray=ray://head:10001).")
-    return ExecutorSpec(kind, address.strip() or None)
+    if text is None or isinstance(text, ExecutorSpec):
+        spec = text or ExecutorSpec()
+    else:
+        kind, sep, address = str(text).partition("=")
+        kind = kind.strip().lower()
+        if kind not in EXECUTORS or (sep and (kind != "ray" or not address.strip())):
+            raise BadInputError(f"{param('executor', text)}: choose local, ray or ray=ADDRESS (e.g. ray=auto, "
+                                "ray=ray://head:10001).")
+        spec = ExecutorSpec(kind, address.strip() or None)
+    if spec.kind == "ray" and str(device) != "cpu":
+        raise BadInputError(f"{param('executor', str(spec))} schedules its tasks on CPUs; {param('device', device)} "
+                            "runs with the local executor only.")
+    return spec
 
 
 class LocalExecutor:

@@ -507,7 +507,7 @@ def compare(
         raise BadInputError(f"compare needs exactly one of {param('task_vector')} and {param('finetuned')}.")
     if not (tolerance >= 0 and math.isfinite(tolerance)):
         raise BadInputError(f"{param('tolerance', tolerance)}: must be a finite number ≥ 0.")
-    run_on = parse_executor(executor)
+    run_on = parse_executor(executor, device)
     dev = resolve_device(device)
     base, adapter, plan, tv, targeted, comparisons = _open_inputs(base_source, adapter_source, task_vector, finetuned)
     if run_on.kind == "local":

@@ -130,7 +130,7 @@ def merge(
         LoratvError: bad flags or input (unreadable, mismatched, non-finite), or autocast_adapter_dtype=False
             without cast_base_first.
     """
-    run_on = parse_executor(executor)
+    run_on = parse_executor(executor, device)
     prepared = _prepare(base_source, adapter_source, precision, compute_dtype, device, cast_base_first,
                         autocast_adapter_dtype, base_config, peft_arithmetic)
     base, adapter, plan, specs = prepared.base, prepared.adapter, prepared.plan, prepared.specs

@@ -429,7 +429,7 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
     Raises:
         LoratvError: a bad recipe or input (one sentence naming the file), or an output that exists.
     """
-    run_on = parse_executor(executor)
+    run_on = parse_executor(executor, device)
     prepared = _prepare(config_path, compute_dtype, device, seed, dtype_like_mergekit, max_shard_size)
     recipe, opened, reference = prepared.recipe, prepared.opened, prepared.reference
     metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "merge-models",

@@ -244,7 +244,7 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
     criterion = (criterion or Criterion()).check()
     for pattern, flag in ((include, "include"), (exclude, "exclude")):
         _pattern(pattern, flag)  # a bad expression is refused before any input is opened
-    run_on = parse_executor(executor)
+    run_on = parse_executor(executor, device)
     if dtype not in ("fp32", "fp16", "bf16"):
         raise BadInputError(f"{param('dtype', dtype)}: choose fp32, fp16 or bf16.")
     storage = PRECISION_NAMES[dtype]
