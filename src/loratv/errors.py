@@ -72,6 +72,11 @@ class OutputExistsError(LoratvError):
     """The output path exists and `force=True` was not given (or it is, holds or lies inside an input)."""
 
 
+class ObjectStoreError(BadInputError):
+    """An object-store URL (s3://, gs://, hf://) that is missing, truncated, cannot be reached or is refused, or whose
+    filesystem package (fsspec, s3fs) is not installed."""
+
+
 def cli_message(exc: BaseException) -> str:
     """An exception's message as the command line shows it: parameters named as flags.
 

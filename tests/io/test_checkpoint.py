@@ -1,4 +1,5 @@
 """Reading checkpoints (single file, folder, shards, .bin, hub cache) and writing safetensors, against safetensors."""
+# ruff: noqa: F811 - the fixtures imported from helpers_io are found by name, then taken as arguments
 
 import json
 import os
@@ -20,8 +21,8 @@ from helpers_io import (  # noqa: F401 - fixtures are found by name
     shard_model,
     tensors_equal,
 )
-from loratv.io.checkpoint import Checkpoint
 from loratv.errors import LoratvError
+from loratv.io.checkpoint import Checkpoint
 from loratv.io.safetensors_format import SafetensorsWriter
 
 pytestmark = pytest.mark.usefixtures("loratv_cache")
@@ -256,7 +257,8 @@ def test_merge_of_a_sharded_base_keeps_its_shard_names(capsys, example, tmp_path
 
 def test_merge_of_a_standard_sharded_base_keeps_its_layout(capsys, example, tmp_path):
     base = tmp_path / "base"
-    weight_map = shard_model(example["base"] / "model.safetensors", base, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
+    weight_map = shard_model(example["base"] / "model.safetensors", base,
+                             ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
     shutil.copy(example["base"] / "config.json", base)
     out = tmp_path / "merged"
     assert run_cli(capsys, "merge", "--base", base, "--adapter", example["adapter"], "-o", out, "--quiet")[0] == 0

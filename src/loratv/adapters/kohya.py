@@ -13,14 +13,13 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from loratv.adapters.config import parse_config
 from loratv.adapters.kinds.lora_variants import choose_variants
 from loratv.adapters.registry import kind_for
 from loratv.adapters.structures import INPUT_EMBEDDING_SUFFIXES, OUTPUT_EMBEDDING_NAMES, PREFIX, Adapter, LoraModule
 from loratv.errors import LoratvError
-from loratv.io import safe_json
+from loratv.io import safe_json, storage
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.safetensors_format import read_header
 
@@ -75,7 +74,7 @@ def is_lora_file(path) -> bool:
         LoratvError: the file cannot be read or its header is corrupt (read_header).
     """
 
-    entries, _ = read_header(Path(path))
+    entries, _ = read_header(storage.as_path(path))  # an object-store URL stays one
     return any(marker in e.name for e in entries for marker in LORA_MARKERS)
 
 
@@ -93,7 +92,7 @@ def load_single_file(path) -> SingleFileAdapter:
             others; or when a tensor, a module's factors, an alpha or the metadata config is refused (no LoRA
             tensors, PEFT keys, LyCORIS / DoRA / bias tensors, mixed key styles, mismatched ranks, alpha 0, ...).
     """
-    path = Path(path)
+    path = storage.as_path(path)  # an object-store URL stays one
     ckpt = Checkpoint(path)
     fmt, groups = _group_keys(ckpt)
     configs = _metadata_configs(ckpt, groups) if fmt == DIFFUSERS else {}

@@ -31,7 +31,7 @@ from loratv.api.results import (
 )
 from loratv.errors import BadInputError, param
 from loratv.io import safe_json
-from loratv.io.outputs import atomic_output_dir
+from loratv.io.outputs import atomic_output_dir, guarded_inputs, output_path
 from loratv.io.writer import parse_size
 from loratv.ops import analyze as _analyze
 from loratv.ops import combine as _combine
@@ -123,7 +123,7 @@ def merge(
                           peft_arithmetic=peft_arithmetic,
                           base_config=dict(base_config) if base_config is not None else None, force=force,
                           progress=progress, executor=executor)
-    return _merge_result(result, Path(output))
+    return _merge_result(result, output_path(output))
 
 
 def merge_models(
@@ -180,7 +180,7 @@ def merge_models(
                                         device=device, max_shard_size=max_shard_size, seed=seed,
                                         dtype_like_mergekit=dtype_like_mergekit, force=force, progress=progress,
                                         executor=executor)
-    return ModelMergeResult(output=Path(output), method=result.method, inputs=tuple(result.inputs),
+    return ModelMergeResult(output=output_path(output), method=result.method, inputs=tuple(result.inputs),
                             merged=tuple(result.merged), copied=tuple(result.copied))
 
 
@@ -280,8 +280,8 @@ def extract(
     _extract.extract(_source(base), _source(finetuned), os.fspath(output), dense=dense, storage_dtype=storage_dtype,
                      force=force, progress=progress, executor=executor,
                      task_bytes=_task_bytes(task_bytes, _extract.TASK_BYTES))
-    record = safe_json.read(Path(output) / _extract.REPORT_FILE)
-    return TaskVectorResult(output=Path(output), record=record)
+    record = safe_json.read(output_path(output) / _extract.REPORT_FILE)
+    return TaskVectorResult(output=output_path(output), record=record)
 
 
 def compare(
@@ -337,12 +337,12 @@ def compare(
     if output is None:
         record = _compare.compare(_source(base), adapter_path, **kwargs)  # type: ignore[arg-type]
         return Comparison(record=record, output=None)
-    inputs = [i for i in (base, adapter_path, tv, ft) if isinstance(i, (str, os.PathLike)) and os.path.exists(i)]
+    inputs = guarded_inputs([base, adapter_path, tv, ft])
     with atomic_output_dir(os.fspath(output), inputs, force=force) as tmp:
         record = _compare.compare(_source(base), adapter_path, deltas_path=tmp / _compare.DELTAS_FILE,
                                   **kwargs)  # type: ignore[arg-type]
         _compare.write_comparison_files(record, tmp, plots=plots)
-    return Comparison(record=record, output=Path(output))
+    return Comparison(record=record, output=output_path(output))
 
 
 def validate(
@@ -380,7 +380,7 @@ def validate(
     """
     record = _validate.validate(os.fspath(base), os.fspath(adapter), os.fspath(output), precision=precision,
                                 tolerance=tolerance, device=device, plots=plots, force=force, progress=progress)
-    return Comparison(record=record, output=Path(output))
+    return Comparison(record=record, output=output_path(output))
 
 
 def precision_study(
@@ -427,7 +427,7 @@ def precision_study(
                                         paths=list(paths) if paths is not None else None, keep_merged=keep_merged,
                                         tolerance=tolerance, device=device, plots=plots, force=force,
                                         progress=progress)
-    return PrecisionStudy(record=record, output=Path(output))
+    return PrecisionStudy(record=record, output=output_path(output))
 
 
 def analyze(
@@ -474,7 +474,7 @@ def analyze(
     if output is None:
         return Analysis(record=_analyze.analyze(**kwargs))  # type: ignore[arg-type]
     record = _analyze.run_analysis(os.fspath(output), plots=plots, force=force, **kwargs)
-    return Analysis(record=record, output=Path(output))
+    return Analysis(record=record, output=output_path(output))
 
 
 def _opt(path: PathLike | None) -> str | None:
@@ -537,7 +537,7 @@ def to_lora(
                               skip_cast_artifacts=skip_cast_artifacts, dtype=dtype, device=device, force=force,
                               progress=progress, executor=executor,
                               task_bytes=_task_bytes(task_bytes, _to_lora.TASK_BYTES))
-    return ToLoraResult(record=record, output=Path(output))
+    return ToLoraResult(record=record, output=output_path(output))
 
 
 def combine(
@@ -580,7 +580,7 @@ def combine(
                               weights=None if weights is None else list(weights),
                               recompression=_combine.Recompression(max_rank=max_rank, max_error=max_error),
                               dtype=dtype, force=force, progress=progress)
-    return CombineResult(record=record, output=Path(output))
+    return CombineResult(record=record, output=output_path(output))
 
 
 def similarity(
@@ -635,7 +635,7 @@ def similarity(
                                     sign_conflicts=sign_conflicts, density=density, plots=plots, force=force,
                                     progress=progress, executor=executor,
                                     task_bytes=_task_bytes(task_bytes, _similarity.TASK_BYTES))
-    return SimilarityResult(record=record, output=Path(output))
+    return SimilarityResult(record=record, output=output_path(output))
 
 
 def convert(
@@ -663,7 +663,7 @@ def convert(
         LoratvError: an adapter that cannot be converted without loss, or without `base`.
     """
     record = _convert.convert(os.fspath(adapter), os.fspath(output), to=to, base=_opt(base), force=force)
-    return ConvertResult(record=record, output=Path(output))
+    return ConvertResult(record=record, output=output_path(output))
 
 
 def inspect(

@@ -9,7 +9,7 @@ from loratv.adapters.adapter import named_adapter
 from loratv.errors import LoratvError, cli_message, one_line
 from loratv.example.builder import example_merged, example_paths, write_example
 from loratv.io.config_file import read_flag_file
-from loratv.io.outputs import atomic_output_dir
+from loratv.io.outputs import atomic_output_dir, guarded_inputs
 from loratv.io.writer import parse_size
 from loratv.ops.adapter_keys import describe_adapter_keys, render_keys_text
 from loratv.ops.analyze import run_analysis
@@ -655,7 +655,7 @@ def cmd_compare(args) -> int:
     else:
         base, adapter, task_vector, finetuned = args.base, args.adapter, args.task_vector, args.finetuned
     inputs = [base, adapter, task_vector, finetuned]
-    with atomic_output_dir(args.output, [i for i in inputs if i is not None and os.path.exists(i)], force=args.force) as tmp:
+    with atomic_output_dir(args.output, guarded_inputs(inputs), force=args.force) as tmp:
         record = compare(base, adapter, task_vector=task_vector, finetuned=finetuned, tolerance=args.tolerance,
                          device=args.device, deltas_path=tmp / DELTAS_FILE, progress=not args.quiet and not args.json,
                          command=_command_line(), **_executor_options(args))
@@ -738,8 +738,7 @@ def cmd_analyze(args) -> int:
     record = run_analysis(args.output, base=args.base, adapter=args.adapter, lora_deltas=args.lora_deltas,
                           task_vector=args.task_vector, finetuned=args.finetuned, spectrum=args.spectrum,
                           exact_svd=args.exact_svd, device=args.device, plots=not args.no_plots, force=args.force,
-                          progress=not args.quiet and not args.json, command=_command_line(),
-                        **_executor_options(args))
+                          progress=not args.quiet and not args.json, command=_command_line())
     if args.json:
         sys.stdout.write(dump_json(record))
     elif not args.quiet:

@@ -5,12 +5,13 @@ Tensors are read one at a time (or by rows, or as raw bytes); nothing is loaded 
 
 import os
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from loratv.common import dtypes
 from loratv.errors import BadInputError
-from loratv.io import hub, safe_json
+from loratv.io import hub, safe_json, storage
 from loratv.io import safetensors_format as stf
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -23,19 +24,24 @@ CONFIG_FIELD_TYPES = (("model_type", str, "a string"), ("tie_word_embeddings", b
 
 
 def resolve_path(source: str | os.PathLike) -> Path:
-    """A local path as given, or a hub id `org/name[@revision]` resolved through the Hugging Face cache.
+    """A local path as given, an object-store URL (s3://, gs://, hf://) as a RemotePath read in place, or a hub id
+    `org/name[@revision]` resolved through the Hugging Face cache.
+
+    A RemotePath answers the Path methods loratv uses on inputs (`/`, name, suffix, parent, exists, is_file,
+    is_dir, stat, iterdir, glob) and is read by ranged requests (io.storage), so it is typed as a Path here.
 
     Args:
-        source: a model folder, a weights file, or a hub id.
+        source: a model folder, a weights file, an object-store URL, or a hub id.
 
     Returns:
-        The existing local path (for a hub id, its snapshot folder).
+        The existing local path (for a hub id, its snapshot folder), or the URL's RemotePath.
 
     Raises:
-        LoratvError: a source that looks like a local path and does not exist (the hub is not asked), or a hub
-            download that failed, with its cause in words (hub.failure_reason).
+        LoratvError: a source that looks like a local path and does not exist (the hub is not asked), a URL with
+            nothing at it, or a hub download that failed, with its cause in words (hub.failure_reason).
     """
-    return hub.resolve(source, _download)
+    # typed as the Path it stands in for: the callers (adapters, ops) use only the Path API a RemotePath answers
+    return cast(Path, hub.resolve(source, _download))
 
 
 def _download(hub_id: str) -> Path:
@@ -52,6 +58,8 @@ def _allowed_root(folder: Path) -> str:
 
 
 def _inside(folder: Path, target: Path) -> bool:
+    if isinstance(folder, storage.RemotePath):  # no links in an object store: the key must lie under the prefix
+        return str(target).startswith(str(folder).rstrip("/") + "/")
     root = _allowed_root(folder)
     real_target = os.path.realpath(target)
     return os.path.commonpath([root, real_target]) == root
@@ -73,7 +81,7 @@ def _index_shards(index_path: Path) -> tuple[list[Path], dict]:
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard or any(ord(c) < 32 for c in shard):
             raise BadInputError(f"{index_path}: tensor {stf._short(name)} maps to an invalid shard name {stf._short(shard)}.")
-        if os.path.isabs(shard) or ".." in Path(shard).parts or not _inside(folder, folder / shard):
+        if os.path.isabs(shard) or ".." in Path(shard).parts or storage.is_url(shard) or not _inside(folder, folder / shard):
             raise BadInputError(f"{index_path}: shard '{shard}' lies outside the model folder.")
         if shard not in shards:
             shards.append(shard)
@@ -99,6 +107,7 @@ class Checkpoint:
         self.files: list[Path] = []
         self.index_file: Path | None = None
         self._bin_state: dict[Path, dict] = {}
+        self._aux_cache: list[Path] | None = None  # an object-store folder's aux files, once fetched
         self.format = "safetensors"
         self._index()
 
@@ -152,6 +161,10 @@ class Checkpoint:
 
     def _load_bin(self, files):
         self.format = "bin"
+        if isinstance(files[0], storage.RemotePath):  # a pickle has no header: it can only be loaded whole
+            raise BadInputError(f"{files[0]}: a pickled .bin checkpoint cannot be read in place from an object store "
+                                "(loratv reads only safetensors there); convert it to safetensors or copy it to a "
+                                "local folder.")
 
         for file in files:
             state = _torch_load(file)
@@ -331,11 +344,26 @@ class Checkpoint:
         if not self.path.is_dir():
             return []
         skip = {SAFETENSORS_INDEX, BIN_INDEX, "loratv_manifest.json"}  # the manifest describes that folder only
+        if isinstance(self.path, storage.RemotePath):
+            return self._remote_aux_files(skip)
         out = []
         for p in sorted(self.path.iterdir()):
             if p.is_file() and not p.name.startswith(".") and p.name not in skip and not p.name.endswith(WEIGHT_SUFFIXES):
                 out.append(p)
         return out
+
+    def _remote_aux_files(self, skip: set) -> list[Path]:
+        """The aux files of an object-store folder, fetched once into a local cache folder: they are small (configs,
+        tokenizer) and the commands copy them with the OS's file copy."""
+        if self._aux_cache is None:
+            names = storage.list_tree(self.path)
+            wanted = sorted(n for n in names if "/" not in n and not n.startswith(".") and n not in skip
+                            and not n.endswith(WEIGHT_SUFFIXES))
+            folder = storage.local_cache_folder()
+            for name in wanted:
+                storage.download(self.path / name, folder / name)
+            self._aux_cache = [folder / name for name in wanted]
+        return list(self._aux_cache)
 
     def total_parameters(self) -> int:
         """The number of elements over every tensor.

@@ -11,14 +11,18 @@ import argparse
 import yaml
 
 from loratv.errors import BadInputError
+from loratv.io import storage
 
 MAX_CONFIG_BYTES = 1 << 20
 
 
 def _read_yaml(path):
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if storage.is_url(path):  # one ranged request, capped like the local read
+            raw = storage.read_range(path, 0, MAX_CONFIG_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise BadInputError(f"{path}: cannot be read ({exc.strerror}).") from None
     if len(raw) > MAX_CONFIG_BYTES:

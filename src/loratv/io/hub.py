@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from loratv.errors import BadInputError, LoratvError
+from loratv.io import storage
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 # suffixes of files loratv reads: a source ending in one names a file, not a repository
@@ -182,19 +183,23 @@ def single_file(hub_id: str, filename: str) -> Path:
         raise hub_error(hub_id, exc, revision=revision or None, filename=filename) from None
 
 
-def resolve(source: str | os.PathLike, download) -> Path:
-    """A local path as given, else a hub id passed to download(hub_id), else a missing-path error.
+def resolve(source: str | os.PathLike, download) -> Path | storage.RemotePath:
+    """An object-store URL as a RemotePath, a local path as given, else a hub id passed to download(hub_id), else a
+    missing-path error.
 
     Args:
-        source: a local file or folder, or `org/name[@revision]`.
+        source: an object-store URL (s3://, gs://, hf://), a local file or folder, or `org/name[@revision]`.
         download: called with the hub id when the source is not local; returns the local path.
 
     Returns:
-        The existing local path.
+        The RemotePath of an existing URL, or the existing local path.
 
     Raises:
-        LoratvError: the source looks local and does not exist (the hub is not asked), or the download failed.
+        LoratvError: nothing lies at the URL, the source looks local and does not exist (the hub is not asked), or
+            the download failed.
     """
+    if storage.is_url(source):  # s3://, gs://, hf://...: read in place through fsspec, never downloaded
+        return storage.resolve(source)
     path = Path(source).expanduser()
     if path.exists():
         return path

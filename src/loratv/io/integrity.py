@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from loratv.io import storage
 from loratv.io.safetensors_format import file_sha256, header_sha256
 from loratv.version import __version__
 
@@ -20,17 +21,20 @@ SCHEMA_VERSION = 1
 PICKLE_HEAD_BYTES = 1 << 20
 
 
-def _head_sha256(path: Path) -> str:
+def _head_sha256(path) -> str:
+    if storage.is_url(path):
+        return hashlib.sha256(storage.read_range(path, 0, PICKLE_HEAD_BYTES)).hexdigest()
     with open(path, "rb") as f:
         return hashlib.sha256(f.read(PICKLE_HEAD_BYTES)).hexdigest()
 
 
-def _file_record(path: Path, root: Path) -> tuple:
+def _file_record(path, root) -> tuple:
     try:
-        name = str(Path(path).relative_to(root))
+        name = str(storage.as_path(path).relative_to(root))
     except ValueError:
         name = str(path)
-    record: dict[str, int | str] = {"size": os.path.getsize(path)}
+    size = storage.size(path) if storage.is_url(path) else os.path.getsize(path)
+    record: dict[str, int | str] = {"size": size}
     if path.suffix == ".safetensors":
         record["header_sha256"], record["header_bytes"] = header_sha256(path)
     elif path.suffix == ".json":
@@ -56,7 +60,7 @@ def checkpoint_record(ckpt, extra_files=()) -> dict:
         return {"source": str(ckpt.source), "files": {}}
     files = [*ckpt.files, *([ckpt.index_file] if ckpt.index_file else []), *extra_files]
     root = ckpt.root
-    return {"source": str(ckpt.source), "files": dict(_file_record(Path(f), root) for f in files)}
+    return {"source": str(ckpt.source), "files": dict(_file_record(storage.as_path(f), root) for f in files)}
 
 
 def adapter_record(adapter) -> dict:
@@ -68,7 +72,7 @@ def adapter_record(adapter) -> dict:
     Returns:
         The record, with the adapter's own source.
     """
-    extra = [adapter.config_path] if adapter.config_path and Path(adapter.config_path).suffix == ".json" else []
+    extra = [adapter.config_path] if adapter.config_path and storage.as_path(adapter.config_path).suffix == ".json" else []
     record = checkpoint_record(adapter.tensors, extra)
     record["source"] = str(adapter.source)
     return record

@@ -5,6 +5,10 @@ only when complete; an existing output (with --force) is swapped for the new one
 allows it, so OUT always holds one complete version. A lock file `.OUT.loratv-lock`, held with flock(2) for the
 whole run, makes a second writer of the same path fail at once. The kernel releases the lock when its holder dies,
 even by SIGKILL, so the next run that takes it knows that every temporary sibling of OUT is stale and removes it.
+
+An object-store URL (s3://, gs://, hf://) has no rename and no lock: it is staged in a local folder and published by
+io/remote_output.py (uploaded under a temporary prefix, copied into place, a `.loratv-complete` marker written last);
+docs/object-stores.md says what a reader sees meanwhile.
 """
 
 import ctypes
@@ -14,8 +18,10 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 from loratv.errors import LoratvError, OutputExistsError, param
+from loratv.io import remote_output, storage
 
 try:  # POSIX only: on Windows outputs are still atomic, but two writers of one path are not kept apart
     import fcntl
@@ -37,7 +43,7 @@ def _within(child: Path, parent: Path) -> bool:
 
 def _refuse_overlap(out, out_real: Path, inputs) -> None:
     for inp in inputs:
-        if inp is None:
+        if inp is None or storage.is_url(inp):  # an object-store input cannot overlap a local output
             continue
         inp_real = _real(inp)
         if _within(out_real, inp_real):
@@ -46,21 +52,50 @@ def _refuse_overlap(out, out_real: Path, inputs) -> None:
             raise OutputExistsError(f"{out}: the output path contains the input {inp}; choose another output path.")
 
 
+def output_path(out) -> Path:
+    """An output as a path object for results and messages: a local Path, or an object-store URL's RemotePath
+    (which `Path(url)` would mangle: `s3://b/x` into `s3:/b/x`).
+
+    Args:
+        out: the output as the user gave it.
+
+    Returns:
+        The Path (or the RemotePath, typed as the Path it stands in for).
+    """
+    return cast(Path, storage.as_path(out))
+
+
+def guarded_inputs(sources) -> list:
+    """The inputs an output must stay clear of: object-store URLs and local paths that exist (a hub id, a state dict
+    or None names no place the output could overlap).
+
+    Args:
+        sources: the command's input sources, as given.
+
+    Returns:
+        Those that are URLs or existing local paths, in order.
+    """
+    return [s for s in sources if s is not None and (storage.is_url(s) or (
+        isinstance(s, (str, os.PathLike)) and os.path.exists(os.path.expanduser(s))))]
+
+
 def check_output(out, inputs, *, force: bool) -> Path:
     """Refuse an output that is, holds or lies inside an input, or that exists without --force.
 
     Args:
-        out: the output folder as the user gave it.
-        inputs: the input paths (None entries are skipped).
+        out: the output folder (or object-store URL) as the user gave it.
+        inputs: the input paths and URLs (None entries are skipped).
         force: an existing output folder may be replaced.
 
     Returns:
-        The output's real path (symlinks resolved, ~ expanded).
+        The output's real path (symlinks resolved, ~ expanded); for a URL, its RemotePath.
 
     Raises:
         OutputExistsError: the output exists and force is False.
         LoratvError: the output is, holds or lies inside an input, or exists and is not a folder.
     """
+    if storage.is_url(out):  # the output's RemotePath, typed as the Path it stands in for
+        return cast(Path, remote_output.check_output(out, inputs, force=force))
     out_real = _real(out)
     _refuse_overlap(out, out_real, inputs)
     if out_real.exists() and not force:
@@ -324,18 +359,26 @@ def _locked_atomic(out, out_real: Path, tmp_name, check):
 def atomic_output_dir(out, inputs=(), *, force: bool = False):
     """Yield a temporary sibling folder; rename it to `out` only if the block finishes without an exception.
 
+    An object-store URL (s3://, gs://, hf://) is staged in a local folder and published by
+    remote_output.atomic_remote_dir: uploaded under a temporary prefix, copied into place, completion marker last.
+
     Args:
-        out: the output folder; missing parent folders are created (and removed again on failure).
-        inputs: input paths the output must not be, hold or lie inside.
+        out: the output folder or URL; missing parent folders are created (and removed again on failure).
+        inputs: input paths (and URLs) the output must not be, hold or lie inside.
         force: replace an existing output folder.
 
     Yields:
-        The temporary folder (created, empty) to write the output into.
+        The temporary folder (created, empty) to write the output into (for a URL, the local staging folder).
 
     Raises:
         LoratvError: the output is refused (see check_output; OutputExistsError without force), or writing it
             failed with an OSError such as a full disk (nothing is left at the output path then).
     """
+
+    if storage.is_url(out):  # staged locally, then published at the URL (io/remote_output.py)
+        with remote_output.atomic_remote_dir(out, inputs, force=force) as staging:
+            yield staging
+        return
 
     def check(out_real):
         check_output(out, inputs, force=force)
@@ -353,9 +396,11 @@ def atomic_output_file(out, inputs=(), *, force: bool = False):
     """Yield a temporary sibling path with the same suffix; rename it to `out` only if the block finishes without an
     exception (the single-file counterpart of atomic_output_dir).
 
+    An object-store URL is staged locally and uploaded to its key (remote_output.atomic_remote_file).
+
     Args:
-        out: the output file; missing parent folders are created (and removed again on failure).
-        inputs: input paths the output must not be, hold or lie inside.
+        out: the output file or URL; missing parent folders are created (and removed again on failure).
+        inputs: input paths (and URLs) the output must not be, hold or lie inside.
         force: replace an existing output file.
 
     Yields:
@@ -365,6 +410,11 @@ def atomic_output_file(out, inputs=(), *, force: bool = False):
         LoratvError: `out` is a folder, exists without force, overlaps an input, or writing it failed with an
             OSError such as a full disk.
     """
+
+    if storage.is_url(out):  # staged locally, then uploaded to its key (io/remote_output.py)
+        with remote_output.atomic_remote_file(out, inputs, force=force) as staging:
+            yield staging
+        return
 
     def check(out_real):
         if out_real.is_dir():

@@ -6,9 +6,9 @@ of those becomes a LoratvError here.
 """
 
 import json
-from pathlib import Path
 
 from loratv.errors import BadInputError
+from loratv.io import storage
 
 MAX_JSON_BYTES = 64 << 20  # configs and indexes are kilobytes; a bigger one is not read into memory
 
@@ -92,10 +92,13 @@ def read(path, what: str = "not valid JSON"):
     Raises:
         LoratvError: the file cannot be read, is larger than MAX_JSON_BYTES, or is not strict JSON (see `loads`).
     """
-    path = Path(path)
+    path = storage.as_path(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
+        if isinstance(path, storage.RemotePath):  # one ranged request, capped like the local read
+            raw = storage.read_range(path, 0, MAX_JSON_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_JSON_BYTES + 1)
         if len(raw) > MAX_JSON_BYTES:
             raise BadInputError(f"{path}: {what} (larger than {MAX_JSON_BYTES >> 20} MiB, far beyond any config or index).")
     except OSError as exc:

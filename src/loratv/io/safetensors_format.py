@@ -19,7 +19,7 @@ import torch
 
 from loratv.common import dtypes
 from loratv.errors import BadInputError
-from loratv.io import safe_json
+from loratv.io import safe_json, storage
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own cap
 HEADER_ALIGNMENT = 8
@@ -55,11 +55,12 @@ class TensorEntry:
         return dtypes.itemsize(self.dtype)
 
 
-def read_header(path: Path):
+def read_header(path: "Path | storage.RemotePath"):
     """Parse and validate a safetensors header; returns (ordered list of TensorEntry, metadata dict).
 
     Args:
-        path: the safetensors file.
+        path: the safetensors file, or an object-store URL (its size, then two ranged reads: the 8-byte length and
+            the header; the entries' `file` is then the RemotePath).
 
     Returns:
         (entries sorted by data offset, the `__metadata__` dict of strings, {} when absent).
@@ -69,25 +70,11 @@ def read_header(path: Path):
             100 MiB cap, invalid JSON, a bad entry (name, dtype, shape or offsets), offsets that overlap or leave
             gaps, or data that does not end exactly at the end of the file.
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise BadInputError(f"{path}: not a safetensors file (only {size} bytes, shorter than the 8-byte header length).")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > size - 8:
-                raise BadInputError(
-                    f"{path}: corrupt or truncated safetensors file (header length {header_len} exceeds the file size {size})."
-                )
-            if header_len > MAX_HEADER_BYTES:
-                raise BadInputError(
-                    f"{path}: corrupt safetensors file (header length {header_len} is above the {MAX_HEADER_BYTES >> 20} MiB cap)."
-                )
-            raw = f.read(header_len)
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot be read ({exc.strerror}).") from None
+    path = storage.as_path(path)
+    if isinstance(path, storage.RemotePath):
+        size, header_len, raw = _remote_header(path)
+    else:
+        size, header_len, raw = _local_header(path)
     if len(raw) != header_len:
         raise BadInputError(f"{path}: truncated safetensors file (the file shrank while its header was read).")
     header = safe_json.loads(raw, path, "corrupt safetensors file: the header is not valid UTF-8 JSON")
@@ -116,6 +103,41 @@ def read_header(path: Path):
             )
         raise BadInputError(f"{path}: corrupt safetensors file ({data_len - (cursor - data_start)} trailing bytes after the last tensor).")
     return entries, metadata
+
+
+def _check_header_length(path, size: int, prefix: bytes) -> int:
+    if len(prefix) < 8:
+        raise BadInputError(f"{path}: not a safetensors file (only {size} bytes, shorter than the 8-byte header length).")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > size - 8:
+        raise BadInputError(
+            f"{path}: corrupt or truncated safetensors file (header length {header_len} exceeds the file size {size})."
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise BadInputError(
+            f"{path}: corrupt safetensors file (header length {header_len} is above the {MAX_HEADER_BYTES >> 20} MiB cap)."
+        )
+    return header_len
+
+
+def _local_header(path: Path) -> tuple:
+    """(file size, header length, header bytes) of a local file, read through one open file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_len = _check_header_length(path, size, f.read(8))
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot be read ({exc.strerror}).") from None
+    return size, header_len, raw
+
+
+def _remote_header(url: "storage.RemotePath") -> tuple:
+    """(object size, header length, header bytes) of an object: its size, then two ranged reads (the 8-byte
+    length, then the header), so that no tensor data is fetched."""
+    size = storage.size(url)
+    header_len = _check_header_length(url, size, storage.read_range(url, 0, min(8, size)))
+    return size, header_len, storage.read_range(url, 8, header_len)
 
 
 def _parse_entry(path, name, spec, data_start):
@@ -154,7 +176,7 @@ def _short(value, limit: int = 80) -> str:
 
 
 def read_bytes(entry: TensorEntry, start: int = 0, stop: int | None = None, into=None):
-    """Bytes [start, stop) of the tensor's data, read with positioned reads.
+    """Bytes [start, stop) of the tensor's data, read with positioned reads (ranged requests for an object).
 
     `into`, a uint8 tensor of at least that many bytes, is reused instead of allocating (and page-faulting) a new
     buffer for every read; the result then aliases it.
@@ -178,6 +200,12 @@ def read_bytes(entry: TensorEntry, start: int = 0, stop: int | None = None, into
     else:
         view = torch.empty(size, dtype=torch.uint8).numpy().data  # no zero-fill, unlike bytearray
     if not size:
+        return view
+    if isinstance(entry.file, storage.RemotePath):  # ranged requests of just these bytes, in bounded pieces
+        got = 0
+        for piece in storage.iter_range(entry.file, entry.start + start, size, f"tensor '{entry.name}'"):
+            view[got:got + len(piece)] = piece
+            got += len(piece)
         return view
     with open(entry.file, "rb", buffering=0) as f:
         f.seek(entry.start + start)
@@ -321,13 +349,17 @@ def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
     """sha256 of a whole file, read in pieces (hashlib releases the GIL, so this overlaps other work).
 
     Args:
-        path: the file.
+        path: the file (or an object-store URL, read in ranged pieces).
         chunk: bytes per read.
 
     Returns:
         The hex digest.
     """
     digest = hashlib.sha256()
+    if storage.is_url(path):
+        for piece in storage.iter_range(path, 0, storage.size(path), "the whole object", chunk):
+            digest.update(piece)
+        return digest.hexdigest()
     with open(path, "rb", buffering=0) as f:
         while True:
             piece = f.read(chunk)
@@ -341,11 +373,16 @@ def header_sha256(path: Path) -> tuple:
     by read_header: what identifies an input shard without reading its data.
 
     Args:
-        path: the safetensors file.
+        path: the safetensors file (or an object-store URL: two ranged reads).
 
     Returns:
         (hex digest, byte count hashed: 8 + header length, the header capped at MAX_HEADER_BYTES).
     """
+    if storage.is_url(path):
+        prefix = storage.read_range(path, 0, 8)
+        (header_len,) = struct.unpack("<Q", prefix)
+        raw = prefix + storage.read_range(path, 8, min(header_len, MAX_HEADER_BYTES))
+        return hashlib.sha256(raw).hexdigest(), len(raw)
     with open(path, "rb") as f:
         prefix = f.read(8)
         (header_len,) = struct.unpack("<Q", prefix)
@@ -429,11 +466,22 @@ class SafetensorsWriter:
     def copy_from(self, src: Path, offset: int, nbytes: int) -> None:
         """Append bytes [offset, offset+nbytes) of another file without passing them through Python.
 
+        An object-store source (a RemotePath) is read here by ranged requests in pieces of
+        storage.READ_PIECE_BYTES, each written and hashed as `write` does: one fetch of each byte, and memory bounded
+        by the writer's cap on pending buffers.
+
         Args:
-            src: the file to copy from.
+            src: the file to copy from (a local path or a RemotePath).
             offset: absolute byte offset in src.
             nbytes: how many bytes.
+
+        Raises:
+            LoratvError: an object-store source ends before the range (truncated) or cannot be read.
         """
+        if isinstance(src, storage.RemotePath):
+            for piece in storage.iter_range(src, offset, nbytes, "tensor data"):
+                self.write(piece)
+            return
         if nbytes:
             self._io.submit(_copy_range, Path(src), self._fd, offset, nbytes, 8 + self.header_size + self._offset)
             if self._hasher is not None and self._digest is not None:

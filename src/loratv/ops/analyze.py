@@ -26,7 +26,7 @@ from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint, resolve_path
 from loratv.io.hub import available_locally
-from loratv.io.outputs import atomic_output_dir
+from loratv.io.outputs import atomic_output_dir, guarded_inputs
 from loratv.numerics.lowrank import Factors
 from loratv.numerics.moments import QUANTILES, Moments, quantiles, ulp_histogram
 from loratv.numerics.precision import merge_error_bound, ulp, unit_roundoff
@@ -521,7 +521,7 @@ def run_analysis(out, *, plots: bool = True, force: bool = False, **kwargs) -> d
     """
 
     inputs = [kwargs.get(k) for k in ("base", "adapter", "lora_deltas", "task_vector", "finetuned")]
-    with atomic_output_dir(out, [p for p in inputs if p is not None and Path(p).exists()], force=force) as tmp:
+    with atomic_output_dir(out, guarded_inputs(inputs), force=force) as tmp:
         record = analyze(**kwargs)
         write_analysis_files(record, tmp, plots=plots)
     return record

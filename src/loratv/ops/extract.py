@@ -25,7 +25,7 @@ from loratv.exec.executor import ExecutorSpec, byte_groups, make_executor, parse
 from loratv.exec.parts import PARTS_FOLDER, PartWriter
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import checkpoint_record, write_manifest
-from loratv.io.outputs import atomic_output_dir
+from loratv.io.outputs import atomic_output_dir, output_path
 from loratv.io.safetensors_format import SafetensorsWriter, tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint, source_name
 from loratv.version import __version__
@@ -380,7 +380,7 @@ def extract(
     run_on = parse_executor(executor)
     base, ft = _open_pair(base_source, finetuned_source)
 
-    result = ExtractResult(output=Path(out))
+    result = ExtractResult(output=output_path(out))
     metadata = {
         "format": "pt",
         "loratv_version": __version__,

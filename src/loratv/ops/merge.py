@@ -32,9 +32,10 @@ from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks, rows_of
 from loratv.errors import BadInputError, LoratvError, UnsupportedAdapterError, param
 from loratv.exec.executor import ExecutorSpec, make_executor, parse_executor
+from loratv.io import storage
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import adapter_record, checkpoint_record, write_manifest
-from loratv.io.outputs import atomic_output_dir
+from loratv.io.outputs import atomic_output_dir, output_path
 from loratv.io.safetensors_format import tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint, source_name
 from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like, write_index
@@ -149,7 +150,7 @@ def merge(
         metadata["autocast_adapter_dtype"] = str(autocast_adapter_dtype).lower()
     if peft_arithmetic:
         metadata["peft_arithmetic"] = "true"
-    result = MergeResult(output=Path(out), total_tensors=len(specs), notes=list(plan.notes))
+    result = MergeResult(output=output_path(out), total_tensors=len(specs), notes=list(plan.notes))
     options = {"base_source": base_source, "adapter_source": adapter_source, "precision": precision,
                "compute_dtype": compute_dtype, "device": device, "cast_base_first": cast_base_first,
                "autocast_adapter_dtype": autocast_adapter_dtype, "base_config": base_config,
@@ -161,7 +162,7 @@ def merge(
             digests = _write_shards_as_tasks(run_on, options, max_shard_size, shards, tmp, metadata, result)
         _write_aux(base, tmp, precision, plan.untied)
         write_manifest(tmp, "merge", {"base": checkpoint_record(base), "adapter": adapter_record(adapter)}, digests)
-    result.output = Path(out)
+    result.output = output_path(out)
     return result
 
 
@@ -369,6 +370,10 @@ class _TensorSink:
         self._at += view.size
 
     def copy_from(self, file, start: int, nbytes: int) -> None:
+        if storage.is_url(file):  # an object-store base: ranged requests of exactly these bytes
+            for piece in storage.iter_range(file, start, nbytes, "a copied tensor"):
+                self.write(piece)
+            return
         with open(file, "rb") as f:
             f.seek(start)
             got = f.readinto(self._bytes[self._at:self._at + nbytes].data)

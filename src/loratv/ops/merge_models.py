@@ -27,7 +27,7 @@ from loratv.errors import BadInputError, LoratvError, param
 from loratv.exec.executor import ExecutorSpec, make_executor, parse_executor
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import adapter_record, checkpoint_record, write_manifest
-from loratv.io.outputs import atomic_output_dir
+from loratv.io.outputs import atomic_output_dir, output_path
 from loratv.io.safetensors_format import tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint
 from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like, write_index
@@ -437,7 +437,7 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
                 "compute_dtype": "like mergekit" if dtype_like_mergekit else compute_dtype}
     if recipe.method.randomised:
         metadata["seed"] = str(seed)
-    result = ModelMergeResult(output=Path(out), method=recipe.method.name, inputs=recipe.inputs())
+    result = ModelMergeResult(output=output_path(out), method=recipe.method.name, inputs=recipe.inputs())
     records = {ref: _record(ckpt) for ref, ckpt in opened.items()}
     paths = [Path(recipe.path)] + [ckpt.path for ckpt in opened.values() if ckpt.path.exists()]
     paths += [ckpt.adapter.path for ckpt in opened.values() if isinstance(ckpt, LoraModel)]

@@ -13,7 +13,6 @@ change in ulps of the base weight. Streaming: one row chunk of one tensor of eac
 import math
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -21,7 +20,7 @@ from loratv.common.dtypes import all_finite
 from loratv.common.streaming import row_chunks
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint
-from loratv.io.outputs import atomic_output_dir
+from loratv.io.outputs import atomic_output_dir, guarded_inputs
 from loratv.numerics.precision import FORMATS, bits_equal, equals_cast, ulp
 from loratv.ops.tensor_groups import group_rows, place
 from loratv.report.changes_text import render_diff_text
@@ -318,7 +317,7 @@ def write_diff(out, base_source, finetuned_source, *, force: bool = False, **kwa
         LoratvError: as diff_models, or an output that exists (without force) or overlaps an input.
     """
 
-    inputs = [p for p in (base_source, finetuned_source) if Path(p).exists()]
+    inputs = guarded_inputs([base_source, finetuned_source])
     with atomic_output_dir(out, inputs, force=force) as tmp:
         record = finite(diff_models(base_source, finetuned_source, **kwargs))
         write_json(record, tmp / RESULTS_FILE)

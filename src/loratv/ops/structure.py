@@ -9,7 +9,6 @@ bit, as compare does).
 
 import math
 import re
-from pathlib import Path
 
 import torch
 
@@ -20,7 +19,7 @@ from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks
 from loratv.errors import LoratvError
 from loratv.io.checkpoint import Checkpoint
-from loratv.io.outputs import atomic_output_dir, check_output
+from loratv.io.outputs import atomic_output_dir, check_output, guarded_inputs
 from loratv.ops.task_vector_input import LiveTaskVector, StoredTaskVector
 from loratv.report.records import finite, write_json
 from loratv.report.structure_html import render_structure_page
@@ -386,7 +385,7 @@ def write_structure(out, model, *, adapter=None, task_vector=None, finetuned=Non
         LoratvError: bad input (see model_structure) or an output that cannot be written.
     """
 
-    inputs = [p for p in (model, adapter, task_vector, finetuned) if p is not None and Path(p).expanduser().exists()]
+    inputs = guarded_inputs([model, adapter, task_vector, finetuned])
     check_output(out, inputs, force=force)  # refuse a bad output before reading a large model
     record = finite(model_structure(model, adapter=adapter, task_vector=task_vector, finetuned=finetuned,
                                     progress=progress))

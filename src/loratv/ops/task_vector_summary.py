@@ -19,7 +19,7 @@ from loratv.common.streaming import row_chunks
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.io import safe_json
 from loratv.io.hub import available_locally
-from loratv.io.outputs import atomic_output_dir
+from loratv.io.outputs import atomic_output_dir, guarded_inputs
 from loratv.numerics.precision import FORMATS, merge_error_bound, unit_roundoff
 from loratv.ops.extract import REPORT_FILE as EXTRACT_REPORT
 from loratv.ops.extract import SCHEMA as EXTRACT_SCHEMA
@@ -414,7 +414,7 @@ def write_summary(out, *, force: bool = False, **kwargs) -> dict:
     """
 
     given = (kwargs.get(k) for k in ("task_vector", "base", "finetuned"))
-    existing = [p for p in given if p is not None and Path(p).exists()]
+    existing = guarded_inputs(given)
     with atomic_output_dir(out, existing, force=force) as tmp:
         record = finite(summarize_task_vector(**kwargs))
         write_json(record, tmp / RESULTS_FILE)

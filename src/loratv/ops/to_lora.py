@@ -39,7 +39,7 @@ from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.exec.executor import ExecutorSpec, byte_groups, make_executor, parse_executor
 from loratv.exec.parts import PARTS_FOLDER, PartWriter, read_part
-from loratv.io.outputs import atomic_output_dir
+from loratv.io.outputs import atomic_output_dir, guarded_inputs
 from loratv.io.safetensors_format import read_header, tensor_to_bytes
 from loratv.numerics.precision import cast_difference
 from loratv.numerics.spectrum import truncate
@@ -258,7 +258,7 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
         notes.append("no model config found: 2-D weights are taken as nn.Linear (pass --base for Conv1D models).")
     tied = config.get("tie_word_embeddings", True) and any(n.endswith(INPUT_EMBEDDING_SUFFIXES) for n in names)
 
-    inputs = [p for p in (base, finetuned, task_vector) if p is not None and Path(p).exists()]
+    inputs = guarded_inputs([base, finetuned, task_vector])
     settings = _Settings(criterion, include, exclude, skip_cast_artifacts, storage, dev, tied, model_type)
     with atomic_output_dir(out, inputs, force=force) as tmp:
         factors, kinds, fidelity, full_needed, casts = {}, {}, {}, {}, []
