@@ -83,7 +83,8 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Runs each job as a Ray task (one CPU each), connecting to (or starting) a Ray instance once."""
+    """Runs each job as a Ray task with the driver's thread count (and as many CPUs reserved, up to a node's),
+    connecting to (or starting) a Ray instance once."""
 
     def __init__(self, address: str | None = None, *, max_retries: int = DEFAULT_RETRIES):
         """Connect to Ray, unless this process is connected already (then that session is used as it is).
@@ -114,7 +115,7 @@ class RayExecutor:
 
     @property
     def workers(self) -> int:
-        """The CPUs the cluster offers (how many tasks run at once)."""
+        """The CPUs the cluster offers."""
         return int(self._ray.cluster_resources().get("CPU", 1))
 
     def map(self, task: Callable[..., Any], jobs: Sequence[tuple]) -> list:
@@ -132,11 +133,13 @@ class RayExecutor:
                 more than `max_retries` times, or the workers cannot import loratv.
         """
         ray = self._ray
-        if self._remote is None:
-            self._remote = ray.remote(num_cpus=1, max_retries=self.max_retries)(_run_task)
         # the driver's intra-op thread count: torch's reductions and MKL split work by it, so a task computes the
-        # local run's bits only with the same count (docs/scaling.md)
+        # local run's bits only with the same count (docs/scaling.md); each task reserves as many CPUs (at most a
+        # node's), so that tasks sharing a node do not oversubscribe it
         threads = torch.get_num_threads()
+        if self._remote is None:
+            self._remote = ray.remote(num_cpus=min(threads, self._node_cpus()),
+                                      max_retries=self.max_retries)(_run_task)
         shipped = task_wrapper(task)
         refs = [self._remote.remote(shipped, threads, *job) for job in jobs]
         try:
@@ -147,6 +150,11 @@ class RayExecutor:
                 ray.cancel(ref, force=True)
             ray.wait(refs, num_returns=len(refs), timeout=60)
             raise _task_failure(exc, task) from None
+
+    def _node_cpus(self) -> int:
+        """The CPUs of the cluster's largest live node (a task reserving more could never be scheduled)."""
+        cpus = [node.get("Resources", {}).get("CPU", 0) for node in self._ray.nodes() if node.get("Alive")]
+        return max(1, int(max(cpus, default=1)))
 
     def close(self) -> None:
         """Disconnect from Ray if this executor connected (a session the caller started stays up)."""
