@@ -121,7 +121,7 @@ def _unmap(value, mapping: dict):
             value = value.replace(url, path)
         return value
     if isinstance(value, dict):
-        return {k: _unmap(v, mapping) for k, v in value.items()}
+        return {_unmap(k, mapping): _unmap(v, mapping) for k, v in value.items()}
     if isinstance(value, list):
         return [_unmap(v, mapping) for v in value]
     return value
@@ -154,7 +154,7 @@ def _assert_same_output(remote: dict, local: dict, mapping: dict):
             assert _unmap(manifest, mapping) == local_manifest
         elif name.endswith(".json"):
             assert _unmap(json.loads(data), mapping) == json.loads(local[name]), name
-        elif name.endswith(".txt") and any(url.encode() in data for url in mapping):
+        elif name.endswith((".txt", ".md")) and any(url.encode() in data for url in mapping):
             assert _unmap(data.decode(), mapping) == local[name].decode(), name
         else:
             assert data == local[name], f"{name} is not byte-identical"
@@ -208,6 +208,50 @@ def test_extract_and_compare_from_s3_match_the_local_runs(s3, seeded, capsys, tm
     assert remote_record["summary"]["verdict"] == local_record["summary"]["verdict"] == "EQUIVALENT (certified)"
     assert _unmap(remote_record, mapping) == local_record
     _assert_same_output(_download(fs, f"{bucket}/cmp", tmp_path / "cmp"), _local_tree(cmp_local), mapping)
+
+
+def test_merge_models_similarity_and_to_lora_on_s3_match_the_local_runs(s3, seeded, capsys, tmp_path):
+    fs, bucket = s3
+    urls, paths, local = seeded["urls"], seeded["paths"], seeded["local"]
+    mapping = {url: paths[key] for key, url in urls.items()}
+    runs = {}
+    # merge-models: a TIES recipe over the s3 base and fine-tuned model (the recipe itself is a local file)
+    for where, models in (("s3", urls), ("local", paths)):
+        recipe = tmp_path / f"recipe-{where}.yaml"
+        recipe.write_text(json.dumps({"merge_method": "ties", "base_model": models["base"], "dtype": "float32",
+                                      "models": [{"model": models["finetuned"],
+                                                  "parameters": {"weight": 0.8, "density": 0.5}}]}))
+        runs[where] = recipe
+    out = f"s3://{bucket}/mm"
+    assert run_cli(capsys, "merge-models", runs["s3"], "-o", out, "--quiet")[0] == 0
+    assert run_cli(capsys, "merge-models", runs["local"], "-o", tmp_path / "mm-local", "--quiet")[0] == 0
+    mm_mapping = {**mapping, str(runs["s3"]): str(runs["local"])}
+    _assert_same_output(_download(fs, f"{bucket}/mm", tmp_path / "mm"), _local_tree(tmp_path / "mm-local"),
+                        mm_mapping)
+    # similarity of the s3 adapter and task vector against the s3 base
+    tv = f"s3://{bucket}/tv"
+    fs.put(str(local / "tv"), f"{bucket}/tv", recursive=True)
+    common = ["similarity", "--duplicate-cosine", "0.5", "--no-plots", "--quiet"]
+    rc, _, err = run_cli(capsys, *common, urls["adapter"], "--base", urls["base"], "--task-vectors", tv, "-o",
+                         f"s3://{bucket}/sim")
+    assert rc == 0, err
+    assert run_cli(capsys, *common, paths["adapter"], "--base", paths["base"], "--task-vectors", local / "tv",
+                   "-o", tmp_path / "sim-local")[0] == 0
+    remote = _download(fs, f"{bucket}/sim", tmp_path / "sim")
+    records = [json.loads(remote["similarity.json"]), json.loads((tmp_path / "sim-local" / "similarity.json").read_text())]
+    assert records[0]["cosine"] == records[1]["cosine"] and records[0]["cosine"][0][1] > 1 - 1e-6
+    # to-lora from the s3 base and fine-tuned model into an s3 adapter
+    out = f"s3://{bucket}/lora"
+    assert run_cli(capsys, "to-lora", "--base", urls["base"], "--finetuned", urls["finetuned"], "--rank", "8",
+                   "-o", out, "--quiet")[0] == 0
+    assert run_cli(capsys, "to-lora", "--base", paths["base"], "--finetuned", paths["finetuned"], "--rank", "8",
+                   "-o", tmp_path / "lora-local", "--quiet")[0] == 0
+    remote = _download(fs, f"{bucket}/lora", tmp_path / "lora")
+    remote.pop(MARKER)
+    local_tree = _local_tree(tmp_path / "lora-local")
+    assert sorted(remote) == sorted(local_tree)
+    assert _split_safetensors(remote["adapter_model.safetensors"])[1:] == \
+        _split_safetensors(local_tree["adapter_model.safetensors"])[1:], "the factors are the local run's bit for bit"
 
 
 @pytest.fixture
