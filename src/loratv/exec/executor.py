@@ -210,6 +210,27 @@ def make_executor(spec: "str | ExecutorSpec | None") -> "LocalExecutor | RayExec
     return LocalExecutor() if parsed.kind == "local" else RayExecutor(parsed.address)
 
 
+def run_tasks(spec: "str | ExecutorSpec | None", task: Callable[..., Any], jobs: Sequence[tuple]) -> list:
+    """Run every job on the executor a spec names, connecting for the call and disconnecting after it.
+
+    Args:
+        spec: "local", "ray", "ray=ADDRESS", an ExecutorSpec, or None (local).
+        task: the unit of work (a module-level function).
+        jobs: its argument tuples.
+
+    Returns:
+        The results, in job order.
+
+    Raises:
+        LoratvError: as make_executor, or a task's refusal (see RayExecutor.map).
+    """
+    executor = make_executor(spec)
+    try:
+        return executor.map(task, jobs)
+    finally:
+        executor.close()
+
+
 def byte_groups(sizes: Sequence[int], max_bytes: int) -> list[list[int]]:
     """Cut items, in order, into consecutive groups of at most max_bytes each (a bigger item gets a group to itself).
 

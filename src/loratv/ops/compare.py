@@ -29,7 +29,7 @@ from loratv.common.names import LAYER
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks
 from loratv.errors import BadInputError, LoratvError, param
-from loratv.exec.executor import ExecutorSpec, byte_groups, make_executor, parse_executor
+from loratv.exec.executor import ExecutorSpec, byte_groups, parse_executor, run_tasks
 from loratv.exec.parts import PARTS_FOLDER, PartWriter
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.safetensors_format import SafetensorsWriter, tensor_to_bytes
@@ -593,11 +593,7 @@ def _stream_as_tasks(run_on: ExecutorSpec, sources: tuple, base, adapter, tv, co
     jobs = [(tuple(str(s) if s is not None else None for s in sources[:4]) + (sources[4],),
              [names[i] for i in group], str(parts / f"compare-{g:05d}.part") if parts is not None else None)
             for g, group in enumerate(groups)]
-    executor = make_executor(run_on)
-    try:
-        outcomes = executor.map(compare_group_task, jobs)
-    finally:
-        executor.close()
+    outcomes = run_tasks(run_on, compare_group_task, jobs)
     writer = _deltas_writer(base, adapter, targeted, deltas_path) if deltas_path is not None else None
     try:
         for job, (group, spans, codes) in zip(jobs, outcomes):

@@ -21,7 +21,7 @@ from loratv.common.prefetch import prefetched
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks
 from loratv.errors import BadInputError, LoratvError, param
-from loratv.exec.executor import ExecutorSpec, byte_groups, make_executor, parse_executor
+from loratv.exec.executor import ExecutorSpec, byte_groups, parse_executor, run_tasks
 from loratv.exec.parts import PARTS_FOLDER, PartWriter
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import checkpoint_record, write_manifest
@@ -485,11 +485,7 @@ def _extract_as_tasks(run_on: ExecutorSpec, base_source, finetuned_source, base:
     parts.mkdir()
     jobs = [(str(base_source), str(finetuned_source), [names[i] for i in group], storage_dtype, dense,
              str(parts / f"{g:05d}.part")) for g, group in enumerate(groups)]
-    executor = make_executor(run_on)
-    try:
-        outcomes = executor.map(extract_group_task, jobs)
-    finally:
-        executor.close()
+    outcomes = run_tasks(run_on, extract_group_task, jobs)
     measured = []
     for job, (group_stats, spans) in zip(jobs, outcomes):
         for stats in group_stats:

@@ -31,7 +31,7 @@ from loratv.common.devices import resolve_device
 from loratv.common.progress import progress_bar
 from loratv.common.streaming import row_chunks, rows_of
 from loratv.errors import BadInputError, LoratvError, UnsupportedAdapterError, param
-from loratv.exec.executor import ExecutorSpec, make_executor, parse_executor
+from loratv.exec.executor import ExecutorSpec, parse_executor, run_tasks
 from loratv.io import storage
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import adapter_record, checkpoint_record, write_manifest
@@ -225,12 +225,8 @@ def _write_shards_as_tasks(run_on: ExecutorSpec, options: dict, max_shard_size: 
     if isinstance(options["base_source"], Mapping):
         raise BadInputError(f"{param('executor', str(run_on))} sends paths to its tasks, not tensors: give the base "
                             "as a folder, file or hub id, not a state dict.")
-    executor = make_executor(run_on)
-    try:
-        records = executor.map(merge_shard_task,
-                               [(options, max_shard_size, file, str(folder), metadata) for file, _ in shards])
-    finally:
-        executor.close()
+    records = run_tasks(run_on, merge_shard_task,
+                        [(options, max_shard_size, file, str(folder), metadata) for file, _ in shards])
     for record in records:
         result.merged += record["merged"]
         result.replaced += record["replaced"]

@@ -24,7 +24,7 @@ from loratv.common.devices import resolve_device
 from loratv.common.prefetch import prefetched
 from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
-from loratv.exec.executor import ExecutorSpec, make_executor, parse_executor
+from loratv.exec.executor import ExecutorSpec, parse_executor, run_tasks
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import adapter_record, checkpoint_record, write_manifest
 from loratv.io.outputs import atomic_output_dir, output_path
@@ -448,12 +448,8 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
         else:
             options = {"config_path": str(config_path), "compute_dtype": compute_dtype, "device": device,
                        "seed": seed, "dtype_like_mergekit": dtype_like_mergekit, "max_shard_size": max_shard_size}
-            executor_ = make_executor(run_on)
-            try:
-                outcomes = executor_.map(merge_models_shard_task, [(options, file, str(tmp), metadata)
-                                                                   for file, _ in prepared.shards])
-            finally:
-                executor_.close()
+            outcomes = run_tasks(run_on, merge_models_shard_task,
+                                 [(options, file, str(tmp), metadata) for file, _ in prepared.shards])
             for outcome in outcomes:
                 result.merged += outcome["merged"]
                 result.copied += outcome["copied"]

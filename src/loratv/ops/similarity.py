@@ -28,7 +28,7 @@ from loratv.adapters.adapter import bind, load_adapter
 from loratv.common.names import layer_of
 from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
-from loratv.exec.executor import ExecutorSpec, byte_groups, make_executor, parse_executor
+from loratv.exec.executor import ExecutorSpec, byte_groups, parse_executor, run_tasks
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.outputs import atomic_output_dir
 from loratv.numerics.fleet import SignConflicts, SignPartial, TensorGram, Workspace
@@ -406,11 +406,7 @@ def similarity(sources: list, out, *, task_vectors: list | None = None, base=Non
         groups = byte_groups([_group_bytes(inputs, name) for name in tensor_names], task_bytes)
         jobs = [(list(sources), list(task_vectors), None if base is None else str(base),
                  [tensor_names[i] for i in group], density if sign_conflicts else None) for group in groups]
-        executor_ = make_executor(run_on)
-        try:
-            outcomes = executor_.map(similarity_group_task, jobs)
-        finally:
-            executor_.close()
+        outcomes = run_tasks(run_on, similarity_group_task, jobs)
         for partials in outcomes:
             for partial in partials:
                 ratio = _add_partial(totals, signs, partial)

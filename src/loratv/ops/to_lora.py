@@ -37,7 +37,7 @@ from loratv.common.devices import resolve_device
 from loratv.common.dtypes import PRECISION_NAMES, torch_dtype_of
 from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
-from loratv.exec.executor import ExecutorSpec, byte_groups, make_executor, parse_executor
+from loratv.exec.executor import ExecutorSpec, byte_groups, parse_executor, run_tasks
 from loratv.exec.parts import PARTS_FOLDER, PartWriter, read_part
 from loratv.io.outputs import atomic_output_dir, guarded_inputs
 from loratv.io.safetensors_format import read_header, tensor_to_bytes
@@ -421,11 +421,7 @@ def _convert_as_tasks(run_on: ExecutorSpec, sources: tuple, tv, base_ckpt, names
     shipped = tuple(None if s is None else str(s) for s in sources)
     jobs = [(shipped, [names[i] for i in group], settings, str(parts / f"to-lora-{g:05d}.part"))
             for g, group in enumerate(groups)]
-    executor = make_executor(run_on)
-    try:
-        results = executor.map(to_lora_group_task, jobs)
-    finally:
-        executor.close()
+    results = run_tasks(run_on, to_lora_group_task, jobs)
     outcomes = []
     for job, (group_outcomes, spans) in zip(jobs, results):
         for outcome in group_outcomes:
