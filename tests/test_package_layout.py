@@ -22,7 +22,7 @@ MAY_IMPORT = {
     "common": {"errors"},
     "io": {"errors", "version", "common"},
     "numerics": {"errors", "common"},
-    "exec": {"errors", "common"},
+    "exec": {"errors", "common", "io"},
     "models": {"errors", "common", "io", "numerics"},
     "adapters": {"errors", "common", "io", "numerics", "models"},
     "merging": {"errors", "common", "io", "numerics"},

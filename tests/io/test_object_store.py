@@ -255,6 +255,44 @@ def test_merge_models_similarity_and_to_lora_on_s3_match_the_local_runs(s3, seed
 
 
 @pytest.fixture
+def ray_with_s3(s3_endpoint):
+    """A local Ray instance whose workers see the S3 endpoint and credentials (a worker reads and writes the store
+    itself, so it needs them in its own environment)."""
+    ray = pytest.importorskip("ray", reason="needs Ray: pip install 'loratv[ray]'")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             object_store_memory=100 * 2**20, runtime_env={"env_vars": _s3_env(s3_endpoint)})
+    yield
+    ray.shutdown()
+
+
+def test_ray_tasks_read_and_write_s3_as_the_local_executor_does(s3, seeded, ray_with_s3, capsys, tmp_path):
+    """Ray tasks open s3:// inputs themselves and upload their shards and part files under the output's temporary
+    prefix; the published outputs are the local executor's byte for byte, and nothing temporary is left."""
+    fs, bucket = s3
+    urls = seeded["urls"]
+    for executor in ("local", "ray"):
+        runs = (
+            ["merge", "--base", urls["base"], "--adapter", urls["adapter"], "--max-shard-size", "300KB"],
+            ["extract", "--base", urls["base"], "--finetuned", urls["finetuned"], "--task-bytes", "1MB"],
+            ["compare", "--base", urls["base"], "--adapter", urls["adapter"], "--finetuned", urls["finetuned"],
+             "--task-bytes", "1MB", "--no-plots"],
+        )
+        for argv in runs:
+            out = f"s3://{bucket}/{argv[0]}-{executor}"
+            rc, _, err = run_cli(capsys, *argv, "-o", out, "--executor", executor, "--quiet")
+            assert rc == 0, err
+    for command in ("merge", "extract", "compare"):
+        local = _download(fs, f"{bucket}/{command}-local", tmp_path / f"{command}-local")
+        distributed = _download(fs, f"{bucket}/{command}-ray", tmp_path / f"{command}-ray")
+        assert len(local) > 2 and sorted(local) == sorted(distributed)
+        assert [name for name in local if local[name] != distributed[name]] == [], command
+    fs.invalidate_cache()
+    assert not [k for k in fs.find(bucket) if ".loratv-tmp-" in k or "/.parts/" in k], "temporary objects left"
+
+
+@pytest.fixture
 def fetched(monkeypatch):
     """{url: bytes fetched} for every ranged read made through io.storage."""
     counts: dict = {}

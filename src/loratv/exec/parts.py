@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from loratv.common import dtypes
+from loratv.io import storage
 
 PARTS_FOLDER = ".parts"  # inside the output's temporary folder, removed once assembled
 
@@ -69,7 +70,7 @@ def read_part(path: Path, span: tuple[int, int], code: str, shape) -> torch.Tens
     """One tensor back from a part file.
 
     Args:
-        path: the part file.
+        path: the part file (local, or an object-store URL).
         span: (offset, nbytes) as PartWriter recorded it.
         code: the tensor's safetensors dtype code.
         shape: its shape.
@@ -81,9 +82,12 @@ def read_part(path: Path, span: tuple[int, int], code: str, shape) -> torch.Tens
         OSError: the part file is shorter than the span (it was cut short after the task reported it).
     """
     offset, nbytes = span
-    with open(path, "rb") as f:
-        f.seek(offset)
-        raw = bytearray(f.read(nbytes))
+    if storage.is_url(path):  # a part a task uploaded to an object-store output's temporary prefix
+        raw = bytearray(storage.read_range(path, offset, nbytes))
+    else:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            raw = bytearray(f.read(nbytes))
     if len(raw) != nbytes:
         raise OSError(f"{path}: part file truncated (expected {nbytes} bytes at {offset})")
     return torch.frombuffer(raw, dtype=dtypes.torch_dtype_of(code)).reshape(tuple(shape)) if nbytes else \

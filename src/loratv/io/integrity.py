@@ -9,7 +9,7 @@ output folder but the manifest itself, with its size and sha256 (shards hashed a
 import hashlib
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from loratv.io import storage
 from loratv.io.safetensors_format import file_sha256, header_sha256
@@ -78,7 +78,8 @@ def adapter_record(adapter) -> dict:
     return record
 
 
-def write_manifest(folder: Path, operation: str, inputs: dict, known: dict | None = None) -> dict:
+def write_manifest(folder: Path, operation: str, inputs: dict, known: dict | None = None,
+                   elsewhere: dict | None = None) -> dict:
     """Hash every file of `folder` (reusing `known` {relative name: sha256} for shards hashed while written) and
     write the manifest last, beside them.
 
@@ -87,6 +88,8 @@ def write_manifest(folder: Path, operation: str, inputs: dict, known: dict | Non
         operation: what produced the folder (e.g. "merge", "extract").
         inputs: input name -> checkpoint_record / adapter_record.
         known: relative POSIX name -> sha256 already computed; None: hash every file.
+        elsewhere: relative POSIX name -> {"size", "sha256"} of output files that are not in `folder` (written by
+            executor tasks straight to an object-store output's temporary prefix); listed too.
 
     Returns:
         The manifest as written to folder/loratv_manifest.json.
@@ -99,6 +102,9 @@ def write_manifest(folder: Path, operation: str, inputs: dict, known: dict | Non
             continue
         name = path.relative_to(folder).as_posix()
         files[name] = {"size": path.stat().st_size, "sha256": known.get(name) or file_sha256(path)}
+    for name, record in (elsewhere or {}).items():
+        files.setdefault(name, {"size": record["size"], "sha256": record["sha256"]})
+    files = dict(sorted(files.items(), key=lambda item: PurePosixPath(item[0]).parts))
     manifest = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

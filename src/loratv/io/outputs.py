@@ -16,6 +16,7 @@ import errno
 import os
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
@@ -63,6 +64,84 @@ def output_path(out) -> Path:
         The Path (or the RemotePath, typed as the Path it stands in for).
     """
     return cast(Path, storage.as_path(out))
+
+
+def task_folder(staging: Path) -> str:
+    """Where an executor's tasks write their files for an output being written: its temporary folder, or for an
+    object-store output its temporary prefix (a task on another machine cannot reach the driver's staging folder).
+
+    Args:
+        staging: the folder atomic_output_dir yielded.
+
+    Returns:
+        A local path or a URL, as a string (it goes over the wire).
+    """
+    temporary = remote_output.temporary_prefix(staging)
+    return str(temporary if temporary is not None else staging)
+
+
+@contextmanager
+def task_output(folder: str):
+    """In a task: a local folder to write files into that end up in `folder` (task_folder's answer).
+
+    For a local folder the files are written in place; for a URL they are written to a private temporary folder
+    and uploaded, each to folder/<its relative name>, when the block ends without an exception.
+
+    Args:
+        folder: the task folder, a local path or a URL.
+
+    Yields:
+        The local folder to write into (created).
+
+    Raises:
+        LoratvError: an upload failed (ObjectStoreError).
+    """
+    if not storage.is_url(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        yield Path(folder)
+        return
+    local = Path(tempfile.mkdtemp(prefix="loratv-task-"))
+    try:
+        yield local
+        target = storage.RemotePath(folder)
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            remote_output.upload_file(path, target / path.relative_to(local).as_posix())
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+@contextmanager
+def task_file(path: str):
+    """In a task: a local path to write one file to that ends up at `path` (a file in a task folder).
+
+    Args:
+        path: the file's final place, a local path or a URL.
+
+    Yields:
+        The local path to write (its folder exists).
+
+    Raises:
+        LoratvError: the upload failed (ObjectStoreError).
+    """
+    folder, _, name = str(path).rpartition("/")
+    with task_output(folder) as local:
+        yield local / name
+
+
+def remove_task_files(folder: str, name: str) -> None:
+    """Remove what tasks wrote under folder/name (their part files, once assembled), locally or in the store.
+
+    Args:
+        folder: the task folder, a local path or a URL.
+        name: the sub-folder.
+
+    Raises:
+        ObjectStoreError: the store refuses a deletion.
+    """
+    if storage.is_url(folder):
+        remote_output.remove_tree(storage.RemotePath(folder) / name)
+    else:
+        shutil.rmtree(Path(folder) / name, ignore_errors=True)
 
 
 def guarded_inputs(sources) -> list:

@@ -6,7 +6,9 @@ this way (docs/object-stores.md says what a reader sees at each moment):
 
 1. The command writes the output into a local staging folder, exactly as it writes a local output.
 2. Every file is uploaded under the temporary prefix `OUT.loratv-tmp-<id>/` (multipart for large files: the
-   backend's put_file). OUT itself is untouched: an interrupted or failed upload leaves nothing under OUT/.
+   backend's put_file), beside the files that executor tasks on other machines uploaded there themselves (their
+   shards and part files, see outputs.task_output). OUT itself is untouched: an interrupted or failed upload leaves
+   nothing under OUT/.
 3. OUT is checked again; with force, the existing output is deleted, its `.loratv-complete` marker first.
 4. Each file is copied server side from the temporary prefix to OUT/, then the marker OUT/.loratv-complete is
    written last, and the temporary prefix is deleted.
@@ -111,6 +113,35 @@ def _staging_failure(out, exc: BaseException, staging: Path) -> LoratvError | No
     return None
 
 
+_TEMPORARY: dict[str, storage.RemotePath] = {}  # a staging folder -> its output's temporary prefix
+
+
+def temporary_prefix(staging: Path) -> storage.RemotePath | None:
+    """The temporary prefix of the output a staging folder belongs to, where executor tasks upload the files they
+    write themselves (published with the staged ones).
+
+    Args:
+        staging: the folder atomic_remote_dir yielded.
+
+    Returns:
+        The prefix, or None for any other folder.
+    """
+    return _TEMPORARY.get(str(staging))
+
+
+def upload_file(local: Path, url: storage.RemotePath) -> None:
+    """One local file to one object (the backend uploads a large file in parts, visible only when all have arrived).
+
+    Args:
+        local: the file.
+        url: the object to write.
+
+    Raises:
+        ObjectStoreError: the store cannot be reached or refuses the upload.
+    """
+    _upload(local, url)
+
+
 def _upload(local: Path, url: storage.RemotePath) -> None:
     """One file to one object (the backend uploads a large file in parts, visible only when all have arrived)."""
     with storage.remote_errors(url, "written"):
@@ -159,31 +190,38 @@ def _try_remove_tree(url: storage.RemotePath) -> None:
         pass
 
 
+def _temporary_for(target: storage.RemotePath) -> storage.RemotePath:
+    return target.parent / f"{target.name}.loratv-tmp-{uuid.uuid4().hex[:16]}"
+
+
 def _local_files(folder: Path) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def publish(staging: Path, out, target: storage.RemotePath, inputs, force: bool) -> None:
+def publish(staging: Path, out, target: storage.RemotePath, inputs, force: bool,
+            temporary: storage.RemotePath | None = None) -> None:
     """Upload a finished staging folder to the output URL (steps 2-4 of the module's description).
 
     Args:
-        staging: the local folder holding the complete output.
+        staging: the local folder holding the complete output (but what tasks uploaded to `temporary` themselves).
         out: the output URL as the user gave it (named in messages).
         target: its RemotePath.
         inputs: the inputs, checked against the output again.
         force: an existing output may be replaced.
+        temporary: the temporary prefix (None: a new one); every object under it is published too.
 
     Raises:
         LoratvError: the output appeared meanwhile (without force), or an upload, copy or deletion failed; the
             temporary prefix is removed, and nothing is left under the output prefix unless the failure came while
             replacing an existing output (then it has no marker).
     """
-    files = _local_files(staging)
-    temporary = target.parent / f"{target.name}.loratv-tmp-{uuid.uuid4().hex[:16]}"
+    staged = _local_files(staging)
+    temporary = temporary or _temporary_for(target)
     started = False
     try:
-        for name in files:
+        for name in staged:
             _upload(staging / name, temporary / name)
+        files = storage.list_tree(temporary)  # the staged files and those executor tasks uploaded themselves
         check_output(out, inputs, force=force)  # again: another run may have finished it meanwhile
         if storage.list_tree(target):
             remove_tree(target)
@@ -221,16 +259,19 @@ def atomic_remote_dir(out, inputs=(), *, force: bool = False) -> Iterator[Path]:
     root = Path(os.path.realpath(tempfile.mkdtemp(prefix="loratv-stage-")))
     staging = root / target.name
     staging.mkdir()
+    temporary = _TEMPORARY[str(staging)] = _temporary_for(target)
     try:
         try:
             yield staging
         except BaseException as exc:
+            _try_remove_tree(temporary)  # what executor tasks may have uploaded
             failure = _staging_failure(out, exc, staging)
             if failure is not None:
                 raise failure from None
             raise
-        publish(staging, out, target, inputs, force)
+        publish(staging, out, target, inputs, force, temporary)
     finally:
+        del _TEMPORARY[str(staging)]
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -7,7 +7,6 @@ The result is a plain record (schema in docs/comparison-results.md) that reports
 """
 
 import math
-import shutil
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -31,7 +30,9 @@ from loratv.common.streaming import row_chunks
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.exec.executor import ExecutorSpec, byte_groups, parse_executor, run_tasks
 from loratv.exec.parts import PARTS_FOLDER, PartWriter
+from loratv.io import storage
 from loratv.io.checkpoint import Checkpoint
+from loratv.io.outputs import output_path, remove_task_files, task_file, task_folder
 from loratv.io.safetensors_format import SafetensorsWriter, tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint, source_name
 from loratv.numerics.lowrank import ExpertFactors, Factors, InnerProduct, norm_sq, two_sum
@@ -562,7 +563,7 @@ def compare_group_task(sources: tuple, names: list, part: str | None) -> tuple[l
     Args:
         sources: (base, adapter, task_vector, finetuned, device), as `compare` got them.
         names: the tensors of this group, in base order.
-        part: the part file for ΔW (None: ΔW is not kept).
+        part: the part file for ΔW, a local path or a URL (None: ΔW is not kept).
 
     Returns:
         (the TensorComparison of each named tensor, {tensor: (offset, nbytes)} and {tensor: dtype code} of the ΔW
@@ -573,9 +574,13 @@ def compare_group_task(sources: tuple, names: list, part: str | None) -> tuple[l
     """
     base_source, adapter_source, task_vector, finetuned, device = sources
     base, adapter, plan, tv, targeted, comparisons = _open_inputs(base_source, adapter_source, task_vector, finetuned)
-    writer = PartWriter(Path(part)) if part is not None else None
-    _stream(base, adapter, plan, tv, comparisons, targeted, resolve_device(device), writer, False, names)
-    return [comparisons[n] for n in names], writer.spans if writer else {}, writer.codes if writer else {}
+    if part is None:
+        _stream(base, adapter, plan, tv, comparisons, targeted, resolve_device(device), None, False, names)
+        return [comparisons[n] for n in names], {}, {}
+    with task_file(part) as local:
+        writer = PartWriter(local)  # closed by _stream
+        _stream(base, adapter, plan, tv, comparisons, targeted, resolve_device(device), writer, False, names)
+    return [comparisons[n] for n in names], writer.spans, writer.codes
 
 
 def _stream_as_tasks(run_on: ExecutorSpec, sources: tuple, base, adapter, tv, comparisons: dict, targeted: list,
@@ -587,9 +592,8 @@ def _stream_as_tasks(run_on: ExecutorSpec, sources: tuple, base, adapter, tv, co
                             "as folders, files or hub ids, not state dicts.")
     names = [n for n in base.names() if n in targeted or tv.needs_read(n)]
     groups = byte_groups([2 * base.entry(n).nbytes for n in names], task_bytes)
-    parts = Path(deltas_path).parent / PARTS_FOLDER if deltas_path is not None else None
-    if parts is not None:
-        parts.mkdir(exist_ok=True)
+    folder = task_folder(Path(deltas_path).parent) if deltas_path is not None else None
+    parts = storage.as_path(folder) / PARTS_FOLDER if folder is not None else None
     jobs = [(tuple(str(s) if s is not None else None for s in sources[:4]) + (sources[4],),
              [names[i] for i in group], str(parts / f"compare-{g:05d}.part") if parts is not None else None)
             for g, group in enumerate(groups)]
@@ -602,7 +606,7 @@ def _stream_as_tasks(run_on: ExecutorSpec, sources: tuple, base, adapter, tv, co
                 if writer is not None and stats.name in spans:
                     offset, nbytes = spans[stats.name]
                     writer.begin(stats.name, codes[stats.name], base.entry(stats.name).shape)
-                    writer.copy_from(Path(str(job[2])), offset, nbytes)
+                    writer.copy_from(output_path(str(job[2])), offset, nbytes)
                     writer.end()
         if writer is not None:
             writer.close()
@@ -611,8 +615,8 @@ def _stream_as_tasks(run_on: ExecutorSpec, sources: tuple, base, adapter, tv, co
             writer.abort()
         raise
     finally:
-        if parts is not None:
-            shutil.rmtree(parts, ignore_errors=True)
+        if folder is not None:
+            remove_task_files(folder, PARTS_FOLDER)
 
 
 def _stream(base, adapter, plan, tv, comparisons, targeted, dev, writer, progress, only: list | None = None) -> None:

@@ -9,7 +9,6 @@ values is at least 2^-149 in magnitude, so storing it in float32 never turns a c
 
 import json
 import math
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,10 @@ from loratv.common.streaming import row_chunks
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.exec.executor import ExecutorSpec, byte_groups, parse_executor, run_tasks
 from loratv.exec.parts import PARTS_FOLDER, PartWriter
+from loratv.io import storage
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import checkpoint_record, write_manifest
-from loratv.io.outputs import atomic_output_dir, output_path
+from loratv.io.outputs import atomic_output_dir, output_path, remove_task_files, task_file, task_folder
 from loratv.io.safetensors_format import SafetensorsWriter, tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint, source_name
 from loratv.version import __version__
@@ -402,7 +402,8 @@ def extract(
         except BaseException:
             writer.abort()
             raise
-        shutil.rmtree(tmp / PARTS_FOLDER, ignore_errors=True)  # the tasks' part files, copied in by close()
+        if run_on.kind != "local":
+            remove_task_files(task_folder(tmp), PARTS_FOLDER)  # the tasks' part files, copied in by close()
         report = build_report(result, base, ft, dense=dense, storage_dtype=storage_dtype)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         write_manifest(tmp, "extract", {"base": checkpoint_record(base), "finetuned": checkpoint_record(ft)},
@@ -454,7 +455,8 @@ def extract_group_task(base_source: str, finetuned_source: str, names: list, sto
         names: the tensors of this group, in base order.
         storage_dtype: as `extract`'s.
         dense: as `extract`'s.
-        part: the part file to write (rewritten from scratch, so a retried task is harmless).
+        part: the part file to write, a local path or a URL (rewritten from scratch, so a retried task is
+            harmless).
 
     Returns:
         (the TensorStats of every named tensor, {stored tensor: (offset, nbytes) in the part file}).
@@ -463,11 +465,12 @@ def extract_group_task(base_source: str, finetuned_source: str, names: list, sto
         LoratvError: as `extract`, for the tensors of this group.
     """
     base, ft = _open_pair(base_source, finetuned_source)
-    writer = PartWriter(Path(part))
-    try:
-        measured = _extract_tensors(base, ft, names, storage_dtype, dense, writer)
-    finally:
-        writer.close()
+    with task_file(part) as local:
+        writer = PartWriter(local)
+        try:
+            measured = _extract_tensors(base, ft, names, storage_dtype, dense, writer)
+        finally:
+            writer.close()
     return measured, writer.spans
 
 
@@ -481,8 +484,7 @@ def _extract_as_tasks(run_on: ExecutorSpec, base_source, finetuned_source, base:
                             "as folders, files or hub ids, not state dicts.")
     names = base.names()
     groups = byte_groups([base.entry(n).nbytes + ft.entry(n).nbytes for n in names], task_bytes)
-    parts = folder / PARTS_FOLDER
-    parts.mkdir()
+    parts = storage.as_path(task_folder(folder)) / PARTS_FOLDER
     jobs = [(str(base_source), str(finetuned_source), [names[i] for i in group], storage_dtype, dense,
              str(parts / f"{g:05d}.part")) for g, group in enumerate(groups)]
     outcomes = run_tasks(run_on, extract_group_task, jobs)
@@ -492,7 +494,7 @@ def _extract_as_tasks(run_on: ExecutorSpec, base_source, finetuned_source, base:
             if stats.name in spans:
                 offset, nbytes = spans[stats.name]
                 writer.begin(stats.name, stats.stored_dtype, stats.shape)
-                writer.copy_from(Path(job[5]), offset, nbytes)
+                writer.copy_from(output_path(job[5]), offset, nbytes)
                 writer.end()
             measured.append(stats)
     return measured

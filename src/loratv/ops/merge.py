@@ -35,7 +35,7 @@ from loratv.exec.executor import ExecutorSpec, parse_executor, run_tasks
 from loratv.io import storage
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import adapter_record, checkpoint_record, write_manifest
-from loratv.io.outputs import atomic_output_dir, output_path
+from loratv.io.outputs import atomic_output_dir, output_path, task_folder, task_output
 from loratv.io.safetensors_format import tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint, source_name
 from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like, write_index
@@ -156,12 +156,14 @@ def merge(
                "autocast_adapter_dtype": autocast_adapter_dtype, "base_config": base_config,
                "peft_arithmetic": peft_arithmetic}
     with atomic_output_dir(out, [base.path, adapter.path], force=force) as tmp:
+        elsewhere: dict = {}
         if run_on.kind == "local":
             digests = _write_shards(prepared, shards, tmp, metadata, result, progress)
         else:
-            digests = _write_shards_as_tasks(run_on, options, max_shard_size, shards, tmp, metadata, result)
+            digests, elsewhere = _write_shards_as_tasks(run_on, options, max_shard_size, shards, tmp, metadata, result)
         _write_aux(base, tmp, precision, plan.untied)
-        write_manifest(tmp, "merge", {"base": checkpoint_record(base), "adapter": adapter_record(adapter)}, digests)
+        write_manifest(tmp, "merge", {"base": checkpoint_record(base), "adapter": adapter_record(adapter)}, digests,
+                       elsewhere)
     result.output = output_path(out)
     return result
 
@@ -202,31 +204,35 @@ def merge_shard_task(options: dict, max_shard_size: int | None, file: str, folde
         options: `merge`'s arguments that define the output (sources, precision, compute dtype, device, PEFT modes).
         max_shard_size: as `merge`'s (the layout is recomputed, and must name `file`).
         file: the shard's file name.
-        folder: the output's temporary folder.
+        folder: where the shard goes (outputs.task_folder: the output's temporary folder, or its temporary prefix
+            in an object store).
         metadata: the shard header's metadata.
 
     Returns:
-        {"sha256", "merged", "replaced", "added", "copied", "cast"} for this shard.
+        {"sha256", "size", "merged", "replaced", "added", "copied", "cast"} for this shard.
 
     Raises:
         LoratvError: as `merge`, for the tensors of this shard.
     """
     prepared = _prepare(**options)
     group = dict(_layout(prepared, max_shard_size))[file]
-    result = MergeResult(output=Path(folder), total_tensors=len(prepared.specs))
-    digests = _write_shards(prepared, [(file, group)], Path(folder), metadata, result)
-    return {"sha256": digests[file], "merged": result.merged, "replaced": result.replaced, "added": result.added,
-            "copied": result.copied, "cast": result.cast}
+    result = MergeResult(output=Path(), total_tensors=len(prepared.specs))
+    with task_output(folder) as local:
+        digests = _write_shards(prepared, [(file, group)], local, metadata, result)
+        size = (local / file).stat().st_size
+    return {"sha256": digests[file], "size": size, "merged": result.merged, "replaced": result.replaced,
+            "added": result.added, "copied": result.copied, "cast": result.cast}
 
 
 def _write_shards_as_tasks(run_on: ExecutorSpec, options: dict, max_shard_size: int | None, shards: list,
-                           folder: Path, metadata: dict, result: MergeResult) -> dict:
-    """One executor task per shard; the driver sums their records in shard order and writes the index."""
+                           folder: Path, metadata: dict, result: MergeResult) -> tuple[dict, dict]:
+    """One executor task per shard; the driver sums their records in shard order and writes the index. Returns
+    ({shard: sha256}, {shard: {"size", "sha256"}})."""
     if isinstance(options["base_source"], Mapping):
         raise BadInputError(f"{param('executor', str(run_on))} sends paths to its tasks, not tensors: give the base "
                             "as a folder, file or hub id, not a state dict.")
     records = run_tasks(run_on, merge_shard_task,
-                        [(options, max_shard_size, file, str(folder), metadata) for file, _ in shards])
+                        [(options, max_shard_size, file, task_folder(folder), metadata) for file, _ in shards])
     for record in records:
         result.merged += record["merged"]
         result.replaced += record["replaced"]
@@ -234,7 +240,8 @@ def _write_shards_as_tasks(run_on: ExecutorSpec, options: dict, max_shard_size: 
         result.copied += record["copied"]
         result.cast += record["cast"]
     write_index(folder, shards)
-    return {file: record["sha256"] for (file, _), record in zip(shards, records)}
+    return ({file: record["sha256"] for (file, _), record in zip(shards, records)},
+            {file: {"size": record["size"], "sha256": record["sha256"]} for (file, _), record in zip(shards, records)})
 
 
 def iter_merged(

@@ -27,7 +27,7 @@ from loratv.errors import BadInputError, LoratvError, param
 from loratv.exec.executor import ExecutorSpec, parse_executor, run_tasks
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.integrity import adapter_record, checkpoint_record, write_manifest
-from loratv.io.outputs import atomic_output_dir, output_path
+from loratv.io.outputs import atomic_output_dir, output_path, task_folder, task_output
 from loratv.io.safetensors_format import tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint
 from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like, write_index
@@ -442,6 +442,7 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
     paths = [Path(recipe.path)] + [ckpt.path for ckpt in opened.values() if ckpt.path.exists()]
     paths += [ckpt.adapter.path for ckpt in opened.values() if isinstance(ckpt, LoraModel)]
     rows: list = []  # per merged tensor: its arithmetic and the largest rounding bound of what was computed
+    elsewhere: dict = {}  # shards Ray tasks wrote straight to an object-store output
     with atomic_output_dir(out, paths, force=force) as tmp:
         if run_on.kind == "local":
             digests = _write_shards(prepared, prepared.shards, tmp, metadata, result, rows, progress)
@@ -449,13 +450,15 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
             options = {"config_path": str(config_path), "compute_dtype": compute_dtype, "device": device,
                        "seed": seed, "dtype_like_mergekit": dtype_like_mergekit, "max_shard_size": max_shard_size}
             outcomes = run_tasks(run_on, merge_models_shard_task,
-                                 [(options, file, str(tmp), metadata) for file, _ in prepared.shards])
+                                 [(options, file, task_folder(tmp), metadata) for file, _ in prepared.shards])
             for outcome in outcomes:
                 result.merged += outcome["merged"]
                 result.copied += outcome["copied"]
                 rows += outcome["rows"]
             write_index(tmp, prepared.shards)
             digests = {file: outcome["sha256"] for (file, _), outcome in zip(prepared.shards, outcomes)}
+            elsewhere = {file: {"size": outcome["size"], "sha256": outcome["sha256"]}
+                         for (file, _), outcome in zip(prepared.shards, outcomes)}
         _write_aux(recipe, reference, tmp)
         (tmp / "README.md").write_text(_model_card(recipe, records), encoding="utf-8")
         record = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "loratv_version": __version__,
@@ -465,7 +468,7 @@ def merge_models(config_path, out, *, compute_dtype: str = "fp32", device: str =
                   "base_model": recipe.base_model, "merged": result.merged, "copied": result.copied,
                   "tensors": rows}
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        write_manifest(tmp, "merge-models", records, digests)
+        write_manifest(tmp, "merge-models", records, digests, elsewhere)
     return result
 
 
@@ -565,21 +568,24 @@ def merge_models_shard_task(options: dict, file: str, folder: str, metadata: dic
         options: `merge_models`'s arguments that define the output (config_path, compute_dtype, device, seed,
             dtype_like_mergekit, max_shard_size).
         file: the shard's file name (one of the layout's).
-        folder: the output's temporary folder.
+        folder: where the shard goes (outputs.task_folder: the output's temporary folder, or its temporary prefix
+            in an object store).
         metadata: the shard header's metadata.
 
     Returns:
-        {"sha256", "merged", "copied", "rows"} for this shard ("rows": merge_models.json's tensor records).
+        {"sha256", "size", "merged", "copied", "rows"} for this shard ("rows": merge_models.json's tensor records).
 
     Raises:
         LoratvError: as `merge_models`, for the tensors of this shard.
     """
     prepared = _prepare(**options)
     group = dict(prepared.shards)[file]
-    result = ModelMergeResult(output=Path(folder), method=prepared.recipe.method.name, inputs=prepared.recipe.inputs())
+    result = ModelMergeResult(output=Path(), method=prepared.recipe.method.name, inputs=prepared.recipe.inputs())
     rows: list = []
-    digests = _write_shards(prepared, [(file, group)], Path(folder), metadata, result, rows)
-    return {"sha256": digests[file], "merged": result.merged, "copied": result.copied, "rows": rows}
+    with task_output(folder) as local:
+        digests = _write_shards(prepared, [(file, group)], local, metadata, result, rows)
+        size = (local / file).stat().st_size
+    return {"sha256": digests[file], "size": size, "merged": result.merged, "copied": result.copied, "rows": rows}
 
 
 def _write_aux(recipe: Recipe, reference: Checkpoint, folder: Path) -> None:

@@ -17,7 +17,6 @@ What PEFT can hold, and how each changed tensor is written:
 import json
 import math
 import re
-import shutil
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,7 +38,15 @@ from loratv.common.progress import progress_bar
 from loratv.errors import BadInputError, LoratvError, param
 from loratv.exec.executor import ExecutorSpec, byte_groups, parse_executor, run_tasks
 from loratv.exec.parts import PARTS_FOLDER, PartWriter, read_part
-from loratv.io.outputs import atomic_output_dir, guarded_inputs
+from loratv.io import storage
+from loratv.io.outputs import (
+    atomic_output_dir,
+    guarded_inputs,
+    output_path,
+    remove_task_files,
+    task_file,
+    task_folder,
+)
 from loratv.io.safetensors_format import read_header, tensor_to_bytes
 from loratv.numerics.precision import cast_difference
 from loratv.numerics.spectrum import truncate
@@ -282,7 +289,8 @@ def to_lora(out, *, base=None, finetuned=None, task_vector=None, criterion: Crit
                     fidelity[outcome.name] = _tied_head(tv, base_ckpt, names, outcome.name, t)
                 else:
                     full_needed[outcome.name] = t
-        shutil.rmtree(tmp / PARTS_FOLDER, ignore_errors=True)
+        if run_on.kind != "local":
+            remove_task_files(task_folder(tmp), PARTS_FOLDER)
         if casts:
             dtype_name = tv.finetuned_dtype(casts[0])
             notes.append(
@@ -388,7 +396,7 @@ def to_lora_group_task(sources: tuple, group: list, settings: _Settings, part: s
         sources: (base, finetuned, task_vector), as `to_lora` got them.
         group: the tensors of this group, in order.
         settings: the criterion, filters, factor dtype and device.
-        part: the part file for the factors (rewritten from scratch).
+        part: the part file for the factors, a local path or a URL (rewritten from scratch).
 
     Returns:
         (the outcome of each changed tensor, with factors=None; {"NAME.A" / "NAME.B": ((offset, nbytes), dtype code,
@@ -399,11 +407,12 @@ def to_lora_group_task(sources: tuple, group: list, settings: _Settings, part: s
     """
     base, finetuned, task_vector = sources
     base_ckpt, tv = open_task_vector(base, task_vector=task_vector, finetuned=finetuned)
-    writer = PartWriter(Path(part))
-    try:
-        outcomes = _convert(tv, base_ckpt, tensor_names(base_ckpt, tv), group, settings, writer)
-    finally:
-        writer.close()
+    with task_file(part) as local:
+        writer = PartWriter(local)
+        try:
+            outcomes = _convert(tv, base_ckpt, tensor_names(base_ckpt, tv), group, settings, writer)
+        finally:
+            writer.close()
     return outcomes, {key: (span, writer.codes[key], writer.shapes[key]) for key, span in writer.spans.items()}
 
 
@@ -416,8 +425,7 @@ def _convert_as_tasks(run_on: ExecutorSpec, sources: tuple, tv, base_ckpt, names
                             "as folders, files or hub ids, not state dicts.")
     stored = base_ckpt if base_ckpt is not None else tv.tensors
     groups = byte_groups([stored.entry(n).nbytes if n in stored else 0 for n in names], task_bytes)
-    parts = folder / PARTS_FOLDER
-    parts.mkdir(exist_ok=True)
+    parts = storage.as_path(task_folder(folder)) / PARTS_FOLDER
     shipped = tuple(None if s is None else str(s) for s in sources)
     jobs = [(shipped, [names[i] for i in group], settings, str(parts / f"to-lora-{g:05d}.part"))
             for g, group in enumerate(groups)]
@@ -426,7 +434,7 @@ def _convert_as_tasks(run_on: ExecutorSpec, sources: tuple, tv, base_ckpt, names
     for job, (group_outcomes, spans) in zip(jobs, results):
         for outcome in group_outcomes:
             if outcome.kind is not None:
-                outcome.factors = tuple(read_part(Path(job[3]), *spans[outcome.name + suffix])
+                outcome.factors = tuple(read_part(output_path(job[3]), *spans[outcome.name + suffix])
                                         for suffix in (".A", ".B"))
             outcomes.append(outcome)
     return outcomes
