@@ -15,6 +15,7 @@ import torch
 
 from loratv.adapters.structures import CONFIG_NAME, PREFIX
 from loratv.io.safetensors_format import SafetensorsWriter
+from loratv.io.writer import finished
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -107,13 +108,9 @@ def write_adapter(folder, factors: dict, *, base_model: str | None = None, dtype
         tensors.append((f"{PREFIX}{name}", full_values[name].contiguous()))
     header = {"format": "pt", "loratv_operation": operation, **(metadata or {})}
     writer = SafetensorsWriter(folder / WEIGHTS_NAME, [(n, tuple(t.shape)) for n, t in tensors], header)
-    try:
+    with finished(writer):
         for name, tensor in tensors:
             writer.add(name, tensor)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
     if fan_in_fan_out is None:
         fan_in_fan_out = any(kinds.get(m) == "conv1d" for m in factors)
     config = adapter_config({m: ab[0].shape[0] for m, ab in factors.items()}, base_model,

@@ -7,6 +7,7 @@ filled in last (see SafetensorsWriter).
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,3 +225,28 @@ def write_index(folder: Path, shards) -> None:
         "weight_map": {t.name: file for file, g in shards for t in g},
     }
     (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+@contextmanager
+def finished(writer):
+    """Close a writer (SafetensorsWriter, ShardedWriter, PartWriter) when the block ends, or abort it when the block
+    or the close raises, so that no background write outlives a failure.
+
+    Args:
+        writer: the writer, or None (nothing to finish).
+
+    Yields:
+        The writer.
+
+    Raises:
+        BaseException: whatever the block or the close raised, once the writer is aborted.
+    """
+    if writer is None:
+        yield None
+        return
+    try:
+        yield writer
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise

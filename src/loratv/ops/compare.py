@@ -35,6 +35,7 @@ from loratv.io.checkpoint import Checkpoint
 from loratv.io.outputs import output_path, remove_task_files, task_file, task_folder
 from loratv.io.safetensors_format import SafetensorsWriter, tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint, source_name
+from loratv.io.writer import finished
 from loratv.numerics.lowrank import ExpertFactors, Factors, InnerProduct, norm_sq, two_sum
 from loratv.numerics.precision import FLOAT_DTYPES, compute_dtype_for, gamma, merge_error_bound, ulp, unit_roundoff
 from loratv.ops.task_vector_input import LiveTaskVector, StoredTaskVector
@@ -600,20 +601,15 @@ def _stream_as_tasks(run_on: ExecutorSpec, sources: tuple, base, adapter, tv, co
     outcomes = run_tasks(run_on, compare_group_task, jobs)
     writer = _deltas_writer(base, adapter, targeted, deltas_path) if deltas_path is not None else None
     try:
-        for job, (group, spans, codes) in zip(jobs, outcomes):
-            for stats in group:
-                comparisons[stats.name] = stats
-                if writer is not None and stats.name in spans:
-                    offset, nbytes = spans[stats.name]
-                    writer.begin(stats.name, codes[stats.name], base.entry(stats.name).shape)
-                    writer.copy_from(output_path(str(job[2])), offset, nbytes)
-                    writer.end()
-        if writer is not None:
-            writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+        with finished(writer):
+            for job, (group, spans, codes) in zip(jobs, outcomes):
+                for stats in group:
+                    comparisons[stats.name] = stats
+                    if writer is not None and stats.name in spans:
+                        offset, nbytes = spans[stats.name]
+                        writer.begin(stats.name, codes[stats.name], base.entry(stats.name).shape)
+                        writer.copy_from(output_path(str(job[2])), offset, nbytes)
+                        writer.end()
     finally:
         if folder is not None:
             remove_task_files(folder, PARTS_FOLDER)
@@ -648,7 +644,8 @@ def _stream(base, adapter, plan, tv, comparisons, targeted, dev, writer, progres
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread per tensor: its many small operations parallelise badly within
     try:
-        with progress_bar(sum(base.entry(n).nbytes for n in names), "compare", enabled=progress) as bar, \
+        with finished(writer), \
+                progress_bar(sum(base.entry(n).nbytes for n in names), "compare", enabled=progress) as bar, \
                 ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="loratv-compare") as pool:
             pending: deque = deque()
 
@@ -673,12 +670,6 @@ def _stream(base, adapter, plan, tv, comparisons, targeted, dev, writer, progres
                 for _, future in pending:
                     future.cancel()
                 raise
-        if writer is not None:
-            writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
     finally:
         torch.set_num_threads(threads)
 

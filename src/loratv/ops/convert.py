@@ -32,6 +32,7 @@ from loratv.errors import BadInputError, LoratvError, param
 from loratv.io.checkpoint import Checkpoint
 from loratv.io.outputs import atomic_output_dir, atomic_output_file
 from loratv.io.safetensors_format import SafetensorsWriter
+from loratv.io.writer import finished
 from loratv.version import __version__
 
 TARGETS = ("peft", "kohya")
@@ -232,7 +233,7 @@ def _write_copies(path: Path, adapter, copies, extra: dict, source) -> None:
     specs = [(n, tuple(src.entry(k).shape)) for n, k in copies] + [(n, tuple(t.shape)) for n, t in extra.items()]
     metadata = {"format": "pt", "loratv_version": __version__, "loratv_operation": "convert", "source": str(source)}
     writer = SafetensorsWriter(path, specs, metadata)
-    try:
+    with finished(writer):
         for name, key in copies:
             entry = src.entry(key)
             writer.begin(name, entry.dtype, entry.shape)
@@ -244,7 +245,3 @@ def _write_copies(path: Path, adapter, copies, extra: dict, source) -> None:
             writer.end()
         for name, tensor in extra.items():
             writer.add(name, tensor)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise

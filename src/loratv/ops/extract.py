@@ -28,6 +28,7 @@ from loratv.io.integrity import checkpoint_record, write_manifest
 from loratv.io.outputs import atomic_output_dir, output_path, remove_task_files, task_file, task_folder
 from loratv.io.safetensors_format import SafetensorsWriter, tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint, source_name
+from loratv.io.writer import finished
 from loratv.version import __version__
 
 SCHEMA = "loratv.task_vector"
@@ -392,16 +393,12 @@ def extract(
     names = base.names()
     with atomic_output_dir(out, [base.path, ft.path], force=force) as tmp:
         writer = SafetensorsWriter(tmp / TENSOR_FILE, [(n, base.entry(n).shape) for n in names], metadata)
-        try:
+        with finished(writer):
             if run_on.kind == "local":
                 result.tensors = _extract_tensors(base, ft, names, storage_dtype, dense, writer, progress)
             else:
                 result.tensors = _extract_as_tasks(run_on, base_source, finetuned_source, base, ft, storage_dtype,
                                                    dense, task_bytes, writer, tmp)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
         if run_on.kind != "local":
             remove_task_files(task_folder(tmp), PARTS_FOLDER)  # the tasks' part files, copied in by close()
         report = build_report(result, base, ft, dense=dense, storage_dtype=storage_dtype)

@@ -38,7 +38,7 @@ from loratv.io.integrity import adapter_record, checkpoint_record, write_manifes
 from loratv.io.outputs import atomic_output_dir, output_path, task_folder, task_output
 from loratv.io.safetensors_format import tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint, source_name
-from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like, write_index
+from loratv.io.writer import OutTensor, ShardedWriter, finished, layout_by_size, layout_like, write_index
 from loratv.version import __version__
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -173,19 +173,15 @@ def _write_shards(prepared: "_Prepared", shards: list, folder: Path, metadata: d
     """Write the given shards of a prepared merge into `folder` (the index too when they are all of several);
     returns {shard file: sha256}."""
     writer = ShardedWriter(folder, shards, metadata)
-    with progress_bar(sum(s.nbytes for _, group in shards for s in group), "merge", enabled=progress) as bar:
-        try:
-            for _file, group in shards:
-                for spec in group:
-                    writer.begin(spec.name)
-                    _write_one(spec, prepared.base, prepared.adapter, prepared.plan, writer, prepared.compute,
-                               prepared.dev, result, prepared.cast_first)
-                    writer.end()
-                    bar.update(spec.nbytes)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+    with progress_bar(sum(s.nbytes for _, group in shards for s in group), "merge", enabled=progress) as bar, \
+            finished(writer):
+        for _file, group in shards:
+            for spec in group:
+                writer.begin(spec.name)
+                _write_one(spec, prepared.base, prepared.adapter, prepared.plan, writer, prepared.compute,
+                           prepared.dev, result, prepared.cast_first)
+                writer.end()
+                bar.update(spec.nbytes)
     return writer.digests
 
 

@@ -30,7 +30,7 @@ from loratv.io.integrity import adapter_record, checkpoint_record, write_manifes
 from loratv.io.outputs import atomic_output_dir, output_path, task_folder, task_output
 from loratv.io.safetensors_format import tensor_to_bytes
 from loratv.io.state_dict import open_checkpoint
-from loratv.io.writer import OutTensor, ShardedWriter, layout_by_size, layout_like, write_index
+from loratv.io.writer import OutTensor, ShardedWriter, finished, layout_by_size, layout_like, write_index
 from loratv.merging import sparsify
 from loratv.merging.methods import rounding_bound
 from loratv.merging.recipe import Recipe, check_densities, layer_fraction, load_recipe, split_lora
@@ -521,42 +521,38 @@ def _write_shards(prepared: _Prepared, shards: list, folder: Path, metadata: dic
     recipe, opened, reference = prepared.recipe, prepared.opened, prepared.reference
     buffers: dict = {}  # read buffers of the row blocks, kept for the whole merge
     writer = ShardedWriter(folder, shards, metadata)
-    with progress_bar(sum(s.nbytes for _, group in shards for s in group), "merge-models", enabled=progress) as bar:
-        try:
-            for _file, group in shards:
-                for spec in group:
-                    writer.begin(spec.name)
-                    if reference.entry(spec.name).torch_dtype.is_floating_point:
-                        arithmetic = _arithmetic_like_mergekit(recipe, spec.name, opened) \
-                            if prepared.dtype_like_mergekit else prepared.compute
-                        bounds: list = []
-                        for block in _merged_blocks(recipe, spec.name, opened, arithmetic, prepared.dev,
-                                                    prepared.num_layers, prepared.seed, buffers, bounds,
-                                                    store=dtypes.torch_dtype_of(spec.dtype)):
-                            value = block.to(dtypes.torch_dtype_of(spec.dtype)).cpu()
-                            if not dtypes.all_finite(value):
-                                raise LoratvError(f"{recipe.path}: the merge of tensor {spec.name} overflows "
-                                                  f"{spec.dtype} (a NaN or Inf).")
-                            writer.write(tensor_to_bytes(value.contiguous()))
-                        result.merged.append(spec.name)
-                        out_dtype = dtypes.torch_dtype_of(spec.dtype)
-                        rows.append({"name": spec.name, "arithmetic": str(arithmetic).replace("torch.", ""),
-                                     "max_rounding_bound": max(bounds) if bounds and None not in bounds else None,
-                                     "plus_half_ulp_of_output": bool(bounds) and
-                                     unit_roundoff(out_dtype) > unit_roundoff(arithmetic)})
-                    else:  # not floating point: the reference's bytes, kernel-copied from a safetensors file
-                        entry = reference.entry(spec.name)
-                        if reference.format == "safetensors" and entry.dtype == spec.dtype:
-                            writer.copy_from(entry.file, entry.start, entry.nbytes)
-                        else:
-                            writer.write(tensor_to_bytes(reference.read(spec.name).contiguous()))
-                        result.copied.append(spec.name)
-                    writer.end()
-                    bar.update(spec.nbytes)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+    with progress_bar(sum(s.nbytes for _, group in shards for s in group), "merge-models", enabled=progress) as bar, \
+            finished(writer):
+        for _file, group in shards:
+            for spec in group:
+                writer.begin(spec.name)
+                if reference.entry(spec.name).torch_dtype.is_floating_point:
+                    arithmetic = _arithmetic_like_mergekit(recipe, spec.name, opened) \
+                        if prepared.dtype_like_mergekit else prepared.compute
+                    bounds: list = []
+                    for block in _merged_blocks(recipe, spec.name, opened, arithmetic, prepared.dev,
+                                                prepared.num_layers, prepared.seed, buffers, bounds,
+                                                store=dtypes.torch_dtype_of(spec.dtype)):
+                        value = block.to(dtypes.torch_dtype_of(spec.dtype)).cpu()
+                        if not dtypes.all_finite(value):
+                            raise LoratvError(f"{recipe.path}: the merge of tensor {spec.name} overflows "
+                                              f"{spec.dtype} (a NaN or Inf).")
+                        writer.write(tensor_to_bytes(value.contiguous()))
+                    result.merged.append(spec.name)
+                    out_dtype = dtypes.torch_dtype_of(spec.dtype)
+                    rows.append({"name": spec.name, "arithmetic": str(arithmetic).replace("torch.", ""),
+                                 "max_rounding_bound": max(bounds) if bounds and None not in bounds else None,
+                                 "plus_half_ulp_of_output": bool(bounds) and
+                                 unit_roundoff(out_dtype) > unit_roundoff(arithmetic)})
+                else:  # not floating point: the reference's bytes, kernel-copied from a safetensors file
+                    entry = reference.entry(spec.name)
+                    if reference.format == "safetensors" and entry.dtype == spec.dtype:
+                        writer.copy_from(entry.file, entry.start, entry.nbytes)
+                    else:
+                        writer.write(tensor_to_bytes(reference.read(spec.name).contiguous()))
+                    result.copied.append(spec.name)
+                writer.end()
+                bar.update(spec.nbytes)
     return writer.digests
 
 
